@@ -1,0 +1,369 @@
+//! Atomic policy updates by generation switch.
+//!
+//! Both generation slots hold the same state between updates. To apply a new state:
+//! 1. diff the new state against the current one;
+//! 2. check that every map has room for the old and the new entries side by side;
+//! 3. write the diff into the standby slot (on any failure, undo it: the standby slot
+//!    is restored and the live one was never touched);
+//! 4. switch: write the next generation number (one 4-byte store);
+//! 5. wait out packets still judged under the old generation, then write the same
+//!    diff into the old slot, which becomes the standby.
+//!
+//! A packet reads the generation once, so it is judged by one generation whole. The
+//! cost of an update is proportional to what changed, not to the policy's size.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use aya::maps::{IterableMap, lpm_trie::Key};
+use ipnet::IpNet;
+use microseg_common::{
+    AddrKey,
+    config::slot_of,
+    endpoint::EndpointInfo,
+    identity::PeerIdentity,
+    maps,
+    policy::{
+        POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyEntry,
+        PolicyKeyData,
+    },
+};
+
+use super::{
+    DatapathError, DatapathState, PolicyMatch,
+    addr::{from_mapped, from_mapped_prefix, to_mapped},
+    maps::{DatapathMaps, capacity_of, prefix_key},
+};
+
+/// How long to wait after a switch before rewriting the old slot. The programs run
+/// in microseconds with preemption off; this is a wide margin.
+const SWITCH_SETTLE: Duration = Duration::from_millis(2);
+
+/// Changes between two states, per map: `Some(value)` to write, `None` to delete.
+#[derive(Debug, Default)]
+pub struct StateDiff {
+    pub endpoints: BTreeMap<IpAddr, Option<EndpointInfo>>,
+    pub peer_hosts: BTreeMap<IpAddr, Option<u32>>,
+    pub peer_prefixes: BTreeMap<IpNet, Option<u32>>,
+    pub policy: BTreeMap<PolicyMatch, Option<PolicyEntry>>,
+}
+
+impl StateDiff {
+    pub fn between(old: &DatapathState, new: &DatapathState) -> Self {
+        Self {
+            endpoints: diff_maps(&old.endpoints, &new.endpoints),
+            peer_hosts: diff_maps(&old.peer_hosts, &new.peer_hosts),
+            peer_prefixes: diff_maps(&old.peer_prefixes, &new.peer_prefixes),
+            policy: diff_maps(&old.policy, &new.policy),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.len() + self.peer_hosts.len() + self.peer_prefixes.len() + self.policy.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn diff_maps<K: Ord + Copy, V: PartialEq + Copy>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+) -> BTreeMap<K, Option<V>> {
+    let mut diff = BTreeMap::new();
+    for (key, value) in new {
+        if old.get(key) != Some(value) {
+            diff.insert(*key, Some(*value));
+        }
+    }
+    for key in old.keys() {
+        if !new.contains_key(key) {
+            diff.insert(*key, None);
+        }
+    }
+    diff
+}
+
+/// What an apply did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub generation: u32,
+    /// Map entries changed (per slot).
+    pub changes: usize,
+}
+
+/// Applies `new` over `current` (what both slots hold now) as the next generation.
+pub fn apply_state(
+    maps: &mut DatapathMaps<'_>,
+    current: &DatapathState,
+    new: &DatapathState,
+) -> Result<ApplyReport, DatapathError> {
+    validate_state(new)?;
+    let diff = StateDiff::between(current, new);
+    let live = maps.live_generation()?;
+    if diff.is_empty() {
+        return Ok(ApplyReport {
+            generation: live,
+            changes: 0,
+        });
+    }
+    check_capacity(maps, current, new)?;
+    let next = live.wrapping_add(1);
+    let standby = slot_of(next);
+    if let Err(error) = write_diff(maps, standby, &diff) {
+        // Undo: make the standby slot hold `current` again.
+        let undo = StateDiff::between(new, current);
+        if let Err(undo_error) = write_diff(maps, standby, &undo) {
+            tracing::error!(%undo_error, "could not restore the standby generation slot");
+        }
+        return Err(error);
+    }
+    maps.set_live_generation(next)?;
+    std::thread::sleep(SWITCH_SETTLE);
+    // The old slot is now standby: bring it to the new state too. A failure here
+    // leaves the live generation correct; `resync_standby` repairs the standby slot.
+    write_diff(maps, slot_of(live), &diff)?;
+    Ok(ApplyReport {
+        generation: next,
+        changes: diff.len(),
+    })
+}
+
+/// Rejects states the maps cannot represent: full-length prefixes belong in
+/// `peer_hosts`, and port blocks must be aligned.
+fn validate_state(state: &DatapathState) -> Result<(), DatapathError> {
+    for prefix in state.peer_prefixes.keys() {
+        if *prefix != prefix.trunc() {
+            return Err(DatapathError::InvalidState(format!(
+                "prefix {prefix} has host bits set"
+            )));
+        }
+    }
+    for rule in state.policy.keys() {
+        if let Some((first, bits)) = rule.port_block {
+            if rule.protocol.is_none() || bits > 16 {
+                return Err(DatapathError::InvalidState(format!(
+                    "port block {first}/{bits} needs a protocol and at most 16 bits"
+                )));
+            }
+            let host_mask = if bits == 16 { 0 } else { u16::MAX >> bits };
+            if first & host_mask != 0 {
+                return Err(DatapathError::InvalidState(format!(
+                    "port block {first}/{bits} is not aligned"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that each map can hold both states at once (the old in the live slot while
+/// the new is written) and the new state twice (both slots after the update).
+fn check_capacity(
+    maps: &DatapathMaps<'_>,
+    current: &DatapathState,
+    new: &DatapathState,
+) -> Result<(), DatapathError> {
+    let old = current.counts();
+    let counts = new.counts();
+    let checks = [
+        (
+            maps::ENDPOINTS,
+            old.endpoints,
+            counts.endpoints,
+            maps.endpoints.map(),
+        ),
+        (
+            maps::PEER_HOSTS,
+            old.peer_hosts,
+            counts.peer_hosts,
+            maps.peer_hosts.map(),
+        ),
+        (
+            maps::PEER_PREFIXES,
+            old.peer_prefixes,
+            counts.peer_prefixes,
+            maps.peer_prefixes.map(),
+        ),
+        (maps::POLICY, old.policy, counts.policy, maps.policy.map()),
+    ];
+    for (map, old_entries, new_entries, data) in checks {
+        let capacity = capacity_of(map, data)?;
+        let needed = (old_entries + new_entries).max(2 * new_entries);
+        if needed > capacity {
+            return Err(DatapathError::MapFull {
+                map,
+                needed,
+                capacity,
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn policy_key(slot: u8, rule: &PolicyMatch) -> Key<PolicyKeyData> {
+    let protocol = rule.protocol.unwrap_or(0);
+    let (port, prefix) = match (rule.protocol, rule.port_block) {
+        (None, _) => (0, POLICY_PREFIX_ANY_PROTOCOL),
+        (Some(_), None) => (0, POLICY_PREFIX_ANY_PORT),
+        (Some(_), Some((first, bits))) => (first, POLICY_PREFIX_ANY_PORT + bits as u32),
+    };
+    debug_assert!(prefix <= POLICY_PREFIX_FULL);
+    Key::new(
+        prefix,
+        PolicyKeyData::new(
+            slot,
+            rule.endpoint_id,
+            rule.identity,
+            rule.direction,
+            protocol,
+            port,
+        ),
+    )
+}
+
+fn write_diff(
+    maps: &mut DatapathMaps<'_>,
+    slot: u8,
+    diff: &StateDiff,
+) -> Result<(), DatapathError> {
+    let err = |map: &'static str| {
+        move |source: aya::maps::MapError| DatapathError::Map {
+            map,
+            source: Box::new(source),
+        }
+    };
+    // Deletions of absent keys are not errors: an undo may delete what was never
+    // written.
+    let absent_ok = |result: Result<(), aya::maps::MapError>| match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    };
+    for (addr, value) in &diff.endpoints {
+        let key = AddrKey::new(slot, to_mapped(*addr));
+        match value {
+            Some(info) => maps.endpoints.insert(key, info, 0),
+            None => absent_ok(maps.endpoints.remove(&key)),
+        }
+        .map_err(err(maps::ENDPOINTS))?;
+    }
+    for (addr, value) in &diff.peer_hosts {
+        let key = AddrKey::new(slot, to_mapped(*addr));
+        match value {
+            Some(identity) => maps.peer_hosts.insert(
+                key,
+                PeerIdentity {
+                    identity: *identity,
+                },
+                0,
+            ),
+            None => absent_ok(maps.peer_hosts.remove(&key)),
+        }
+        .map_err(err(maps::PEER_HOSTS))?;
+    }
+    for (prefix, value) in &diff.peer_prefixes {
+        let key = prefix_key(slot, prefix);
+        match value {
+            Some(identity) => maps.peer_prefixes.insert(
+                &key,
+                PeerIdentity {
+                    identity: *identity,
+                },
+                0,
+            ),
+            None => absent_ok(maps.peer_prefixes.remove(&key)),
+        }
+        .map_err(err(maps::PEER_PREFIXES))?;
+    }
+    for (rule, value) in &diff.policy {
+        let key = policy_key(slot, rule);
+        match value {
+            Some(entry) => maps.policy.insert(&key, entry, 0),
+            None => absent_ok(maps.policy.remove(&key)),
+        }
+        .map_err(err(maps::POLICY))?;
+    }
+    Ok(())
+}
+
+/// Reads the state of one generation slot back from the maps (for an agent adopting
+/// pinned maps after a restart, and for tests).
+pub fn read_slot(maps: &DatapathMaps<'_>, slot: u8) -> Result<DatapathState, DatapathError> {
+    let err = |map: &'static str| {
+        move |source: aya::maps::MapError| DatapathError::Map {
+            map,
+            source: Box::new(source),
+        }
+    };
+    let mut state = DatapathState::default();
+    for item in maps.endpoints.iter() {
+        let (key, info) = item.map_err(err(maps::ENDPOINTS))?;
+        if key.slot() == slot {
+            state.endpoints.insert(from_mapped(key.addr()), info);
+        }
+    }
+    for item in maps.peer_hosts.iter() {
+        let (key, identity) = item.map_err(err(maps::PEER_HOSTS))?;
+        if key.slot() == slot {
+            state
+                .peer_hosts
+                .insert(from_mapped(key.addr()), identity.identity);
+        }
+    }
+    for item in maps.peer_prefixes.iter() {
+        let (key, identity) = item.map_err(err(maps::PEER_PREFIXES))?;
+        let data = key.data();
+        if data.slot() != slot {
+            continue;
+        }
+        let bits = key.prefix_len() - microseg_common::identity::PREFIX_KEY_FIXED_BITS;
+        if let Some(prefix) = from_mapped_prefix(data.addr(), bits) {
+            state.peer_prefixes.insert(prefix, identity.identity);
+        }
+    }
+    for item in maps.policy.iter() {
+        let (key, entry) = item.map_err(err(maps::POLICY))?;
+        let data = key.data();
+        if data.slot() != slot {
+            continue;
+        }
+        let Some(direction) = microseg_common::policy::Direction::from_code(data.direction())
+        else {
+            continue;
+        };
+        let prefix = key.prefix_len();
+        let (protocol, port_block) = if prefix <= POLICY_PREFIX_ANY_PROTOCOL {
+            (None, None)
+        } else if prefix == POLICY_PREFIX_ANY_PORT {
+            (Some(data.protocol()), None)
+        } else {
+            (
+                Some(data.protocol()),
+                Some((data.port(), (prefix - POLICY_PREFIX_ANY_PORT) as u8)),
+            )
+        };
+        state.policy.insert(
+            PolicyMatch {
+                endpoint_id: data.endpoint_id(),
+                identity: data.identity(),
+                direction,
+                protocol,
+                port_block,
+            },
+            entry,
+        );
+    }
+    Ok(state)
+}
+
+/// Reads the live generation's state and makes the standby slot equal to it (repairs
+/// an update that was cut off between the switch and the rewrite of the old slot).
+pub fn resync_standby(maps: &mut DatapathMaps<'_>) -> Result<DatapathState, DatapathError> {
+    let live = maps.live_generation()?;
+    let live_state = read_slot(maps, slot_of(live))?;
+    let standby = slot_of(live.wrapping_add(1));
+    let standby_state = read_slot(maps, standby)?;
+    let repair = StateDiff::between(&standby_state, &live_state);
+    write_diff(maps, standby, &repair)?;
+    Ok(live_state)
+}

@@ -1,0 +1,208 @@
+//! Typed handles on the data path's maps. Writers check capacity before writing, so a
+//! full map is an error naming the map, never a silent partial write.
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, IterableMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+};
+use microseg_common::{
+    AddrKey,
+    config::Settings,
+    counters::{COUNTER_SLOTS, Counter},
+    drop_reason::{DROP_REASON_SLOTS, DropReason},
+    endpoint::EndpointInfo,
+    identity::{PeerIdentity, PrefixKeyData},
+    maps,
+    policy::{PolicyEntry, PolicyKeyData},
+};
+
+use super::DatapathError;
+
+/// Handles on every map of a loaded `Datapath`.
+pub struct DatapathMaps<'a> {
+    pub endpoints: HashMap<&'a mut MapData, AddrKey, EndpointInfo>,
+    pub peer_hosts: HashMap<&'a mut MapData, AddrKey, PeerIdentity>,
+    pub peer_prefixes: LpmTrie<&'a mut MapData, PrefixKeyData, PeerIdentity>,
+    pub policy: LpmTrie<&'a mut MapData, PolicyKeyData, PolicyEntry>,
+    pub generation: Array<&'a mut MapData, u32>,
+    pub settings: Array<&'a mut MapData, Settings>,
+    pub counters: PerCpuArray<&'a mut MapData, u64>,
+    pub drops_by_reason: PerCpuArray<&'a mut MapData, u64>,
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        map,
+        source: Box::new(source),
+    }
+}
+
+impl<'a> DatapathMaps<'a> {
+    pub(super) fn new(ebpf: &'a mut Ebpf) -> Result<Self, DatapathError> {
+        let [
+            endpoints,
+            peer_hosts,
+            peer_prefixes,
+            policy,
+            generation,
+            settings,
+            counters,
+            drops_by_reason,
+        ] = ebpf.maps_disjoint_mut([
+            maps::ENDPOINTS,
+            maps::PEER_HOSTS,
+            maps::PEER_PREFIXES,
+            maps::POLICY,
+            maps::GENERATION,
+            maps::SETTINGS,
+            maps::COUNTERS,
+            maps::DROPS_BY_REASON,
+        ]);
+        let missing = |name: &str| DatapathError::MissingMap(name.to_owned());
+        Ok(Self {
+            endpoints: HashMap::try_from(endpoints.ok_or_else(|| missing(maps::ENDPOINTS))?)
+                .map_err(map_err(maps::ENDPOINTS))?,
+            peer_hosts: HashMap::try_from(peer_hosts.ok_or_else(|| missing(maps::PEER_HOSTS))?)
+                .map_err(map_err(maps::PEER_HOSTS))?,
+            peer_prefixes: LpmTrie::try_from(
+                peer_prefixes.ok_or_else(|| missing(maps::PEER_PREFIXES))?,
+            )
+            .map_err(map_err(maps::PEER_PREFIXES))?,
+            policy: LpmTrie::try_from(policy.ok_or_else(|| missing(maps::POLICY))?)
+                .map_err(map_err(maps::POLICY))?,
+            generation: Array::try_from(generation.ok_or_else(|| missing(maps::GENERATION))?)
+                .map_err(map_err(maps::GENERATION))?,
+            settings: Array::try_from(settings.ok_or_else(|| missing(maps::SETTINGS))?)
+                .map_err(map_err(maps::SETTINGS))?,
+            counters: PerCpuArray::try_from(counters.ok_or_else(|| missing(maps::COUNTERS))?)
+                .map_err(map_err(maps::COUNTERS))?,
+            drops_by_reason: PerCpuArray::try_from(
+                drops_by_reason.ok_or_else(|| missing(maps::DROPS_BY_REASON))?,
+            )
+            .map_err(map_err(maps::DROPS_BY_REASON))?,
+        })
+    }
+
+    pub fn live_generation(&self) -> Result<u32, DatapathError> {
+        self.generation
+            .get(&0, 0)
+            .map_err(map_err(maps::GENERATION))
+    }
+
+    /// Switches the data path to `generation`: one 4-byte write.
+    pub fn set_live_generation(&mut self, generation: u32) -> Result<(), DatapathError> {
+        self.generation
+            .set(0, generation, 0)
+            .map_err(map_err(maps::GENERATION))
+    }
+
+    pub fn settings(&self) -> Result<Settings, DatapathError> {
+        self.settings.get(&0, 0).map_err(map_err(maps::SETTINGS))
+    }
+
+    pub fn set_settings(&mut self, settings: &Settings) -> Result<(), DatapathError> {
+        self.settings
+            .set(0, settings, 0)
+            .map_err(map_err(maps::SETTINGS))
+    }
+
+    /// Counters summed over CPUs.
+    pub fn counters(&self) -> Result<CounterSnapshot, DatapathError> {
+        let mut snapshot = CounterSnapshot::default();
+        for index in 0..COUNTER_SLOTS {
+            let values = self
+                .counters
+                .get(&index, 0)
+                .map_err(map_err(maps::COUNTERS))?;
+            snapshot.by_slot[index as usize] = values.iter().sum();
+        }
+        for code in 0..DROP_REASON_SLOTS {
+            let values = self
+                .drops_by_reason
+                .get(&code, 0)
+                .map_err(map_err(maps::DROPS_BY_REASON))?;
+            snapshot.drops_by_reason[code as usize] = values.iter().sum();
+        }
+        Ok(snapshot)
+    }
+
+    /// Entries per map over both generation slots, and each map's capacity.
+    pub fn usage(&self) -> Result<Vec<MapUsage>, DatapathError> {
+        Ok(vec![
+            MapUsage {
+                map: maps::ENDPOINTS,
+                entries: self.endpoints.keys().count(),
+                capacity: self.endpoints_capacity()?,
+            },
+            MapUsage {
+                map: maps::PEER_HOSTS,
+                entries: self.peer_hosts.keys().count(),
+                capacity: capacity_of(maps::PEER_HOSTS, self.peer_hosts.map())?,
+            },
+            MapUsage {
+                map: maps::PEER_PREFIXES,
+                entries: self.peer_prefixes.keys().count(),
+                capacity: capacity_of(maps::PEER_PREFIXES, self.peer_prefixes.map())?,
+            },
+            MapUsage {
+                map: maps::POLICY,
+                entries: self.policy.keys().count(),
+                capacity: capacity_of(maps::POLICY, self.policy.map())?,
+            },
+        ])
+    }
+
+    fn endpoints_capacity(&self) -> Result<usize, DatapathError> {
+        capacity_of(maps::ENDPOINTS, self.endpoints.map())
+    }
+}
+
+/// Used and total entries of a map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    pub map: &'static str,
+    pub entries: usize,
+    pub capacity: usize,
+}
+
+pub(super) fn capacity_of(map: &'static str, data: &MapData) -> Result<usize, DatapathError> {
+    Ok(data.info().map_err(map_err(map))?.max_entries() as usize)
+}
+
+/// The data path's counters at one moment, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    by_slot: [u64; COUNTER_SLOTS as usize],
+    drops_by_reason: [u64; DROP_REASON_SLOTS as usize],
+}
+
+impl Default for CounterSnapshot {
+    fn default() -> Self {
+        Self {
+            by_slot: [0; COUNTER_SLOTS as usize],
+            drops_by_reason: [0; DROP_REASON_SLOTS as usize],
+        }
+    }
+}
+
+impl CounterSnapshot {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.by_slot[counter.index() as usize]
+    }
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops_by_reason[reason.code() as usize]
+    }
+    /// Events not delivered: ring buffer full plus rate limited.
+    pub fn events_lost(&self) -> u64 {
+        self.get(Counter::EventsLostRingFull) + self.get(Counter::EventsLostRateLimit)
+    }
+}
+
+/// An LPM key for `PEER_PREFIXES` from an address prefix in mapped form.
+pub fn prefix_key(slot: u8, prefix: &ipnet::IpNet) -> Key<PrefixKeyData> {
+    let (addr, bits) = super::addr::mapped_prefix(prefix);
+    Key::new(
+        microseg_common::identity::PREFIX_KEY_FIXED_BITS + bits,
+        PrefixKeyData::new(slot, addr),
+    )
+}

@@ -1,0 +1,112 @@
+//! The kernel data path seen from userspace: loading, attaching and pinning
+//! (`loader`), typed map handles (`maps`), atomic generation updates (`apply`),
+//! packet-in/verdict-out runs (`test_run`) and event decoding (`events`).
+
+pub mod addr;
+pub mod apply;
+pub mod events;
+pub mod loader;
+pub mod maps;
+pub mod probe;
+pub mod state;
+pub mod test_run;
+
+use std::path::PathBuf;
+
+pub use apply::{ApplyReport, StateDiff};
+pub use loader::{
+    AttachPoint, Capacities, Datapath, LoadOptions, XdpAttachMode, detach_pinned, pinned_links,
+};
+pub use state::{DatapathState, PolicyMatch, StateCounts};
+pub use test_run::ProgramVerdict;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "the eBPF programs were not built into this binary (built with AYA_BUILD_SKIP=1); rebuild without it"
+    )]
+    NotBuilt,
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(Box<aya::EbpfError>),
+    #[error("loading program {program} failed: {source}")]
+    Program {
+        program: String,
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(String),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(String),
+    #[error("attaching {point} to interface {interface} failed: {reason}")]
+    Attach {
+        interface: String,
+        point: &'static str,
+        reason: String,
+    },
+    #[error("pinning at {path} failed: {source}")]
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: Box<aya::maps::MapError>,
+    },
+    #[error(
+        "map {map} is full: the update needs {needed} entries (old and new generation side by side) but its capacity is {capacity}; nothing was changed"
+    )]
+    MapFull {
+        map: &'static str,
+        needed: usize,
+        capacity: usize,
+    },
+    #[error("invalid data path state: {0}")]
+    InvalidState(String),
+    #[error("test run of {program} failed: {source}")]
+    TestRun {
+        program: String,
+        source: Box<aya::programs::ProgramError>,
+    },
+}
+
+impl DatapathError {
+    fn program(name: &str, source: aya::programs::ProgramError) -> Self {
+        Self::Program {
+            program: name.to_owned(),
+            source: Box::new(source),
+        }
+    }
+}
+
+impl Datapath {
+    /// Applies `new` over `current` as the next generation (see `apply`).
+    pub fn apply(
+        &mut self,
+        current: &DatapathState,
+        new: &DatapathState,
+    ) -> Result<ApplyReport, DatapathError> {
+        let mut maps = self.maps()?;
+        apply::apply_state(&mut maps, current, new)
+    }
+
+    /// The live generation's state, read back from the maps, after repairing the
+    /// standby slot.
+    pub fn adopt_state(&mut self) -> Result<DatapathState, DatapathError> {
+        let mut maps = self.maps()?;
+        apply::resync_standby(&mut maps)
+    }
+
+    fn program<'a, T>(&'a self, name: &str) -> Result<&'a T, DatapathError>
+    where
+        &'a T: TryFrom<&'a aya::programs::Program>,
+    {
+        let program = self
+            .ebpf()
+            .program(name)
+            .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
+        program
+            .try_into()
+            .map_err(|_| DatapathError::MissingProgram(name.to_owned()))
+    }
+}

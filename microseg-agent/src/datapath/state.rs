@@ -1,0 +1,58 @@
+//! The desired content of the policy-bearing maps for one generation, as the compiler
+//! produces it, in readable types. `crate::datapath::apply` writes it as the next
+//! generation and switches to it atomically.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use microseg_common::endpoint::EndpointInfo;
+use microseg_common::policy::{Direction, PolicyEntry};
+
+/// One policy map entry, before the generation slot is added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyMatch {
+    pub endpoint_id: u32,
+    /// Peer identity, or `IDENTITY_ANY`.
+    pub identity: u32,
+    pub direction: Direction,
+    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP), or `None` for any protocol (and
+    /// then any port).
+    pub protocol: Option<u8>,
+    /// Destination ports: `None` for any port, or an aligned block (first port, number
+    /// of fixed leading bits 0..=16) as `port_range_blocks` produces.
+    pub port_block: Option<(u16, u8)>,
+}
+
+/// Everything the policy-bearing maps hold for one generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatapathState {
+    /// Enforced local endpoint addresses.
+    pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
+    /// Exact peer addresses (workloads) and their identities.
+    pub peer_hosts: BTreeMap<IpAddr, u32>,
+    /// CIDR peers (ipBlocks and their except blocks) and their identities. Prefixes of
+    /// full length (/32, /128) belong in `peer_hosts`.
+    pub peer_prefixes: BTreeMap<IpNet, u32>,
+    pub policy: BTreeMap<PolicyMatch, PolicyEntry>,
+}
+
+impl DatapathState {
+    /// Entry counts per map, for capacity checks and `--stats`.
+    pub fn counts(&self) -> StateCounts {
+        StateCounts {
+            endpoints: self.endpoints.len(),
+            peer_hosts: self.peer_hosts.len(),
+            peer_prefixes: self.peer_prefixes.len(),
+            policy: self.policy.len(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    pub endpoints: usize,
+    pub peer_hosts: usize,
+    pub peer_prefixes: usize,
+    pub policy: usize,
+}

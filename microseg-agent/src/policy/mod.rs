@@ -1,0 +1,1 @@
+//! The policy model, validation, evaluator and compiler (in progress).

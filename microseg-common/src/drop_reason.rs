@@ -1,0 +1,62 @@
+//! Why a packet was dropped. The codes are stable: they appear in events, metrics and
+//! stored logs, so a code is never renumbered or reused; new reasons get new codes.
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The endpoint is selected by a policy in this direction and no rule allows the
+    /// packet (Hubble: `POLICY_DENIED`).
+    PolicyDenied = 1,
+    /// An explicit deny rule matched (Hubble: `POLICY_DENY`).
+    PolicyDeny = 2,
+    /// The IP header is truncated or invalid, so the packet's endpoints are unknown.
+    MalformedIp = 3,
+    /// The transport header of a packet to or from an enforced endpoint is truncated.
+    MalformedL4 = 4,
+    /// A non-first fragment whose first fragment was not seen, so its ports are unknown.
+    FragmentWithoutHead = 5,
+    /// An IPv6 packet with more extension headers than the parser walks.
+    Ipv6HeaderChainTooLong = 6,
+}
+
+impl DropReason {
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub const fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            1 => Self::PolicyDenied,
+            2 => Self::PolicyDeny,
+            3 => Self::MalformedIp,
+            4 => Self::MalformedL4,
+            5 => Self::FragmentWithoutHead,
+            6 => Self::Ipv6HeaderChainTooLong,
+            _ => return None,
+        })
+    }
+
+    /// Name as Hubble users know it (`drop_reason_desc`), and as metrics label it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PolicyDenied => "POLICY_DENIED",
+            Self::PolicyDeny => "POLICY_DENY",
+            Self::MalformedIp => "INVALID_PACKET_DROPPED",
+            Self::MalformedL4 => "INVALID_L4_HEADER",
+            Self::FragmentWithoutHead => "FRAGMENT_WITHOUT_HEAD",
+            Self::Ipv6HeaderChainTooLong => "IPV6_EXTENSION_HEADERS_TOO_LONG",
+        }
+    }
+
+    pub const ALL: [DropReason; 6] = [
+        Self::PolicyDenied,
+        Self::PolicyDeny,
+        Self::MalformedIp,
+        Self::MalformedL4,
+        Self::FragmentWithoutHead,
+        Self::Ipv6HeaderChainTooLong,
+    ];
+}
+
+/// Size of the per-reason drop counter array; codes index it directly.
+pub const DROP_REASON_SLOTS: u32 = 32;

@@ -1,0 +1,36 @@
+//! Enforced local endpoints (`ENDPOINTS`: `AddrKey` -> `EndpointInfo`).
+
+/// What the data path knows of an enforced endpoint address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointInfo {
+    /// Compiler-assigned endpoint number; policy keys are per endpoint.
+    pub endpoint_id: u32,
+    /// `ENDPOINT_FLAG_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 8);
+
+/// A policy selects this endpoint for ingress: ingress is default deny.
+pub const ENDPOINT_FLAG_INGRESS_ENFORCED: u32 = 1;
+/// A policy selects this endpoint for egress: egress is default deny.
+pub const ENDPOINT_FLAG_EGRESS_ENFORCED: u32 = 2;
+/// Audit mode: a would-be deny passes and emits an audit event.
+pub const ENDPOINT_FLAG_AUDIT: u32 = 4;
+
+impl EndpointInfo {
+    pub const fn new(endpoint_id: u32, flags: u32) -> Self {
+        Self { endpoint_id, flags }
+    }
+    pub const fn ingress_enforced(&self) -> bool {
+        self.flags & ENDPOINT_FLAG_INGRESS_ENFORCED != 0
+    }
+    pub const fn egress_enforced(&self) -> bool {
+        self.flags & ENDPOINT_FLAG_EGRESS_ENFORCED != 0
+    }
+    pub const fn audit(&self) -> bool {
+        self.flags & ENDPOINT_FLAG_AUDIT != 0
+    }
+}
+
+crate::impl_pod!(EndpointInfo);

@@ -1,0 +1,158 @@
+//! Policy entries (`POLICY`: LPM trie of `PolicyKeyData` -> `PolicyEntry`).
+//!
+//! As in Cilium's policy map, the key ends in protocol and destination port, and the
+//! prefix length says how much of that tail must match:
+//! - `POLICY_PREFIX_ANY_PROTOCOL`: any protocol, any port;
+//! - `POLICY_PREFIX_ANY_PORT`: this protocol, any port;
+//! - `POLICY_PREFIX_ANY_PORT + n`: this protocol, ports sharing the first n bits.
+//!
+//! A port range becomes a few power-of-two blocks ([`port_range_blocks`]). A packet
+//! needs at most two lookups per enforced direction: its peer's identity, then
+//! `IDENTITY_ANY`.
+
+/// Direction of a policy: ingress (the endpoint receives) or egress (it sends).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress = 1,
+    Egress = 2,
+}
+
+impl Direction {
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Ingress),
+            2 => Some(Self::Egress),
+            _ => None,
+        }
+    }
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ingress => "INGRESS",
+            Self::Egress => "EGRESS",
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyKeyData {
+    endpoint_id: [u8; 4],
+    identity: [u8; 4],
+    slot: u8,
+    direction: u8,
+    protocol: u8,
+    port: [u8; 2],
+    _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<PolicyKeyData>() == 16);
+
+/// Bits always matched: endpoint, identity, slot, direction.
+pub const POLICY_PREFIX_ANY_PROTOCOL: u32 = 80;
+/// Bits matched by a rule for one protocol and any port.
+pub const POLICY_PREFIX_ANY_PORT: u32 = 88;
+/// Bits matched by a rule for one protocol and one port (and by every lookup key).
+pub const POLICY_PREFIX_FULL: u32 = 104;
+
+impl PolicyKeyData {
+    pub const fn new(
+        slot: u8,
+        endpoint_id: u32,
+        identity: u32,
+        direction: Direction,
+        protocol: u8,
+        port: u16,
+    ) -> Self {
+        Self {
+            endpoint_id: endpoint_id.to_be_bytes(),
+            identity: identity.to_be_bytes(),
+            slot,
+            direction: direction as u8,
+            protocol,
+            port: port.to_be_bytes(),
+            _pad: [0; 3],
+        }
+    }
+    pub const fn endpoint_id(&self) -> u32 {
+        u32::from_be_bytes(self.endpoint_id)
+    }
+    pub const fn identity(&self) -> u32 {
+        u32::from_be_bytes(self.identity)
+    }
+    pub const fn slot(&self) -> u8 {
+        self.slot
+    }
+    pub const fn direction(&self) -> u8 {
+        self.direction
+    }
+    pub const fn protocol(&self) -> u8 {
+        self.protocol
+    }
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// What a matching policy entry says.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyEntry {
+    /// Agent-assigned rule number: names the policy and rule in events.
+    pub rule_id: u32,
+    /// `POLICY_ACTION_*`.
+    pub action: u8,
+    _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 8);
+
+pub const POLICY_ACTION_ALLOW: u8 = 1;
+pub const POLICY_ACTION_DENY: u8 = 2;
+
+impl PolicyEntry {
+    pub const fn allow(rule_id: u32) -> Self {
+        Self {
+            rule_id,
+            action: POLICY_ACTION_ALLOW,
+            _pad: [0; 3],
+        }
+    }
+    pub const fn deny(rule_id: u32) -> Self {
+        Self {
+            rule_id,
+            action: POLICY_ACTION_DENY,
+            _pad: [0; 3],
+        }
+    }
+    pub const fn is_deny(&self) -> bool {
+        self.action == POLICY_ACTION_DENY
+    }
+}
+
+/// Rule id of "no rule": the default deny of a selected endpoint.
+pub const RULE_ID_DEFAULT_DENY: u32 = 0;
+
+/// Splits the inclusive port range `first..=last` into aligned power-of-two blocks,
+/// each given as (first port of the block, number of fixed leading port bits).
+/// Calls `emit` once per block, fewest blocks possible (at most 30 for 16-bit ports).
+pub fn port_range_blocks(first: u16, last: u16, mut emit: impl FnMut(u16, u8)) {
+    if first > last {
+        return;
+    }
+    let mut start = first as u32;
+    let end = last as u32;
+    while start <= end {
+        // Largest aligned block starting at `start` that does not pass `end`.
+        let mut size_log2 = if start == 0 {
+            16
+        } else {
+            start.trailing_zeros().min(16)
+        };
+        while start + (1u32 << size_log2) - 1 > end {
+            size_log2 -= 1;
+        }
+        emit(start as u16, (16 - size_log2) as u8);
+        start += 1u32 << size_log2;
+    }
+}
+
+crate::impl_pod!(PolicyKeyData, PolicyEntry);

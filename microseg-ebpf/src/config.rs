@@ -1,0 +1,31 @@
+//! The live policy generation and the programs' settings.
+
+use aya_ebpf::{macros::map, maps::Array};
+use microseg_common::config::Settings;
+
+/// One element: the live policy generation (see `microseg_common::config`).
+#[map]
+static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Reads the live generation once; a packet uses this value for every lookup.
+#[inline(always)]
+pub fn live_generation() -> u32 {
+    match GENERATION.get_ptr(0) {
+        // SAFETY: the pointer comes from a successful lookup in an array map, so it
+        // points to a valid, aligned u32 for the duration of the program. The volatile
+        // read keeps the compiler from reading it twice.
+        Some(ptr) => unsafe { core::ptr::read_volatile(ptr) },
+        None => 0,
+    }
+}
+
+#[inline(always)]
+pub fn settings() -> Settings {
+    match SETTINGS.get(0) {
+        Some(settings) => *settings,
+        None => Settings::new(0, 0, 0),
+    }
+}

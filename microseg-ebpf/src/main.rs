@@ -1,0 +1,78 @@
+//! microseg's kernel programs. XDP (ingress) and TC (ingress and egress) share one
+//! decision path, `verdict::judge`; this file only adapts each hook's context and
+//! maps the verdict to the hook's return code.
+#![no_std]
+#![no_main]
+
+mod config;
+mod conntrack;
+mod counters;
+mod endpoint;
+mod events;
+mod fragment;
+mod identity;
+mod packet;
+mod parse;
+mod policy;
+mod verdict;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use microseg_common::event::Hook;
+
+use crate::{packet::PacketView, verdict::Verdict};
+
+#[xdp]
+pub fn microseg_xdp(ctx: XdpContext) -> u32 {
+    let packet = PacketView::new(ctx.data(), ctx.data_end());
+    match verdict::judge(&packet, Hook::Xdp, ctx.ingress_ifindex() as u32) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+#[classifier]
+pub fn microseg_tc_ingress(ctx: TcContext) -> i32 {
+    judge_skb(&ctx, Hook::TcIngress)
+}
+
+#[classifier]
+pub fn microseg_tc_egress(ctx: TcContext) -> i32 {
+    judge_skb(&ctx, Hook::TcEgress)
+}
+
+/// Bytes made linear before parsing: enough for Ethernet, two VLAN tags, IPv6 with
+/// extension headers and a transport header.
+const TC_LINEAR_BYTES: u32 = 256;
+
+#[inline(always)]
+fn judge_skb(ctx: &TcContext, hook: Hook) -> i32 {
+    let wanted = ctx.len().min(TC_LINEAR_BYTES);
+    if ((ctx.data_end() - ctx.data()) as u32) < wanted {
+        // Headers in paged data: pull them into the linear area. On failure the parse
+        // sees a short packet and applies the malformed-packet rule.
+        let _ = ctx.pull_data(wanted);
+    }
+    // SAFETY: `skb` is the context pointer the kernel passed to this program; reading
+    // `ifindex` is an allowed context access.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let packet = PacketView::new(ctx.data(), ctx.data_end());
+    match verdict::judge(&packet, hook, ifindex) {
+        // TC_ACT_UNSPEC lets later programs on the hook run (TCX_NEXT).
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

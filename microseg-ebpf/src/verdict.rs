@@ -1,0 +1,370 @@
+//! The decision, in this order (one shared path for XDP, TC ingress and TC egress):
+//! 1. parse (see `parse`): not-IP and neighbour discovery pass; a broken IP header
+//!    drops;
+//! 2. read the live generation once; every lookup below uses its slot;
+//! 3. endpoints: the destination if its ingress is enforced, the source if its egress
+//!    is; neither: pass (a direction with no selecting policy is not enforced);
+//! 4. transport: ports of later fragments from their first fragment; a packet whose
+//!    transport cannot be known drops (it involves an enforced endpoint);
+//! 5. conntrack: a flow allowed under the live generation passes, replies included;
+//!    a flow allowed under an older generation is judged again in its first packet's
+//!    direction;
+//! 6. policy, per enforced direction: peer identity, then (endpoint, identity,
+//!    direction, protocol, port), then (endpoint, any, ...). Allowed only if every
+//!    enforced direction allows;
+//! 7. a deny from an endpoint in audit mode passes with an audit event; any other
+//!    deny drops with a deny event. Allowed flows are recorded in conntrack.
+
+use microseg_common::{
+    DropReason,
+    config::{SETTINGS_FLAG_TRACE_ALLOWED, slot_of},
+    counters::Counter,
+    endpoint::EndpointInfo,
+    event::{EventVerdict, Hook},
+    identity::IDENTITY_WORLD,
+    policy::{Direction, RULE_ID_DEFAULT_DENY},
+};
+
+use crate::{
+    config, conntrack,
+    conntrack::Tracked,
+    counters, endpoint,
+    events::{self, EventFields},
+    fragment,
+    packet::PacketView,
+    parse::{self, Fragment, PacketInfo, Parsed, Transport},
+    identity, policy,
+};
+
+pub enum Verdict {
+    Pass,
+    Drop,
+}
+
+/// Why a packet was denied, and by whom, for the event.
+#[derive(Clone, Copy)]
+struct Denial {
+    reason: DropReason,
+    direction: u8,
+    endpoint_id: u32,
+    peer_identity: u32,
+    rule_id: u32,
+}
+
+impl Denial {
+    const NONE: Self = Self {
+        reason: DropReason::PolicyDenied,
+        direction: 0,
+        endpoint_id: 0,
+        peer_identity: 0,
+        rule_id: RULE_ID_DEFAULT_DENY,
+    };
+}
+
+/// Outcome of judging a packet against the enforced directions' policies.
+enum Judgement {
+    Allowed { rule_id: u32, peer_identity: u32 },
+    Audited(Denial),
+    Denied(Denial),
+}
+
+#[inline(always)]
+pub fn judge(packet: &PacketView, hook: Hook, ifindex: u32) -> Verdict {
+    let info = match parse::parse(packet) {
+        Ok(Parsed::Ip(info)) => info,
+        Ok(Parsed::NotPolicyTraffic) => {
+            counters::count(Counter::NotPolicyTraffic);
+            return Verdict::Pass;
+        }
+        Err(reason) => {
+            counters::count(Counter::ParseFailure);
+            return deny_unparsed(hook, ifindex, reason);
+        }
+    };
+
+    let generation = config::live_generation();
+    let slot = slot_of(generation);
+    let src_endpoint = endpoint::lookup(slot, &info.src);
+    let dst_endpoint = endpoint::lookup(slot, &info.dst);
+    if !src_endpoint.egress_enforced() && !dst_endpoint.ingress_enforced() {
+        counters::count(Counter::NotEnforced);
+        return Verdict::Pass;
+    }
+
+    let (src_port, dst_port) = match transport_ports(&info) {
+        Ok(ports) => ports,
+        Err(reason) => {
+            counters::count(Counter::ParseFailure);
+            let endpoint_id = if dst_endpoint.ingress_enforced() {
+                dst_endpoint.endpoint_id
+            } else {
+                src_endpoint.endpoint_id
+            };
+            let denial = Denial {
+                reason,
+                direction: 0,
+                endpoint_id,
+                peer_identity: 0,
+                rule_id: RULE_ID_DEFAULT_DENY,
+            };
+            return finish_denied(&info, hook, ifindex, denial, 0, 0);
+        }
+    };
+    if let Fragment::First { id } = info.fragment {
+        fragment::remember(&info, id);
+    }
+
+    let now = conntrack::now_ns();
+    let flow = conntrack::flow_of(&info, src_port, dst_port);
+    let tracked = conntrack::lookup(&flow, generation, now);
+    let judgement = match tracked {
+        Tracked::Current => {
+            counters::count(Counter::ConntrackHit);
+            count_allowed(hook);
+            return Verdict::Pass;
+        }
+        // A reply of a flow allowed under an older generation: judge the flow as its
+        // first packet went, from this packet's destination to its source.
+        Tracked::Stale { is_reply: true } => judge_policy(
+            slot,
+            &dst_endpoint,
+            &src_endpoint,
+            &info.dst,
+            &info.src,
+            info.protocol,
+            src_port,
+        ),
+        Tracked::New | Tracked::Stale { is_reply: false } => judge_policy(
+            slot,
+            &src_endpoint,
+            &dst_endpoint,
+            &info.src,
+            &info.dst,
+            info.protocol,
+            info.policy_port(),
+        ),
+    };
+
+    match judgement {
+        Judgement::Allowed {
+            rule_id,
+            peer_identity,
+        } => {
+            conntrack::record_allowed(&flow, &tracked, generation, now);
+            count_allowed(hook);
+            if config::settings().flags & SETTINGS_FLAG_TRACE_ALLOWED != 0 {
+                let fields = EventFields {
+                    hook: hook as u8,
+                    verdict: EventVerdict::Forwarded as u8,
+                    direction: 0,
+                    reason: 0,
+                    ifindex,
+                    endpoint_id: 0,
+                    peer_identity,
+                    rule_id,
+                    src_port,
+                    dst_port,
+                };
+                events::send(Some(&info), &fields);
+            }
+            Verdict::Pass
+        }
+        Judgement::Audited(denial) => {
+            conntrack::record_allowed(&flow, &tracked, generation, now);
+            counters::count(if is_ingress_hook(hook) {
+                Counter::AuditedIngress
+            } else {
+                Counter::AuditedEgress
+            });
+            let fields = denial_fields(hook, ifindex, EventVerdict::Audit, &denial, src_port, dst_port);
+            events::send(Some(&info), &fields);
+            Verdict::Pass
+        }
+        Judgement::Denied(denial) => {
+            finish_denied(&info, hook, ifindex, denial, src_port, dst_port)
+        }
+    }
+}
+
+/// Judges the flow `src -> dst` against the destination's ingress policy (if
+/// `dst_endpoint` enforces ingress) and the source's egress policy (if `src_endpoint`
+/// enforces egress).
+#[inline(always)]
+fn judge_policy(
+    slot: u8,
+    src_endpoint: &EndpointInfo,
+    dst_endpoint: &EndpointInfo,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    protocol: u8,
+    port: u16,
+) -> Judgement {
+    let mut allowed_by = (RULE_ID_DEFAULT_DENY, IDENTITY_WORLD);
+    // Plain values, not Option: see endpoint::lookup.
+    let mut audited = false;
+    let mut audit_denial = Denial::NONE;
+    if dst_endpoint.ingress_enforced() {
+        match check_direction(slot, dst_endpoint, Direction::Ingress, src, protocol, port) {
+            Ok(allowed) => allowed_by = allowed,
+            Err(denial) if dst_endpoint.audit() => {
+                audited = true;
+                audit_denial = denial;
+            }
+            Err(denial) => return Judgement::Denied(denial),
+        }
+    }
+    if src_endpoint.egress_enforced() {
+        match check_direction(slot, src_endpoint, Direction::Egress, dst, protocol, port) {
+            Ok(allowed) => allowed_by = allowed,
+            Err(denial) if src_endpoint.audit() => {
+                if !audited {
+                    audited = true;
+                    audit_denial = denial;
+                }
+            }
+            Err(denial) => return Judgement::Denied(denial),
+        }
+    }
+    if audited {
+        Judgement::Audited(audit_denial)
+    } else {
+        Judgement::Allowed {
+            rule_id: allowed_by.0,
+            peer_identity: allowed_by.1,
+        }
+    }
+}
+
+/// One enforced direction: Ok((rule, peer identity)) if a rule allows, else the denial.
+#[inline(always)]
+fn check_direction(
+    slot: u8,
+    endpoint: &EndpointInfo,
+    direction: Direction,
+    peer_addr: &[u8; 16],
+    protocol: u8,
+    port: u16,
+) -> Result<(u32, u32), Denial> {
+    let peer_identity = identity::resolve(slot, peer_addr);
+    let entry = policy::lookup(
+        slot,
+        endpoint.endpoint_id,
+        peer_identity,
+        direction,
+        protocol,
+        port,
+    );
+    match entry {
+        Some(entry) if !entry.is_deny() => Ok((entry.rule_id, peer_identity)),
+        Some(entry) => Err(Denial {
+            reason: DropReason::PolicyDeny,
+            direction: direction as u8,
+            endpoint_id: endpoint.endpoint_id,
+            peer_identity,
+            rule_id: entry.rule_id,
+        }),
+        None => Err(Denial {
+            reason: DropReason::PolicyDenied,
+            direction: direction as u8,
+            endpoint_id: endpoint.endpoint_id,
+            peer_identity,
+            rule_id: RULE_ID_DEFAULT_DENY,
+        }),
+    }
+}
+
+/// The packet's ports: its own, or for a later fragment its first fragment's.
+#[inline(always)]
+fn transport_ports(info: &PacketInfo) -> Result<(u16, u16), DropReason> {
+    match info.transport {
+        Transport::Known => Ok((info.src_port, info.dst_port)),
+        Transport::Unknown(reason) => Err(reason),
+        Transport::LaterFragment => {
+            let Fragment::Later { id } = info.fragment else {
+                return Err(DropReason::FragmentWithoutHead);
+            };
+            match fragment::ports_of(info, id) {
+                Some(ports) => Ok((ports.src_port, ports.dst_port)),
+                None => Err(DropReason::FragmentWithoutHead),
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn finish_denied(
+    info: &PacketInfo,
+    hook: Hook,
+    ifindex: u32,
+    denial: Denial,
+    src_port: u16,
+    dst_port: u16,
+) -> Verdict {
+    count_denied(hook, denial.reason);
+    let fields = denial_fields(hook, ifindex, EventVerdict::Dropped, &denial, src_port, dst_port);
+    events::send(Some(info), &fields);
+    Verdict::Drop
+}
+
+/// A packet whose IP header is unreadable: dropped, with an event without addresses.
+#[inline(always)]
+fn deny_unparsed(hook: Hook, ifindex: u32, reason: DropReason) -> Verdict {
+    count_denied(hook, reason);
+    let denial = Denial {
+        reason,
+        direction: 0,
+        endpoint_id: 0,
+        peer_identity: 0,
+        rule_id: RULE_ID_DEFAULT_DENY,
+    };
+    let fields = denial_fields(hook, ifindex, EventVerdict::Dropped, &denial, 0, 0);
+    events::send(None, &fields);
+    Verdict::Drop
+}
+
+#[inline(always)]
+fn denial_fields(
+    hook: Hook,
+    ifindex: u32,
+    verdict: EventVerdict,
+    denial: &Denial,
+    src_port: u16,
+    dst_port: u16,
+) -> EventFields {
+    EventFields {
+        hook: hook as u8,
+        verdict: verdict as u8,
+        direction: denial.direction,
+        reason: denial.reason.code(),
+        ifindex,
+        endpoint_id: denial.endpoint_id,
+        peer_identity: denial.peer_identity,
+        rule_id: denial.rule_id,
+        src_port,
+        dst_port,
+    }
+}
+
+#[inline(always)]
+fn is_ingress_hook(hook: Hook) -> bool {
+    !matches!(hook, Hook::TcEgress)
+}
+
+#[inline(always)]
+fn count_allowed(hook: Hook) {
+    counters::count(if is_ingress_hook(hook) {
+        Counter::AllowedIngress
+    } else {
+        Counter::AllowedEgress
+    });
+}
+
+#[inline(always)]
+fn count_denied(hook: Hook, reason: DropReason) {
+    counters::count(if is_ingress_hook(hook) {
+        Counter::DeniedIngress
+    } else {
+        Counter::DeniedEgress
+    });
+    counters::count_drop(reason);
+}

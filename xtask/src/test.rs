@@ -1,0 +1,49 @@
+//! `cargo xtask test`: every test in the workspace (unit, kernel, end-to-end), with a
+//! closing count of what ran.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
+
+use anyhow::bail;
+
+pub fn run() -> anyhow::Result<()> {
+    let mut child = Command::new("cargo")
+        .args(["test", "--workspace", "--exclude", "microseg-ebpf", "--no-fail-fast"])
+        // One test binary's tests run in parallel; the kernel and netns tests create
+        // uniquely named namespaces and interfaces, so they do not collide.
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count(rest, " passed");
+            failed += count(rest, " failed");
+            ignored += count(rest, " ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!();
+    println!("microseg: {passed} passed, {failed} failed, {ignored} ignored");
+    if !status.success() || failed > 0 {
+        bail!("tests failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// The number before `label` in a libtest summary ("ok. 12 passed; 0 failed; ...").
+fn count(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find(|part| part.contains(label))
+        .and_then(|part| part.split_whitespace().rev().nth(1))
+        .and_then(|n| n.trim_start_matches("ok.").trim().parse().ok())
+        .unwrap_or(0)
+}
