@@ -6,8 +6,7 @@ use aya_ebpf::{
     maps::{PerCpuArray, RingBuf},
 };
 use microseg_common::{
-    config::EventRateState, counters::Counter, event::PolicyEvent,
-    maps::EVENTS_BYTES,
+    config::EventRateState, counters::Counter, event::PolicyEvent, maps::EVENTS_BYTES,
 };
 
 use crate::{

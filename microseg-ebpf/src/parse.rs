@@ -50,8 +50,12 @@ pub enum Transport {
 pub enum Fragment {
     None,
     /// Offset 0 with more fragments to come: carries the transport header.
-    First { id: u32 },
-    Later { id: u32 },
+    First {
+        id: u32,
+    },
+    Later {
+        id: u32,
+    },
 }
 
 /// The fields the decision needs, read once.

@@ -13,8 +13,7 @@ use microseg_common::{
 };
 
 #[map]
-static POLICY: LpmTrie<PolicyKeyData, PolicyEntry> =
-    LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
+static POLICY: LpmTrie<PolicyKeyData, PolicyEntry> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
 
 #[inline(always)]
 pub fn lookup(

@@ -30,10 +30,10 @@ use crate::{
     conntrack::Tracked,
     counters, endpoint,
     events::{self, EventFields},
-    fragment,
+    fragment, identity,
     packet::PacketView,
     parse::{self, Fragment, PacketInfo, Parsed, Transport},
-    identity, policy,
+    policy,
 };
 
 pub enum Verdict {
@@ -176,7 +176,14 @@ pub fn judge(packet: &PacketView, hook: Hook, ifindex: u32) -> Verdict {
             } else {
                 Counter::AuditedEgress
             });
-            let fields = denial_fields(hook, ifindex, EventVerdict::Audit, &denial, src_port, dst_port);
+            let fields = denial_fields(
+                hook,
+                ifindex,
+                EventVerdict::Audit,
+                &denial,
+                src_port,
+                dst_port,
+            );
             events::send(Some(&info), &fields);
             Verdict::Pass
         }
@@ -301,7 +308,14 @@ fn finish_denied(
     dst_port: u16,
 ) -> Verdict {
     count_denied(hook, denial.reason);
-    let fields = denial_fields(hook, ifindex, EventVerdict::Dropped, &denial, src_port, dst_port);
+    let fields = denial_fields(
+        hook,
+        ifindex,
+        EventVerdict::Dropped,
+        &denial,
+        src_port,
+        dst_port,
+    );
     events::send(Some(info), &fields);
     Verdict::Drop
 }

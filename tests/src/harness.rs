@@ -101,7 +101,14 @@ pub struct StateBuilder {
 }
 
 impl StateBuilder {
-    pub fn endpoint(mut self, addr: &str, id: u32, ingress: bool, egress: bool, audit: bool) -> Self {
+    pub fn endpoint(
+        mut self,
+        addr: &str,
+        id: u32,
+        ingress: bool,
+        egress: bool,
+        audit: bool,
+    ) -> Self {
         let mut flags = 0;
         if ingress {
             flags |= ENDPOINT_FLAG_INGRESS_ENFORCED;

@@ -41,7 +41,11 @@ impl NetNs {
         // No duplicate address detection: addresses (link-local ones included) are
         // usable at once, so IPv6 neighbour discovery does not stall the first probe.
         for conf in ["all", "default"] {
-            ns.exec(&["sysctl", "-qw", &format!("net.ipv6.conf.{conf}.accept_dad=0")]);
+            ns.exec(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{conf}.accept_dad=0"),
+            ]);
         }
         ns
     }

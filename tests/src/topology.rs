@@ -46,7 +46,10 @@ impl TwoHosts {
                     .status
                     .success()
             });
-            assert!(ready, "{addr} never answered a ping from the client namespace");
+            assert!(
+                ready,
+                "{addr} never answered a ping from the client namespace"
+            );
         }
         Self {
             client,
@@ -61,13 +64,17 @@ impl TwoHosts {
         let iface = self.link.b_if.clone();
         self.server.run_in(|| {
             if tc_only {
-                datapath.attach(&iface, AttachPoint::TcIngress).expect("attach tc ingress");
+                datapath
+                    .attach(&iface, AttachPoint::TcIngress)
+                    .expect("attach tc ingress");
             } else {
                 datapath
                     .attach(&iface, AttachPoint::Xdp(XdpAttachMode::Default))
                     .expect("attach xdp");
             }
-            datapath.attach(&iface, AttachPoint::TcEgress).expect("attach tc egress");
+            datapath
+                .attach(&iface, AttachPoint::TcEgress)
+                .expect("attach tc egress");
         });
     }
 }
@@ -97,7 +104,8 @@ impl EchoServers {
                 (tcp, udp)
             });
             tcp.set_nonblocking(true).unwrap();
-            udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            udp.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
             let stop_tcp = stop.clone();
             threads.push(std::thread::spawn(move || {
                 while !stop_tcp.load(std::sync::atomic::Ordering::Relaxed) {
@@ -160,7 +168,11 @@ pub fn tcp_exchange(ns: &NetNs, addr: IpAddr, port: u16) -> bool {
 /// Sends one UDP datagram from `ns` to `addr:port` and waits for the echo.
 pub fn udp_exchange(ns: &NetNs, addr: IpAddr, port: u16) -> bool {
     ns.run_in(|| {
-        let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let bind = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
         let socket = UdpSocket::bind(bind).expect("bind");
         socket.set_read_timeout(Some(PROBE_TIMEOUT)).ok();
         if socket.send_to(b"microseg", (addr, port)).is_err() {

@@ -51,7 +51,14 @@ fn generation(client_identity: u32) -> DatapathState {
     StateBuilder::default()
         .endpoint("10.5.0.1", 1, true, false, false)
         .host("10.5.0.2", client_identity)
-        .allow(1, client_identity, Direction::Ingress, TCP, Some((80, 80)), client_identity)
+        .allow(
+            1,
+            client_identity,
+            Direction::Ingress,
+            TCP,
+            Some((80, 80)),
+            client_identity,
+        )
         .build()
 }
 
@@ -98,7 +105,10 @@ fn no_packet_is_judged_by_a_mix_of_two_generations() {
     let judged = judged.load(Ordering::Relaxed);
     let generation_now = writer.maps().unwrap().live_generation().unwrap();
     assert_eq!(generation_now, SWITCHES + 1);
-    assert!(judged > 100, "only {judged} packets were judged during the switches");
+    assert!(
+        judged > 100,
+        "only {judged} packets were judged during the switches"
+    );
     assert_eq!(
         denied.load(Ordering::Relaxed),
         0,
@@ -129,7 +139,14 @@ fn a_full_map_is_refused_whole_and_the_old_policy_stays() {
         .endpoint("10.5.0.1", 1, true, false, false)
         .host("10.5.0.2", 300);
     for port in [22u16, 80, 443, 5432, 6379] {
-        too_big = too_big.allow(1, 300, Direction::Ingress, TCP, Some((port, port)), port as u32);
+        too_big = too_big.allow(
+            1,
+            300,
+            Direction::Ingress,
+            TCP,
+            Some((port, port)),
+            port as u32,
+        );
     }
     let error = datapath.apply(&old, &too_big.build()).unwrap_err();
     match &error {
@@ -147,8 +164,14 @@ fn a_full_map_is_refused_whole_and_the_old_policy_stays() {
     // Nothing was written: port 80 still passes, 22 is still denied.
     let allowed = Probe::tcp(ip("10.5.0.2"), 1, ip("10.5.0.1"), 80);
     let denied = Probe::tcp(ip("10.5.0.2"), 1, ip("10.5.0.1"), 22);
-    assert_eq!(datapath.test_run(XDP, &allowed.to_frame()).unwrap(), ProgramVerdict::Pass);
-    assert_eq!(datapath.test_run(XDP, &denied.to_frame()).unwrap(), ProgramVerdict::Drop);
+    assert_eq!(
+        datapath.test_run(XDP, &allowed.to_frame()).unwrap(),
+        ProgramVerdict::Pass
+    );
+    assert_eq!(
+        datapath.test_run(XDP, &denied.to_frame()).unwrap(),
+        ProgramVerdict::Drop
+    );
     let mut maps = datapath.maps().unwrap();
     assert_eq!(maps.live_generation().unwrap(), 1);
     let read_back = microseg::datapath::apply::read_slot(&maps, 1).unwrap();
@@ -171,7 +194,10 @@ fn pinned_maps_keep_the_state_for_the_next_load() {
     let mut second = Datapath::load(&pins.options()).unwrap();
     assert_eq!(second.adopt_state().unwrap(), state);
     let probe = Probe::tcp(ip("10.5.0.2"), 1, ip("10.5.0.1"), 22);
-    assert_eq!(second.test_run(XDP, &probe.to_frame()).unwrap(), ProgramVerdict::Drop);
+    assert_eq!(
+        second.test_run(XDP, &probe.to_frame()).unwrap(),
+        ProgramVerdict::Drop
+    );
     drop(second);
     assert_eq!(detach_pinned(&pins.0).unwrap(), 0, "no links were pinned");
     assert!(!pins.0.exists(), "detach removes the pins");

@@ -57,7 +57,9 @@ fn harness_with(builder: StateBuilder) -> Option<Harness> {
 
 #[test]
 fn ports_ranges_protocols_and_peers_ipv4() {
-    let Some(h) = harness_with(server_policy()) else { return };
+    let Some(h) = harness_with(server_policy()) else {
+        return;
+    };
     let table = [
         (Probe::tcp(ip(CLIENT), 40000, ip(SERVER), 80), PASS),
         (Probe::tcp(ip(CLIENT), 40000, ip(SERVER), 81), DROP),
@@ -91,7 +93,9 @@ fn ports_ranges_protocols_and_peers_ipv4() {
 
 #[test]
 fn ports_ranges_protocols_and_peers_ipv6() {
-    let Some(h) = harness_with(server_policy()) else { return };
+    let Some(h) = harness_with(server_policy()) else {
+        return;
+    };
     let table = [
         (Probe::tcp(ip(CLIENT6), 40000, ip(SERVER6), 80), PASS),
         (Probe::tcp(ip(CLIENT6), 40000, ip(SERVER6), 81), DROP),
@@ -112,14 +116,22 @@ fn any_protocol_rule_allows_icmp_and_world_is_denied() {
         .endpoint(SERVER, 1, true, false, false)
         .host(CLIENT, 300)
         .allow(1, 300, Direction::Ingress, None, None, 1);
-    let Some(h) = harness_with(builder) else { return };
+    let Some(h) = harness_with(builder) else {
+        return;
+    };
     let echo = Probe {
-        protocol: microseg::datapath::probe::ProbeProtocol::Icmp { icmp_type: 8, code: 0 },
+        protocol: microseg::datapath::probe::ProbeProtocol::Icmp {
+            icmp_type: 8,
+            code: 0,
+        },
         ..Probe::tcp(ip(CLIENT), 7, ip(SERVER), 0)
     };
     assert_eq!(h.verdict(&echo), PASS);
     assert_eq!(h.verdict(&Probe::udp(ip(CLIENT), 1, ip(SERVER), 9)), PASS);
-    let from_world = Probe { src: ip("198.51.100.1"), ..echo };
+    let from_world = Probe {
+        src: ip("198.51.100.1"),
+        ..echo
+    };
     assert_eq!(h.verdict(&from_world), DROP);
 }
 
@@ -131,7 +143,9 @@ fn egress_default_deny_and_dns_allow() {
         .allow(2, 500, Direction::Egress, UDP, Some((53, 53)), 1)
         .allow(2, 500, Direction::Egress, TCP, Some((53, 53)), 2)
         .allow(2, IDENTITY_ANY, Direction::Egress, UDP, Some((123, 123)), 3);
-    let Some(h) = harness_with(builder) else { return };
+    let Some(h) = harness_with(builder) else {
+        return;
+    };
     let table = [
         (Probe::udp(ip(CLIENT), 1000, ip("10.0.0.2"), 53), PASS),
         (Probe::tcp(ip(CLIENT), 1000, ip("10.0.0.2"), 53), PASS),
@@ -157,7 +171,9 @@ fn both_directions_enforced_between_two_local_endpoints() {
         .host(SERVER, 301)
         .allow(1, 300, Direction::Ingress, TCP, Some((80, 81)), 1)
         .allow(2, 301, Direction::Egress, TCP, Some((80, 80)), 2);
-    let Some(h) = harness_with(builder) else { return };
+    let Some(h) = harness_with(builder) else {
+        return;
+    };
     assert_eq!(h.verdict(&Probe::tcp(ip(CLIENT), 1, ip(SERVER), 80)), PASS);
     // Ingress would allow 81, egress does not.
     assert_eq!(h.verdict(&Probe::tcp(ip(CLIENT), 1, ip(SERVER), 81)), DROP);
@@ -173,17 +189,34 @@ fn conntrack_passes_replies_and_revocation_stops_established_flows() {
             .host(SERVER, 301)
             .allow(2, 301, Direction::Egress, TCP, Some((80, 80)), 1)
     };
-    let Some(mut h) = harness_with(builder()) else { return };
+    let Some(mut h) = harness_with(builder()) else {
+        return;
+    };
     let request = Probe::tcp(ip(CLIENT), 40001, ip(SERVER), 80);
     let reply = request.reply();
     // A reply-shaped packet before the flow exists is an unsolicited ingress.
     assert_eq!(h.verdict(&reply), DROP);
     assert_eq!(h.verdict(&request), PASS);
     assert_eq!(h.verdict(&reply), PASS, "reply of an allowed flow");
-    let hits_before = h.datapath.maps().unwrap().counters().unwrap().get(Counter::ConntrackHit);
+    let hits_before = h
+        .datapath
+        .maps()
+        .unwrap()
+        .counters()
+        .unwrap()
+        .get(Counter::ConntrackHit);
     assert_eq!(h.verdict(&request), PASS);
-    let hits_after = h.datapath.maps().unwrap().counters().unwrap().get(Counter::ConntrackHit);
-    assert!(hits_after >= hits_before + 3, "established packets use conntrack");
+    let hits_after = h
+        .datapath
+        .maps()
+        .unwrap()
+        .counters()
+        .unwrap()
+        .get(Counter::ConntrackHit);
+    assert!(
+        hits_after >= hits_before + 3,
+        "established packets use conntrack"
+    );
     // Revoke the rule: the established flow stops, both ways.
     let revoked = StateBuilder::default()
         .endpoint(CLIENT, 2, true, true, false)
@@ -204,7 +237,9 @@ fn audit_mode_passes_would_be_denies_with_audit_events() {
         .endpoint(SERVER, 1, true, false, true)
         .host(CLIENT, 300)
         .allow(1, 300, Direction::Ingress, TCP, Some((80, 80)), 7);
-    let Some(mut h) = harness_with(builder) else { return };
+    let Some(mut h) = harness_with(builder) else {
+        return;
+    };
     h.events();
     assert_eq!(h.verdict(&Probe::tcp(ip(CLIENT), 1, ip(SERVER), 22)), PASS);
     // The first program audits; the audited flow is then tracked like an allowed
@@ -223,7 +258,9 @@ fn audit_mode_passes_would_be_denies_with_audit_events() {
 
 #[test]
 fn deny_events_carry_the_packet_and_the_decision() {
-    let Some(mut h) = harness_with(server_policy()) else { return };
+    let Some(mut h) = harness_with(server_policy()) else {
+        return;
+    };
     h.events();
     let probe = Probe::tcp(ip(OTHER), 43210, ip(SERVER), 80);
     assert_eq!(h.verdict(&probe), DROP);
@@ -259,7 +296,9 @@ fn deny_events_carry_the_packet_and_the_decision() {
 
 #[test]
 fn events_are_rate_limited_in_the_kernel_and_losses_counted() {
-    let Some(mut h) = harness_with(server_policy()) else { return };
+    let Some(mut h) = harness_with(server_policy()) else {
+        return;
+    };
     {
         let mut maps = h.datapath.maps().unwrap();
         maps.set_settings(&microseg_common::config::Settings::new(1, 5, 0))
@@ -329,7 +368,15 @@ fn v6(addr: &str) -> [u8; 16] {
 }
 
 /// An IPv4 packet with `options` (a multiple of 4 bytes), fragment fields and payload.
-fn ipv4(src: &str, dst: &str, protocol: u8, options: &[u8], id: u16, flags_offset: u16, payload: &[u8]) -> Vec<u8> {
+fn ipv4(
+    src: &str,
+    dst: &str,
+    protocol: u8,
+    options: &[u8],
+    id: u16,
+    flags_offset: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let ihl = 5 + options.len() / 4;
     let mut packet = vec![0u8; 20];
     packet[0] = 0x40 | ihl as u8;
@@ -348,7 +395,13 @@ fn ipv4(src: &str, dst: &str, protocol: u8, options: &[u8], id: u16, flags_offse
 
 /// An IPv6 packet whose extension headers are given as (header type, bytes incl.
 /// their own next-header byte, which is filled in).
-fn ipv6(src: &str, dst: &str, extensions: &[(u8, Vec<u8>)], protocol: u8, payload: &[u8]) -> Vec<u8> {
+fn ipv6(
+    src: &str,
+    dst: &str,
+    extensions: &[(u8, Vec<u8>)],
+    protocol: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut body = Vec::new();
     for (i, (_, bytes)) in extensions.iter().enumerate() {
         let mut bytes = bytes.clone();
@@ -383,19 +436,37 @@ fn fragment_header(offset_units: u16, more: bool, id: u32) -> Vec<u8> {
 
 #[test]
 fn ipv4_options_are_skipped_by_ihl() {
-    let Some(h) = harness_with(server_policy()) else { return };
+    let Some(h) = harness_with(server_policy()) else {
+        return;
+    };
     for option_words in [1usize, 4, 10] {
         let options = vec![1u8; option_words * 4]; // NOP options
-        let allowed = ethernet(0x0800, &ipv4(CLIENT, SERVER, 6, &options, 1, 0, &tcp_header(1, 80)));
-        let denied = ethernet(0x0800, &ipv4(CLIENT, SERVER, 6, &options, 1, 0, &tcp_header(1, 81)));
-        assert_eq!(h.verdict_of_frame(&allowed), PASS, "{option_words} option words");
-        assert_eq!(h.verdict_of_frame(&denied), DROP, "{option_words} option words");
+        let allowed = ethernet(
+            0x0800,
+            &ipv4(CLIENT, SERVER, 6, &options, 1, 0, &tcp_header(1, 80)),
+        );
+        let denied = ethernet(
+            0x0800,
+            &ipv4(CLIENT, SERVER, 6, &options, 1, 0, &tcp_header(1, 81)),
+        );
+        assert_eq!(
+            h.verdict_of_frame(&allowed),
+            PASS,
+            "{option_words} option words"
+        );
+        assert_eq!(
+            h.verdict_of_frame(&denied),
+            DROP,
+            "{option_words} option words"
+        );
     }
 }
 
 #[test]
 fn vlan_and_qinq_tags_are_parsed() {
-    let Some(h) = harness_with(server_policy()) else { return };
+    let Some(h) = harness_with(server_policy()) else {
+        return;
+    };
     for tags in [vec![0x8100u16], vec![0x88a8, 0x8100]] {
         for (port, expected) in [(80u16, PASS), (81, DROP)] {
             let ip_packet = ipv4(CLIENT, SERVER, 6, &[], 1, 0, &tcp_header(1, port));
@@ -408,28 +479,48 @@ fn vlan_and_qinq_tags_are_parsed() {
             }
             frame.extend_from_slice(&0x0800u16.to_be_bytes());
             frame.extend_from_slice(&ip_packet);
-            assert_eq!(h.verdict_of_frame(&frame), expected, "tags {tags:x?} port {port}");
+            assert_eq!(
+                h.verdict_of_frame(&frame),
+                expected,
+                "tags {tags:x?} port {port}"
+            );
         }
     }
 }
 
 #[test]
 fn ipv6_extension_headers_are_walked_within_a_bound() {
-    let Some(mut h) = harness_with(server_policy()) else { return };
+    let Some(mut h) = harness_with(server_policy()) else {
+        return;
+    };
     let chain = |n: usize| -> Vec<(u8, Vec<u8>)> {
-        (0..n).map(|i| (if i == 0 { 0 } else { 60 }, options_header(1))).collect()
+        (0..n)
+            .map(|i| (if i == 0 { 0 } else { 60 }, options_header(1)))
+            .collect()
     };
     for n in [1usize, 3, 6] {
-        let allowed = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &chain(n), 6, &tcp_header(1, 80)));
-        let denied = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &chain(n), 6, &tcp_header(1, 81)));
+        let allowed = ethernet(
+            0x86dd,
+            &ipv6(CLIENT6, SERVER6, &chain(n), 6, &tcp_header(1, 80)),
+        );
+        let denied = ethernet(
+            0x86dd,
+            &ipv6(CLIENT6, SERVER6, &chain(n), 6, &tcp_header(1, 81)),
+        );
         assert_eq!(h.verdict_of_frame(&allowed), PASS, "{n} extension headers");
         assert_eq!(h.verdict_of_frame(&denied), DROP, "{n} extension headers");
     }
     // Too long a chain: the ports cannot be known. Dropped for an enforced endpoint,
     // passed otherwise.
-    let too_long = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &chain(7), 6, &tcp_header(1, 80)));
+    let too_long = ethernet(
+        0x86dd,
+        &ipv6(CLIENT6, SERVER6, &chain(7), 6, &tcp_header(1, 80)),
+    );
     assert_eq!(h.verdict_of_frame(&too_long), DROP);
-    let unenforced = ethernet(0x86dd, &ipv6(SERVER6, CLIENT6, &chain(7), 6, &tcp_header(1, 80)));
+    let unenforced = ethernet(
+        0x86dd,
+        &ipv6(SERVER6, CLIENT6, &chain(7), 6, &tcp_header(1, 80)),
+    );
     assert_eq!(h.verdict_of_frame(&unenforced), PASS);
     let drops = h.datapath.maps().unwrap().counters().unwrap();
     assert!(drops.drops(DropReason::Ipv6HeaderChainTooLong) >= 3);
@@ -437,15 +528,23 @@ fn ipv6_extension_headers_are_walked_within_a_bound() {
 
 #[test]
 fn ipv4_fragments_are_judged_with_their_first_fragments_ports() {
-    let Some(mut h) = harness_with(server_policy()) else { return };
+    let Some(mut h) = harness_with(server_policy()) else {
+        return;
+    };
     const MORE: u16 = 0x2000;
     // Allowed datagram: first fragment (ports 80), then a later one.
-    let first = ethernet(0x0800, &ipv4(CLIENT, SERVER, 6, &[], 77, MORE, &tcp_header(1, 80)));
+    let first = ethernet(
+        0x0800,
+        &ipv4(CLIENT, SERVER, 6, &[], 77, MORE, &tcp_header(1, 80)),
+    );
     let later = ethernet(0x0800, &ipv4(CLIENT, SERVER, 6, &[], 77, 3, &[0u8; 24]));
     assert_eq!(h.verdict_of_frame(&first), PASS);
     assert_eq!(h.verdict_of_frame(&later), PASS);
     // Denied datagram: its later fragments are denied too.
-    let first = ethernet(0x0800, &ipv4(CLIENT, SERVER, 6, &[], 78, MORE, &tcp_header(1, 81)));
+    let first = ethernet(
+        0x0800,
+        &ipv4(CLIENT, SERVER, 6, &[], 78, MORE, &tcp_header(1, 81)),
+    );
     let later = ethernet(0x0800, &ipv4(CLIENT, SERVER, 6, &[], 78, 3, &[0u8; 24]));
     assert_eq!(h.verdict_of_frame(&first), DROP);
     assert_eq!(h.verdict_of_frame(&later), DROP);
@@ -461,33 +560,78 @@ fn ipv4_fragments_are_judged_with_their_first_fragments_ports() {
 
 #[test]
 fn ipv6_fragments_are_judged_with_their_first_fragments_ports() {
-    let Some(h) = harness_with(server_policy()) else { return };
-    let first = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &[(44, fragment_header(0, true, 9))], 6, &tcp_header(1, 80)));
-    let later = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &[(44, fragment_header(4, false, 9))], 6, &[0u8; 16]));
+    let Some(h) = harness_with(server_policy()) else {
+        return;
+    };
+    let first = ethernet(
+        0x86dd,
+        &ipv6(
+            CLIENT6,
+            SERVER6,
+            &[(44, fragment_header(0, true, 9))],
+            6,
+            &tcp_header(1, 80),
+        ),
+    );
+    let later = ethernet(
+        0x86dd,
+        &ipv6(
+            CLIENT6,
+            SERVER6,
+            &[(44, fragment_header(4, false, 9))],
+            6,
+            &[0u8; 16],
+        ),
+    );
     assert_eq!(h.verdict_of_frame(&first), PASS);
     assert_eq!(h.verdict_of_frame(&later), PASS);
-    let orphan = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &[(44, fragment_header(4, false, 10))], 6, &[0u8; 16]));
+    let orphan = ethernet(
+        0x86dd,
+        &ipv6(
+            CLIENT6,
+            SERVER6,
+            &[(44, fragment_header(4, false, 10))],
+            6,
+            &[0u8; 16],
+        ),
+    );
     assert_eq!(h.verdict_of_frame(&orphan), DROP);
 }
 
 #[test]
 fn truncated_and_malformed_packets_follow_the_stated_rule() {
-    let Some(mut h) = harness_with(server_policy()) else { return };
-    let good = ethernet(0x0800, &ipv4(CLIENT, SERVER, 6, &[], 1, 0, &tcp_header(1, 80)));
+    let Some(mut h) = harness_with(server_policy()) else {
+        return;
+    };
+    let good = ethernet(
+        0x0800,
+        &ipv4(CLIENT, SERVER, 6, &[], 1, 0, &tcp_header(1, 80)),
+    );
     // Every truncation of an allowed packet: never XDP_ABORTED or another code, and
     // never a pass for the enforced endpoint once the IP header is cut.
     // BPF_PROG_TEST_RUN of a TC program refuses a frame whose IP header is cut (the
     // kernel pulls it first), so those lengths are run through XDP only.
     const IPV4_HEADERS: usize = 14 + 20;
     for len in 14..IPV4_HEADERS {
-        assert_eq!(h.xdp_verdict_of_frame(&good[..len]), DROP, "IP header cut at {len}");
+        assert_eq!(
+            h.xdp_verdict_of_frame(&good[..len]),
+            DROP,
+            "IP header cut at {len}"
+        );
     }
     for len in IPV4_HEADERS..good.len() {
-        assert_eq!(h.verdict_of_frame(&good[..len]), DROP, "TCP header cut at {len}");
+        assert_eq!(
+            h.verdict_of_frame(&good[..len]),
+            DROP,
+            "TCP header cut at {len}"
+        );
     }
     assert_eq!(h.verdict_of_frame(&good), PASS);
     // A cut TCP header to an unenforced address passes.
-    let unenforced = ethernet(0x0800, &ipv4(CLIENT, OTHER, 6, &[], 1, 0, &tcp_header(1, 80)[..10]));
+    let unenforced = ethernet(
+        0x0800,
+        &ipv4(CLIENT, OTHER, 6, &[], 1, 0, &tcp_header(1, 80)[..10]),
+    );
     assert_eq!(h.verdict_of_frame(&unenforced), PASS);
     // IHL below 5, IHL past the end, wrong version: dropped.
     let mut bad_ihl = ipv4(CLIENT, SERVER, 6, &[], 1, 0, &tcp_header(1, 80));
@@ -500,13 +644,30 @@ fn truncated_and_malformed_packets_follow_the_stated_rule() {
     wrong_version[0] = 0x65;
     assert_eq!(h.verdict_of_frame(&ethernet(0x0800, &wrong_version)), DROP);
     // IPv6: every truncation of an allowed packet.
-    let good6 = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &[(0, options_header(0))], 6, &tcp_header(1, 80)));
+    let good6 = ethernet(
+        0x86dd,
+        &ipv6(
+            CLIENT6,
+            SERVER6,
+            &[(0, options_header(0))],
+            6,
+            &tcp_header(1, 80),
+        ),
+    );
     const IPV6_HEADERS: usize = 14 + 40;
     for len in 14..IPV6_HEADERS {
-        assert_eq!(h.xdp_verdict_of_frame(&good6[..len]), DROP, "IPv6 header cut at {len}");
+        assert_eq!(
+            h.xdp_verdict_of_frame(&good6[..len]),
+            DROP,
+            "IPv6 header cut at {len}"
+        );
     }
     for len in IPV6_HEADERS..good6.len() {
-        assert_eq!(h.verdict_of_frame(&good6[..len]), DROP, "IPv6 truncated to {len}");
+        assert_eq!(
+            h.verdict_of_frame(&good6[..len]),
+            DROP,
+            "IPv6 truncated to {len}"
+        );
     }
     assert_eq!(h.verdict_of_frame(&good6), PASS);
     let counters = h.datapath.maps().unwrap().counters().unwrap();
@@ -517,11 +678,15 @@ fn truncated_and_malformed_packets_follow_the_stated_rule() {
 
 #[test]
 fn arp_and_neighbour_discovery_pass_even_to_enforced_endpoints() {
-    let Some(h) = harness_with(server_policy()) else { return };
+    let Some(h) = harness_with(server_policy()) else {
+        return;
+    };
     let arp = ethernet(0x0806, &[0u8; 28]);
     assert_eq!(h.verdict_of_frame(&arp), PASS);
     for nd_type in 133u8..=137 {
-        let icmp = [nd_type, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let icmp = [
+            nd_type, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
         let frame = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &[], 58, &icmp));
         assert_eq!(h.verdict_of_frame(&frame), PASS, "ICMPv6 type {nd_type}");
     }

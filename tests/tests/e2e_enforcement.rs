@@ -29,9 +29,30 @@ fn server_policy() -> StateBuilder {
         .endpoint(SERVER_V6, 1, true, true, false)
         .host(CLIENT_V4, CLIENT_IDENTITY)
         .host(CLIENT_V6, CLIENT_IDENTITY)
-        .allow(1, CLIENT_IDENTITY, Direction::Ingress, TCP, Some((80, 80)), 1)
-        .allow(1, CLIENT_IDENTITY, Direction::Ingress, UDP, Some((53, 53)), 2)
-        .allow(1, CLIENT_IDENTITY, Direction::Egress, TCP, Some((9000, 9000)), 3)
+        .allow(
+            1,
+            CLIENT_IDENTITY,
+            Direction::Ingress,
+            TCP,
+            Some((80, 80)),
+            1,
+        )
+        .allow(
+            1,
+            CLIENT_IDENTITY,
+            Direction::Ingress,
+            UDP,
+            Some((53, 53)),
+            2,
+        )
+        .allow(
+            1,
+            CLIENT_IDENTITY,
+            Direction::Egress,
+            TCP,
+            Some((9000, 9000)),
+            3,
+        )
 }
 
 fn enforce_between_namespaces(tc_only: bool) {
@@ -41,8 +62,14 @@ fn enforce_between_namespaces(tc_only: bool) {
     let (server, client, server6) = (ip(SERVER_V4), ip(CLIENT_V4), ip(SERVER_V6));
 
     // Before microseg: everything connects.
-    assert!(tcp_exchange(&hosts.client, server, 81), "sanity: open network");
-    assert!(tcp_exchange(&hosts.client, server6, 81), "sanity: open network, IPv6");
+    assert!(
+        tcp_exchange(&hosts.client, server, 81),
+        "sanity: open network"
+    );
+    assert!(
+        tcp_exchange(&hosts.client, server6, 81),
+        "sanity: open network, IPv6"
+    );
 
     let mut datapath = Datapath::load(&LoadOptions::default()).expect("load");
     let mut events = datapath.take_events().expect("events");
@@ -55,13 +82,25 @@ fn enforce_between_namespaces(tc_only: bool) {
     // Ingress to the server: allowed ports connect, replies come back.
     assert!(tcp_exchange(&hosts.client, server, 80), "TCP 80 allowed");
     assert!(udp_exchange(&hosts.client, server, 53), "UDP 53 allowed");
-    assert!(tcp_exchange(&hosts.client, server6, 80), "TCP 80 allowed over IPv6");
+    assert!(
+        tcp_exchange(&hosts.client, server6, 80),
+        "TCP 80 allowed over IPv6"
+    );
     assert!(!tcp_exchange(&hosts.client, server, 81), "TCP 81 blocked");
     assert!(!udp_exchange(&hosts.client, server, 54), "UDP 54 blocked");
-    assert!(!tcp_exchange(&hosts.client, server6, 81), "TCP 81 blocked over IPv6");
+    assert!(
+        !tcp_exchange(&hosts.client, server6, 81),
+        "TCP 81 blocked over IPv6"
+    );
     // Egress from the server: default deny except TCP 9000 to the client.
-    assert!(tcp_exchange(&hosts.server, client, 9000), "egress TCP 9000 allowed");
-    assert!(!tcp_exchange(&hosts.server, client, 9001), "egress TCP 9001 blocked");
+    assert!(
+        tcp_exchange(&hosts.server, client, 9000),
+        "egress TCP 9000 allowed"
+    );
+    assert!(
+        !tcp_exchange(&hosts.server, client, 9001),
+        "egress TCP 9001 blocked"
+    );
 
     let seen = drain(&mut events);
     let ingress_hook = if tc_only { Hook::TcIngress } else { Hook::Xdp };
@@ -79,11 +118,13 @@ fn enforce_between_namespaces(tc_only: bool) {
     assert_eq!(blocked_81.peer_identity, CLIENT_IDENTITY);
     assert!(blocked_81.ifindex > 0);
     assert!(
-        seen.iter().any(|e| e.destination_port == 54 && e.protocol == 17),
+        seen.iter()
+            .any(|e| e.destination_port == 54 && e.protocol == 17),
         "deny event for UDP 54"
     );
     assert!(
-        seen.iter().any(|e| e.destination_port == 81 && e.source == Some(ip(CLIENT_V6))),
+        seen.iter()
+            .any(|e| e.destination_port == 81 && e.source == Some(ip(CLIENT_V6))),
         "deny event for IPv6 TCP 81"
     );
     let egress = seen
@@ -95,7 +136,9 @@ fn enforce_between_namespaces(tc_only: bool) {
     assert_eq!(egress.source, Some(server));
     // No allowed exchange produced a deny event.
     assert!(
-        !seen.iter().any(|e| matches!(e.destination_port, 80 | 53 | 9000)),
+        !seen
+            .iter()
+            .any(|e| matches!(e.destination_port, 80 | 53 | 9000)),
         "allowed flows were denied somewhere: {seen:?}"
     );
 }
@@ -109,7 +152,9 @@ fn xdp_and_tc_egress_enforce_default_deny_on_real_sockets() {
 
 #[test]
 fn tc_ingress_and_egress_enforce_default_deny_on_real_sockets() {
-    if microseg_tests::kernel_available("tc_ingress_and_egress_enforce_default_deny_on_real_sockets") {
+    if microseg_tests::kernel_available(
+        "tc_ingress_and_egress_enforce_default_deny_on_real_sockets",
+    ) {
         enforce_between_namespaces(true);
     }
 }

@@ -1,1 +1,45 @@
-//! The policy model, validation, evaluator and compiler (in progress).
+//! The policy control plane: Kubernetes NetworkPolicy (plus an inventory of namespaces
+//! and workloads) in, data path map content out.
+//!
+//! - [`load_paths`] / [`PolicySetBuilder`]: read and validate files into a [`PolicySet`],
+//!   reporting every error with file, document and field path;
+//! - [`evaluate`]: the reference evaluator, Kubernetes semantics computed directly;
+//! - [`compile`]: the map content ([`crate::datapath::DatapathState`]) plus rule and
+//!   identity tables;
+//! - [`MapEvaluator`]: answers flows from the compiled maps alone, with the data path's
+//!   lookup algorithm, so compiler and kernel can both be checked against [`evaluate`];
+//! - [`load_expected`] / [`check_expected`]: expected verdicts of the examples.
+
+mod compile;
+mod error;
+mod evaluate;
+mod expected;
+mod inventory;
+mod load;
+mod map_eval;
+mod model;
+mod validate;
+
+pub use compile::{
+    CompileStats, Compiled, CompiledEndpoint, IdentityInfo, IdentityTable, RuleTable, compile,
+};
+pub use error::{LoadErrors, PolicyError, Source};
+pub use evaluate::{
+    DirectionVerdict, Flow, FlowVerdict, ReachabilityMatrix, RuleRef, VerdictReason, evaluate,
+    reachability_matrix,
+};
+pub use expected::{
+    ExpectationFailure, ExpectedFlow, ExpectedVerdict, check_expected, load_expected,
+    parse_expected,
+};
+pub use inventory::EndpointRef;
+pub use load::{MICROSEG_API_VERSION, PolicySetBuilder, load_paths};
+pub use map_eval::{MapDirectionVerdict, MapEvaluator, MapVerdict, evaluate_state};
+pub use model::{
+    IpBlock, LabelSelector, Labels, NAMESPACE_NAME_LABEL, NamedPort, NamespaceInfo, NamespaceScope,
+    Peer, Policy, PolicyDirection, PolicySet, PortRule, PortSpec, Protocol, Rule, SelectorOperator,
+    SelectorRequirement, Workload,
+};
+
+#[cfg(test)]
+mod tests;

@@ -9,7 +9,9 @@ use microseg::datapath::{Datapath, LoadOptions, events::drain};
 use microseg_common::policy::Direction;
 use microseg_tests::{
     harness::{StateBuilder, ip},
-    topology::{CLIENT_V4, EchoServers, SERVER_V4, SERVER_V6, TwoHosts, tcp_exchange, udp_exchange},
+    topology::{
+        CLIENT_V4, EchoServers, SERVER_V4, SERVER_V6, TwoHosts, tcp_exchange, udp_exchange,
+    },
 };
 
 fn main() -> anyhow::Result<()> {
@@ -56,7 +58,10 @@ fn main() -> anyhow::Result<()> {
         ("tcp", 5432, true, ip(SERVER_V6)),
         ("tcp", 6379, false, ip(SERVER_V6)),
     ];
-    println!("{:<28} {:<10} {:<10} {}", "PROBE", "EXPECTED", "OBSERVED", "");
+    println!(
+        "{:<28} {:<10} {:<10} {}",
+        "PROBE", "EXPECTED", "OBSERVED", ""
+    );
     let mut mismatches = 0;
     for (protocol, port, expected, addr) in probes {
         let observed = if protocol == "tcp" {
@@ -65,7 +70,11 @@ fn main() -> anyhow::Result<()> {
             udp_exchange(&hosts.client, addr, port)
         };
         let word = |allowed: bool| if allowed { "allow" } else { "deny" };
-        let mark = if observed == expected { "ok" } else { "MISMATCH" };
+        let mark = if observed == expected {
+            "ok"
+        } else {
+            "MISMATCH"
+        };
         mismatches += usize::from(observed != expected);
         let target = match addr {
             IpAddr::V4(_) => format!("{addr}:{port}"),
@@ -98,7 +107,10 @@ fn main() -> anyhow::Result<()> {
             event.reason.map_or("-", |r| r.name()),
         );
     }
-    anyhow::ensure!(mismatches == 0, "{mismatches} probes did not match the policy");
+    anyhow::ensure!(
+        mismatches == 0,
+        "{mismatches} probes did not match the policy"
+    );
     println!("\nall probes matched the policy; namespaces removed.");
     Ok(())
 }

@@ -1,0 +1,400 @@
+//! Reading policy and inventory files: files and directories of multi-document YAML or
+//! JSON, dispatched by `apiVersion`/`kind`. Everything goes through
+//! [`PolicySetBuilder`], which also runs the cross-document checks (duplicate names and
+//! addresses) when it builds the [`PolicySet`].
+
+use std::collections::{BTreeMap, btree_map::Entry};
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde::Deserialize;
+
+use super::error::{LoadErrors, PolicyError, Source};
+use super::model::{NamespaceInfo, Policy, PolicySet, Workload};
+use super::validate::{
+    Checker, convert_namespace, convert_network_policy, convert_pod, convert_workload_document,
+    namespace_labels,
+};
+
+/// `apiVersion` of microseg's own documents.
+pub const MICROSEG_API_VERSION: &str = "microseg.dev/v1";
+
+/// Loads every policy and inventory document under `paths` (files, or directories
+/// searched recursively for `*.yaml`, `*.yml` and `*.json` in sorted order).
+pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, LoadErrors> {
+    let mut builder = PolicySetBuilder::new();
+    for path in paths {
+        builder.add_path(path);
+    }
+    builder.finish()
+}
+
+/// Accumulates documents and errors; [`PolicySetBuilder::finish`] validates the whole.
+#[derive(Debug, Default)]
+pub struct PolicySetBuilder {
+    namespaces: Vec<NamespaceInfo>,
+    workloads: Vec<Workload>,
+    policies: Vec<Policy>,
+    errors: Vec<PolicyError>,
+}
+
+/// Files a directory walk reads. `expected.yaml` beside an example holds expected
+/// verdicts ([`super::load_expected`]), not policy, so walks skip it.
+fn is_policy_file(path: &Path) -> bool {
+    let expectations = path.file_stem().is_some_and(|stem| stem == "expected");
+    !expectations
+        && matches!(
+            path.extension().and_then(|extension| extension.to_str()),
+            Some("yaml" | "yml" | "json")
+        )
+}
+
+fn collect_files(directory: &Path, files: &mut Vec<PathBuf>, errors: &mut Vec<PolicyError>) {
+    let entries = match fs::read_dir(directory) {
+        Ok(entries) => entries,
+        Err(error) => {
+            errors.push(PolicyError::new(
+                &Source::new(directory, 0),
+                "",
+                format!("cannot read directory: {error}"),
+            ));
+            return;
+        }
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .collect();
+    paths.sort();
+    for path in paths {
+        if path.is_dir() {
+            collect_files(&path, files, errors);
+        } else if is_policy_file(&path) {
+            files.push(path);
+        }
+    }
+}
+
+impl PolicySetBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a file (whatever its extension) or a directory tree.
+    pub fn add_path(&mut self, path: &Path) {
+        if path.is_dir() {
+            let mut files = Vec::new();
+            collect_files(path, &mut files, &mut self.errors);
+            files.sort();
+            for file in files {
+                self.add_file(&file);
+            }
+        } else {
+            self.add_file(path);
+        }
+    }
+
+    fn add_file(&mut self, path: &Path) {
+        match fs::read_to_string(path) {
+            Ok(text) => self.add_text(path, &text),
+            Err(error) => self.errors.push(PolicyError::new(
+                &Source::new(path, 0),
+                "",
+                format!("cannot read file: {error}"),
+            )),
+        }
+    }
+
+    /// Adds the documents of one file's text: a JSON value stream for `*.json`,
+    /// multi-document YAML otherwise.
+    pub fn add_text(&mut self, file: &Path, text: &str) {
+        let is_json = file
+            .extension()
+            .is_some_and(|extension| extension == "json");
+        if is_json {
+            let stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+            for (index, document) in stream.enumerate() {
+                let source = Source::new(file, index + 1);
+                match document {
+                    Ok(value) => self.add_document(&source, &value),
+                    Err(error) => {
+                        self.errors.push(PolicyError::new(
+                            &source,
+                            "",
+                            format!("bad JSON: {error}"),
+                        ));
+                        break;
+                    }
+                }
+            }
+        } else {
+            for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
+                let source = Source::new(file, index + 1);
+                match serde_json::Value::deserialize(document) {
+                    Ok(value) => self.add_document(&source, &value),
+                    Err(error) => {
+                        // The YAML parser cannot resynchronise after a syntax error.
+                        self.errors.push(PolicyError::new(
+                            &source,
+                            "",
+                            format!("bad YAML: {error}"),
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds one parsed document, dispatching on `apiVersion` and `kind`.
+    pub fn add_document(&mut self, source: &Source, value: &serde_json::Value) {
+        self.add_object(source, String::new(), value);
+    }
+
+    fn add_object(&mut self, source: &Source, prefix: String, value: &serde_json::Value) {
+        if value.is_null() {
+            return; // An empty YAML document (e.g. a trailing `---`).
+        }
+        let mut checker = Checker {
+            source,
+            prefix,
+            errors: &mut self.errors,
+        };
+        let Some(object) = value.as_object() else {
+            checker.error("", "document is not a mapping");
+            return;
+        };
+        let api_version = object
+            .get("apiVersion")
+            .and_then(|value| value.as_str())
+            .unwrap_or("");
+        let kind = object
+            .get("kind")
+            .and_then(|value| value.as_str())
+            .unwrap_or("");
+        match (api_version, kind) {
+            ("networking.k8s.io/v1", "NetworkPolicy") => match NetworkPolicy::deserialize(value) {
+                Ok(policy) => {
+                    if let Some(policy) = convert_network_policy(&mut checker, &policy) {
+                        self.policies.push(policy);
+                    }
+                }
+                Err(error) => checker.error("", format!("cannot read NetworkPolicy: {error}")),
+            },
+            ("v1", "Namespace") => match K8sNamespace::deserialize(value) {
+                Ok(namespace) => {
+                    if let Some(namespace) = convert_namespace(&mut checker, &namespace) {
+                        self.namespaces.push(namespace);
+                    }
+                }
+                Err(error) => checker.error("", format!("cannot read Namespace: {error}")),
+            },
+            ("v1", "Pod") => match Pod::deserialize(value) {
+                Ok(pod) => {
+                    if let Some(workload) = convert_pod(&mut checker, &pod) {
+                        self.workloads.push(workload);
+                    }
+                }
+                Err(error) => checker.error("", format!("cannot read Pod: {error}")),
+            },
+            (MICROSEG_API_VERSION, "Workload") => {
+                if let Some(workload) = convert_workload_document(&mut checker, value) {
+                    self.workloads.push(workload);
+                }
+            }
+            ("v1", "List")
+            | ("networking.k8s.io/v1", "NetworkPolicyList")
+            | ("v1", "PodList" | "NamespaceList")
+            | (MICROSEG_API_VERSION, "List" | "WorkloadList") => {
+                let prefix = checker.prefix.clone();
+                match object.get("items") {
+                    Some(serde_json::Value::Array(items)) => {
+                        for (index, item) in items.iter().enumerate() {
+                            let item_prefix = if prefix.is_empty() {
+                                format!("items[{index}]")
+                            } else {
+                                format!("{prefix}.items[{index}]")
+                            };
+                            self.add_object(source, item_prefix, item);
+                        }
+                    }
+                    None | Some(serde_json::Value::Null) => {}
+                    Some(_) => checker.error("items", "must be a list"),
+                }
+            }
+            _ => {
+                let field = if kind.is_empty() { "kind" } else { "" };
+                checker.error(
+                    field,
+                    format!(
+                        "unknown kind {kind:?} of apiVersion {api_version:?} (expected networking.k8s.io/v1 NetworkPolicy, v1 Namespace, v1 Pod, {MICROSEG_API_VERSION} Workload, or a List of them)"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Adds an already deserialized NetworkPolicy (validated like a file's).
+    pub fn add_network_policy(&mut self, source: &Source, policy: &NetworkPolicy) {
+        let mut checker = Checker {
+            source,
+            prefix: String::new(),
+            errors: &mut self.errors,
+        };
+        if let Some(policy) = convert_network_policy(&mut checker, policy) {
+            self.policies.push(policy);
+        }
+    }
+
+    /// Adds a namespace by name and labels (the metadata.name label is implied).
+    pub fn add_namespace(
+        &mut self,
+        source: &Source,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) {
+        self.namespaces.push(NamespaceInfo {
+            name: name.to_string(),
+            labels: namespace_labels(name, Some(labels)),
+            source: Some(source.clone()),
+        });
+    }
+
+    /// Adds a workload built in memory. Cross-workload checks still apply in `finish`.
+    pub fn add_workload(&mut self, workload: Workload) {
+        self.workloads.push(workload);
+    }
+
+    /// Errors recorded so far.
+    pub fn errors(&self) -> &[PolicyError] {
+        &self.errors
+    }
+
+    /// Runs the cross-document checks and indexes the result.
+    pub fn finish(self) -> Result<PolicySet, LoadErrors> {
+        let PolicySetBuilder {
+            namespaces: namespace_list,
+            mut workloads,
+            mut policies,
+            mut errors,
+        } = self;
+
+        let mut namespaces: BTreeMap<String, NamespaceInfo> = BTreeMap::new();
+        for namespace in namespace_list {
+            match namespaces.entry(namespace.name.clone()) {
+                Entry::Vacant(slot) => {
+                    slot.insert(namespace);
+                }
+                Entry::Occupied(first) => {
+                    let source = namespace.source.clone().unwrap_or_default();
+                    errors.push(PolicyError::new(
+                        &source,
+                        "metadata.name",
+                        format!(
+                            "duplicate namespace {} (first defined at {})",
+                            namespace.name,
+                            first.get().source.clone().unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+        }
+
+        let mut seen_workloads: BTreeMap<(String, String), Source> = BTreeMap::new();
+        let mut address_owner: BTreeMap<IpAddr, (String, Source)> = BTreeMap::new();
+        let mut kept = Vec::with_capacity(workloads.len());
+        for workload in workloads.drain(..) {
+            let key = (workload.namespace.clone(), workload.name.clone());
+            if let Some(first) = seen_workloads.get(&key) {
+                errors.push(PolicyError::new(
+                    &workload.source,
+                    "metadata.name",
+                    format!(
+                        "duplicate workload name {} (first defined at {first})",
+                        workload.key()
+                    ),
+                ));
+                continue;
+            }
+            seen_workloads.insert(key, workload.source.clone());
+            let mut clash = false;
+            for address in &workload.addresses {
+                if let Some((owner, owner_source)) = address_owner.get(address) {
+                    errors.push(PolicyError::new(
+                        &workload.source,
+                        "",
+                        format!(
+                            "duplicate workload address {address}: {} has it and so does {owner} ({owner_source})",
+                            workload.key()
+                        ),
+                    ));
+                    clash = true;
+                }
+            }
+            if clash {
+                continue;
+            }
+            for address in &workload.addresses {
+                address_owner.insert(*address, (workload.key(), workload.source.clone()));
+            }
+            kept.push(workload);
+        }
+        workloads = kept;
+
+        // Workloads in namespaces nobody described get a namespace with only the name
+        // label, so that namespaceSelectors on kubernetes.io/metadata.name still work.
+        for workload in &workloads {
+            namespaces
+                .entry(workload.namespace.clone())
+                .or_insert_with(|| NamespaceInfo {
+                    name: workload.namespace.clone(),
+                    labels: namespace_labels(&workload.namespace, None),
+                    source: None,
+                });
+        }
+
+        policies.sort_by(|left, right| {
+            (&left.namespace, &left.name).cmp(&(&right.namespace, &right.name))
+        });
+        for pair in policies.windows(2) {
+            if pair[0].namespace == pair[1].namespace && pair[0].name == pair[1].name {
+                errors.push(PolicyError::new(
+                    &pair[1].source,
+                    "metadata.name",
+                    format!(
+                        "duplicate NetworkPolicy {} (first defined at {})",
+                        pair[1].key(),
+                        pair[0].source
+                    ),
+                ));
+            }
+        }
+
+        if !errors.is_empty() {
+            errors.sort_by(|left, right| left.source.cmp(&right.source));
+            return Err(LoadErrors::from(errors));
+        }
+
+        workloads.sort_by(|left, right| {
+            (&left.namespace, &left.name).cmp(&(&right.namespace, &right.name))
+        });
+        let address_index = workloads
+            .iter()
+            .enumerate()
+            .flat_map(|(index, workload)| {
+                workload
+                    .addresses
+                    .iter()
+                    .map(move |address| (*address, index))
+            })
+            .collect();
+        Ok(PolicySet {
+            namespaces,
+            workloads,
+            policies,
+            address_index,
+        })
+    }
+}

@@ -1,0 +1,329 @@
+//! Compiler specifics: identity sharing, except blocks by longest prefix, exact ipBlocks
+//! in peer_hosts, the IPv4-mapped guard, entry growth, rule and identity tables.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use microseg::policy::{
+    Flow, IdentityInfo, MapEvaluator, PolicyDirection, PolicySet, PolicySetBuilder, Protocol,
+    compile, evaluate,
+};
+use microseg_common::identity::{IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_WORLD};
+
+fn load(text: &str) -> PolicySet {
+    let mut builder = PolicySetBuilder::new();
+    builder.add_text(Path::new("test.yaml"), text);
+    builder.finish().unwrap_or_else(|errors| panic!("{errors}"))
+}
+
+fn workload(namespace: &str, name: &str, labels: &str, addresses: &str) -> String {
+    format!(
+        "---\napiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {{name: {name}, namespace: {namespace}, labels: {labels}}}\nspec: {{addresses: {addresses}, ports: [{{name: http, port: 8080}}]}}\n"
+    )
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn net(text: &str) -> IpNet {
+    text.parse().unwrap()
+}
+
+fn tcp(src: &str, dst: &str, port: u16) -> Flow {
+    Flow {
+        src: ip(src),
+        dst: ip(dst),
+        protocol: Protocol::Tcp,
+        port,
+    }
+}
+
+/// Reference and map-level verdicts, asserted equal.
+fn allowed(set: &PolicySet, flow: Flow) -> bool {
+    let compiled = compile(set);
+    let reference = evaluate(set, &flow).allowed;
+    let map = MapEvaluator::new(&compiled.state).evaluate(&flow).allowed;
+    assert_eq!(reference, map, "{flow}");
+    reference
+}
+
+const ALLOW_WEB_FROM_API: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {app: api}}}]
+      ports: [{port: 8080}, {port: http}, {port: 9000, endPort: 9010}]
+"#;
+
+#[test]
+fn workloads_with_equal_labels_share_an_identity_and_entries_scale_with_identities() {
+    let mut text = ALLOW_WEB_FROM_API.to_string();
+    for index in 0..50 {
+        text += &workload(
+            "prod",
+            &format!("api-{index}"),
+            "{app: api}",
+            &format!("[10.1.0.{index}]"),
+        );
+    }
+    for index in 0..5 {
+        text += &workload(
+            "prod",
+            &format!("web-{index}"),
+            "{app: web}",
+            &format!("[10.2.0.{index}, 'fd00::2:{index}']"),
+        );
+    }
+    let set = load(&text);
+    let compiled = compile(&set);
+    let stats = compiled.stats();
+    assert_eq!(
+        stats.workload_identities, 2,
+        "one for api pods, one for web pods"
+    );
+    assert_eq!(stats.enforced_workloads, 5);
+    assert_eq!(
+        stats.maps.endpoints, 10,
+        "every address of every enforced workload"
+    );
+    // Per endpoint: one peer identity x (8080, named http -> 8080 deduplicated,
+    // 9000-9010 -> 9000/13 and 9008/15 and 9010/16) = 4 entries; never x 50 addresses.
+    assert_eq!(stats.maps.policy, 5 * 4);
+    assert!(
+        compiled
+            .state
+            .endpoints
+            .values()
+            .all(|info| info.ingress_enforced() && !info.egress_enforced())
+    );
+    let endpoint_ids: Vec<u32> = compiled.endpoints.keys().copied().collect();
+    assert_eq!(endpoint_ids, vec![1, 2, 3, 4, 5]);
+    assert!(allowed(&set, tcp("10.1.0.7", "10.2.0.3", 9005)));
+    assert!(!allowed(&set, tcp("10.1.0.7", "10.2.0.3", 9011)));
+    assert!(!allowed(&set, tcp("10.2.0.1", "10.2.0.3", 8080)));
+}
+
+#[test]
+fn rule_table_names_policy_direction_and_index() {
+    let text = ALLOW_WEB_FROM_API.to_string()
+        + &workload("prod", "api", "{app: api}", "[10.1.0.1]")
+        + &workload("prod", "web", "{app: web}", "[10.2.0.1]");
+    let set = load(&text);
+    let compiled = compile(&set);
+    let map = MapEvaluator::new(&compiled.state).evaluate(&tcp("10.1.0.1", "10.2.0.1", 8080));
+    assert!(map.allowed && map.ingress.enforced && !map.egress.enforced);
+    let rule = compiled.rules.get(map.ingress.rule_id).unwrap();
+    assert_eq!(rule.to_string(), "prod/web ingress rule 0");
+    assert_eq!(rule.direction, PolicyDirection::Ingress);
+    assert!(compiled.rules.get(0).is_none(), "0 is the default deny");
+    assert!(
+        compiled
+            .identities
+            .describe(map.ingress.peer_identity)
+            .contains("prod/api")
+    );
+}
+
+#[test]
+fn except_blocks_win_by_longest_prefix() {
+    let text = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: out, namespace: prod}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+    - to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.0.0.0/8, 192.168.0.0/16]}}]
+    - to: [{ipBlock: {cidr: 10.1.0.0/16, except: [10.1.2.0/24]}}]
+      ports: [{port: 5432}]
+"#
+    .to_string()
+        + &workload("prod", "app", "{app: x}", "[10.9.0.1]")
+        + &workload("prod", "db", "{app: db}", "[10.1.0.5]");
+    let set = load(&text);
+    let compiled = compile(&set);
+    let prefixes = &compiled.state.peer_prefixes;
+    assert_eq!(
+        prefixes[&net("10.0.0.0/8")],
+        IDENTITY_WORLD,
+        "excluded, in no other block"
+    );
+    assert_eq!(prefixes[&net("192.168.0.0/16")], IDENTITY_WORLD);
+    assert!(prefixes[&net("0.0.0.0/0")] >= IDENTITY_FIRST_ALLOCATED);
+    assert!(prefixes[&net("10.1.0.0/16")] >= IDENTITY_FIRST_ALLOCATED);
+    assert_eq!(prefixes[&net("10.1.2.0/24")], IDENTITY_WORLD);
+    assert!(allowed(&set, tcp("10.9.0.1", "203.0.113.1", 443)));
+    assert!(!allowed(&set, tcp("10.9.0.1", "10.200.0.1", 443)));
+    assert!(!allowed(&set, tcp("10.9.0.1", "192.168.1.1", 443)));
+    assert!(allowed(&set, tcp("10.9.0.1", "10.1.7.7", 5432)));
+    assert!(!allowed(&set, tcp("10.9.0.1", "10.1.7.7", 443)));
+    assert!(!allowed(&set, tcp("10.9.0.1", "10.1.2.7", 5432)));
+    // A workload inside an ipBlock is matched through its own identity.
+    assert!(allowed(&set, tcp("10.9.0.1", "10.1.0.5", 5432)));
+    let db_identity = compiled.state.peer_hosts[&ip("10.1.0.5")];
+    match compiled.identities.get(db_identity).unwrap() {
+        IdentityInfo::Workload { ip_blocks, .. } => assert_eq!(ip_blocks.len(), 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn exact_ip_blocks_go_to_peer_hosts_unless_a_workload_owns_the_address() {
+    let text = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: dns, namespace: hosts}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+    - to: [{ipBlock: {cidr: 10.0.0.2/32}}, {ipBlock: {cidr: 10.0.0.3/32}}]
+      ports: [{protocol: UDP, port: 53}]
+"#
+    .to_string()
+        + &workload("hosts", "db1", "{host: db1}", "[10.0.20.5]")
+        + &workload("hosts", "dns", "{host: dns}", "[10.0.0.2]");
+    let set = load(&text);
+    let compiled = compile(&set);
+    assert!(compiled.state.peer_prefixes.is_empty());
+    let dns_identity = compiled.state.peer_hosts[&ip("10.0.0.2")];
+    assert!(matches!(
+        compiled.identities.get(dns_identity),
+        Some(IdentityInfo::Workload { .. })
+    ));
+    let other = compiled.state.peer_hosts[&ip("10.0.0.3")];
+    assert!(matches!(
+        compiled.identities.get(other),
+        Some(IdentityInfo::Cidr { .. })
+    ));
+    let udp = |dst: &str| Flow {
+        src: ip("10.0.20.5"),
+        dst: ip(dst),
+        protocol: Protocol::Udp,
+        port: 53,
+    };
+    assert!(allowed(&set, udp("10.0.0.2")));
+    assert!(allowed(&set, udp("10.0.0.3")));
+    assert!(!allowed(&set, udp("10.0.0.4")));
+}
+
+#[test]
+fn ipv6_default_route_block_does_not_catch_ipv4_traffic() {
+    // The maps key IPv4 as ::ffff:a.b.c.d, inside ::/0: an IPv4 /0 must shadow it.
+    let text = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: v6-out, namespace: prod}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+    - to: [{ipBlock: {cidr: "::/0"}}]
+"#
+    .to_string()
+        + &workload("prod", "app", "{app: x}", "[10.9.0.1, 'fd00::1']");
+    let set = load(&text);
+    let compiled = compile(&set);
+    assert_eq!(
+        compiled.state.peer_prefixes[&net("0.0.0.0/0")],
+        IDENTITY_WORLD
+    );
+    assert!(allowed(&set, tcp("fd00::1", "2001:db8::1", 443)));
+    assert!(!allowed(&set, tcp("10.9.0.1", "192.0.2.1", 443)));
+    let mut without_guard = compiled.state.clone();
+    without_guard.peer_prefixes.remove(&net("0.0.0.0/0"));
+    assert!(
+        MapEvaluator::new(&without_guard)
+            .evaluate(&tcp("10.9.0.1", "192.0.2.1", 443))
+            .allowed,
+        "the map-level evaluator models the aliasing the guard prevents"
+    );
+}
+
+#[test]
+fn rules_without_peers_use_identity_any_and_without_ports_any_protocol() {
+    let text = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: open, namespace: prod}
+spec:
+  podSelector: {}
+  ingress: [{}]
+"#
+    .to_string()
+        + &workload("prod", "app", "{app: x}", "[10.9.0.1]");
+    let set = load(&text);
+    let compiled = compile(&set);
+    let entries: Vec<_> = compiled.state.policy.keys().collect();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].identity, IDENTITY_ANY);
+    assert_eq!(entries[0].protocol, None);
+    assert_eq!(entries[0].port_block, None);
+    assert!(allowed(
+        &set,
+        Flow {
+            src: ip("192.0.2.1"),
+            dst: ip("10.9.0.1"),
+            protocol: Protocol::Sctp,
+            port: 9
+        }
+    ));
+}
+
+#[test]
+fn egress_named_ports_resolve_per_destination_identity() {
+    let text = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: out, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+    - ports: [{port: web}]
+---
+apiVersion: microseg.dev/v1
+kind: Workload
+metadata: {name: client, namespace: prod, labels: {app: client}}
+spec: {addresses: [10.0.0.1]}
+---
+apiVersion: microseg.dev/v1
+kind: Workload
+metadata: {name: s1, namespace: prod, labels: {app: server}}
+spec: {addresses: [10.0.0.2], ports: [{name: web, port: 8080}]}
+---
+apiVersion: microseg.dev/v1
+kind: Workload
+metadata: {name: s2, namespace: prod, labels: {app: server}}
+spec: {addresses: [10.0.0.3], ports: [{name: web, port: 9090}]}
+"#;
+    let set = load(text);
+    let compiled = compile(&set);
+    // Same labels, different named ports: distinct identities.
+    assert_ne!(
+        compiled.state.peer_hosts[&ip("10.0.0.2")],
+        compiled.state.peer_hosts[&ip("10.0.0.3")]
+    );
+    assert!(allowed(&set, tcp("10.0.0.1", "10.0.0.2", 8080)));
+    assert!(!allowed(&set, tcp("10.0.0.1", "10.0.0.2", 9090)));
+    assert!(allowed(&set, tcp("10.0.0.1", "10.0.0.3", 9090)));
+    assert!(
+        !allowed(&set, tcp("10.0.0.1", "192.0.2.1", 8080)),
+        "bare IPs have no named ports"
+    );
+}
+
+#[test]
+fn compiling_twice_gives_the_same_state() {
+    let text = ALLOW_WEB_FROM_API.to_string()
+        + &workload("prod", "api", "{app: api}", "[10.1.0.1]")
+        + &workload("prod", "web", "{app: web}", "[10.2.0.1]");
+    let set = load(&text);
+    assert_eq!(compile(&set), compile(&set));
+}
