@@ -1,5 +1,9 @@
 //! microseg userspace: loading and driving the data path, the policy model and
 //! compiler, the agent daemon and the CLI.
 
+pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod datapath;
+pub mod event_view;
 pub mod policy;

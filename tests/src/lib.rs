@@ -3,6 +3,7 @@
 //! always removed, even when a test fails.
 
 pub mod harness;
+pub mod lab;
 pub mod netns;
 pub mod topology;
 

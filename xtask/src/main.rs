@@ -34,6 +34,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Demo => {
             setup::run()?;
+            // The demo drives the `microseg` binary (agent and CLI): build it first.
+            let built = std::process::Command::new("cargo")
+                .args(["build", "--quiet", "--package", "microseg-agent", "--bins"])
+                .status()?;
+            anyhow::ensure!(built.success(), "building microseg failed ({built})");
             let status = std::process::Command::new("cargo")
                 .args(["run", "--quiet", "--package", "microseg-tests", "--bin", "microseg-demo"])
                 .status()?;

@@ -10,7 +10,13 @@ use anyhow::bail;
 
 pub fn run() -> anyhow::Result<()> {
     let mut child = Command::new("cargo")
-        .args(["test", "--workspace", "--exclude", "microseg-ebpf", "--no-fail-fast"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "microseg-ebpf",
+            "--no-fail-fast",
+        ])
         // One test binary's tests run in parallel; the kernel and netns tests create
         // uniquely named namespaces and interfaces, so they do not collide.
         .stdout(Stdio::piped())

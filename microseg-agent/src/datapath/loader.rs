@@ -1,7 +1,7 @@
 //! Loading the programs, attaching them to interfaces, pinning maps and links under
 //! the pin directory, and detaching.
 //!
-//! Pinned layout: `<pin_dir>/maps/<MAP>` and `<pin_dir>/links/<iface>.<hook>`. A load
+//! Pinned layout: `<pin_dir>/maps/<MAP>` and `<pin_dir>/links/<hook>/<iface>`. A load
 //! with a pin directory reuses maps already pinned there, so a restarted agent keeps
 //! the enforced state; pinned links keep enforcement in place after the agent exits.
 
@@ -225,7 +225,7 @@ impl Datapath {
                 }
                 link.pin(&path).map_err(|e| DatapathError::Pin {
                     path: path.clone(),
-                    source: std::io::Error::other(e.to_string()),
+                    source: std::io::Error::other(format!("{e:?}")),
                 })?;
             }
             // Unpinned: the link lives as long as this process holds it.
@@ -247,10 +247,13 @@ where
         .map_err(|_| DatapathError::MissingProgram(name.to_owned()))
 }
 
+/// bpffs refuses names with a dot (reserved by the kernel), and interface names may
+/// have one (`eth0.100`) but never a colon: dots are stored as colons.
 fn link_pin_path(pin_dir: &Path, interface: &str, point: AttachPoint) -> PathBuf {
     pin_dir
         .join("links")
-        .join(format!("{interface}.{}", point.name()))
+        .join(point.name())
+        .join(interface.replace('.', ":"))
 }
 
 /// Detaches every pinned link and removes the pinned maps under `pin_dir`: the
@@ -258,20 +261,17 @@ fn link_pin_path(pin_dir: &Path, interface: &str, point: AttachPoint) -> PathBuf
 pub fn detach_pinned(pin_dir: &Path) -> Result<usize, DatapathError> {
     let mut detached = 0;
     let links_dir = pin_dir.join("links");
-    if let Ok(entries) = std::fs::read_dir(&links_dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let link = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Pin {
-                path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            // Unpinning removes the file; dropping the returned fd detaches.
-            drop(link.unpin().map_err(|source| DatapathError::Pin {
-                path: path.clone(),
-                source,
-            })?);
-            detached += 1;
-        }
+    for path in pinned_link_paths(pin_dir) {
+        let link = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Pin {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        // Unpinning removes the file; dropping the returned fd detaches.
+        drop(link.unpin().map_err(|source| DatapathError::Pin {
+            path: path.clone(),
+            source,
+        })?);
+        detached += 1;
     }
     for dir in [links_dir, pin_dir.join("maps")] {
         if dir.exists() {
@@ -285,14 +285,25 @@ pub fn detach_pinned(pin_dir: &Path) -> Result<usize, DatapathError> {
     Ok(detached)
 }
 
-/// Interfaces and hooks with a pinned link under `pin_dir`.
+fn pinned_link_paths(pin_dir: &Path) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    for hook in std::fs::read_dir(pin_dir.join("links")).into_iter().flatten().flatten() {
+        for link in std::fs::read_dir(hook.path()).into_iter().flatten().flatten() {
+            paths.push(link.path());
+        }
+    }
+    paths.sort();
+    paths
+}
+
+/// Interfaces and hooks with a pinned link under `pin_dir`, as `<iface>.<hook>`.
 pub fn pinned_links(pin_dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(pin_dir.join("links"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    names.sort();
-    names
+    pinned_link_paths(pin_dir)
+        .iter()
+        .filter_map(|path| {
+            let interface = path.file_name()?.to_str()?.replace(':', ".");
+            let hook = path.parent()?.file_name()?.to_str()?.to_owned();
+            Some(format!("{interface}.{hook}"))
+        })
+        .collect()
 }

@@ -1,116 +1,115 @@
-//! `cargo xtask demo`: a host firewall from the seed guide, enforced by microseg's
-//! programs between two network namespaces. A client probes the server's ports with
-//! real connections; the demo prints what passed and what was blocked next to what
-//! the policy says, then the deny events the kernel reported.
+//! `cargo xtask demo`: the seed guide's three-tier application, enforced by the
+//! microseg agent. Eight hosts (a load balancer, two frontends, two APIs, PostgreSQL,
+//! Redis, Prometheus) run in network namespaces on one bridge; the agent enforces on
+//! their node-side veths; the guide's policies go in with `microseg apply`; every
+//! path is probed with a real TCP connection and printed next to what the policy
+//! expects; then the live deny events; then everything is removed.
 
-use std::net::IpAddr;
+use std::path::PathBuf;
 
-use microseg::datapath::{Datapath, LoadOptions, events::drain};
-use microseg_common::policy::Direction;
+use microseg::policy::{EndpointRef, ExpectedVerdict, load_expected, load_paths};
 use microseg_tests::{
-    harness::{StateBuilder, ip},
-    topology::{
-        CLIENT_V4, EchoServers, SERVER_V4, SERVER_V6, TwoHosts, tcp_exchange, udp_exchange,
-    },
+    lab::Lab,
+    topology::{EchoServers, tcp_exchange},
 };
+
+const HOSTS: [(&str, &str, &str); 8] = [
+    ("ingress-nginx", "load-balancer", "10.80.0.10"),
+    ("production", "frontend-1", "10.80.0.11"),
+    ("production", "frontend-2", "10.80.0.12"),
+    ("production", "api-1", "10.80.0.21"),
+    ("production", "api-2", "10.80.0.22"),
+    ("production", "postgresql", "10.80.0.31"),
+    ("production", "redis", "10.80.0.32"),
+    ("monitoring", "prometheus", "10.80.0.41"),
+];
+const PORTS: [u16; 5] = [443, 8080, 9090, 5432, 6379];
 
 fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
         microseg_tests::kernel_available("microseg-demo"),
         "the demo needs root (BPF and network namespaces)"
     );
-    println!("microseg demo: a database host's firewall, enforced in the kernel\n");
-    println!("  client {CLIENT_V4}  --veth--  db-server {SERVER_V4} / {SERVER_V6}");
-    println!("  policy on db-server: ingress default deny; allow from the client");
-    println!("    TCP 22 (SSH), TCP 5432 (PostgreSQL), UDP 53 (DNS)\n");
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-three-tier");
+    let set = load_paths(&[example.join("policies.yaml"), example.join("inventory.yaml")])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let expected = load_expected(&example.join("expected.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
 
-    let hosts = TwoHosts::new();
-    let _servers = EchoServers::start(&hosts.server, &[22, 80, 5432, 6379, 53, 123]);
-    let mut datapath = Datapath::load(&LoadOptions::default())?;
-    let mut events = datapath.take_events()?;
-    let client_identity = 300;
-    let mut policy = StateBuilder::default()
-        .endpoint(SERVER_V4, 1, true, false, false)
-        .endpoint(SERVER_V6, 1, true, false, false)
-        .host(CLIENT_V4, client_identity)
-        .host(microseg_tests::topology::CLIENT_V6, client_identity);
-    for (protocol, port) in [(6u8, 22u16), (6, 5432), (17, 53)] {
-        policy = policy.allow(
-            1,
-            client_identity,
-            Direction::Ingress,
-            Some(protocol),
-            Some((port, port)),
-            port as u32,
-        );
+    step("1/5", "eight hosts in network namespaces on one bridge");
+    let names: Vec<(String, &str)> = HOSTS.iter().map(|(ns, n, a)| (format!("{ns}/{n}"), *a)).collect();
+    let name_refs: Vec<(&str, &str)> = names.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+    let lab = Lab::new(&name_refs);
+    let _servers: Vec<EchoServers> = lab.hosts.iter().map(|h| EchoServers::start(&h.ns, &PORTS)).collect();
+    for host in &lab.hosts {
+        println!("  {:<28} {}", host.name, host.address);
     }
-    datapath.apply(&Default::default(), &policy.build())?;
-    hosts.attach(&mut datapath, false);
-    drain(&mut events);
 
-    let probes: [(&str, u16, bool, IpAddr); 8] = [
-        ("tcp", 22, true, ip(SERVER_V4)),
-        ("tcp", 5432, true, ip(SERVER_V4)),
-        ("udp", 53, true, ip(SERVER_V4)),
-        ("tcp", 80, false, ip(SERVER_V4)),
-        ("tcp", 6379, false, ip(SERVER_V4)),
-        ("udp", 123, false, ip(SERVER_V4)),
-        ("tcp", 5432, true, ip(SERVER_V6)),
-        ("tcp", 6379, false, ip(SERVER_V6)),
-    ];
+    step("2/5", "start the agent (TC on each host's node-side veth)");
+    lab.start_agent(&[]);
+    print!("{}", indent(&lab.cli_ok(&["status"])));
+
+    step("3/5", "microseg apply -f examples/demo-three-tier/ (the guide's policies)");
+    let applied = lab.cli_ok(&[
+        "apply",
+        "-f",
+        &example.join("inventory.yaml").display().to_string(),
+        "-f",
+        &example.join("policies.yaml").display().to_string(),
+    ]);
+    print!("{}", indent(&applied));
+    print!("{}", indent(&lab.cli_ok(&["get", "endpoints", "-o", "wide"])));
+
+    step("4/5", "probe every path with a real TCP connection");
     println!(
-        "{:<28} {:<10} {:<10} {}",
-        "PROBE", "EXPECTED", "OBSERVED", ""
+        "  {:<28} {:<28} {:>5}  {:<8} {:<8}",
+        "FROM", "TO", "PORT", "EXPECTED", "OBSERVED"
     );
     let mut mismatches = 0;
-    for (protocol, port, expected, addr) in probes {
-        let observed = if protocol == "tcp" {
-            tcp_exchange(&hosts.client, addr, port)
-        } else {
-            udp_exchange(&hosts.client, addr, port)
+    for flow in &expected {
+        let (EndpointRef::Workload { namespace: fns, name: fname }, EndpointRef::Workload { namespace: tns, name: tname }) =
+            (&flow.from, &flow.to)
+        else {
+            continue;
         };
+        let from = lab.host(&format!("{fns}/{fname}"));
+        let to = lab.host(&format!("{tns}/{tname}"));
+        let observed = tcp_exchange(&from.ns, to.address, flow.port);
+        let expected_allow = flow.verdict == ExpectedVerdict::Allow;
         let word = |allowed: bool| if allowed { "allow" } else { "deny" };
-        let mark = if observed == expected {
-            "ok"
-        } else {
-            "MISMATCH"
-        };
-        mismatches += usize::from(observed != expected);
-        let target = match addr {
-            IpAddr::V4(_) => format!("{addr}:{port}"),
-            IpAddr::V6(_) => format!("[{addr}]:{port}"),
-        };
+        let mark = if observed == expected_allow { "ok" } else { "MISMATCH" };
+        mismatches += usize::from(observed != expected_allow);
         println!(
-            "{:<28} {:<10} {:<10} {mark}",
-            format!("{protocol} -> {target}"),
-            word(expected),
+            "  {:<28} {:<28} {:>5}  {:<8} {:<8} {mark}",
+            from.name,
+            to.name,
+            flow.port,
+            word(expected_allow),
             word(observed)
         );
     }
+    let _ = set;
 
-    println!("\ndeny events from the kernel ring buffer:");
-    for event in drain(&mut events) {
-        let (Some(src), Some(dst)) = (event.source, event.destination) else {
-            continue;
-        };
-        let protocol = match event.protocol {
-            6 => "TCP",
-            17 => "UDP",
-            _ => "IP",
-        };
-        println!(
-            "  {src}:{} -> {dst}:{} {protocol} {} {} {}",
-            event.source_port,
-            event.destination_port,
-            event.direction.map_or("-", |d| d.name()),
-            event.verdict.map_or("-", |v| v.name()),
-            event.reason.map_or("-", |r| r.name()),
-        );
-    }
-    anyhow::ensure!(
-        mismatches == 0,
-        "{mismatches} probes did not match the policy"
+    step("5/5", "deny events, as the agent streams them (microseg events --verdict deny)");
+    // Events reach the agent asynchronously; give the last ones a moment.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    print!("{}", indent(&lab.cli_ok(&["events", "--verdict", "deny", "--last", "50"])));
+    println!();
+    print!("{}", indent(&lab.cli_ok(&["stats"])));
+    lab.stop_agent();
+    drop(lab);
+    println!();
+    anyhow::ensure!(mismatches == 0, "{mismatches} paths did not match the policy");
+    println!(
+        "All {} paths matched the policy. Agent stopped, namespaces and pinned state removed.",
+        expected.len()
     );
-    println!("\nall probes matched the policy; namespaces removed.");
     Ok(())
+}
+
+fn step(number: &str, text: &str) {
+    println!("\n== {number} {text}");
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
 }

@@ -1,0 +1,172 @@
+//! Agent configuration: a YAML file, overridden by command-line flags.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{AttachPoint, XdpAttachMode};
+
+/// How the programs are attached to one interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachMode {
+    /// XDP (native if possible) for arriving packets, TC egress for leaving ones.
+    #[default]
+    Xdp,
+    /// XDP in native (driver) mode only.
+    XdpDriver,
+    /// XDP in generic (skb) mode.
+    XdpGeneric,
+    /// TC ingress and TC egress (a pod's host-side veth, or where XDP is unwanted).
+    Tc,
+}
+
+impl AttachMode {
+    /// The hooks this mode attaches to.
+    pub fn points(self) -> [AttachPoint; 2] {
+        let ingress = match self {
+            Self::Xdp => AttachPoint::Xdp(XdpAttachMode::Default),
+            Self::XdpDriver => AttachPoint::Xdp(XdpAttachMode::Driver),
+            Self::XdpGeneric => AttachPoint::Xdp(XdpAttachMode::Generic),
+            Self::Tc => AttachPoint::TcIngress,
+        };
+        [ingress, AttachPoint::TcEgress]
+    }
+
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(match text {
+            "xdp" => Self::Xdp,
+            "xdp-driver" => Self::XdpDriver,
+            "xdp-generic" => Self::XdpGeneric,
+            "tc" => Self::Tc,
+            other => bail!("unknown attach mode {other:?} (xdp, xdp-driver, xdp-generic or tc)"),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InterfaceConfig {
+    pub name: String,
+    #[serde(default)]
+    pub attach: AttachMode,
+}
+
+impl InterfaceConfig {
+    /// `NAME` or `NAME:MODE` as given on the command line.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let (name, attach) = match text.split_once(':') {
+            Some((name, mode)) => (name, AttachMode::parse(mode)?),
+            None => (text, AttachMode::default()),
+        };
+        if name.is_empty() || name.len() > 15 {
+            bail!("invalid interface name {name:?}");
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            attach,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Interfaces to enforce on.
+    pub interfaces: Vec<InterfaceConfig>,
+    /// Directories (or files) of policies and inventory, watched for changes.
+    pub policy_dirs: Vec<PathBuf>,
+    /// Applied policies and inventory are persisted here.
+    pub state_dir: PathBuf,
+    /// Maps and links are pinned here.
+    pub pin_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Octal permission bits of the API socket.
+    pub socket_mode: String,
+    /// Prometheus metrics address; empty disables the endpoint.
+    pub metrics_address: String,
+    /// Every enforced endpoint starts in audit mode (would-be denies pass and are
+    /// reported).
+    pub audit_mode: bool,
+    /// Also write every event as a JSON line to this file.
+    pub event_log: Option<PathBuf>,
+    /// In-kernel event rate limit per CPU, and burst.
+    pub events_per_second: u32,
+    pub events_burst: u32,
+    /// Events each subscriber may fall behind before it loses events.
+    pub subscriber_buffer: usize,
+    /// Node name reported in events (defaults to the host name).
+    pub node_name: Option<String>,
+    /// How often the watched directories are checked for changes, in milliseconds.
+    pub watch_interval_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            policy_dirs: Vec::new(),
+            state_dir: PathBuf::from("/var/lib/microseg"),
+            pin_dir: PathBuf::from(microseg_common::maps::PIN_ROOT),
+            socket: PathBuf::from(crate::api::DEFAULT_SOCKET),
+            socket_mode: "0600".to_owned(),
+            metrics_address: "127.0.0.1:9967".to_owned(),
+            audit_mode: false,
+            event_log: None,
+            events_per_second: microseg_common::config::DEFAULT_EVENTS_PER_SECOND,
+            events_burst: microseg_common::config::DEFAULT_EVENTS_BURST,
+            subscriber_buffer: 4096,
+            node_name: None,
+            watch_interval_ms: 500,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading agent configuration {}", path.display()))?;
+        let config: Self = serde_norway::from_str(&text)
+            .with_context(|| format!("invalid agent configuration {}", path.display()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.socket_mode_bits()?;
+        self.metrics_socket_address()?;
+        if self.subscriber_buffer == 0 {
+            bail!("subscriberBuffer must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn socket_mode_bits(&self) -> anyhow::Result<u32> {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .with_context(|| format!("socketMode {:?} is not an octal mode", self.socket_mode))
+    }
+
+    pub fn metrics_socket_address(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.metrics_address.is_empty() {
+            return Ok(None);
+        }
+        self.metrics_address
+            .parse()
+            .map(Some)
+            .with_context(|| format!("metricsAddress {:?} is not ip:port", self.metrics_address))
+    }
+
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".to_owned())
+        })
+    }
+}

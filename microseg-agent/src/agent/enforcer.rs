@@ -1,0 +1,226 @@
+//! The enforced state: objects in, validated and compiled policy out, written to the
+//! data path as one atomic generation. Anything invalid is refused whole and the
+//! previous policy stays enforced.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use microseg_common::endpoint::ENDPOINT_FLAG_AUDIT;
+
+use super::objects::{ObjectKey, ObjectMap, StoredObject, build_policy_set};
+use crate::{
+    datapath::{ApplyReport, Datapath, DatapathState},
+    policy::{Compiled, PolicyDirection, PolicySet, compile},
+};
+
+/// Why an apply was refused. Nothing was changed.
+#[derive(Debug)]
+pub struct ApplyRefused {
+    pub summary: String,
+    pub details: Vec<String>,
+}
+
+/// What the data path enforces now, and how to name what it reports.
+pub struct Enforced {
+    pub set: PolicySet,
+    pub compiled: Compiled,
+    pub generation: u32,
+    pub names: Arc<EventNames>,
+}
+
+/// Lookup tables that turn the numbers in events into names.
+#[derive(Default)]
+pub struct EventNames {
+    /// Workload address -> (namespace, name, labels as `k8s:key=value`).
+    pub workloads: HashMap<IpAddr, WorkloadName>,
+    /// Endpoint id -> `namespace/name`.
+    pub endpoints: BTreeMap<u32, String>,
+    /// Rule id -> (policy namespace, policy name).
+    pub rules: BTreeMap<u32, (String, String)>,
+    /// (endpoint id, direction) -> policies selecting it, for default denies.
+    pub selecting: BTreeMap<(u32, PolicyDirection), Vec<(String, String)>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkloadName {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Vec<String>,
+}
+
+pub struct Enforcer {
+    pub datapath: Datapath,
+    /// What both generation slots of the maps hold.
+    current: DatapathState,
+    pub enforced: Option<Enforced>,
+    pub default_audit: bool,
+    pub last_apply: Option<Duration>,
+    pub applies_ok: u64,
+    pub applies_failed: u64,
+    pub apply_latency: LatencyHistogram,
+}
+
+/// Bucket bounds of the apply latency histogram, in seconds.
+pub const APPLY_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+/// A Prometheus histogram: cumulative counts per bucket, count and sum.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyHistogram {
+    pub buckets: [u64; APPLY_BUCKETS.len()],
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&mut self, seconds: f64) {
+        for (bucket, bound) in self.buckets.iter_mut().zip(APPLY_BUCKETS) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_seconds += seconds;
+    }
+}
+
+impl Enforcer {
+    /// Takes over a loaded data path whose maps hold `current` (adopted from pins).
+    pub fn new(datapath: Datapath, current: DatapathState, default_audit: bool) -> Self {
+        Self {
+            datapath,
+            current,
+            enforced: None,
+            default_audit,
+            last_apply: None,
+            applies_ok: 0,
+            applies_failed: 0,
+            apply_latency: LatencyHistogram::default(),
+        }
+    }
+
+    /// Validates, compiles and enforces `objects` (with per-workload audit switches),
+    /// or refuses them whole.
+    pub fn apply(
+        &mut self,
+        objects: &ObjectMap,
+        audit: &BTreeMap<String, bool>,
+    ) -> Result<ApplyReport, ApplyRefused> {
+        let started = Instant::now();
+        let result = self.try_apply(objects.values(), audit);
+        match &result {
+            Ok(_) => {
+                self.applies_ok += 1;
+                let elapsed = started.elapsed();
+                self.last_apply = Some(elapsed);
+                self.apply_latency.observe(elapsed.as_secs_f64());
+            }
+            Err(_) => self.applies_failed += 1,
+        }
+        result
+    }
+
+    fn try_apply<'a>(
+        &mut self,
+        objects: impl IntoIterator<Item = &'a StoredObject>,
+        audit: &BTreeMap<String, bool>,
+    ) -> Result<ApplyReport, ApplyRefused> {
+        let set = build_policy_set(objects).map_err(|errors| ApplyRefused {
+            summary: format!(
+                "the policy set is invalid ({} error{}); nothing was applied and the previous policy stays enforced",
+                errors.errors.len(),
+                if errors.errors.len() == 1 { "" } else { "s" }
+            ),
+            details: errors.errors.iter().map(ToString::to_string).collect(),
+        })?;
+        let compiled = compile(&set);
+        let state = self.with_audit_flags(&compiled, audit);
+        let report = self
+            .datapath
+            .apply(&self.current, &state)
+            .map_err(|e| ApplyRefused {
+                summary: format!("the data path refused the update: {e}"),
+                details: Vec::new(),
+            })?;
+        self.current = state;
+        let names = Arc::new(event_names(&set, &compiled));
+        self.enforced = Some(Enforced {
+            set,
+            compiled,
+            generation: report.generation,
+            names,
+        });
+        Ok(report)
+    }
+
+    fn with_audit_flags(&self, compiled: &Compiled, audit: &BTreeMap<String, bool>) -> DatapathState {
+        let mut state = compiled.state.clone();
+        for info in state.endpoints.values_mut() {
+            let workload = compiled
+                .endpoints
+                .get(&info.endpoint_id)
+                .map(|e| e.workload.as_str())
+                .unwrap_or_default();
+            if audit.get(workload).copied().unwrap_or(self.default_audit) {
+                info.flags |= ENDPOINT_FLAG_AUDIT;
+            }
+        }
+        state
+    }
+
+    pub fn current_state(&self) -> &DatapathState {
+        &self.current
+    }
+}
+
+fn event_names(set: &PolicySet, compiled: &Compiled) -> EventNames {
+    let mut names = EventNames::default();
+    for workload in &set.workloads {
+        let mut labels: Vec<String> = workload
+            .labels
+            .iter()
+            .map(|(k, v)| format!("k8s:{k}={v}"))
+            .collect();
+        labels.sort();
+        for address in &workload.addresses {
+            names.workloads.insert(
+                *address,
+                WorkloadName {
+                    namespace: workload.namespace.clone(),
+                    name: workload.name.clone(),
+                    labels: labels.clone(),
+                },
+            );
+        }
+    }
+    for (id, endpoint) in &compiled.endpoints {
+        names.endpoints.insert(*id, endpoint.workload.clone());
+        let Some(workload) = set.workloads.get(endpoint.workload_index) else {
+            continue;
+        };
+        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
+            let policies: Vec<(String, String)> = set
+                .policies_selecting(workload, direction)
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect();
+            names.selecting.insert((*id, direction), policies);
+        }
+    }
+    for (id, rule) in compiled.rules.iter() {
+        names
+            .rules
+            .insert(id, (rule.policy_namespace.clone(), rule.policy_name.clone()));
+    }
+    names
+}
+
+/// The objects of a kind, for `get`.
+pub fn objects_of_kind<'a>(
+    objects: &'a ObjectMap,
+    kind: &'a str,
+) -> impl Iterator<Item = (&'a ObjectKey, &'a StoredObject)> {
+    objects.iter().filter(move |(key, _)| key.kind == kind)
+}

@@ -1,0 +1,159 @@
+//! Deny and audit events: an async reader drains the ring buffer, names what it can,
+//! and fans each event out to subscribers through bounded buffers. A slow subscriber
+//! loses its own events (counted) and never blocks the reader or the kernel.
+
+use std::{
+    collections::VecDeque,
+    io::Write,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+use super::enforcer::EventNames;
+use crate::{datapath::events::DecodedEvent, event_view::event_json};
+
+/// Events kept for `microseg events --last N`.
+const HISTORY: usize = 1024;
+
+struct Subscriber {
+    sender: mpsc::Sender<Arc<str>>,
+    lost: Arc<AtomicU64>,
+}
+
+pub struct EventHub {
+    subscribers: Mutex<Vec<Subscriber>>,
+    history: Mutex<VecDeque<Arc<str>>>,
+    buffer: usize,
+    log: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    /// Events read from the ring buffer.
+    pub received: AtomicU64,
+    /// Events subscribers lost because they fell behind.
+    pub subscriber_lost: AtomicU64,
+}
+
+/// A subscription: the buffered history first, then live events.
+pub struct Subscription {
+    pub history: Vec<Arc<str>>,
+    pub live: mpsc::Receiver<Arc<str>>,
+    pub lost: Arc<AtomicU64>,
+}
+
+impl EventHub {
+    pub fn new(buffer: usize, log: Option<std::fs::File>) -> Self {
+        Self {
+            subscribers: Mutex::new(Vec::new()),
+            history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            buffer,
+            log: log.map(|f| Mutex::new(std::io::BufWriter::new(f))),
+            received: AtomicU64::new(0),
+            subscriber_lost: AtomicU64::new(0),
+        }
+    }
+
+    pub fn subscribe(&self, last: usize) -> Subscription {
+        let (sender, live) = mpsc::channel(self.buffer);
+        let lost = Arc::new(AtomicU64::new(0));
+        let history = {
+            let history = self.history.lock().expect("history lock");
+            let skip = history.len().saturating_sub(last);
+            history.iter().skip(skip).cloned().collect()
+        };
+        self.subscribers
+            .lock()
+            .expect("subscriber lock")
+            .push(Subscriber {
+                sender,
+                lost: lost.clone(),
+            });
+        Subscription {
+            history,
+            live,
+            lost,
+        }
+    }
+
+    pub fn publish(&self, line: Arc<str>) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut history = self.history.lock().expect("history lock");
+            if history.len() == HISTORY {
+                history.pop_front();
+            }
+            history.push_back(line.clone());
+        }
+        if let Some(log) = &self.log {
+            let mut log = log.lock().expect("log lock");
+            let _ = writeln!(log, "{line}");
+        }
+        let mut subscribers = self.subscribers.lock().expect("subscriber lock");
+        subscribers.retain(|subscriber| match subscriber.sender.try_send(line.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                subscriber.lost.fetch_add(1, Ordering::Relaxed);
+                self.subscriber_lost.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+    }
+
+    pub fn flush_log(&self) {
+        if let Some(log) = &self.log {
+            let _ = log.lock().expect("log lock").flush();
+        }
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.lock().expect("subscriber lock").len()
+    }
+}
+
+/// Reads the ring buffer until the process ends: waits for the ring's readiness
+/// (epoll), drains every record, and publishes each as a JSON line.
+pub async fn read_ring(
+    ring: RingBuf<MapData>,
+    hub: Arc<EventHub>,
+    names: Arc<RwLock<Arc<EventNames>>>,
+    node_name: String,
+) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as
+    // long as the RingBuf lives, and the AsyncFd owns the RingBuf.
+    let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut interface_names = std::collections::HashMap::<u32, String>::new();
+    loop {
+        let mut guard = ring.readable_mut().await?;
+        let names_now = names.read().expect("names lock").clone();
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            let Some(event) = DecodedEvent::decode(&item) else {
+                continue;
+            };
+            let interface = interface_names
+                .entry(event.ifindex)
+                .or_insert_with(|| interface_name(event.ifindex));
+            let json = event_json(&event, &names_now, &node_name, Some(interface));
+            hub.publish(Arc::from(json.to_string()));
+        }
+        guard.clear_ready();
+        hub.flush_log();
+    }
+}
+
+fn interface_name(ifindex: u32) -> String {
+    let mut buffer = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes (NUL included) into the
+    // buffer, which has that size.
+    let name = unsafe { libc::if_indextoname(ifindex, buffer.as_mut_ptr()) };
+    if name.is_null() {
+        return String::new();
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(buffer.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}

@@ -1,0 +1,221 @@
+//! Policy and inventory objects as the agent holds them: parsed from files (the
+//! CLI's `apply -f` or a watched directory), keyed by kind, namespace and name, and
+//! persisted atomically so a restart finds them.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{LoadErrors, PolicySet, PolicySetBuilder, Source};
+
+/// Identity of an object: applying an object with the same key replaces it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjectKey {
+    pub kind: String,
+    /// Empty for cluster-scoped kinds (Namespace).
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// One object and where it came from (for error messages).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredObject {
+    pub file: String,
+    pub document: usize,
+    pub value: serde_json::Value,
+}
+
+pub type ObjectMap = BTreeMap<ObjectKey, StoredObject>;
+
+/// Splits a file's text (multi-document YAML or JSON; `List` kinds expanded) into
+/// keyed objects. Errors name the file and document.
+pub fn parse_objects(file: &str, text: &str) -> Result<ObjectMap, Vec<String>> {
+    let mut objects = ObjectMap::new();
+    let mut errors = Vec::new();
+    for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let number = index + 1;
+        let value = match serde_json::Value::deserialize(document) {
+            Ok(serde_json::Value::Null) => continue,
+            Ok(value) => value,
+            Err(e) => {
+                errors.push(format!("{file}: document {number}: not valid YAML or JSON: {e}"));
+                break;
+            }
+        };
+        let items = match value.get("kind").and_then(|k| k.as_str()) {
+            Some(kind) if kind == "List" || kind.ends_with("List") => value
+                .get("items")
+                .and_then(|i| i.as_array())
+                .cloned()
+                .unwrap_or_default(),
+            _ => vec![value],
+        };
+        for item in items {
+            match key_of(&item) {
+                Ok(key) => {
+                    objects.insert(
+                        key,
+                        StoredObject {
+                            file: file.to_owned(),
+                            document: number,
+                            value: item,
+                        },
+                    );
+                }
+                Err(reason) => errors.push(format!("{file}: document {number}: {reason}")),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(errors)
+    }
+}
+
+fn key_of(value: &serde_json::Value) -> Result<ObjectKey, String> {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .ok_or("kind: missing")?;
+    let metadata = value.get("metadata").ok_or("metadata: missing")?;
+    let name = metadata
+        .get("name")
+        .and_then(|n| n.as_str())
+        .filter(|n| !n.is_empty())
+        .ok_or("metadata.name: missing")?;
+    let namespace = if kind == "Namespace" {
+        String::new()
+    } else {
+        metadata
+            .get("namespace")
+            .and_then(|n| n.as_str())
+            .unwrap_or("default")
+            .to_owned()
+    };
+    Ok(ObjectKey {
+        kind: kind.to_owned(),
+        namespace,
+        name: name.to_owned(),
+    })
+}
+
+/// Reads every policy and inventory file under `paths` (files or directories,
+/// recursively; *.yaml, *.yml, *.json, in sorted order).
+pub fn read_paths(paths: &[PathBuf]) -> Result<ObjectMap, Vec<String>> {
+    let mut files = Vec::new();
+    for path in paths {
+        collect_files(path, &mut files).map_err(|e| vec![e])?;
+    }
+    files.sort();
+    let mut objects = ObjectMap::new();
+    let mut errors = Vec::new();
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(e) => {
+                errors.push(format!("{}: {e}", file.display()));
+                continue;
+            }
+        };
+        match parse_objects(&file.display().to_string(), &text) {
+            Ok(found) => objects.extend(found),
+            Err(mut found) => errors.append(&mut found),
+        }
+    }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(errors)
+    }
+}
+
+fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> Result<(), String> {
+    let metadata = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if metadata.is_file() {
+        files.push(path.to_owned());
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    for entry in entries.flatten() {
+        let entry_path = entry.path();
+        if entry_path.is_dir() {
+            collect_files(&entry_path, files)?;
+        } else if entry_path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+        {
+            files.push(entry_path);
+        }
+    }
+    Ok(())
+}
+
+/// Builds and validates a policy set from objects: every error, or the whole set.
+pub fn build_policy_set<'a>(
+    objects: impl IntoIterator<Item = &'a StoredObject>,
+) -> Result<PolicySet, LoadErrors> {
+    let mut builder = PolicySetBuilder::new();
+    for object in objects {
+        builder.add_document(&Source::new(&object.file, object.document), &object.value);
+    }
+    builder.finish()
+}
+
+/// What the agent persists: the objects applied through the API, and audit switches.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PersistedState {
+    pub objects: Vec<(ObjectKey, StoredObject)>,
+    /// Workloads (`namespace/name`) with audit mode switched on or off.
+    pub audit: BTreeMap<String, bool>,
+}
+
+impl PersistedState {
+    const FILE: &str = "state.json";
+
+    pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
+        let path = state_dir.join(Self::FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not valid agent state", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Writes the state atomically: a temporary file, fsync, rename, fsync of the
+    /// directory. A crash leaves the old file or the new one, never half of one.
+    pub fn save(&self, state_dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
+        let path = state_dir.join(Self::FILE);
+        let temporary = state_dir.join(format!(".{}.tmp", Self::FILE));
+        let bytes = serde_json::to_vec_pretty(self)?;
+        {
+            let mut file = std::fs::File::create(&temporary)
+                .with_context(|| format!("writing {}", temporary.display()))?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+        }
+        std::fs::rename(&temporary, &path)
+            .with_context(|| format!("replacing {}", path.display()))?;
+        std::fs::File::open(state_dir)?.sync_all()?;
+        Ok(())
+    }
+}

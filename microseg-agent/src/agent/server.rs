@@ -1,0 +1,459 @@
+//! The API server: a Unix socket (mode from the configuration, 0600 by default),
+//! one JSON request per line.
+
+use std::{os::unix::fs::PermissionsExt, sync::Arc};
+
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use super::{
+    Agent, AgentCore,
+    config::AgentConfig,
+    objects::{ObjectKey, ObjectMap, parse_objects},
+};
+use crate::{
+    api::{ObjectKind, Request, Response, SourceText},
+    policy::{PolicyDirection, PolicySet},
+};
+use microseg_common::counters::Counter;
+
+pub async fn serve(agent: Arc<Agent>, config: AgentConfig) -> anyhow::Result<()> {
+    if let Some(parent) = config.socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    // A stale socket from a killed agent would make bind fail.
+    let _ = std::fs::remove_file(&config.socket);
+    let listener = UnixListener::bind(&config.socket)?;
+    std::fs::set_permissions(
+        &config.socket,
+        std::fs::Permissions::from_mode(config.socket_mode_bits()?),
+    )?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_connection(agent, stream).await {
+                tracing::debug!("API connection ended: {e:#}");
+            }
+        });
+    }
+}
+
+async fn handle_connection(agent: Arc<Agent>, stream: UnixStream) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let request: Request = match serde_json::from_str(&line) {
+            Ok(request) => request,
+            Err(e) => {
+                send(&mut write, &Response::error(format!("malformed request: {e}"), vec![])).await?;
+                continue;
+            }
+        };
+        if let Request::Events { last, follow } = request {
+            return stream_events(&agent, &mut write, last, follow).await;
+        }
+        let response = handle(&agent, request).await;
+        send(&mut write, &response).await?;
+    }
+    Ok(())
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> anyhow::Result<()> {
+    let mut line = serde_json::to_vec(response)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    Ok(())
+}
+
+async fn stream_events(
+    agent: &Agent,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    last: usize,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let mut subscription = agent.hub.subscribe(last);
+    for line in std::mem::take(&mut subscription.history) {
+        write.write_all(line.as_bytes()).await?;
+        write.write_all(b"\n").await?;
+    }
+    if follow {
+        while let Some(line) = subscription.live.recv().await {
+            write.write_all(line.as_bytes()).await?;
+            write.write_all(b"\n").await?;
+        }
+    }
+    write.write_all(b"{\"end_of_stream\":true}\n").await?;
+    Ok(())
+}
+
+async fn handle(agent: &Agent, request: Request) -> Response {
+    let mut core = agent.core.lock().await;
+    let response = match request {
+        Request::Apply { sources } => apply(&mut core, sources),
+        Request::DeleteSources { sources } => delete_sources(&mut core, sources),
+        Request::DeleteObject {
+            kind,
+            namespace,
+            name,
+        } => delete_object(&mut core, &kind, &namespace, &name),
+        Request::Get { kind } => Response::ok(get(&core, kind)),
+        Request::Describe {
+            kind,
+            namespace,
+            name,
+        } => describe(&core, kind, &namespace, &name),
+        Request::Stats => stats(&mut core),
+        Request::Status => status(&mut core, agent),
+        Request::Audit {
+            namespace,
+            name,
+            enabled,
+        } => audit(&mut core, &namespace, &name, enabled),
+        Request::Events { .. } => Response::error("events are streamed", vec![]),
+    };
+    agent.refresh_names(&core);
+    response
+}
+
+fn parse_sources(sources: &[SourceText]) -> Result<ObjectMap, Response> {
+    let mut objects = ObjectMap::new();
+    let mut errors = Vec::new();
+    for source in sources {
+        match parse_objects(&source.file, &source.text) {
+            Ok(found) => objects.extend(found),
+            Err(mut found) => errors.append(&mut found),
+        }
+    }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(Response::error(
+            "the files could not be read as YAML or JSON objects; nothing was applied",
+            errors,
+        ))
+    }
+}
+
+fn enforce(core: &mut AgentCore, api: ObjectMap, summary: Vec<String>) -> Response {
+    let dirs = core.dir_objects.clone();
+    let audit = core.audit.clone();
+    match core.enforce(api, dirs, audit) {
+        Ok(report) => Response::ok(json!({
+            "generation": report.generation,
+            "changes": report.changes,
+            "objects": summary,
+        })),
+        Err(refused) => Response::error(refused.summary, refused.details),
+    }
+}
+
+fn apply(core: &mut AgentCore, sources: Vec<SourceText>) -> Response {
+    let incoming = match parse_sources(&sources) {
+        Ok(objects) => objects,
+        Err(response) => return response,
+    };
+    if incoming.is_empty() {
+        return Response::error("the files hold no objects", vec![]);
+    }
+    let mut api = core.api_objects.clone();
+    let mut summary = Vec::new();
+    for (key, object) in incoming {
+        let verb = match api.get(&key) {
+            Some(existing) if existing.value == object.value => "unchanged",
+            Some(_) => "configured",
+            None => "created",
+        };
+        summary.push(format!("{key} {verb}"));
+        api.insert(key, object);
+    }
+    enforce(core, api, summary)
+}
+
+fn delete_sources(core: &mut AgentCore, sources: Vec<SourceText>) -> Response {
+    let named = match parse_sources(&sources) {
+        Ok(objects) => objects,
+        Err(response) => return response,
+    };
+    let mut api = core.api_objects.clone();
+    let mut summary = Vec::new();
+    let mut missing = Vec::new();
+    for key in named.keys() {
+        if api.remove(key).is_some() {
+            summary.push(format!("{key} deleted"));
+        } else {
+            missing.push(format!("{key} not found"));
+        }
+    }
+    if summary.is_empty() {
+        return Response::error("none of the objects in the files were applied", missing);
+    }
+    summary.extend(missing);
+    enforce(core, api, summary)
+}
+
+/// Kubernetes-style kind names users type.
+fn canonical_kind(kind: &str) -> Option<&'static str> {
+    Some(match kind.to_ascii_lowercase().as_str() {
+        "policy" | "policies" | "networkpolicy" | "networkpolicies" | "netpol" => "NetworkPolicy",
+        "workload" | "workloads" => "Workload",
+        "pod" | "pods" => "Pod",
+        "namespace" | "namespaces" | "ns" => "Namespace",
+        _ => return None,
+    })
+}
+
+fn delete_object(core: &mut AgentCore, kind: &str, namespace: &str, name: &str) -> Response {
+    let Some(kind) = canonical_kind(kind) else {
+        return Response::error(format!("unknown kind {kind:?}"), vec![]);
+    };
+    let key = ObjectKey {
+        kind: kind.to_owned(),
+        namespace: if kind == "Namespace" { String::new() } else { namespace.to_owned() },
+        name: name.to_owned(),
+    };
+    let mut api = core.api_objects.clone();
+    if api.remove(&key).is_none() {
+        let hint = if core.dir_objects.contains_key(&key) {
+            " (it comes from a watched directory: remove it there)"
+        } else {
+            ""
+        };
+        return Response::error(format!("{key} not found{hint}"), vec![]);
+    }
+    enforce(core, api, vec![format!("{key} deleted")])
+}
+
+fn audit(core: &mut AgentCore, namespace: &str, name: &str, enabled: bool) -> Response {
+    let workload = format!("{namespace}/{name}");
+    let known = core
+        .enforcer
+        .enforced
+        .as_ref()
+        .is_some_and(|e| e.set.workloads.iter().any(|w| w.key() == workload));
+    if !known {
+        return Response::error(format!("workload {workload} not found"), vec![]);
+    }
+    let mut audit = core.audit.clone();
+    audit.insert(workload.clone(), enabled);
+    let (api, dirs) = (core.api_objects.clone(), core.dir_objects.clone());
+    match core.enforce(api, dirs, audit) {
+        Ok(report) => Response::ok(json!({
+            "generation": report.generation,
+            "objects": [format!("workload {workload} audit mode {}", if enabled { "on" } else { "off" })],
+        })),
+        Err(refused) => Response::error(refused.summary, refused.details),
+    }
+}
+
+fn set_of(core: &AgentCore) -> Option<&PolicySet> {
+    core.enforcer.enforced.as_ref().map(|e| &e.set)
+}
+
+fn get(core: &AgentCore, kind: ObjectKind) -> Value {
+    let Some(enforced) = core.enforcer.enforced.as_ref() else {
+        return json!([]);
+    };
+    let set = &enforced.set;
+    let compiled = &enforced.compiled;
+    let state = core.enforcer.current_state();
+    match kind {
+        ObjectKind::Policies => Value::Array(
+            set.policies
+                .iter()
+                .map(|p| {
+                    let mut types = Vec::new();
+                    if p.ingress.is_some() {
+                        types.push("Ingress");
+                    }
+                    if p.egress.is_some() {
+                        types.push("Egress");
+                    }
+                    json!({
+                        "namespace": p.namespace,
+                        "name": p.name,
+                        "podSelector": p.pod_selector.to_string(),
+                        "policyTypes": types,
+                        "ingressRules": p.ingress.as_ref().map_or(0, Vec::len),
+                        "egressRules": p.egress.as_ref().map_or(0, Vec::len),
+                        "source": p.source.to_string(),
+                    })
+                })
+                .collect(),
+        ),
+        ObjectKind::Workloads => Value::Array(
+            set.workloads
+                .iter()
+                .map(|w| {
+                    let endpoint = compiled.endpoints.iter().find(|(_, e)| e.workload == w.key());
+                    let identity = w.addresses.first().and_then(|a| state.peer_hosts.get(a));
+                    let audit = core.audit.get(&w.key()).copied().unwrap_or(core.enforcer.default_audit);
+                    json!({
+                        "namespace": w.namespace,
+                        "name": w.name,
+                        "addresses": w.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "labels": w.labels,
+                        "identity": identity,
+                        "endpoint": endpoint.map(|(id, _)| *id),
+                        "ingressEnforced": endpoint.is_some_and(|(_, e)| e.ingress_enforced),
+                        "egressEnforced": endpoint.is_some_and(|(_, e)| e.egress_enforced),
+                        "audit": endpoint.is_some() && audit,
+                    })
+                })
+                .collect(),
+        ),
+        ObjectKind::Namespaces => Value::Array(
+            set.namespaces
+                .values()
+                .map(|n| json!({"name": n.name, "labels": n.labels}))
+                .collect(),
+        ),
+        ObjectKind::Identities => Value::Array(
+            compiled
+                .identities
+                .identities
+                .keys()
+                .map(|id| json!({"identity": id, "description": compiled.identities.describe(*id)}))
+                .collect(),
+        ),
+        ObjectKind::Endpoints => Value::Array(
+            compiled
+                .endpoints
+                .iter()
+                .map(|(id, e)| {
+                    let workload = set.workloads.get(e.workload_index);
+                    let selecting = |direction| -> Vec<String> {
+                        workload
+                            .map(|w| {
+                                set.policies_selecting(w, direction)
+                                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                                    .collect()
+                            })
+                            .unwrap_or_default()
+                    };
+                    let audit = core.audit.get(&e.workload).copied().unwrap_or(core.enforcer.default_audit);
+                    json!({
+                        "endpoint": id,
+                        "workload": e.workload,
+                        "addresses": workload.map(|w| w.addresses.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                        "ingressEnforced": e.ingress_enforced,
+                        "egressEnforced": e.egress_enforced,
+                        "audit": audit,
+                        "ingressPolicies": selecting(PolicyDirection::Ingress),
+                        "egressPolicies": selecting(PolicyDirection::Egress),
+                    })
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn describe(core: &AgentCore, kind: ObjectKind, namespace: &str, name: &str) -> Response {
+    let Some(set) = set_of(core) else {
+        return Response::error("nothing is enforced yet", vec![]);
+    };
+    let listing = get(core, kind);
+    let found = listing.as_array().and_then(|items| {
+        items.iter().find(|item| {
+            let item_name = item["name"].as_str().or_else(|| item["workload"].as_str());
+            match kind {
+                ObjectKind::Endpoints => item_name == Some(&format!("{namespace}/{name}")),
+                ObjectKind::Namespaces => item_name == Some(name),
+                ObjectKind::Identities => item["identity"].as_u64().map(|i| i.to_string()) == Some(name.to_owned()),
+                _ => item_name == Some(name) && item["namespace"].as_str() == Some(namespace),
+            }
+        })
+    });
+    let Some(found) = found else {
+        return Response::error(format!("{name} not found in namespace {namespace}"), vec![]);
+    };
+    let mut detail = found.clone();
+    if kind == ObjectKind::Policies {
+        if let Some(policy) = set.policies.iter().find(|p| p.namespace == namespace && p.name == name) {
+            let rules = |rules: Option<&[crate::policy::Rule]>| -> Vec<String> {
+                rules
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|r| format!("{r:?}"))
+                    .collect()
+            };
+            detail["ingress"] = json!(rules(policy.rules(PolicyDirection::Ingress)));
+            detail["egress"] = json!(rules(policy.rules(PolicyDirection::Egress)));
+            let selected: Vec<String> = set
+                .workloads
+                .iter()
+                .filter(|w| {
+                    set.policies_selecting(w, PolicyDirection::Ingress)
+                        .chain(set.policies_selecting(w, PolicyDirection::Egress))
+                        .any(|p| p.namespace == namespace && p.name == name)
+                })
+                .map(|w| w.key())
+                .collect();
+            detail["selectedWorkloads"] = json!(selected);
+        }
+    }
+    Response::ok(detail)
+}
+
+fn counters_json(core: &mut AgentCore) -> Value {
+    let Ok(maps) = core.enforcer.datapath.maps() else {
+        return Value::Null;
+    };
+    let Ok(counters) = maps.counters() else {
+        return Value::Null;
+    };
+    let mut by_name = serde_json::Map::new();
+    for counter in Counter::ALL {
+        by_name.insert(counter.name().to_owned(), json!(counters.get(counter)));
+    }
+    let mut drops = serde_json::Map::new();
+    for reason in microseg_common::DropReason::ALL {
+        drops.insert(reason.name().to_owned(), json!(counters.drops(reason)));
+    }
+    let usage: Vec<Value> = maps
+        .usage()
+        .unwrap_or_default()
+        .iter()
+        .map(|u| json!({"map": u.map, "entries": u.entries, "capacity": u.capacity}))
+        .collect();
+    json!({"counters": by_name, "drops_by_reason": drops, "maps": usage})
+}
+
+fn stats(core: &mut AgentCore) -> Response {
+    Response::ok(counters_json(core))
+}
+
+fn status(core: &mut AgentCore, agent: &Agent) -> Response {
+    let generation = core
+        .enforcer
+        .datapath
+        .maps()
+        .and_then(|m| m.live_generation())
+        .unwrap_or(0);
+    let (policies, workloads, enforced) = core.enforcer.enforced.as_ref().map_or((0, 0, 0), |e| {
+        (e.set.policies.len(), e.set.workloads.len(), e.compiled.endpoints.len())
+    });
+    let uptime = core.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+    Response::ok(json!({
+        "generation": generation,
+        "policies": policies,
+        "workloads": workloads,
+        "enforcedWorkloads": enforced,
+        "apiObjects": core.api_objects.len(),
+        "directoryObjects": core.dir_objects.len(),
+        "watchedPaths": core.config.policy_dirs,
+        "directoryError": core.dir_error,
+        "attached": core.attached,
+        "pinDir": core.config.pin_dir,
+        "uptimeSeconds": uptime,
+        "lastApplyMs": core.enforcer.last_apply.map(|d| d.as_secs_f64() * 1000.0),
+        "appliesOk": core.enforcer.applies_ok,
+        "appliesFailed": core.enforcer.applies_failed,
+        "eventSubscribers": agent.hub.subscriber_count(),
+        "eventsReceived": agent.hub.received.load(std::sync::atomic::Ordering::Relaxed),
+        "eventsLostBySubscribers": agent.hub.subscriber_lost.load(std::sync::atomic::Ordering::Relaxed),
+    }))
+}

@@ -1,0 +1,84 @@
+//! Requests and responses of the agent API.
+
+use serde::{Deserialize, Serialize};
+
+/// A file's text as the CLI read it: the agent parses and validates it itself, so
+/// errors name the user's file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceText {
+    pub file: String,
+    pub text: String,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectKind {
+    Policies,
+    Workloads,
+    Namespaces,
+    Identities,
+    Endpoints,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Add or replace the objects in these files (policies, workloads, namespaces).
+    Apply { sources: Vec<SourceText> },
+    /// Remove the objects these files name.
+    DeleteSources { sources: Vec<SourceText> },
+    /// Remove one object by kind, namespace and name.
+    DeleteObject {
+        kind: String,
+        namespace: String,
+        name: String,
+    },
+    Get { kind: ObjectKind },
+    Describe {
+        kind: ObjectKind,
+        namespace: String,
+        name: String,
+    },
+    /// Stream events: the last `last` buffered ones, then (with `follow`) new ones.
+    Events { last: usize, follow: bool },
+    Stats,
+    Status,
+    Audit {
+        namespace: String,
+        name: String,
+        enabled: bool,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub ok: bool,
+    /// One sentence on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Further error lines (each validation error, with file, document and field).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data: serde_json::Value,
+}
+
+impl Response {
+    pub fn ok(data: serde_json::Value) -> Self {
+        Self {
+            ok: true,
+            error: None,
+            details: Vec::new(),
+            data,
+        }
+    }
+
+    pub fn error(error: impl Into<String>, details: Vec<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(error.into()),
+            details,
+            data: serde_json::Value::Null,
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! The `microseg` command line: the agent daemon and kubectl-like client commands.
+//! Errors are one sentence on stderr and a non-zero exit code.
+
+mod check;
+mod events;
+mod resources;
+mod table;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    agent::config::{AgentConfig, InterfaceConfig},
+    api::{ObjectKind, Request, SourceText, client::Client},
+    policy::Protocol,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "microseg",
+    version,
+    about = "Workload allow-lists enforced in the Linux kernel (XDP/TC + eBPF maps)"
+)]
+struct Cli {
+    /// The agent's API socket.
+    #[arg(long, global = true, default_value = crate::api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: enforce policies on interfaces, serve the API and metrics.
+    Agent(AgentArgs),
+    /// Apply policies, workloads and namespaces from files or directories.
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Descend into directories (directories are always read recursively; kept
+        /// for kubectl habits).
+        #[arg(short = 'R', long)]
+        recursive: bool,
+    },
+    /// Delete the objects in files (`-f`) or one object (`delete policy NAME -n NS`).
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// policy | workload | pod | namespace
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// List policies, workloads, namespaces, identities or endpoints.
+    Get {
+        kind: KindArg,
+        /// Only this object.
+        name: Option<String>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// All namespaces (the default).
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Show one object in detail.
+    Describe {
+        kind: KindArg,
+        /// NAME, or NAMESPACE/NAME
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Show deny and audit events (`--follow` to stream).
+    Events(events::EventsArgs),
+    /// Packet counters, drops by reason and map usage.
+    Stats {
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// The agent's state: generation, interfaces, policies, last apply.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Switch audit mode of a workload: would-be denies pass and are reported.
+    Audit {
+        state: OnOff,
+        /// NAMESPACE/NAME
+        workload: String,
+    },
+    /// Would this traffic be allowed? Answered from policy files, before applying.
+    Check(CheckArgs),
+    /// Compile policy files and print the map entry counts (`--stats`).
+    Compile {
+        #[arg(long = "policy", required = true)]
+        policies: Vec<PathBuf>,
+        #[arg(long = "inventory")]
+        inventories: Vec<PathBuf>,
+        /// Print entry counts per map (the default and only output).
+        #[arg(long)]
+        stats: bool,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Remove microseg from every interface and delete its pinned maps.
+    Detach {
+        #[arg(long, default_value = microseg_common::maps::PIN_ROOT)]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// YAML configuration file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Interface to enforce on: NAME or NAME:MODE (xdp, xdp-driver, xdp-generic, tc).
+    #[arg(long = "interface", short = 'i')]
+    interfaces: Vec<String>,
+    /// Directory or file of policies and inventory to watch.
+    #[arg(long = "policy-dir")]
+    policy_dirs: Vec<PathBuf>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// Prometheus metrics address (ip:port); "" disables it.
+    #[arg(long)]
+    metrics_address: Option<String>,
+    /// Start every enforced workload in audit mode.
+    #[arg(long)]
+    audit: bool,
+    /// Also write events as JSON lines to this file.
+    #[arg(long)]
+    event_log: Option<PathBuf>,
+    /// In-kernel event rate limit per CPU.
+    #[arg(long)]
+    events_per_second: Option<u32>,
+    /// Detach and delete pinned state when the agent exits (default: enforcement
+    /// stays).
+    #[arg(long)]
+    detach_on_exit: bool,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[arg(long = "policy", required = true)]
+    policies: Vec<PathBuf>,
+    #[arg(long = "inventory")]
+    inventories: Vec<PathBuf>,
+    /// Source: NAMESPACE/NAME of a workload, or an IP address.
+    #[arg(long)]
+    from: Option<String>,
+    /// Destination: NAMESPACE/NAME of a workload, or an IP address.
+    #[arg(long)]
+    to: Option<String>,
+    #[arg(long, default_value_t = 80)]
+    port: u16,
+    #[arg(long, default_value = "tcp", value_parser = check::parse_protocol)]
+    protocol: Protocol,
+    /// The reachability matrix over all workloads.
+    #[arg(long)]
+    matrix: bool,
+    /// Answer with the real eBPF programs over the compiled maps (needs root).
+    #[arg(long)]
+    datapath: bool,
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KindArg {
+    #[value(alias = "policy", alias = "networkpolicies", alias = "netpol")]
+    Policies,
+    #[value(alias = "workload", alias = "pods", alias = "pod")]
+    Workloads,
+    #[value(alias = "namespace", alias = "ns")]
+    Namespaces,
+    #[value(alias = "identity")]
+    Identities,
+    #[value(alias = "endpoint", alias = "ep")]
+    Endpoints,
+}
+
+impl KindArg {
+    fn object_kind(self) -> ObjectKind {
+        match self {
+            Self::Policies => ObjectKind::Policies,
+            Self::Workloads => ObjectKind::Workloads,
+            Self::Namespaces => ObjectKind::Namespaces,
+            Self::Identities => ObjectKind::Identities,
+            Self::Endpoints => ObjectKind::Endpoints,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutputFormat {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+    Name,
+    Compact,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+/// Entry point of the `microseg` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Agent(args) => {
+            run_agent(args, &cli.socket)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apply { files, .. } => {
+            let sources = read_sources(&files)?;
+            let data = Client::connect(&cli.socket)?.call(&Request::Apply { sources })?;
+            print_objects(&data);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete {
+            files,
+            kind,
+            name,
+            namespace,
+        } => {
+            let request = if !files.is_empty() {
+                Request::DeleteSources {
+                    sources: read_sources(&files)?,
+                }
+            } else {
+                let (Some(kind), Some(name)) = (kind, name) else {
+                    anyhow::bail!("give -f FILE, or a kind and a name (delete policy NAME -n NS)");
+                };
+                Request::DeleteObject {
+                    kind,
+                    namespace,
+                    name,
+                }
+            };
+            let data = Client::connect(&cli.socket)?.call(&request)?;
+            print_objects(&data);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            let data = Client::connect(&cli.socket)?.call(&Request::Get {
+                kind: kind.object_kind(),
+            })?;
+            let namespace = if all_namespaces { None } else { namespace };
+            resources::print_list(kind.object_kind(), &data, name.as_deref(), namespace.as_deref(), output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Describe {
+            kind,
+            name,
+            namespace,
+        } => {
+            let (namespace, name) = match name.split_once('/') {
+                Some((ns, n)) => (ns.to_owned(), n.to_owned()),
+                None => (namespace, name),
+            };
+            let data = Client::connect(&cli.socket)?.call(&Request::Describe {
+                kind: kind.object_kind(),
+                namespace,
+                name,
+            })?;
+            resources::print_describe(&data);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events(args) => {
+            events::run(&cli.socket, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats { output } => {
+            let data = Client::connect(&cli.socket)?.call(&Request::Stats)?;
+            resources::print_stats(&data, output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { output } => {
+            let data = Client::connect(&cli.socket)?.call(&Request::Status)?;
+            resources::print_status(&data, output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { state, workload } => {
+            let (namespace, name) = workload
+                .split_once('/')
+                .context("give the workload as NAMESPACE/NAME")?;
+            let data = Client::connect(&cli.socket)?.call(&Request::Audit {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                enabled: state == OnOff::On,
+            })?;
+            print_objects(&data);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(args) => {
+            let mut paths = args.policies.clone();
+            paths.extend(args.inventories.iter().cloned());
+            let allowed = check::check(&check::CheckArgs {
+                paths,
+                from: args.from,
+                to: args.to,
+                port: args.port,
+                protocol: args.protocol,
+                matrix: args.matrix,
+                datapath: args.datapath,
+                json: args.output == OutputFormat::Json,
+            })?;
+            // Like `test`: a single check exits 0 when allowed, 2 when denied; a
+            // matrix always exits 0.
+            Ok(if allowed || args.matrix {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        Command::Compile {
+            policies,
+            inventories,
+            output,
+            ..
+        } => {
+            let mut paths = policies;
+            paths.extend(inventories);
+            check::compile_stats(&paths, output == OutputFormat::Json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Detach { pin_dir } => {
+            let detached = crate::datapath::detach_pinned(&pin_dir)?;
+            println!("detached {detached} links and removed the pinned maps under {}", pin_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn run_agent(args: AgentArgs, socket: &std::path::Path) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => AgentConfig::from_file(path)?,
+        None => AgentConfig::default(),
+    };
+    // The global --socket flag, when given, wins over the configuration file.
+    if socket != std::path::Path::new(crate::api::DEFAULT_SOCKET) {
+        config.socket = socket.to_owned();
+    }
+    for interface in &args.interfaces {
+        config.interfaces.push(InterfaceConfig::parse(interface)?);
+    }
+    config.policy_dirs.extend(args.policy_dirs);
+    if let Some(dir) = args.state_dir {
+        config.state_dir = dir;
+    }
+    if let Some(dir) = args.pin_dir {
+        config.pin_dir = dir;
+    }
+    if let Some(address) = args.metrics_address {
+        config.metrics_address = address;
+    }
+    if let Some(rate) = args.events_per_second {
+        config.events_per_second = rate;
+    }
+    if args.event_log.is_some() {
+        config.event_log = args.event_log;
+    }
+    config.audit_mode |= args.audit;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::agent::run(config, args.detach_on_exit))
+}
+
+/// Reads files and directories (recursively) into texts for the agent.
+fn read_sources(paths: &[PathBuf]) -> anyhow::Result<Vec<SourceText>> {
+    let mut sources = Vec::new();
+    for path in paths {
+        let mut files = Vec::new();
+        collect(path, &mut files)?;
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            sources.push(SourceText {
+                file: file.display().to_string(),
+                text,
+            });
+        }
+    }
+    Ok(sources)
+}
+
+fn collect(path: &std::path::Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let metadata = std::fs::metadata(path).with_context(|| format!("{} cannot be read", path.display()))?;
+    if metadata.is_file() {
+        files.push(path.to_owned());
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?.path();
+        if entry.is_dir() {
+            collect(&entry, files)?;
+        } else if entry
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+            && !entry
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .is_some_and(|s| s.starts_with("expected"))
+        {
+            files.push(entry);
+        }
+    }
+    Ok(())
+}
+
+fn print_objects(data: &serde_json::Value) {
+    if let Some(objects) = data["objects"].as_array() {
+        for object in objects {
+            println!("{}", object.as_str().unwrap_or_default());
+        }
+    }
+    if let Some(generation) = data["generation"].as_u64() {
+        println!("policy generation {generation} enforced");
+    }
+}

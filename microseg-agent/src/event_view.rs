@@ -1,0 +1,211 @@
+//! Policy events as users see them: JSON after Hubble's Flow (field names users'
+//! `jq` filters already know) and the compact line `hubble observe` prints.
+
+use serde_json::{Value, json};
+
+use crate::{
+    agent::enforcer::EventNames,
+    datapath::events::{DecodedEvent, monotonic_to_unix_ns},
+    policy::PolicyDirection,
+};
+use microseg_common::{event::EventVerdict, identity::IDENTITY_WORLD, policy::Direction};
+
+/// Builds the JSON object of one event.
+pub fn event_json(
+    event: &DecodedEvent,
+    names: &EventNames,
+    node_name: &str,
+    interface_name: Option<&str>,
+) -> Value {
+    let unix_ns = monotonic_to_unix_ns(event.monotonic_ns);
+    let time = chrono::DateTime::from_timestamp_nanos(unix_ns as i64)
+        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    let mut flow = json!({
+        "time": time,
+        "verdict": event.verdict.map_or("UNKNOWN", EventVerdict::name),
+        "node_name": node_name,
+        "interface": {"index": event.ifindex, "name": interface_name.unwrap_or("")},
+        "hook": event.hook.map_or("", |h| h.name()),
+    });
+    if let Some(reason) = event.reason {
+        flow["drop_reason_desc"] = json!(reason.name());
+    }
+    if let Some(direction) = event.direction {
+        flow["traffic_direction"] = json!(direction.name());
+    }
+    if let (Some(src), Some(dst)) = (event.source, event.destination) {
+        flow["IP"] = json!({
+            "source": src.to_string(),
+            "destination": dst.to_string(),
+            "ipVersion": if src.is_ipv4() { "IPv4" } else { "IPv6" },
+        });
+        let (src_identity, dst_identity) = match event.direction {
+            Some(Direction::Ingress) => (event.peer_identity, 0),
+            Some(Direction::Egress) => (0, event.peer_identity),
+            None => (0, 0),
+        };
+        flow["source"] = endpoint_json(names, src, src_identity);
+        flow["destination"] = endpoint_json(names, dst, dst_identity);
+    }
+    flow["l4"] = l4_json(event);
+    if let Some(direction) = event.direction {
+        let by = denied_by(event, names, direction);
+        let field = match (event.verdict, direction) {
+            (Some(EventVerdict::Forwarded), Direction::Ingress) => "ingress_allowed_by",
+            (Some(EventVerdict::Forwarded), Direction::Egress) => "egress_allowed_by",
+            (_, Direction::Ingress) => "ingress_denied_by",
+            (_, Direction::Egress) => "egress_denied_by",
+        };
+        flow[field] = by;
+    }
+    if event.rule_id != 0 {
+        flow["rule_id"] = json!(event.rule_id);
+    }
+    flow
+}
+
+fn endpoint_json(names: &EventNames, address: std::net::IpAddr, identity: u32) -> Value {
+    let mut endpoint = json!({});
+    if identity != 0 {
+        endpoint["identity"] = json!(identity);
+    }
+    match names.workloads.get(&address) {
+        Some(workload) => {
+            endpoint["namespace"] = json!(workload.namespace);
+            endpoint["pod_name"] = json!(workload.name);
+            endpoint["labels"] = json!(workload.labels);
+        }
+        None if identity == IDENTITY_WORLD || identity == 0 => {
+            endpoint["labels"] = json!(["reserved:world"]);
+        }
+        None => {}
+    }
+    endpoint
+}
+
+fn l4_json(event: &DecodedEvent) -> Value {
+    match event.protocol {
+        6 => {
+            let mut flags = serde_json::Map::new();
+            for (bit, name) in [
+                (0x01, "FIN"),
+                (0x02, "SYN"),
+                (0x04, "RST"),
+                (0x08, "PSH"),
+                (0x10, "ACK"),
+                (0x20, "URG"),
+                (0x40, "ECE"),
+                (0x80, "CWR"),
+            ] {
+                if event.tcp_flags & bit != 0 {
+                    flags.insert(name.to_owned(), json!(true));
+                }
+            }
+            json!({"TCP": {"source_port": event.source_port, "destination_port": event.destination_port, "flags": flags}})
+        }
+        17 => json!({"UDP": {"source_port": event.source_port, "destination_port": event.destination_port}}),
+        132 => json!({"SCTP": {"source_port": event.source_port, "destination_port": event.destination_port}}),
+        1 => json!({"ICMPv4": {"type": event.source_port, "code": event.destination_port}}),
+        58 => json!({"ICMPv6": {"type": event.source_port, "code": event.destination_port}}),
+        other => json!({"protocol": other}),
+    }
+}
+
+/// The policies behind a verdict: the deciding rule's policy, or for a default deny
+/// every policy that selected the endpoint in that direction.
+fn denied_by(event: &DecodedEvent, names: &EventNames, direction: Direction) -> Value {
+    let policy = |namespace: &str, name: &str| {
+        json!({"name": name, "namespace": namespace, "kind": "NetworkPolicy"})
+    };
+    if let Some((namespace, name)) = names.rules.get(&event.rule_id) {
+        return json!([policy(namespace, name)]);
+    }
+    let direction = match direction {
+        Direction::Ingress => PolicyDirection::Ingress,
+        Direction::Egress => PolicyDirection::Egress,
+    };
+    let selecting = names
+        .selecting
+        .get(&(event.endpoint_id, direction))
+        .map(|list| list.iter().map(|(ns, n)| policy(ns, n)).collect::<Vec<_>>())
+        .unwrap_or_default();
+    Value::Array(selecting)
+}
+
+/// The compact line, as `hubble observe` prints it:
+/// `Nov 25 10:00:00.123: default/a:43210 (ID:1234) -> default/b:80 (ID:5678) policy-verdict:none INGRESS DENIED (TCP Flags: SYN)`.
+pub fn compact_line(flow: &Value) -> String {
+    let time = flow["time"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%b %e %H:%M:%S%.3f")
+                .to_string()
+        })
+        .unwrap_or_default();
+    let (sport, dport, l4_text) = l4_summary(&flow["l4"]);
+    let side = |endpoint: &Value, ip: &Value, port: Option<u64>| {
+        let name = match (endpoint["namespace"].as_str(), endpoint["pod_name"].as_str()) {
+            (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+            _ => ip.as_str().unwrap_or("?").to_owned(),
+        };
+        let with_port = match port {
+            Some(port) => format!("{name}:{port}"),
+            None => name,
+        };
+        match endpoint["identity"].as_u64() {
+            Some(id) if id == u64::from(IDENTITY_WORLD) => format!("{with_port} (world)"),
+            Some(id) => format!("{with_port} (ID:{id})"),
+            None if endpoint["pod_name"].is_null() => format!("{with_port} (world)"),
+            None => with_port,
+        }
+    };
+    let verdict = match flow["verdict"].as_str() {
+        Some("DROPPED") => "DENIED",
+        Some("AUDIT") => "AUDITED",
+        Some("FORWARDED") => "ALLOWED",
+        _ => "UNKNOWN",
+    };
+    let match_kind = if flow["rule_id"].is_null() { "none" } else { "L3-L4" };
+    format!(
+        "{time}: {} -> {} policy-verdict:{match_kind} {} {verdict}{}",
+        side(&flow["source"], &flow["IP"]["source"], sport),
+        side(&flow["destination"], &flow["IP"]["destination"], dport),
+        flow["traffic_direction"].as_str().unwrap_or("-"),
+        l4_text,
+    )
+}
+
+fn l4_summary(l4: &Value) -> (Option<u64>, Option<u64>, String) {
+    if let Some(tcp) = l4.get("TCP") {
+        let flags: Vec<&str> = tcp["flags"]
+            .as_object()
+            .map(|f| f.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        return (
+            tcp["source_port"].as_u64(),
+            tcp["destination_port"].as_u64(),
+            format!(" (TCP Flags: {})", flags.join(", ")),
+        );
+    }
+    for (key, label) in [("UDP", " UDP"), ("SCTP", " SCTP")] {
+        if let Some(ports) = l4.get(key) {
+            return (
+                ports["source_port"].as_u64(),
+                ports["destination_port"].as_u64(),
+                format!(" ({})", label.trim()),
+            );
+        }
+    }
+    for key in ["ICMPv4", "ICMPv6"] {
+        if let Some(icmp) = l4.get(key) {
+            return (
+                None,
+                None,
+                format!(" ({key} type {} code {})", icmp["type"], icmp["code"]),
+            );
+        }
+    }
+    (None, None, String::new())
+}

@@ -1,0 +1,221 @@
+//! A small network of hosts for the demo and the agent's end-to-end tests: each host
+//! in its own network namespace, all joined by a bridge in a "node" namespace, like
+//! pods on a Kubernetes node. The agent runs in the node namespace and attaches TC to
+//! each host's node-side veth, as it would to a pod's host-side veth.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::{NetNs, run, unique_name};
+
+pub struct LabHost {
+    pub name: String,
+    pub address: IpAddr,
+    pub ns: NetNs,
+    /// The veth end in the node namespace, where the agent attaches.
+    pub node_if: String,
+}
+
+pub struct Lab {
+    pub node: NetNs,
+    pub hosts: Vec<LabHost>,
+    pub dir: PathBuf,
+    agent: std::sync::Mutex<Option<Child>>,
+}
+
+/// The `microseg` binary next to the running executable (target/<profile>/).
+pub fn microseg_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let binary = dir.join("microseg");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it first (cargo build -p microseg-agent)",
+        binary.display()
+    );
+    binary
+}
+
+impl Lab {
+    /// Hosts given as (name, IPv4 address in 10.80.0.0/24).
+    pub fn new(hosts: &[(&str, &str)]) -> Self {
+        let node = NetNs::new("mnode");
+        node.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+        node.exec(&["ip", "link", "set", "br0", "up"]);
+        let mut lab_hosts = Vec::new();
+        for (name, address) in hosts {
+            let ns = NetNs::new("mh");
+            let host_if = unique_name("eh");
+            let node_if = unique_name("en");
+            run(
+                "ip",
+                &[
+                    "link", "add", &host_if, "netns", &ns.name, "type", "veth", "peer", "name",
+                    &node_if, "netns", &node.name,
+                ],
+            );
+            ns.exec(&["ip", "addr", "add", &format!("{address}/24"), "dev", &host_if]);
+            ns.exec(&["ip", "link", "set", &host_if, "up"]);
+            node.exec(&["ip", "link", "set", &node_if, "master", "br0"]);
+            node.exec(&["ip", "link", "set", &node_if, "up"]);
+            lab_hosts.push(LabHost {
+                name: name.to_string(),
+                address: address.parse().expect("address"),
+                ns,
+                node_if,
+            });
+        }
+        let dir = std::env::temp_dir().join(unique_name("microseg-lab-"));
+        std::fs::create_dir_all(dir.join("policies")).expect("lab dir");
+        Self {
+            node,
+            hosts: lab_hosts,
+            dir,
+            agent: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn host(&self, name: &str) -> &LabHost {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("microseg.sock")
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf").join(self.dir.file_name().expect("lab dir name"))
+    }
+
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.join("policies")
+    }
+
+    /// Starts `microseg agent` in the node namespace, enforcing on every host's
+    /// node-side veth (TC), with its state, pins and socket private to this lab.
+    pub fn start_agent(&self, extra: &[&str]) {
+        // nsenter switches only the network namespace (`ip netns exec` would also
+        // mount a fresh /sys, hiding bpffs) and execs the agent in place.
+        let mut args: Vec<String> = vec![
+            format!("--net=/var/run/netns/{}", self.node.name),
+            microseg_binary().display().to_string(),
+            "agent".into(),
+            "--socket".into(),
+            self.socket().display().to_string(),
+            "--state-dir".into(),
+            self.dir.join("state").display().to_string(),
+            "--pin-dir".into(),
+            self.pin_dir().display().to_string(),
+            "--policy-dir".into(),
+            self.policy_dir().display().to_string(),
+            "--metrics-address".into(),
+            String::new(),
+            "--event-log".into(),
+            self.dir.join("events.jsonl").display().to_string(),
+        ];
+        for host in &self.hosts {
+            args.push("--interface".into());
+            args.push(format!("{}:tc", host.node_if));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent log");
+        let child = Command::new("nsenter")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting the agent");
+        *self.agent.lock().expect("agent lock") = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until the agent answers `status`.
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.cli(&["status", "-o", "json"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the agent did not become ready; its log:\n{}", self.agent_log());
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Kills the agent with SIGKILL (no cleanup runs).
+    pub fn kill_agent(&self) {
+        if let Some(mut child) = self.agent.lock().expect("agent lock").take() {
+            // nsenter execs the agent, so the child pid is the agent's.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop_agent(&self) {
+        if let Some(mut child) = self.agent.lock().expect("agent lock").take() {
+            // SAFETY: kill(2) with a pid we own and a valid signal number.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+
+    /// Runs the CLI against this lab's agent.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(microseg_binary())
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .expect("running microseg")
+    }
+
+    /// Runs the CLI and returns stdout; panics with stderr if it fails.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "microseg {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Inventory of the lab's hosts as microseg Workload documents (namespace and
+    /// labels given per host).
+    pub fn write(&self, relative: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("dir");
+        }
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.kill_agent();
+        let _ = microseg::datapath::detach_pinned(&self.pin_dir());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
