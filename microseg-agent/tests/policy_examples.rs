@@ -15,6 +15,7 @@ const EXAMPLES: &[&str] = &[
     "default-deny",
     "dns-allow",
     "three-tier",
+    "demo-three-tier",
     "cross-namespace-monitoring",
     "environment-isolation",
     "pci-zone",

@@ -5,6 +5,7 @@
 pub mod harness;
 pub mod lab;
 pub mod netns;
+pub mod policy_judge;
 pub mod topology;
 
 /// Whether this process may load BPF programs and create network namespaces.

@@ -1,0 +1,97 @@
+//! The deployment files cannot rot: every Kubernetes manifest parses with the
+//! Kubernetes types and survives a round trip unchanged (so no field is misspelt or
+//! misplaced), and every agent configuration parses as microseg's own.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use microseg::agent::config::AgentConfig;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Parses `value` as `T` and checks that serializing it back loses nothing.
+fn round_trip<T: DeserializeOwned + Serialize>(file: &Path, value: &serde_json::Value) -> T {
+    let typed: T = serde_json::from_value(value.clone())
+        .unwrap_or_else(|e| panic!("{}: {} does not parse: {e}", file.display(), value["kind"]));
+    let back = serde_json::to_value(&typed).expect("serialize");
+    assert_eq!(
+        &back,
+        value,
+        "{}: {} changes in a round trip (an unknown or misplaced field?)",
+        file.display(),
+        value["metadata"]["name"]
+    );
+    typed
+}
+
+#[test]
+fn kubernetes_manifests_parse_with_the_kubernetes_types() {
+    let mut kinds = Vec::new();
+    let mut daemonset = None;
+    let mut configmap = None;
+    let dir = deploy_dir().join("kubernetes");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("deploy/kubernetes")
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for document in serde_norway::Deserializer::from_str(&text) {
+            let value = serde_json::Value::deserialize(document).expect("YAML");
+            let kind = value["kind"].as_str().expect("kind").to_owned();
+            match kind.as_str() {
+                "DaemonSet" => daemonset = Some(round_trip::<DaemonSet>(&file, &value)),
+                "ConfigMap" => configmap = Some(round_trip::<ConfigMap>(&file, &value)),
+                "ServiceAccount" => drop(round_trip::<ServiceAccount>(&file, &value)),
+                "ClusterRole" => drop(round_trip::<ClusterRole>(&file, &value)),
+                "ClusterRoleBinding" => drop(round_trip::<ClusterRoleBinding>(&file, &value)),
+                other => panic!("{}: unexpected kind {other}", file.display()),
+            }
+            kinds.push(kind);
+        }
+    }
+    for wanted in ["DaemonSet", "ConfigMap", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"] {
+        assert!(kinds.iter().any(|k| k == wanted), "no {wanted} in deploy/kubernetes");
+    }
+
+    // The DaemonSet is what a node agent needs.
+    let daemonset = daemonset.unwrap();
+    let pod = daemonset.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.service_account_name.as_deref(), Some("microseg-agent"));
+    let container = &pod.containers[0];
+    assert_eq!(container.security_context.as_ref().unwrap().privileged, Some(true));
+    let command = container.command.clone().unwrap();
+    assert!(command.iter().any(|c| c == "agent"), "{command:?}");
+    let mounts = container.volume_mounts.clone().unwrap();
+    assert!(mounts.iter().any(|m| m.mount_path == "/sys/fs/bpf"), "bpffs must be mounted");
+    let config_path = command.iter().skip_while(|c| *c != "--config").nth(1).expect("--config");
+    assert!(mounts.iter().any(|m| m.mount_path == *config_path), "the config file is mounted");
+
+    // The ConfigMap's agent configuration is valid.
+    let data = configmap.unwrap().data.unwrap();
+    let config: AgentConfig = serde_norway::from_str(&data["agent.yaml"]).expect("agent.yaml");
+    config.validate().unwrap();
+}
+
+#[test]
+fn the_host_service_files_are_consistent() {
+    let dir = deploy_dir().join("systemd");
+    let config = AgentConfig::from_file(&dir.join("agent.yaml")).expect("systemd agent.yaml");
+    assert!(!config.interfaces.is_empty());
+    let unit = std::fs::read_to_string(dir.join("microseg-agent.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find(|l| l.starts_with("ExecStart="))
+        .expect("ExecStart");
+    assert!(exec.contains("microseg agent --config /etc/microseg/agent.yaml"), "{exec}");
+    assert!(unit.contains("[Install]") && unit.contains("WantedBy=multi-user.target"));
+}
