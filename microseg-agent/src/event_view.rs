@@ -103,8 +103,12 @@ fn l4_json(event: &DecodedEvent) -> Value {
             }
             json!({"TCP": {"source_port": event.source_port, "destination_port": event.destination_port, "flags": flags}})
         }
-        17 => json!({"UDP": {"source_port": event.source_port, "destination_port": event.destination_port}}),
-        132 => json!({"SCTP": {"source_port": event.source_port, "destination_port": event.destination_port}}),
+        17 => {
+            json!({"UDP": {"source_port": event.source_port, "destination_port": event.destination_port}})
+        }
+        132 => {
+            json!({"SCTP": {"source_port": event.source_port, "destination_port": event.destination_port}})
+        }
         1 => json!({"ICMPv4": {"type": event.source_port, "code": event.destination_port}}),
         58 => json!({"ICMPv6": {"type": event.source_port, "code": event.destination_port}}),
         other => json!({"protocol": other}),
@@ -114,9 +118,7 @@ fn l4_json(event: &DecodedEvent) -> Value {
 /// The policies behind a verdict: the deciding rule's policy, or for a default deny
 /// every policy that selected the endpoint in that direction.
 fn denied_by(event: &DecodedEvent, names: &EventNames, direction: Direction) -> Value {
-    let policy = |namespace: &str, name: &str| {
-        json!({"name": name, "namespace": namespace, "kind": "NetworkPolicy"})
-    };
+    let policy = |namespace: &str, name: &str| json!({"name": name, "namespace": namespace, "kind": "NetworkPolicy"});
     if let Some((namespace, name)) = names.rules.get(&event.rule_id) {
         return json!([policy(namespace, name)]);
     }
@@ -146,7 +148,10 @@ pub fn compact_line(flow: &Value) -> String {
         .unwrap_or_default();
     let (sport, dport, l4_text) = l4_summary(&flow["l4"]);
     let side = |endpoint: &Value, ip: &Value, port: Option<u64>| {
-        let name = match (endpoint["namespace"].as_str(), endpoint["pod_name"].as_str()) {
+        let name = match (
+            endpoint["namespace"].as_str(),
+            endpoint["pod_name"].as_str(),
+        ) {
             (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
             _ => ip.as_str().unwrap_or("?").to_owned(),
         };
@@ -167,7 +172,11 @@ pub fn compact_line(flow: &Value) -> String {
         Some("FORWARDED") => "ALLOWED",
         _ => "UNKNOWN",
     };
-    let match_kind = if flow["rule_id"].is_null() { "none" } else { "L3-L4" };
+    let match_kind = if flow["rule_id"].is_null() {
+        "none"
+    } else {
+        "L3-L4"
+    };
     format!(
         "{time}: {} -> {} policy-verdict:{match_kind} {} {verdict}{}",
         side(&flow["source"], &flow["IP"]["source"], sport),

@@ -58,8 +58,17 @@ fn kubernetes_manifests_parse_with_the_kubernetes_types() {
             kinds.push(kind);
         }
     }
-    for wanted in ["DaemonSet", "ConfigMap", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"] {
-        assert!(kinds.iter().any(|k| k == wanted), "no {wanted} in deploy/kubernetes");
+    for wanted in [
+        "DaemonSet",
+        "ConfigMap",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == wanted),
+            "no {wanted} in deploy/kubernetes"
+        );
     }
 
     // The DaemonSet is what a node agent needs.
@@ -68,13 +77,26 @@ fn kubernetes_manifests_parse_with_the_kubernetes_types() {
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.service_account_name.as_deref(), Some("microseg-agent"));
     let container = &pod.containers[0];
-    assert_eq!(container.security_context.as_ref().unwrap().privileged, Some(true));
+    assert_eq!(
+        container.security_context.as_ref().unwrap().privileged,
+        Some(true)
+    );
     let command = container.command.clone().unwrap();
     assert!(command.iter().any(|c| c == "agent"), "{command:?}");
     let mounts = container.volume_mounts.clone().unwrap();
-    assert!(mounts.iter().any(|m| m.mount_path == "/sys/fs/bpf"), "bpffs must be mounted");
-    let config_path = command.iter().skip_while(|c| *c != "--config").nth(1).expect("--config");
-    assert!(mounts.iter().any(|m| m.mount_path == *config_path), "the config file is mounted");
+    assert!(
+        mounts.iter().any(|m| m.mount_path == "/sys/fs/bpf"),
+        "bpffs must be mounted"
+    );
+    let config_path = command
+        .iter()
+        .skip_while(|c| *c != "--config")
+        .nth(1)
+        .expect("--config");
+    assert!(
+        mounts.iter().any(|m| m.mount_path == *config_path),
+        "the config file is mounted"
+    );
 
     // The ConfigMap's agent configuration is valid.
     let data = configmap.unwrap().data.unwrap();
@@ -92,6 +114,9 @@ fn the_host_service_files_are_consistent() {
         .lines()
         .find(|l| l.starts_with("ExecStart="))
         .expect("ExecStart");
-    assert!(exec.contains("microseg agent --config /etc/microseg/agent.yaml"), "{exec}");
+    assert!(
+        exec.contains("microseg agent --config /etc/microseg/agent.yaml"),
+        "{exec}"
+    );
     assert!(unit.contains("[Install]") && unit.contains("WantedBy=multi-user.target"));
 }

@@ -50,10 +50,4 @@ impl PacketView {
     pub fn be16_at(&self, offset: usize) -> Result<u16, OutOfBounds> {
         self.read::<[u8; 2]>(offset).map(u16::from_be_bytes)
     }
-
-    /// A big-endian (network order) u32.
-    #[inline(always)]
-    pub fn be32_at(&self, offset: usize) -> Result<u32, OutOfBounds> {
-        self.read::<[u8; 4]>(offset).map(u32::from_be_bytes)
-    }
 }

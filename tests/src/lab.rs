@@ -61,7 +61,14 @@ impl Lab {
                     &node_if, "netns", &node.name,
                 ],
             );
-            ns.exec(&["ip", "addr", "add", &format!("{address}/24"), "dev", &host_if]);
+            ns.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                &host_if,
+            ]);
             ns.exec(&["ip", "link", "set", &host_if, "up"]);
             node.exec(&["ip", "link", "set", &node_if, "master", "br0"]);
             node.exec(&["ip", "link", "set", &node_if, "up"]);
@@ -152,7 +159,10 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("the agent did not become ready; its log:\n{}", self.agent_log());
+        panic!(
+            "the agent did not become ready; its log:\n{}",
+            self.agent_log()
+        );
     }
 
     pub fn agent_log(&self) -> String {
@@ -176,7 +186,6 @@ impl Lab {
             let _ = child.wait();
         }
     }
-
 
     /// Runs the CLI against this lab's agent.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {

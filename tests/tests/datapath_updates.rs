@@ -172,7 +172,7 @@ fn a_full_map_is_refused_whole_and_the_old_policy_stays() {
         datapath.test_run(XDP, &denied.to_frame()).unwrap(),
         ProgramVerdict::Drop
     );
-    let mut maps = datapath.maps().unwrap();
+    let maps = datapath.maps().unwrap();
     assert_eq!(maps.live_generation().unwrap(), 1);
     let read_back = microseg::datapath::apply::read_slot(&maps, 1).unwrap();
     assert_eq!(read_back, old);

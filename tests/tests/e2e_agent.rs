@@ -53,11 +53,20 @@ spec:
 /// inventory and a policy allowing TCP 80 applied.
 fn client_server_lab(extra_agent_args: &[&str]) -> (Lab, Vec<EchoServers>) {
     let lab = Lab::new(&[("app/client", CLIENT), ("app/server", SERVER)]);
-    let servers = vec![EchoServers::start(&lab.host("app/server").ns, &[80, 81, 9999])];
+    let servers = vec![EchoServers::start(
+        &lab.host("app/server").ns,
+        &[80, 81, 9999],
+    )];
     lab.start_agent(extra_agent_args);
     let inventory = lab.write("inventory.yaml", INVENTORY);
     let policy = lab.write("policy.yaml", &server_policy(80));
-    lab.cli_ok(&["apply", "-f", &inventory.display().to_string(), "-f", &policy.display().to_string()]);
+    lab.cli_ok(&[
+        "apply",
+        "-f",
+        &inventory.display().to_string(),
+        "-f",
+        &policy.display().to_string(),
+    ]);
     (lab, servers)
 }
 
@@ -81,24 +90,61 @@ fn the_demo_topology_is_enforced_and_events_carry_names() {
         ("production/postgresql", "10.80.0.31"),
     ];
     let lab = Lab::new(&hosts);
-    let _servers: Vec<EchoServers> = lab.hosts.iter().map(|h| EchoServers::start(&h.ns, &[443, 8080, 5432])).collect();
+    let _servers: Vec<EchoServers> = lab
+        .hosts
+        .iter()
+        .map(|h| EchoServers::start(&h.ns, &[443, 8080, 5432]))
+        .collect();
     lab.start_agent(&[]);
     let example = examples().join("demo-three-tier");
-    lab.cli_ok(&["apply", "-f", &example.join("inventory.yaml").display().to_string()]);
-    lab.cli_ok(&["apply", "-f", &example.join("policies.yaml").display().to_string()]);
+    lab.cli_ok(&[
+        "apply",
+        "-f",
+        &example.join("inventory.yaml").display().to_string(),
+    ]);
+    lab.cli_ok(&[
+        "apply",
+        "-f",
+        &example.join("policies.yaml").display().to_string(),
+    ]);
     let host = |name: &str| lab.host(name);
-    assert!(tcp_exchange(&host("ingress-nginx/load-balancer").ns, host("production/frontend-1").address, 443));
-    assert!(tcp_exchange(&host("production/frontend-1").ns, host("production/api-1").address, 8080));
-    assert!(tcp_exchange(&host("production/api-1").ns, host("production/postgresql").address, 5432));
-    assert!(!tcp_exchange(&host("production/frontend-1").ns, host("production/postgresql").address, 5432));
-    assert!(!tcp_exchange(&host("ingress-nginx/load-balancer").ns, host("production/api-1").address, 8080));
+    assert!(tcp_exchange(
+        &host("ingress-nginx/load-balancer").ns,
+        host("production/frontend-1").address,
+        443
+    ));
+    assert!(tcp_exchange(
+        &host("production/frontend-1").ns,
+        host("production/api-1").address,
+        8080
+    ));
+    assert!(tcp_exchange(
+        &host("production/api-1").ns,
+        host("production/postgresql").address,
+        5432
+    ));
+    assert!(!tcp_exchange(
+        &host("production/frontend-1").ns,
+        host("production/postgresql").address,
+        5432
+    ));
+    assert!(!tcp_exchange(
+        &host("ingress-nginx/load-balancer").ns,
+        host("production/api-1").address,
+        8080
+    ));
 
     std::thread::sleep(Duration::from_millis(200));
     let events = lab.cli_ok(&["events", "--verdict", "deny", "-o", "json", "--last", "100"]);
-    let events: Vec<Value> = events.lines().map(|l| serde_json::from_str(l).expect("event json")).collect();
+    let events: Vec<Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event json"))
+        .collect();
     let blocked = events
         .iter()
-        .find(|e| e["source"]["pod_name"] == "frontend-1" && e["destination"]["pod_name"] == "postgresql")
+        .find(|e| {
+            e["source"]["pod_name"] == "frontend-1" && e["destination"]["pod_name"] == "postgresql"
+        })
         .unwrap_or_else(|| panic!("no event for frontend-1 -> postgresql in {events:#?}"));
     assert_eq!(blocked["verdict"], "DROPPED");
     assert_eq!(blocked["drop_reason_desc"], "POLICY_DENIED");
@@ -108,7 +154,13 @@ fn the_demo_topology_is_enforced_and_events_carry_names() {
     assert_eq!(blocked["IP"]["ipVersion"], "IPv4");
     assert_eq!(blocked["l4"]["TCP"]["destination_port"], 5432);
     assert_eq!(blocked["l4"]["TCP"]["flags"]["SYN"], true);
-    assert!(blocked["source"]["labels"].as_array().unwrap().iter().any(|l| l == "k8s:tier=frontend"));
+    assert!(
+        blocked["source"]["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l == "k8s:tier=frontend")
+    );
     let denied_by: Vec<&str> = blocked["ingress_denied_by"]
         .as_array()
         .expect("ingress_denied_by")
@@ -117,13 +169,27 @@ fn the_demo_topology_is_enforced_and_events_carry_names() {
         .collect();
     assert!(denied_by.contains(&"database-policy"), "{denied_by:?}");
     // The compact line names both sides.
-    let compact = lab.cli_ok(&["events", "--verdict", "deny", "--from-pod", "production/frontend-1", "--last", "100"]);
+    let compact = lab.cli_ok(&[
+        "events",
+        "--verdict",
+        "deny",
+        "--from-pod",
+        "production/frontend-1",
+        "--last",
+        "100",
+    ]);
     assert!(
-        compact.contains("production/frontend-1:") && compact.contains("-> production/postgresql:5432") && compact.contains("INGRESS DENIED"),
+        compact.contains("production/frontend-1:")
+            && compact.contains("-> production/postgresql:5432")
+            && compact.contains("INGRESS DENIED"),
         "{compact}"
     );
     // Allowed paths produced no deny event.
-    assert!(!events.iter().any(|e| e["l4"]["TCP"]["destination_port"] == 443));
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["l4"]["TCP"]["destination_port"] == 443)
+    );
 }
 
 #[test]
@@ -137,12 +203,15 @@ fn a_policy_change_applies_to_new_and_established_flows() {
     assert!(!tcp_exchange(client, server_addr(), 81));
     // An established connection on port 80.
     let mut established = client.run_in(|| {
-        TcpStream::connect_timeout(&SocketAddr::new(server_addr(), 80), PROBE_TIMEOUT).expect("connect")
+        TcpStream::connect_timeout(&SocketAddr::new(server_addr(), 80), PROBE_TIMEOUT)
+            .expect("connect")
     });
     established.set_read_timeout(Some(PROBE_TIMEOUT)).unwrap();
     let mut buf = [0u8; 4];
     established.write_all(b"ping").unwrap();
-    established.read_exact(&mut buf).expect("echo before the change");
+    established
+        .read_exact(&mut buf)
+        .expect("echo before the change");
 
     // Move the allowed port from 80 to 81.
     let policy = lab.write("policy.yaml", &server_policy(81));
@@ -155,9 +224,17 @@ fn a_policy_change_applies_to_new_and_established_flows() {
         established.read_exact(&mut buf).is_err(),
         "the established flow must stop once its policy is revoked"
     );
-    assert!(!tcp_exchange(client, server_addr(), 80), "new flows on 80 are denied");
-    assert!(tcp_exchange(client, server_addr(), 81), "new flows on 81 are allowed");
-    println!("apply-to-enforced (CLI apply round trip, generation live on return): {apply_to_enforced:?}");
+    assert!(
+        !tcp_exchange(client, server_addr(), 80),
+        "new flows on 80 are denied"
+    );
+    assert!(
+        tcp_exchange(client, server_addr(), 81),
+        "new flows on 81 are allowed"
+    );
+    println!(
+        "apply-to-enforced (CLI apply round trip, generation live on return): {apply_to_enforced:?}"
+    );
 }
 
 #[test]
@@ -178,10 +255,19 @@ fn an_invalid_apply_is_refused_and_the_old_policy_stays() {
     assert!(!output.status.success(), "an invalid apply must fail");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("nothing was applied"), "{stderr}");
-    assert!(stderr.contains("bad.yaml: document 1") && stderr.contains("endPort"), "{stderr}");
-    assert!(stderr.contains("document 2") && stderr.contains("ipBlock.cidr"), "{stderr}");
+    assert!(
+        stderr.contains("bad.yaml: document 1") && stderr.contains("endPort"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("document 2") && stderr.contains("ipBlock.cidr"),
+        "{stderr}"
+    );
     let after = status(&lab);
-    assert_eq!(before["generation"], after["generation"], "no new generation");
+    assert_eq!(
+        before["generation"], after["generation"],
+        "no new generation"
+    );
     assert!(tcp_exchange(&lab.host("app/client").ns, server_addr(), 80));
     assert!(!tcp_exchange(&lab.host("app/client").ns, server_addr(), 81));
     let policies = lab.cli_ok(&["get", "policies", "-o", "name"]);
@@ -190,14 +276,19 @@ fn an_invalid_apply_is_refused_and_the_old_policy_stays() {
     lab.write("policies/broken.yaml", "kind: NetworkPolicy\nmetadata: {name: x, namespace: app}\nspec: {podSelector: {}, ingress: [{ports: [{port: 70000}]}]}\n");
     std::thread::sleep(Duration::from_millis(1500));
     let watched = status(&lab);
-    assert!(!watched["directoryError"].is_null(), "the broken file is reported: {watched}");
+    assert!(
+        !watched["directoryError"].is_null(),
+        "the broken file is reported: {watched}"
+    );
     assert_eq!(before["generation"], watched["generation"]);
     assert!(tcp_exchange(&lab.host("app/client").ns, server_addr(), 80));
 }
 
 #[test]
 fn kill_9_keeps_enforcement_and_a_restart_restores_the_state() {
-    if !microseg_tests::kernel_available("kill_9_keeps_enforcement_and_a_restart_restores_the_state") {
+    if !microseg_tests::kernel_available(
+        "kill_9_keeps_enforcement_and_a_restart_restores_the_state",
+    ) {
         return;
     }
     let (lab, _servers) = client_server_lab(&[]);
@@ -221,9 +312,16 @@ fn kill_9_keeps_enforcement_and_a_restart_restores_the_state() {
         lab.start_agent(&[]);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
-    assert_eq!(leaked.into_inner(), 0, "a denied flow passed during the restart");
+    assert_eq!(
+        leaked.into_inner(),
+        0,
+        "a denied flow passed during the restart"
+    );
     let restarted = status(&lab);
-    assert_eq!(restarted["generation"], generation, "the restart changed no map entry");
+    assert_eq!(
+        restarted["generation"], generation,
+        "the restart changed no map entry"
+    );
     assert_eq!(restarted["policies"], 1, "the applied policy was restored");
     assert!(lab.cli_ok(&["get", "workloads"]).contains("server"));
     assert!(tcp_exchange(client, server_addr(), 80));
@@ -232,7 +330,9 @@ fn kill_9_keeps_enforcement_and_a_restart_restores_the_state() {
 
 #[test]
 fn a_flood_of_denied_packets_leaves_the_agent_responsive_and_counts_lost_events() {
-    if !microseg_tests::kernel_available("a_flood_of_denied_packets_leaves_the_agent_responsive_and_counts_lost_events") {
+    if !microseg_tests::kernel_available(
+        "a_flood_of_denied_packets_leaves_the_agent_responsive_and_counts_lost_events",
+    ) {
         return;
     }
     // A low in-kernel event rate, so the flood overflows it.
@@ -241,7 +341,14 @@ fn a_flood_of_denied_packets_leaves_the_agent_responsive_and_counts_lost_events(
     let binary = microseg_tests::lab::microseg_binary();
     // A subscriber counting events while the flood runs.
     let mut subscriber = std::process::Command::new(&binary)
-        .args(["--socket", &socket.display().to_string(), "events", "--follow", "-o", "json"])
+        .args([
+            "--socket",
+            &socket.display().to_string(),
+            "events",
+            "--follow",
+            "-o",
+            "json",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("subscriber");
@@ -275,16 +382,29 @@ fn a_flood_of_denied_packets_leaves_the_agent_responsive_and_counts_lost_events(
         (sent, time, (status_ok, status_time))
     });
     assert!(status_during.0, "the agent answered during the flood");
-    assert!(status_during.1 < Duration::from_secs(5), "status took {:?} during the flood", status_during.1);
+    assert!(
+        status_during.1 < Duration::from_secs(5),
+        "status took {:?} during the flood",
+        status_during.1
+    );
     std::thread::sleep(Duration::from_millis(500));
     let stats: Value = serde_json::from_str(&lab.cli_ok(&["stats", "-o", "json"])).unwrap();
-    let lost = stats["counters"]["events_lost_rate_limit"].as_u64().unwrap();
+    let lost = stats["counters"]["events_lost_rate_limit"]
+        .as_u64()
+        .unwrap();
     let sent_events = stats["counters"]["events_sent"].as_u64().unwrap();
-    let denied = stats["counters"]["denied_ingress"].as_u64().unwrap() + stats["counters"]["denied_egress"].as_u64().unwrap();
+    let denied = stats["counters"]["denied_ingress"].as_u64().unwrap()
+        + stats["counters"]["denied_egress"].as_u64().unwrap();
     // Each datagram is judged at two hooks (the client's veth, then the server's).
-    assert!(denied >= sent, "every flood packet was denied: {denied} < {sent}");
+    assert!(
+        denied >= sent,
+        "every flood packet was denied: {denied} < {sent}"
+    );
     assert!(lost > 0, "the in-kernel rate limit counted lost events");
-    assert_eq!(lost + sent_events + stats["counters"]["events_lost_ring_full"].as_u64().unwrap(), denied);
+    assert_eq!(
+        lost + sent_events + stats["counters"]["events_lost_ring_full"].as_u64().unwrap(),
+        denied
+    );
     // The agent still enforces and answers.
     assert!(tcp_exchange(client, server_addr(), 80));
     drop(lab);

@@ -156,7 +156,11 @@ impl Enforcer {
         Ok(report)
     }
 
-    fn with_audit_flags(&self, compiled: &Compiled, audit: &BTreeMap<String, bool>) -> DatapathState {
+    fn with_audit_flags(
+        &self,
+        compiled: &Compiled,
+        audit: &BTreeMap<String, bool>,
+    ) -> DatapathState {
         let mut state = compiled.state.clone();
         for info in state.endpoints.values_mut() {
             let workload = compiled
@@ -210,9 +214,10 @@ fn event_names(set: &PolicySet, compiled: &Compiled) -> EventNames {
         }
     }
     for (id, rule) in compiled.rules.iter() {
-        names
-            .rules
-            .insert(id, (rule.policy_namespace.clone(), rule.policy_name.clone()));
+        names.rules.insert(
+            id,
+            (rule.policy_namespace.clone(), rule.policy_name.clone()),
+        );
     }
     names
 }

@@ -91,15 +91,17 @@ impl EventHub {
             let _ = writeln!(log, "{line}");
         }
         let mut subscribers = self.subscribers.lock().expect("subscriber lock");
-        subscribers.retain(|subscriber| match subscriber.sender.try_send(line.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                subscriber.lost.fetch_add(1, Ordering::Relaxed);
-                self.subscriber_lost.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
+        subscribers.retain(
+            |subscriber| match subscriber.sender.try_send(line.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    subscriber.lost.fetch_add(1, Ordering::Relaxed);
+                    self.subscriber_lost.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+        );
     }
 
     pub fn flush_log(&self) {

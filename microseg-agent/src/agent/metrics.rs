@@ -7,7 +7,6 @@ use microseg_common::{DropReason, counters::Counter};
 
 use super::{Agent, enforcer::APPLY_BUCKETS};
 
-
 pub async fn serve(agent: Arc<Agent>, address: SocketAddr) -> anyhow::Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
@@ -48,11 +47,28 @@ pub async fn render(agent: &Agent) -> String {
         }
     };
     if let Some(c) = &counters {
-        family(&mut out, "microseg_forward_count_total", "counter", "Packets allowed, by hook direction.");
-        for (direction, counter) in [("ingress", Counter::AllowedIngress), ("egress", Counter::AllowedEgress)] {
-            let _ = writeln!(out, "microseg_forward_count_total{{direction=\"{direction}\"}} {}", c.get(counter));
+        family(
+            &mut out,
+            "microseg_forward_count_total",
+            "counter",
+            "Packets allowed, by hook direction.",
+        );
+        for (direction, counter) in [
+            ("ingress", Counter::AllowedIngress),
+            ("egress", Counter::AllowedEgress),
+        ] {
+            let _ = writeln!(
+                out,
+                "microseg_forward_count_total{{direction=\"{direction}\"}} {}",
+                c.get(counter)
+            );
         }
-        family(&mut out, "microseg_policy_verdicts_total", "counter", "Packets judged by policy, by hook direction and action.");
+        family(
+            &mut out,
+            "microseg_policy_verdicts_total",
+            "counter",
+            "Packets judged by policy, by hook direction and action.",
+        );
         for (direction, action, counter) in [
             ("ingress", "allowed", Counter::AllowedIngress),
             ("egress", "allowed", Counter::AllowedEgress),
@@ -67,58 +83,200 @@ pub async fn render(agent: &Agent) -> String {
                 c.get(counter)
             );
         }
-        family(&mut out, "microseg_drop_count_total", "counter", "Packets dropped, by reason.");
+        family(
+            &mut out,
+            "microseg_drop_count_total",
+            "counter",
+            "Packets dropped, by reason.",
+        );
         for reason in DropReason::ALL {
-            let _ = writeln!(out, "microseg_drop_count_total{{reason=\"{}\"}} {}", reason.name(), c.drops(reason));
+            let _ = writeln!(
+                out,
+                "microseg_drop_count_total{{reason=\"{}\"}} {}",
+                reason.name(),
+                c.drops(reason)
+            );
         }
-        family(&mut out, "microseg_conntrack_hits_total", "counter", "Packets passed on a conntrack entry of the live generation.");
-        let _ = writeln!(out, "microseg_conntrack_hits_total {}", c.get(Counter::ConntrackHit));
-        family(&mut out, "microseg_parse_failures_total", "counter", "Packets that could not be parsed.");
-        let _ = writeln!(out, "microseg_parse_failures_total {}", c.get(Counter::ParseFailure));
-        family(&mut out, "microseg_events_lost_total", "counter", "Policy events not delivered, by cause.");
-        let _ = writeln!(out, "microseg_events_lost_total{{cause=\"rate_limit\"}} {}", c.get(Counter::EventsLostRateLimit));
-        let _ = writeln!(out, "microseg_events_lost_total{{cause=\"ring_full\"}} {}", c.get(Counter::EventsLostRingFull));
+        family(
+            &mut out,
+            "microseg_conntrack_hits_total",
+            "counter",
+            "Packets passed on a conntrack entry of the live generation.",
+        );
+        let _ = writeln!(
+            out,
+            "microseg_conntrack_hits_total {}",
+            c.get(Counter::ConntrackHit)
+        );
+        family(
+            &mut out,
+            "microseg_parse_failures_total",
+            "counter",
+            "Packets that could not be parsed.",
+        );
+        let _ = writeln!(
+            out,
+            "microseg_parse_failures_total {}",
+            c.get(Counter::ParseFailure)
+        );
+        family(
+            &mut out,
+            "microseg_events_lost_total",
+            "counter",
+            "Policy events not delivered, by cause.",
+        );
+        let _ = writeln!(
+            out,
+            "microseg_events_lost_total{{cause=\"rate_limit\"}} {}",
+            c.get(Counter::EventsLostRateLimit)
+        );
+        let _ = writeln!(
+            out,
+            "microseg_events_lost_total{{cause=\"ring_full\"}} {}",
+            c.get(Counter::EventsLostRingFull)
+        );
         let _ = writeln!(
             out,
             "microseg_events_lost_total{{cause=\"slow_subscriber\"}} {}",
             agent.hub.subscriber_lost.load(Ordering::Relaxed)
         );
-        family(&mut out, "microseg_events_sent_total", "counter", "Policy events written to the ring buffer by the kernel.");
-        let _ = writeln!(out, "microseg_events_sent_total {}", c.get(Counter::EventsSent));
+        family(
+            &mut out,
+            "microseg_events_sent_total",
+            "counter",
+            "Policy events written to the ring buffer by the kernel.",
+        );
+        let _ = writeln!(
+            out,
+            "microseg_events_sent_total {}",
+            c.get(Counter::EventsSent)
+        );
     }
-    family(&mut out, "microseg_events_received_total", "counter", "Policy events read from the ring buffer by the agent.");
-    let _ = writeln!(out, "microseg_events_received_total {}", agent.hub.received.load(Ordering::Relaxed));
-    family(&mut out, "microseg_bpf_map_entries", "gauge", "Entries in a map, both generation slots.");
+    family(
+        &mut out,
+        "microseg_events_received_total",
+        "counter",
+        "Policy events read from the ring buffer by the agent.",
+    );
+    let _ = writeln!(
+        out,
+        "microseg_events_received_total {}",
+        agent.hub.received.load(Ordering::Relaxed)
+    );
+    family(
+        &mut out,
+        "microseg_bpf_map_entries",
+        "gauge",
+        "Entries in a map, both generation slots.",
+    );
     for u in &usage {
-        let _ = writeln!(out, "microseg_bpf_map_entries{{map_name=\"{}\"}} {}", u.map, u.entries);
+        let _ = writeln!(
+            out,
+            "microseg_bpf_map_entries{{map_name=\"{}\"}} {}",
+            u.map, u.entries
+        );
     }
-    family(&mut out, "microseg_bpf_map_capacity", "gauge", "Capacity of a map.");
+    family(
+        &mut out,
+        "microseg_bpf_map_capacity",
+        "gauge",
+        "Capacity of a map.",
+    );
     for u in &usage {
-        let _ = writeln!(out, "microseg_bpf_map_capacity{{map_name=\"{}\"}} {}", u.map, u.capacity);
+        let _ = writeln!(
+            out,
+            "microseg_bpf_map_capacity{{map_name=\"{}\"}} {}",
+            u.map, u.capacity
+        );
     }
-    family(&mut out, "microseg_bpf_map_pressure", "gauge", "Map usage against capacity (1 = full).");
+    family(
+        &mut out,
+        "microseg_bpf_map_pressure",
+        "gauge",
+        "Map usage against capacity (1 = full).",
+    );
     for u in &usage {
         let pressure = u.entries as f64 / u.capacity.max(1) as f64;
-        let _ = writeln!(out, "microseg_bpf_map_pressure{{map_name=\"{}\"}} {pressure}", u.map);
+        let _ = writeln!(
+            out,
+            "microseg_bpf_map_pressure{{map_name=\"{}\"}} {pressure}",
+            u.map
+        );
     }
-    family(&mut out, "microseg_policy_generation", "gauge", "Live policy generation in the data path.");
+    family(
+        &mut out,
+        "microseg_policy_generation",
+        "gauge",
+        "Live policy generation in the data path.",
+    );
     let _ = writeln!(out, "microseg_policy_generation {generation}");
-    let policies = core.enforcer.enforced.as_ref().map_or(0, |e| e.set.policies.len());
-    family(&mut out, "microseg_policy", "gauge", "NetworkPolicies enforced.");
+    let policies = core
+        .enforcer
+        .enforced
+        .as_ref()
+        .map_or(0, |e| e.set.policies.len());
+    family(
+        &mut out,
+        "microseg_policy",
+        "gauge",
+        "NetworkPolicies enforced.",
+    );
     let _ = writeln!(out, "microseg_policy {policies}");
-    family(&mut out, "microseg_policy_change_total", "counter", "Policy applies, by outcome.");
-    let _ = writeln!(out, "microseg_policy_change_total{{outcome=\"success\"}} {}", core.enforcer.applies_ok);
-    let _ = writeln!(out, "microseg_policy_change_total{{outcome=\"failure\"}} {}", core.enforcer.applies_failed);
-    family(&mut out, "microseg_policy_apply_duration_seconds", "histogram", "Time from a validated policy set to its generation being live.");
+    family(
+        &mut out,
+        "microseg_policy_change_total",
+        "counter",
+        "Policy applies, by outcome.",
+    );
+    let _ = writeln!(
+        out,
+        "microseg_policy_change_total{{outcome=\"success\"}} {}",
+        core.enforcer.applies_ok
+    );
+    let _ = writeln!(
+        out,
+        "microseg_policy_change_total{{outcome=\"failure\"}} {}",
+        core.enforcer.applies_failed
+    );
+    family(
+        &mut out,
+        "microseg_policy_apply_duration_seconds",
+        "histogram",
+        "Time from a validated policy set to its generation being live.",
+    );
     let histogram = &core.enforcer.apply_latency;
     for (bound, count) in APPLY_BUCKETS.iter().zip(histogram.buckets) {
-        let _ = writeln!(out, "microseg_policy_apply_duration_seconds_bucket{{le=\"{bound}\"}} {count}");
+        let _ = writeln!(
+            out,
+            "microseg_policy_apply_duration_seconds_bucket{{le=\"{bound}\"}} {count}"
+        );
     }
-    let _ = writeln!(out, "microseg_policy_apply_duration_seconds_bucket{{le=\"+Inf\"}} {}", histogram.count);
-    let _ = writeln!(out, "microseg_policy_apply_duration_seconds_sum {}", histogram.sum_seconds);
-    let _ = writeln!(out, "microseg_policy_apply_duration_seconds_count {}", histogram.count);
-    family(&mut out, "microseg_event_subscribers", "gauge", "Connected event subscribers.");
-    let _ = writeln!(out, "microseg_event_subscribers {}", agent.hub.subscriber_count());
+    let _ = writeln!(
+        out,
+        "microseg_policy_apply_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+        histogram.count
+    );
+    let _ = writeln!(
+        out,
+        "microseg_policy_apply_duration_seconds_sum {}",
+        histogram.sum_seconds
+    );
+    let _ = writeln!(
+        out,
+        "microseg_policy_apply_duration_seconds_count {}",
+        histogram.count
+    );
+    family(
+        &mut out,
+        "microseg_event_subscribers",
+        "gauge",
+        "Connected event subscribers.",
+    );
+    let _ = writeln!(
+        out,
+        "microseg_event_subscribers {}",
+        agent.hub.subscriber_count()
+    );
     out
 }
 

@@ -26,7 +26,7 @@ use tokio::sync::Mutex;
 
 use self::{
     config::AgentConfig,
-    enforcer::{ApplyRefused, EventNames, Enforcer},
+    enforcer::{ApplyRefused, Enforcer, EventNames},
     events::EventHub,
     objects::{ObjectMap, PersistedState},
 };
@@ -187,10 +187,9 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     ));
     let api = tokio::spawn(server::serve(agent.clone(), config.clone()));
     let watcher = tokio::spawn(watch_directories(agent.clone()));
-    let metrics = match config.metrics_socket_address()? {
-        Some(address) => Some(tokio::spawn(metrics::serve(agent.clone(), address))),
-        None => None,
-    };
+    let metrics = config
+        .metrics_socket_address()?
+        .map(|address| tokio::spawn(metrics::serve(agent.clone(), address)));
     tracing::info!(socket = %config.socket.display(), "microseg agent ready");
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -53,7 +53,9 @@ pub fn parse_objects(file: &str, text: &str) -> Result<ObjectMap, Vec<String>> {
             Ok(serde_json::Value::Null) => continue,
             Ok(value) => value,
             Err(e) => {
-                errors.push(format!("{file}: document {number}: not valid YAML or JSON: {e}"));
+                errors.push(format!(
+                    "{file}: document {number}: not valid YAML or JSON: {e}"
+                ));
                 break;
             }
         };

@@ -49,7 +49,11 @@ async fn handle_connection(agent: Arc<Agent>, stream: UnixStream) -> anyhow::Res
         let request: Request = match serde_json::from_str(&line) {
             Ok(request) => request,
             Err(e) => {
-                send(&mut write, &Response::error(format!("malformed request: {e}"), vec![])).await?;
+                send(
+                    &mut write,
+                    &Response::error(format!("malformed request: {e}"), vec![]),
+                )
+                .await?;
                 continue;
             }
         };
@@ -62,7 +66,10 @@ async fn handle_connection(agent: Arc<Agent>, stream: UnixStream) -> anyhow::Res
     Ok(())
 }
 
-async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> anyhow::Result<()> {
+async fn send(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> anyhow::Result<()> {
     let mut line = serde_json::to_vec(response)?;
     line.push(b'\n');
     write.write_all(&line).await?;
@@ -212,7 +219,11 @@ fn delete_object(core: &mut AgentCore, kind: &str, namespace: &str, name: &str) 
     };
     let key = ObjectKey {
         kind: kind.to_owned(),
-        namespace: if kind == "Namespace" { String::new() } else { namespace.to_owned() },
+        namespace: if kind == "Namespace" {
+            String::new()
+        } else {
+            namespace.to_owned()
+        },
         name: name.to_owned(),
     };
     let mut api = core.api_objects.clone();
@@ -362,7 +373,9 @@ fn describe(core: &AgentCore, kind: ObjectKind, namespace: &str, name: &str) -> 
             match kind {
                 ObjectKind::Endpoints => item_name == Some(&format!("{namespace}/{name}")),
                 ObjectKind::Namespaces => item_name == Some(name),
-                ObjectKind::Identities => item["identity"].as_u64().map(|i| i.to_string()) == Some(name.to_owned()),
+                ObjectKind::Identities => {
+                    item["identity"].as_u64().map(|i| i.to_string()) == Some(name.to_owned())
+                }
                 _ => item_name == Some(name) && item["namespace"].as_str() == Some(namespace),
             }
         })
@@ -371,29 +384,32 @@ fn describe(core: &AgentCore, kind: ObjectKind, namespace: &str, name: &str) -> 
         return Response::error(format!("{name} not found in namespace {namespace}"), vec![]);
     };
     let mut detail = found.clone();
-    if kind == ObjectKind::Policies {
-        if let Some(policy) = set.policies.iter().find(|p| p.namespace == namespace && p.name == name) {
-            let rules = |rules: Option<&[crate::policy::Rule]>| -> Vec<String> {
-                rules
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|r| format!("{r:?}"))
-                    .collect()
-            };
-            detail["ingress"] = json!(rules(policy.rules(PolicyDirection::Ingress)));
-            detail["egress"] = json!(rules(policy.rules(PolicyDirection::Egress)));
-            let selected: Vec<String> = set
-                .workloads
+    if kind == ObjectKind::Policies
+        && let Some(policy) = set
+            .policies
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+    {
+        let rules = |rules: Option<&[crate::policy::Rule]>| -> Vec<String> {
+            rules
+                .unwrap_or_default()
                 .iter()
-                .filter(|w| {
-                    set.policies_selecting(w, PolicyDirection::Ingress)
-                        .chain(set.policies_selecting(w, PolicyDirection::Egress))
-                        .any(|p| p.namespace == namespace && p.name == name)
-                })
-                .map(|w| w.key())
-                .collect();
-            detail["selectedWorkloads"] = json!(selected);
-        }
+                .map(|r| format!("{r:?}"))
+                .collect()
+        };
+        detail["ingress"] = json!(rules(policy.rules(PolicyDirection::Ingress)));
+        detail["egress"] = json!(rules(policy.rules(PolicyDirection::Egress)));
+        let selected: Vec<String> = set
+            .workloads
+            .iter()
+            .filter(|w| {
+                set.policies_selecting(w, PolicyDirection::Ingress)
+                    .chain(set.policies_selecting(w, PolicyDirection::Egress))
+                    .any(|p| p.namespace == namespace && p.name == name)
+            })
+            .map(|w| w.key())
+            .collect();
+        detail["selectedWorkloads"] = json!(selected);
     }
     Response::ok(detail)
 }
@@ -434,7 +450,11 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         .and_then(|m| m.live_generation())
         .unwrap_or(0);
     let (policies, workloads, enforced) = core.enforcer.enforced.as_ref().map_or((0, 0, 0), |e| {
-        (e.set.policies.len(), e.set.workloads.len(), e.compiled.endpoints.len())
+        (
+            e.set.policies.len(),
+            e.set.workloads.len(),
+            e.compiled.endpoints.len(),
+        )
     });
     let uptime = core.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
     Response::ok(json!({

@@ -50,7 +50,9 @@ impl Client {
         if response.ok {
             Ok(response.data)
         } else {
-            let mut message = response.error.unwrap_or_else(|| "request failed".to_owned());
+            let mut message = response
+                .error
+                .unwrap_or_else(|| "request failed".to_owned());
             for detail in response.details {
                 message.push_str("\n  ");
                 message.push_str(&detail);
@@ -79,7 +81,9 @@ impl Client {
             if value.get("ok") == Some(&serde_json::Value::Bool(false)) {
                 bail!(
                     "{}",
-                    value["error"].as_str().unwrap_or("the agent refused the request")
+                    value["error"]
+                        .as_str()
+                        .unwrap_or("the agent refused the request")
                 );
             }
             if value.get("end_of_stream").is_some() {

@@ -24,23 +24,32 @@ pub enum ObjectKind {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Add or replace the objects in these files (policies, workloads, namespaces).
-    Apply { sources: Vec<SourceText> },
+    Apply {
+        sources: Vec<SourceText>,
+    },
     /// Remove the objects these files name.
-    DeleteSources { sources: Vec<SourceText> },
+    DeleteSources {
+        sources: Vec<SourceText>,
+    },
     /// Remove one object by kind, namespace and name.
     DeleteObject {
         kind: String,
         namespace: String,
         name: String,
     },
-    Get { kind: ObjectKind },
+    Get {
+        kind: ObjectKind,
+    },
     Describe {
         kind: ObjectKind,
         namespace: String,
         name: String,
     },
     /// Stream events: the last `last` buffered ones, then (with `follow`) new ones.
-    Events { last: usize, follow: bool },
+    Events {
+        last: usize,
+        follow: bool,
+    },
     Stats,
     Status,
     Audit {

@@ -14,8 +14,7 @@ use crate::{
         probe::Probe,
     },
     policy::{
-        EndpointRef, Flow, PolicySet, Protocol, VerdictReason, compile, evaluate,
-        load_paths,
+        EndpointRef, Flow, PolicySet, Protocol, VerdictReason, compile, evaluate, load_paths,
     },
 };
 use microseg_common::endpoint::{ENDPOINT_FLAG_EGRESS_ENFORCED, ENDPOINT_FLAG_INGRESS_ENFORCED};
@@ -149,7 +148,11 @@ fn only_direction(state: &DatapathState, keep: u32) -> DatapathState {
 fn direction_json(verdict: &crate::policy::DirectionVerdict) -> Value {
     let (enforced, rules, selected_by) = match &verdict.reason {
         VerdictReason::NotEnforced => (false, Vec::new(), Vec::new()),
-        VerdictReason::AllowedBy(rules) => (true, rules.iter().map(ToString::to_string).collect(), Vec::new()),
+        VerdictReason::AllowedBy(rules) => (
+            true,
+            rules.iter().map(ToString::to_string).collect(),
+            Vec::new(),
+        ),
         VerdictReason::DeniedByDefault { selected_by } => (true, Vec::new(), selected_by.clone()),
     };
     json!({
@@ -165,10 +168,10 @@ fn resolve(set: &PolicySet, text: &str) -> anyhow::Result<EndpointRef> {
     text.parse::<EndpointRef>()
         .map_err(|e| anyhow::anyhow!("{e}"))
         .and_then(|r| {
-            if let EndpointRef::Workload { namespace, name } = &r {
-                if set.workload(namespace, name).is_none() {
-                    bail!("workload {namespace}/{name} is not in the inventory");
-                }
+            if let EndpointRef::Workload { namespace, name } = &r
+                && set.workload(namespace, name).is_none()
+            {
+                bail!("workload {namespace}/{name} is not in the inventory");
             }
             Ok(r)
         })
@@ -191,12 +194,22 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<bool> {
     let (allowed, ingress, egress, engine) = if args.datapath {
         let mut kernel = KernelJudge::new(&compiled.state)?;
         let allowed = kernel.allowed(&flow)?;
-        kernel.switch_to(&only_direction(&compiled.state, ENDPOINT_FLAG_INGRESS_ENFORCED))?;
+        kernel.switch_to(&only_direction(
+            &compiled.state,
+            ENDPOINT_FLAG_INGRESS_ENFORCED,
+        ))?;
         let ingress = kernel.allowed(&flow)?;
-        kernel.switch_to(&only_direction(&compiled.state, ENDPOINT_FLAG_EGRESS_ENFORCED))?;
+        kernel.switch_to(&only_direction(
+            &compiled.state,
+            ENDPOINT_FLAG_EGRESS_ENFORCED,
+        ))?;
         let egress = kernel.allowed(&flow)?;
         if (allowed, ingress, egress)
-            != (reference.allowed, reference.ingress.allowed, reference.egress.allowed)
+            != (
+                reference.allowed,
+                reference.ingress.allowed,
+                reference.egress.allowed,
+            )
         {
             eprintln!(
                 "warning: the data path and the reference evaluator disagree on {flow}: kernel {allowed}/{ingress}/{egress}, evaluator {}/{}/{}",
@@ -261,7 +274,10 @@ fn matrix(set: &PolicySet, state: &DatapathState, args: &CheckArgs) -> anyhow::R
             if i == j {
                 continue;
             }
-            let (Some(src), Some(dst)) = (first_address(from), matching_address(to, first_address(from))) else {
+            let (Some(src), Some(dst)) = (
+                first_address(from),
+                matching_address(to, first_address(from)),
+            ) else {
                 continue;
             };
             let flow = Flow {
@@ -349,4 +365,3 @@ fn matching_address(workload: &crate::policy::Workload, like: Option<IpAddr>) ->
 pub fn parse_protocol(text: &str) -> Result<Protocol, String> {
     text.parse()
 }
-

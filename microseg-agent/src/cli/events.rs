@@ -66,7 +66,15 @@ pub fn run(socket: &Path, args: &EventsArgs) -> anyhow::Result<()> {
     let filter = Filter::new(args, since)?;
     let last = args.last.unwrap_or(if args.follow { 0 } else { 20 });
     let mut shown = 0usize;
-    let mut table_rows = Table::new(&["TIME", "SOURCE", "DESTINATION", "PROTOCOL", "DIRECTION", "VERDICT", "REASON"]);
+    let mut table_rows = Table::new(&[
+        "TIME",
+        "SOURCE",
+        "DESTINATION",
+        "PROTOCOL",
+        "DIRECTION",
+        "VERDICT",
+        "REASON",
+    ]);
     let mut client = Client::connect(socket)?;
     client.stream(
         &Request::Events {
@@ -113,7 +121,10 @@ fn table_row(event: &Value) -> Vec<String> {
         source,
         destination,
         protocol,
-        event["traffic_direction"].as_str().unwrap_or("-").to_owned(),
+        event["traffic_direction"]
+            .as_str()
+            .unwrap_or("-")
+            .to_owned(),
         event["verdict"].as_str().unwrap_or("-").to_owned(),
         event["drop_reason_desc"].as_str().unwrap_or("-").to_owned(),
     ]
@@ -142,14 +153,20 @@ struct Filter<'a> {
 
 impl<'a> Filter<'a> {
     fn new(args: &'a EventsArgs, since: Option<Duration>) -> anyhow::Result<Self> {
-        let verdict = match args.verdict.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        let verdict = match args
+            .verdict
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None => None,
             Some("deny" | "denied" | "dropped" | "drop") => Some("DROPPED"),
             Some("audit" | "audited") => Some("AUDIT"),
             Some("forwarded" | "allow" | "allowed") => Some("FORWARDED"),
             Some(other) => anyhow::bail!("--verdict {other:?}: use deny, audit or forwarded"),
         };
-        let not_before = since.map(|d| chrono::Utc::now() - chrono::Duration::from_std(d).unwrap_or_default());
+        let not_before =
+            since.map(|d| chrono::Utc::now() - chrono::Duration::from_std(d).unwrap_or_default());
         Ok(Self {
             args,
             verdict,
@@ -159,10 +176,10 @@ impl<'a> Filter<'a> {
 
     fn matches(&self, event: &Value) -> bool {
         let a = self.args;
-        if let Some(verdict) = self.verdict {
-            if event["verdict"].as_str() != Some(verdict) {
-                return false;
-            }
+        if let Some(verdict) = self.verdict
+            && event["verdict"].as_str() != Some(verdict)
+        {
+            return false;
         }
         if let Some(not_before) = self.not_before {
             let time = event["time"]
@@ -181,45 +198,57 @@ impl<'a> Filter<'a> {
                 None => wanted == name,
             }
         };
-        if let Some(ns) = &a.namespace {
-            if event["source"]["namespace"].as_str() != Some(ns)
-                && event["destination"]["namespace"].as_str() != Some(ns)
-            {
-                return false;
-            }
+        if let Some(ns) = &a.namespace
+            && event["source"]["namespace"].as_str() != Some(ns)
+            && event["destination"]["namespace"].as_str() != Some(ns)
+        {
+            return false;
         }
-        if let Some(pod) = &a.pod {
-            if !side_is("source", pod) && !side_is("destination", pod) {
-                return false;
-            }
+        if let Some(pod) = &a.pod
+            && !side_is("source", pod)
+            && !side_is("destination", pod)
+        {
+            return false;
         }
         if a.from_pod.as_ref().is_some_and(|p| !side_is("source", p)) {
             return false;
         }
-        if a.to_pod.as_ref().is_some_and(|p| !side_is("destination", p)) {
+        if a.to_pod
+            .as_ref()
+            .is_some_and(|p| !side_is("destination", p))
+        {
             return false;
         }
-        let ip = |field: &str| event["IP"][field].as_str().and_then(|s| s.parse::<IpAddr>().ok());
-        if let Some(wanted) = a.ip {
-            if ip("source") != Some(wanted) && ip("destination") != Some(wanted) {
-                return false;
-            }
-        }
-        if a.from_ip.is_some_and(|w| ip("source") != Some(w)) || a.to_ip.is_some_and(|w| ip("destination") != Some(w)) {
+        let ip = |field: &str| {
+            event["IP"][field]
+                .as_str()
+                .and_then(|s| s.parse::<IpAddr>().ok())
+        };
+        if let Some(wanted) = a.ip
+            && ip("source") != Some(wanted)
+            && ip("destination") != Some(wanted)
+        {
             return false;
         }
-        if let Some(direction) = &a.traffic_direction {
-            if !event["traffic_direction"]
+        if a.from_ip.is_some_and(|w| ip("source") != Some(w))
+            || a.to_ip.is_some_and(|w| ip("destination") != Some(w))
+        {
+            return false;
+        }
+        if let Some(direction) = &a.traffic_direction
+            && !event["traffic_direction"]
                 .as_str()
                 .is_some_and(|d| d.eq_ignore_ascii_case(direction))
-            {
-                return false;
-            }
+        {
+            return false;
         }
         let l4 = event["l4"].as_object();
         if let Some(protocol) = &a.protocol {
             let wanted = protocol.to_ascii_uppercase();
-            if !l4.is_some_and(|m| m.keys().any(|k| k.to_ascii_uppercase().starts_with(&wanted))) {
+            if !l4.is_some_and(|m| {
+                m.keys()
+                    .any(|k| k.to_ascii_uppercase().starts_with(&wanted))
+            }) {
                 return false;
             }
         }

@@ -274,7 +274,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kind: kind.object_kind(),
             })?;
             let namespace = if all_namespaces { None } else { namespace };
-            resources::print_list(kind.object_kind(), &data, name.as_deref(), namespace.as_deref(), output)?;
+            resources::print_list(
+                kind.object_kind(),
+                &data,
+                name.as_deref(),
+                namespace.as_deref(),
+                output,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Describe {
@@ -354,7 +360,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Detach { pin_dir } => {
             let detached = crate::datapath::detach_pinned(&pin_dir)?;
-            println!("detached {detached} links and removed the pinned maps under {}", pin_dir.display());
+            println!(
+                "detached {detached} links and removed the pinned maps under {}",
+                pin_dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -423,7 +432,8 @@ fn read_sources(paths: &[PathBuf]) -> anyhow::Result<Vec<SourceText>> {
 }
 
 fn collect(path: &std::path::Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    let metadata = std::fs::metadata(path).with_context(|| format!("{} cannot be read", path.display()))?;
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("{} cannot be read", path.display()))?;
     if metadata.is_file() {
         files.push(path.to_owned());
         return Ok(());

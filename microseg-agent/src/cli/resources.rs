@@ -70,31 +70,119 @@ pub fn print_list(
             vec!["namespace", "name", "podSelector", "policyTypes"],
         ),
         (ObjectKind::Policies, true) => (
-            vec!["NAMESPACE", "NAME", "POD-SELECTOR", "POLICY-TYPES", "INGRESS-RULES", "EGRESS-RULES", "SOURCE"],
-            vec!["namespace", "name", "podSelector", "policyTypes", "ingressRules", "egressRules", "source"],
+            vec![
+                "NAMESPACE",
+                "NAME",
+                "POD-SELECTOR",
+                "POLICY-TYPES",
+                "INGRESS-RULES",
+                "EGRESS-RULES",
+                "SOURCE",
+            ],
+            vec![
+                "namespace",
+                "name",
+                "podSelector",
+                "policyTypes",
+                "ingressRules",
+                "egressRules",
+                "source",
+            ],
         ),
         (ObjectKind::Workloads, false) => (
-            vec!["NAMESPACE", "NAME", "ADDRESSES", "IDENTITY", "INGRESS", "EGRESS"],
-            vec!["namespace", "name", "addresses", "identity", "ingressEnforced", "egressEnforced"],
+            vec![
+                "NAMESPACE",
+                "NAME",
+                "ADDRESSES",
+                "IDENTITY",
+                "INGRESS",
+                "EGRESS",
+            ],
+            vec![
+                "namespace",
+                "name",
+                "addresses",
+                "identity",
+                "ingressEnforced",
+                "egressEnforced",
+            ],
         ),
         (ObjectKind::Workloads, true) => (
-            vec!["NAMESPACE", "NAME", "ADDRESSES", "IDENTITY", "ENDPOINT", "INGRESS", "EGRESS", "AUDIT", "LABELS"],
-            vec!["namespace", "name", "addresses", "identity", "endpoint", "ingressEnforced", "egressEnforced", "audit", "labels"],
+            vec![
+                "NAMESPACE",
+                "NAME",
+                "ADDRESSES",
+                "IDENTITY",
+                "ENDPOINT",
+                "INGRESS",
+                "EGRESS",
+                "AUDIT",
+                "LABELS",
+            ],
+            vec![
+                "namespace",
+                "name",
+                "addresses",
+                "identity",
+                "endpoint",
+                "ingressEnforced",
+                "egressEnforced",
+                "audit",
+                "labels",
+            ],
         ),
         (ObjectKind::Namespaces, _) => (vec!["NAME", "LABELS"], vec!["name", "labels"]),
-        (ObjectKind::Identities, _) => (vec!["IDENTITY", "DESCRIPTION"], vec!["identity", "description"]),
+        (ObjectKind::Identities, _) => (
+            vec!["IDENTITY", "DESCRIPTION"],
+            vec!["identity", "description"],
+        ),
         (ObjectKind::Endpoints, false) => (
-            vec!["ENDPOINT", "WORKLOAD", "ADDRESSES", "INGRESS", "EGRESS", "AUDIT"],
-            vec!["endpoint", "workload", "addresses", "ingressEnforced", "egressEnforced", "audit"],
+            vec![
+                "ENDPOINT",
+                "WORKLOAD",
+                "ADDRESSES",
+                "INGRESS",
+                "EGRESS",
+                "AUDIT",
+            ],
+            vec![
+                "endpoint",
+                "workload",
+                "addresses",
+                "ingressEnforced",
+                "egressEnforced",
+                "audit",
+            ],
         ),
         (ObjectKind::Endpoints, true) => (
-            vec!["ENDPOINT", "WORKLOAD", "ADDRESSES", "INGRESS", "EGRESS", "AUDIT", "INGRESS-POLICIES", "EGRESS-POLICIES"],
-            vec!["endpoint", "workload", "addresses", "ingressEnforced", "egressEnforced", "audit", "ingressPolicies", "egressPolicies"],
+            vec![
+                "ENDPOINT",
+                "WORKLOAD",
+                "ADDRESSES",
+                "INGRESS",
+                "EGRESS",
+                "AUDIT",
+                "INGRESS-POLICIES",
+                "EGRESS-POLICIES",
+            ],
+            vec![
+                "endpoint",
+                "workload",
+                "addresses",
+                "ingressEnforced",
+                "egressEnforced",
+                "audit",
+                "ingressPolicies",
+                "egressPolicies",
+            ],
         ),
     };
     if output == OutputFormat::Name {
         for item in &items {
-            let name = item["name"].as_str().or_else(|| item["workload"].as_str()).unwrap_or_default();
+            let name = item["name"]
+                .as_str()
+                .or_else(|| item["workload"].as_str())
+                .unwrap_or_default();
             match item["namespace"].as_str() {
                 Some(ns) => println!("{ns}/{name}"),
                 None => println!("{name}"),

@@ -125,7 +125,8 @@ impl Datapath {
         let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for name in [maps::PROG_XDP] {
+        {
+            let name = maps::PROG_XDP;
             let program: &mut Xdp = program_mut(&mut ebpf, name)?;
             program
                 .load()
@@ -218,10 +219,10 @@ impl Datapath {
                 }
                 // An older pin for the same interface and hook is replaced: unpinning
                 // it detaches the old program once the new one is in place.
-                if path.exists() {
-                    if let Ok(old) = PinnedLink::from_pin(&path) {
-                        let _ = old.unpin();
-                    }
+                if path.exists()
+                    && let Ok(old) = PinnedLink::from_pin(&path)
+                {
+                    let _ = old.unpin();
                 }
                 link.pin(&path).map_err(|e| DatapathError::Pin {
                     path: path.clone(),
@@ -287,8 +288,16 @@ pub fn detach_pinned(pin_dir: &Path) -> Result<usize, DatapathError> {
 
 fn pinned_link_paths(pin_dir: &Path) -> Vec<PathBuf> {
     let mut paths = Vec::new();
-    for hook in std::fs::read_dir(pin_dir.join("links")).into_iter().flatten().flatten() {
-        for link in std::fs::read_dir(hook.path()).into_iter().flatten().flatten() {
+    for hook in std::fs::read_dir(pin_dir.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for link in std::fs::read_dir(hook.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             paths.push(link.path());
         }
     }

@@ -31,15 +31,26 @@ fn main() -> anyhow::Result<()> {
         "the demo needs root (BPF and network namespaces)"
     );
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-three-tier");
-    let set = load_paths(&[example.join("policies.yaml"), example.join("inventory.yaml")])
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let expected = load_expected(&example.join("expected.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let set = load_paths(&[
+        example.join("policies.yaml"),
+        example.join("inventory.yaml"),
+    ])
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let expected =
+        load_expected(&example.join("expected.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     step("1/5", "eight hosts in network namespaces on one bridge");
-    let names: Vec<(String, &str)> = HOSTS.iter().map(|(ns, n, a)| (format!("{ns}/{n}"), *a)).collect();
+    let names: Vec<(String, &str)> = HOSTS
+        .iter()
+        .map(|(ns, n, a)| (format!("{ns}/{n}"), *a))
+        .collect();
     let name_refs: Vec<(&str, &str)> = names.iter().map(|(n, a)| (n.as_str(), *a)).collect();
     let lab = Lab::new(&name_refs);
-    let _servers: Vec<EchoServers> = lab.hosts.iter().map(|h| EchoServers::start(&h.ns, &PORTS)).collect();
+    let _servers: Vec<EchoServers> = lab
+        .hosts
+        .iter()
+        .map(|h| EchoServers::start(&h.ns, &PORTS))
+        .collect();
     for host in &lab.hosts {
         println!("  {:<28} {}", host.name, host.address);
     }
@@ -48,7 +59,10 @@ fn main() -> anyhow::Result<()> {
     lab.start_agent(&[]);
     print!("{}", indent(&lab.cli_ok(&["status"])));
 
-    step("3/5", "microseg apply -f examples/demo-three-tier/ (the guide's policies)");
+    step(
+        "3/5",
+        "microseg apply -f examples/demo-three-tier/ (the guide's policies)",
+    );
     let applied = lab.cli_ok(&[
         "apply",
         "-f",
@@ -57,7 +71,10 @@ fn main() -> anyhow::Result<()> {
         &example.join("policies.yaml").display().to_string(),
     ]);
     print!("{}", indent(&applied));
-    print!("{}", indent(&lab.cli_ok(&["get", "endpoints", "-o", "wide"])));
+    print!(
+        "{}",
+        indent(&lab.cli_ok(&["get", "endpoints", "-o", "wide"]))
+    );
 
     step("4/5", "probe every path with a real TCP connection");
     println!(
@@ -66,8 +83,16 @@ fn main() -> anyhow::Result<()> {
     );
     let mut mismatches = 0;
     for flow in &expected {
-        let (EndpointRef::Workload { namespace: fns, name: fname }, EndpointRef::Workload { namespace: tns, name: tname }) =
-            (&flow.from, &flow.to)
+        let (
+            EndpointRef::Workload {
+                namespace: fns,
+                name: fname,
+            },
+            EndpointRef::Workload {
+                namespace: tns,
+                name: tname,
+            },
+        ) = (&flow.from, &flow.to)
         else {
             continue;
         };
@@ -76,7 +101,11 @@ fn main() -> anyhow::Result<()> {
         let observed = tcp_exchange(&from.ns, to.address, flow.port);
         let expected_allow = flow.verdict == ExpectedVerdict::Allow;
         let word = |allowed: bool| if allowed { "allow" } else { "deny" };
-        let mark = if observed == expected_allow { "ok" } else { "MISMATCH" };
+        let mark = if observed == expected_allow {
+            "ok"
+        } else {
+            "MISMATCH"
+        };
         mismatches += usize::from(observed != expected_allow);
         println!(
             "  {:<28} {:<28} {:>5}  {:<8} {:<8} {mark}",
@@ -89,16 +118,25 @@ fn main() -> anyhow::Result<()> {
     }
     let _ = set;
 
-    step("5/5", "deny events, as the agent streams them (microseg events --verdict deny)");
+    step(
+        "5/5",
+        "deny events, as the agent streams them (microseg events --verdict deny)",
+    );
     // Events reach the agent asynchronously; give the last ones a moment.
     std::thread::sleep(std::time::Duration::from_millis(300));
-    print!("{}", indent(&lab.cli_ok(&["events", "--verdict", "deny", "--last", "50"])));
+    print!(
+        "{}",
+        indent(&lab.cli_ok(&["events", "--verdict", "deny", "--last", "50"]))
+    );
     println!();
     print!("{}", indent(&lab.cli_ok(&["stats"])));
     lab.stop_agent();
     drop(lab);
     println!();
-    anyhow::ensure!(mismatches == 0, "{mismatches} paths did not match the policy");
+    anyhow::ensure!(
+        mismatches == 0,
+        "{mismatches} paths did not match the policy"
+    );
     println!(
         "All {} paths matched the policy. Agent stopped, namespaces and pinned state removed.",
         expected.len()
