@@ -35,16 +35,49 @@ pub enum Tracked {
 
 #[inline(always)]
 pub fn flow_of(info: &PacketInfo, src_port: u16, dst_port: u16) -> Flow {
-    if sorts_before(&info.src, src_port, &info.dst, dst_port) {
+    flow_between(&info.src, src_port, &info.dst, dst_port, info.protocol)
+}
+
+/// The flow of a packet from `src:src_port` to `dst:dst_port`.
+#[inline(always)]
+pub fn flow_between(
+    src: &[u8; 16],
+    src_port: u16,
+    dst: &[u8; 16],
+    dst_port: u16,
+    protocol: u8,
+) -> Flow {
+    if side_of(src, src_port, dst, dst_port) == FLOW_ORIGIN_A {
         Flow {
-            key: FlowKey::new(info.src, src_port, info.dst, dst_port, info.protocol),
+            key: FlowKey::new(*src, src_port, *dst, dst_port, protocol),
             sender: FLOW_ORIGIN_A,
         }
     } else {
         Flow {
-            key: FlowKey::new(info.dst, dst_port, info.src, src_port, info.protocol),
+            key: FlowKey::new(*dst, dst_port, *src, src_port, protocol),
             sender: FLOW_ORIGIN_B,
         }
+    }
+}
+
+/// Which side of its flow a packet from `src:src_port` to `dst:dst_port` comes from.
+#[inline(always)]
+pub fn side_of(src: &[u8; 16], src_port: u16, dst: &[u8; 16], dst_port: u16) -> u8 {
+    if sorts_before(src, src_port, dst, dst_port) {
+        FLOW_ORIGIN_A
+    } else {
+        FLOW_ORIGIN_B
+    }
+}
+
+/// Whether the flow with this (normalised) key is tracked as allowed under the live
+/// generation.
+#[inline(always)]
+pub fn key_is_current(key: &FlowKey, generation: u32) -> bool {
+    // SAFETY: the value is copied out at once.
+    match unsafe { CONNTRACK.get(key) } {
+        Some(state) => state.generation == generation,
+        None => false,
     }
 }
 

@@ -14,6 +14,7 @@ mod identity;
 mod packet;
 mod parse;
 mod policy;
+mod related;
 mod verdict;
 
 use aya_ebpf::{

@@ -74,6 +74,9 @@ pub struct PacketInfo {
     pub tcp_flags: u8,
     pub transport: Transport,
     pub fragment: Fragment,
+    /// Offset of the transport header in the packet (for ICMP errors, whose quoted
+    /// packet `related` reads).
+    pub l4_offset: u16,
 }
 
 impl PacketInfo {
@@ -260,6 +263,7 @@ fn new_info(family: u8, src: [u8; 16], dst: [u8; 16], protocol: u8) -> PacketInf
         tcp_flags: 0,
         transport: Transport::Known,
         fragment: Fragment::None,
+        l4_offset: 0,
     }
 }
 
@@ -268,6 +272,7 @@ fn new_info(family: u8, src: [u8; 16], dst: [u8; 16], protocol: u8) -> PacketInf
 #[inline(always)]
 fn parse_transport(packet: &PacketView, l4: usize, info: &mut PacketInfo) {
     let truncated = Transport::Unknown(DropReason::MalformedL4);
+    info.l4_offset = l4 as u16;
     match info.protocol {
         PROTO_TCP => {
             let Ok(tcp) = packet.read::<[u8; 20]>(l4) else {
@@ -314,9 +319,23 @@ fn parse_transport(packet: &PacketView, l4: usize, info: &mut PacketInfo) {
     }
 }
 
+/// An ICMP error quoting the packet it reports on: destination unreachable (incl.
+/// fragmentation needed), time exceeded, parameter problem; ICMPv6 destination
+/// unreachable, packet too big, time exceeded, parameter problem.
+#[inline(always)]
+pub fn is_icmp_error(protocol: u8, icmp_type: u8) -> bool {
+    if protocol == PROTO_ICMP {
+        matches!(icmp_type, 3 | 11 | 12)
+    } else if protocol == PROTO_ICMPV6 {
+        matches!(icmp_type, 1..=4)
+    } else {
+        false
+    }
+}
+
 /// Echo request or reply, whose identifier ties a reply to its request.
 #[inline(always)]
-fn is_echo(protocol: u8, icmp_type: u8) -> bool {
+pub fn is_echo(protocol: u8, icmp_type: u8) -> bool {
     if protocol == PROTO_ICMP {
         icmp_type == 8 || icmp_type == 0
     } else {

@@ -6,7 +6,8 @@
 //!    is; neither: pass (a direction with no selecting policy is not enforced);
 //! 4. transport: ports of later fragments from their first fragment; a packet whose
 //!    transport cannot be known drops (it involves an enforced endpoint);
-//! 5. conntrack: a flow allowed under the live generation passes, replies included;
+//! 5. conntrack: a flow allowed under the live generation passes, replies included,
+//!    and so do ICMP errors quoting one of its packets (`related`);
 //!    a flow allowed under an older generation is judged again in its first packet's
 //!    direction;
 //! 6. policy, per enforced direction: peer identity, then (endpoint, identity,
@@ -33,7 +34,7 @@ use crate::{
     fragment, identity,
     packet::PacketView,
     parse::{self, Fragment, PacketInfo, Parsed, Transport},
-    policy,
+    policy, related,
 };
 
 pub enum Verdict {
@@ -112,6 +113,15 @@ pub fn judge(packet: &PacketView, hook: Hook, ifindex: u32) -> Verdict {
     };
     if let Fragment::First { id } = info.fragment {
         fragment::remember(&info, id);
+    }
+
+    // An ICMP error about a flow allowed under the live generation is part of it.
+    if parse::is_icmp_error(info.protocol, info.icmp_type)
+        && related::icmp_error_is_related(packet, &info, generation)
+    {
+        counters::count(Counter::ConntrackHit);
+        count_allowed(hook);
+        return Verdict::Pass;
     }
 
     let now = conntrack::now_ns();

@@ -695,3 +695,72 @@ fn arp_and_neighbour_discovery_pass_even_to_enforced_endpoints() {
     let frame = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &[], 58, &echo));
     assert_eq!(h.verdict_of_frame(&frame), DROP);
 }
+
+/// An ICMP error quoting `quoted` (an IP packet), sent from `router` to `to`.
+fn icmp_error_v4(router: &str, to: &str, icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend_from_slice(&quoted[..quoted.len().min(28)]);
+    ethernet(0x0800, &ipv4(router, to, 1, &[], 9, 0, &icmp))
+}
+
+fn icmp_error_v6(router: &str, to: &str, icmp_type: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, 0, 0, 0, 0, 0, 0x05, 0x00];
+    icmp.extend_from_slice(&quoted[..quoted.len().min(48)]);
+    ethernet(0x86dd, &ipv6(router, to, &[], 58, &icmp))
+}
+
+#[test]
+fn icmp_errors_about_allowed_flows_pass_as_related() {
+    // The client may open TCP 80 to the server; nothing may reach the client unasked.
+    let builder = StateBuilder::default()
+        .endpoint(CLIENT, 2, true, true, false)
+        .endpoint(CLIENT6, 2, true, true, false)
+        .host(SERVER, 301)
+        .host(SERVER6, 301)
+        .allow(2, 301, Direction::Egress, TCP, Some((80, 80)), 1);
+    let Some(h) = harness_with(builder) else {
+        return;
+    };
+    let sent = ipv4(CLIENT, SERVER, 6, &[], 1, 0, &tcp_header(40100, 80));
+    let untracked = ipv4(CLIENT, SERVER, 6, &[], 1, 0, &tcp_header(40101, 80));
+    // Before the flow exists, a "fragmentation needed" about it is unsolicited.
+    let frag_needed = icmp_error_v4("192.0.2.1", CLIENT, 3, 4, &sent);
+    assert_eq!(h.verdict_of_frame(&frag_needed), DROP);
+    assert_eq!(
+        h.verdict(&Probe::tcp(ip(CLIENT), 40100, ip(SERVER), 80)),
+        PASS
+    );
+    assert_eq!(
+        h.verdict_of_frame(&frag_needed),
+        PASS,
+        "RELATED: path MTU discovery works"
+    );
+    let unreachable = icmp_error_v4(SERVER, CLIENT, 3, 3, &sent);
+    assert_eq!(h.verdict_of_frame(&unreachable), PASS);
+    // About a flow that was never allowed, or sent to someone else: policy decides.
+    assert_eq!(
+        h.verdict_of_frame(&icmp_error_v4("192.0.2.1", CLIENT, 3, 4, &untracked)),
+        DROP
+    );
+    let spoofed = ipv4(OTHER, SERVER, 6, &[], 1, 0, &tcp_header(40100, 80));
+    assert_eq!(
+        h.verdict_of_frame(&icmp_error_v4("192.0.2.1", CLIENT, 3, 4, &spoofed)),
+        DROP
+    );
+    // An echo request from outside is not an error: denied.
+    let echo = ethernet(
+        0x0800,
+        &ipv4("192.0.2.1", CLIENT, 1, &[], 9, 0, &[8, 0, 0, 0, 0, 1, 0, 1]),
+    );
+    assert_eq!(h.verdict_of_frame(&echo), DROP);
+
+    // IPv6: "packet too big" about an allowed flow.
+    let sent6 = ipv6(CLIENT6, SERVER6, &[], 6, &tcp_header(40200, 80));
+    let too_big = icmp_error_v6("2001:db8::1", CLIENT6, 2, &sent6);
+    assert_eq!(h.verdict_of_frame(&too_big), DROP);
+    assert_eq!(
+        h.verdict(&Probe::tcp(ip(CLIENT6), 40200, ip(SERVER6), 80)),
+        PASS
+    );
+    assert_eq!(h.verdict_of_frame(&too_big), PASS, "RELATED over IPv6");
+}
