@@ -415,3 +415,65 @@ fn a_flood_of_denied_packets_leaves_the_agent_responsive_and_counts_lost_events(
         "flood: {sent} packets in {flood_time:?}; {denied} denials; {sent_events} events sent, {lost} lost to the rate limit; subscriber received {received}"
     );
 }
+
+#[test]
+fn audit_mode_and_delete_work_through_the_cli() {
+    if !microseg_tests::kernel_available("audit_mode_and_delete_work_through_the_cli") {
+        return;
+    }
+    let (lab, _servers) = client_server_lab(&[]);
+    let client = &lab.host("app/client").ns;
+    assert!(!tcp_exchange(client, server_addr(), 81));
+    // Audit mode: the would-be deny passes and is reported as AUDIT.
+    lab.cli_ok(&["audit", "on", "app/server"]);
+    assert!(
+        tcp_exchange(client, server_addr(), 81),
+        "audit mode lets the flow pass"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let audited = lab.cli_ok(&[
+        "events",
+        "--verdict",
+        "audit",
+        "-o",
+        "json",
+        "--last",
+        "100",
+    ]);
+    let event: Value =
+        serde_json::from_str(audited.lines().last().expect("an audit event")).unwrap();
+    assert_eq!(event["verdict"], "AUDIT");
+    assert_eq!(event["destination"]["pod_name"], "server");
+    assert_eq!(event["l4"]["TCP"]["destination_port"], 81);
+    let workloads: Value =
+        serde_json::from_str(&lab.cli_ok(&["get", "workloads", "-o", "json"])).unwrap();
+    let server = workloads
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "server")
+        .unwrap();
+    assert_eq!(server["audit"], true);
+    // Audit off: enforced again. The audited flow's conntrack entry belongs to the
+    // old generation, so it is judged again too.
+    lab.cli_ok(&["audit", "off", "app/server"]);
+    assert!(!tcp_exchange(client, server_addr(), 81));
+    // Unknown workloads are refused with one sentence.
+    let unknown = lab.cli(&["audit", "on", "app/nobody"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("workload app/nobody not found"));
+    // Deleting the only policy opens the server again.
+    let deleted = lab.cli_ok(&["delete", "policy", "server-ingress", "-n", "app"]);
+    assert!(
+        deleted.contains("NetworkPolicy app/server-ingress deleted"),
+        "{deleted}"
+    );
+    assert!(tcp_exchange(client, server_addr(), 81));
+    assert!(
+        lab.cli_ok(&["get", "policies", "-o", "name"])
+            .trim()
+            .is_empty()
+    );
+    let missing = lab.cli(&["delete", "policy", "server-ingress", "-n", "app"]);
+    assert!(!missing.status.success(), "deleting twice fails");
+}
