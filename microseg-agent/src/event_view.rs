@@ -218,3 +218,37 @@ fn l4_summary(l4: &Value) -> (Option<u64>, Option<u64>, String) {
     }
     (None, None, String::new())
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::compact_line;
+
+    #[test]
+    fn compact_line_reads_like_hubble_observe() {
+        let flow = json!({
+            "time": "2026-11-25T10:00:00.123456789Z",
+            "verdict": "DROPPED",
+            "traffic_direction": "INGRESS",
+            "IP": {"source": "10.0.0.1", "destination": "10.0.0.2", "ipVersion": "IPv4"},
+            "source": {"identity": 1234, "namespace": "default", "pod_name": "a"},
+            "destination": {"namespace": "default", "pod_name": "b"},
+            "l4": {"TCP": {"source_port": 43210, "destination_port": 80, "flags": {"SYN": true}}},
+        });
+        let line = compact_line(&flow);
+        let (_, rest) = line.split_once(": ").unwrap();
+        assert_eq!(
+            rest,
+            "default/a:43210 (ID:1234) -> default/b:80 policy-verdict:none INGRESS DENIED (TCP Flags: SYN)"
+        );
+        let world = json!({
+            "time": "2026-11-25T10:00:00Z", "verdict": "DROPPED", "traffic_direction": "INGRESS",
+            "IP": {"source": "192.0.2.9", "destination": "10.0.0.2"},
+            "source": {"identity": 2, "labels": ["reserved:world"]},
+            "destination": {"namespace": "default", "pod_name": "b"},
+            "l4": {"UDP": {"source_port": 5353, "destination_port": 53}},
+        });
+        assert!(compact_line(&world).contains("192.0.2.9:5353 (world) -> default/b:53"));
+    }
+}

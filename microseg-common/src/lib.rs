@@ -3,7 +3,7 @@
 //! Every map key and value and the event record is `#[repr(C)]` with explicit padding
 //! and a `const` size assertion, so the eBPF side and userspace agree byte for byte.
 //! With the `user` feature each type implements `aya::Pod`.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod addr;
 pub mod config;

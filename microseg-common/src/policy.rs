@@ -156,3 +156,44 @@ pub fn port_range_blocks(first: u16, last: u16, mut emit: impl FnMut(u16, u8)) {
 }
 
 crate::impl_pod!(PolicyKeyData, PolicyEntry);
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::port_range_blocks;
+
+    fn blocks(first: u16, last: u16) -> Vec<(u16, u8)> {
+        let mut blocks = Vec::new();
+        port_range_blocks(first, last, |port, bits| blocks.push((port, bits)));
+        blocks
+    }
+
+    #[test]
+    fn known_ranges() {
+        assert_eq!(blocks(80, 80), [(80, 16)]);
+        assert_eq!(blocks(0, 65535), [(0, 0)]);
+        assert_eq!(blocks(8000, 8007), [(8000, 13)]);
+        assert_eq!(blocks(1, 2), [(1, 16), (2, 16)]);
+        assert!(blocks(10, 9).is_empty());
+    }
+
+    proptest! {
+        /// The blocks are aligned, disjoint, in order, cover exactly first..=last,
+        /// and number at most 30 (the worst case for 16-bit ports).
+        #[test]
+        fn blocks_cover_exactly_the_range(a in any::<u16>(), b in any::<u16>()) {
+            let (first, last) = (a.min(b), a.max(b));
+            let found = blocks(first, last);
+            prop_assert!(found.len() <= 30);
+            let mut next = first as u32;
+            for (port, bits) in found {
+                let size = 1u32 << (16 - bits as u32);
+                prop_assert_eq!(port as u32, next, "contiguous");
+                prop_assert_eq!(port as u32 % size, 0, "aligned");
+                next = port as u32 + size;
+            }
+            prop_assert_eq!(next, last as u32 + 1, "ends at last");
+        }
+    }
+}

@@ -170,3 +170,43 @@ impl AgentConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interfaces_parse_with_their_attach_mode() {
+        assert_eq!(
+            InterfaceConfig::parse("eth0").unwrap().attach,
+            AttachMode::Xdp
+        );
+        assert_eq!(
+            InterfaceConfig::parse("veth1:tc").unwrap().attach,
+            AttachMode::Tc
+        );
+        assert_eq!(
+            InterfaceConfig::parse("eth0.100:xdp-generic").unwrap().name,
+            "eth0.100"
+        );
+        assert!(InterfaceConfig::parse("eth0:ebpf").is_err());
+        assert!(InterfaceConfig::parse("a-name-longer-than-15").is_err());
+    }
+
+    #[test]
+    fn invalid_settings_are_refused() {
+        let config = AgentConfig {
+            socket_mode: "999".into(),
+            ..AgentConfig::default()
+        };
+        assert!(config.validate().is_err());
+        let config = AgentConfig {
+            metrics_address: "localhost".into(),
+            ..AgentConfig::default()
+        };
+        assert!(config.validate().is_err());
+        assert_eq!(AgentConfig::default().socket_mode_bits().unwrap(), 0o600);
+        let unknown: Result<AgentConfig, _> = serde_norway::from_str("interfacez: []\n");
+        assert!(unknown.is_err(), "unknown keys are errors");
+    }
+}

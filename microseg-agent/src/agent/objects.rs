@@ -221,3 +221,60 @@ impl PersistedState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_are_keyed_and_lists_expanded() {
+        let text = r#"
+apiVersion: v1
+kind: List
+items:
+  - {apiVersion: v1, kind: Namespace, metadata: {name: prod}}
+  - {apiVersion: v1, kind: Pod, metadata: {name: a, namespace: prod}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p}
+spec: {podSelector: {}}
+"#;
+        let objects = parse_objects("x.yaml", text).unwrap();
+        let keys: Vec<String> = objects.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            keys,
+            ["Namespace prod", "NetworkPolicy default/p", "Pod prod/a"]
+        );
+        assert_eq!(objects.values().map(|o| o.document).max(), Some(2));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_document() {
+        let errors =
+            parse_objects("x.yaml", "kind: Pod\nmetadata: {}\n---\n[unclosed\n").unwrap_err();
+        assert_eq!(errors[0], "x.yaml: document 1: metadata.name: missing");
+        assert!(
+            errors[1].starts_with("x.yaml: document 2: not valid YAML or JSON"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn state_is_saved_atomically_and_restored() {
+        let dir = std::env::temp_dir().join(format!("microseg-state-test-{}", std::process::id()));
+        let objects = parse_objects("x.yaml", "kind: Namespace\nmetadata: {name: a}\n").unwrap();
+        let state = PersistedState {
+            objects: objects.into_iter().collect(),
+            audit: [("a/b".to_owned(), true)].into(),
+        };
+        state.save(&dir).unwrap();
+        assert_eq!(PersistedState::load(&dir).unwrap(), state);
+        assert!(!dir.join(".state.json.tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            PersistedState::load(&dir).unwrap(),
+            PersistedState::default()
+        );
+    }
+}
