@@ -477,3 +477,86 @@ fn audit_mode_and_delete_work_through_the_cli() {
     let missing = lab.cli(&["delete", "policy", "server-ingress", "-n", "app"]);
     assert!(!missing.status.success(), "deleting twice fails");
 }
+
+#[test]
+fn a_subscriber_receives_the_events_the_agent_reads_or_they_are_counted_lost() {
+    if !microseg_tests::kernel_available(
+        "a_subscriber_receives_the_events_the_agent_reads_or_they_are_counted_lost",
+    ) {
+        return;
+    }
+    // No in-kernel limit: every denied packet makes an event, as fast as it comes.
+    let (lab, _servers) = client_server_lab(&["--events-per-second", "0"]);
+    let binary = microseg_tests::lab::microseg_binary();
+    let mut subscriber = std::process::Command::new(&binary)
+        .args([
+            "--socket",
+            &lab.socket().display().to_string(),
+            "events",
+            "--follow",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("subscriber");
+    let subscriber_out = subscriber.stdout.take().unwrap();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let received_count = received.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(subscriber_out).lines() {
+            if line.is_ok_and(|l| !l.contains("end_of_stream")) {
+                received_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    // Wait until the subscription is registered.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(&lab)["eventSubscribers"] != 1 {
+        assert!(Instant::now() < deadline, "the subscriber never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = status(&lab)["eventsReceived"].as_u64().unwrap();
+    // A steady stream of denied datagrams, paced to about 20,000 per second for 2 s.
+    let (sent, elapsed) = lab.host("app/client").ns.run_in(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < Duration::from_secs(2) {
+            let due = (started.elapsed().as_secs_f64() * 20_000.0) as u64;
+            while sent < due {
+                if socket.send_to(b"x", (server_addr(), 9999)).is_ok() {
+                    sent += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        (sent, started.elapsed())
+    });
+    // Let the agent and the subscriber drain, then account for every event.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (read_by_agent, lost_by_subscriber, ring_full) = loop {
+        let now = status(&lab);
+        let stats: Value = serde_json::from_str(&lab.cli_ok(&["stats", "-o", "json"])).unwrap();
+        let read = now["eventsReceived"].as_u64().unwrap();
+        let lost = now["eventsLostBySubscribers"].as_u64().unwrap();
+        let ring_full = stats["counters"]["events_lost_ring_full"].as_u64().unwrap();
+        let delivered = received.load(std::sync::atomic::Ordering::Relaxed);
+        if delivered + lost == read && read + ring_full >= sent {
+            break (read - before, lost, ring_full);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events unaccounted for: sent {sent}, read {read}, ring full {ring_full}, delivered {delivered}, lost {lost}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let delivered = received.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "events: {sent} denied packets in {elapsed:?} ({:.0}/s); agent read {read_by_agent}, {ring_full} lost to a full ring; subscriber received {delivered}, lost {lost_by_subscriber}",
+        sent as f64 / elapsed.as_secs_f64(),
+    );
+    drop(lab);
+    let _ = subscriber.wait();
+}
