@@ -35,14 +35,41 @@ pub async fn render(agent: &Agent) -> String {
     let mut core = agent.core.lock().await;
     let core = &mut *core;
     let mut out = String::new();
+    // Policy-bearing maps hold the enforced state in both generation slots: their
+    // entry counts come from that state, without walking maps of up to millions of
+    // entries on every scrape. Conntrack and fragments are walked.
+    let counts = core.enforcer.current_state().counts();
     let (counters, usage, generation) = {
         let maps = core.enforcer.datapath.maps();
         match maps {
-            Ok(maps) => (
-                maps.counters().ok(),
-                maps.usage().unwrap_or_default(),
-                maps.live_generation().unwrap_or(0),
-            ),
+            Ok(maps) => {
+                let walked = [
+                    2 * counts.endpoints,
+                    2 * counts.peer_hosts,
+                    2 * counts.peer_prefixes,
+                    2 * counts.policy,
+                    maps.conntrack.keys().count(),
+                    maps.fragments.keys().count(),
+                ];
+                let usage: Vec<crate::datapath::maps::MapUsage> = maps
+                    .capacities()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .zip(walked)
+                    .map(
+                        |((map, capacity), entries)| crate::datapath::maps::MapUsage {
+                            map,
+                            entries,
+                            capacity,
+                        },
+                    )
+                    .collect();
+                (
+                    maps.counters().ok(),
+                    usage,
+                    maps.live_generation().unwrap_or(0),
+                )
+            }
             Err(_) => (None, Vec::new(), 0),
         }
     };

@@ -8,9 +8,11 @@ use aya::{
 use microseg_common::{
     AddrKey,
     config::Settings,
+    conntrack::{FlowKey, FlowState},
     counters::{COUNTER_SLOTS, Counter},
     drop_reason::{DROP_REASON_SLOTS, DropReason},
     endpoint::EndpointInfo,
+    fragment::{FragmentKey, FragmentPorts},
     identity::{PeerIdentity, PrefixKeyData},
     maps,
     policy::{PolicyEntry, PolicyKeyData},
@@ -28,6 +30,8 @@ pub struct DatapathMaps<'a> {
     pub settings: Array<&'a mut MapData, Settings>,
     pub counters: PerCpuArray<&'a mut MapData, u64>,
     pub drops_by_reason: PerCpuArray<&'a mut MapData, u64>,
+    pub conntrack: HashMap<&'a mut MapData, FlowKey, FlowState>,
+    pub fragments: HashMap<&'a mut MapData, FragmentKey, FragmentPorts>,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -48,6 +52,8 @@ impl<'a> DatapathMaps<'a> {
             settings,
             counters,
             drops_by_reason,
+            conntrack,
+            fragments,
         ] = ebpf.maps_disjoint_mut([
             maps::ENDPOINTS,
             maps::PEER_HOSTS,
@@ -57,6 +63,8 @@ impl<'a> DatapathMaps<'a> {
             maps::SETTINGS,
             maps::COUNTERS,
             maps::DROPS_BY_REASON,
+            maps::CONNTRACK,
+            maps::FRAGMENTS,
         ]);
         let missing = |name: &str| DatapathError::MissingMap(name.to_owned());
         Ok(Self {
@@ -80,6 +88,10 @@ impl<'a> DatapathMaps<'a> {
                 drops_by_reason.ok_or_else(|| missing(maps::DROPS_BY_REASON))?,
             )
             .map_err(map_err(maps::DROPS_BY_REASON))?,
+            conntrack: HashMap::try_from(conntrack.ok_or_else(|| missing(maps::CONNTRACK))?)
+                .map_err(map_err(maps::CONNTRACK))?,
+            fragments: HashMap::try_from(fragments.ok_or_else(|| missing(maps::FRAGMENTS))?)
+                .map_err(map_err(maps::FRAGMENTS))?,
         })
     }
 
@@ -126,34 +138,54 @@ impl<'a> DatapathMaps<'a> {
         Ok(snapshot)
     }
 
-    /// Entries per map over both generation slots, and each map's capacity.
+    /// Entries per map (both generation slots) and each map's capacity, counted by
+    /// walking the maps: exact, but it costs a syscall per entry.
     pub fn usage(&self) -> Result<Vec<MapUsage>, DatapathError> {
-        Ok(vec![
-            MapUsage {
-                map: maps::ENDPOINTS,
-                entries: self.endpoints.keys().count(),
-                capacity: self.endpoints_capacity()?,
-            },
-            MapUsage {
-                map: maps::PEER_HOSTS,
-                entries: self.peer_hosts.keys().count(),
-                capacity: capacity_of(maps::PEER_HOSTS, self.peer_hosts.map())?,
-            },
-            MapUsage {
-                map: maps::PEER_PREFIXES,
-                entries: self.peer_prefixes.keys().count(),
-                capacity: capacity_of(maps::PEER_PREFIXES, self.peer_prefixes.map())?,
-            },
-            MapUsage {
-                map: maps::POLICY,
-                entries: self.policy.keys().count(),
-                capacity: capacity_of(maps::POLICY, self.policy.map())?,
-            },
-        ])
+        let entries = [
+            self.endpoints.keys().count(),
+            self.peer_hosts.keys().count(),
+            self.peer_prefixes.keys().count(),
+            self.policy.keys().count(),
+            self.conntrack.keys().count(),
+            self.fragments.keys().count(),
+        ];
+        Ok(self
+            .capacities()?
+            .into_iter()
+            .zip(entries)
+            .map(|((map, capacity), entries)| MapUsage {
+                map,
+                entries,
+                capacity,
+            })
+            .collect())
     }
 
-    fn endpoints_capacity(&self) -> Result<usize, DatapathError> {
-        capacity_of(maps::ENDPOINTS, self.endpoints.map())
+    /// Capacity of each map that grows with policy or traffic, in `usage` order.
+    pub fn capacities(&self) -> Result<Vec<(&'static str, usize)>, DatapathError> {
+        Ok(vec![
+            (
+                maps::ENDPOINTS,
+                capacity_of(maps::ENDPOINTS, self.endpoints.map())?,
+            ),
+            (
+                maps::PEER_HOSTS,
+                capacity_of(maps::PEER_HOSTS, self.peer_hosts.map())?,
+            ),
+            (
+                maps::PEER_PREFIXES,
+                capacity_of(maps::PEER_PREFIXES, self.peer_prefixes.map())?,
+            ),
+            (maps::POLICY, capacity_of(maps::POLICY, self.policy.map())?),
+            (
+                maps::CONNTRACK,
+                capacity_of(maps::CONNTRACK, self.conntrack.map())?,
+            ),
+            (
+                maps::FRAGMENTS,
+                capacity_of(maps::FRAGMENTS, self.fragments.map())?,
+            ),
+        ])
     }
 }
 
