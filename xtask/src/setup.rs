@@ -9,9 +9,11 @@ use anyhow::{Context, bail};
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
 /// Debian packages the tests and benchmarks use: `ip`, packet filters to compare
-/// against, `bpftool`, a packet generator, and `ping`.
+/// against, `bpftool`, a packet generator, `ping`, `sysctl` and `nsenter`.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
+    "procps",
+    "util-linux",
     "iptables",
     "nftables",
     "bpftool",
