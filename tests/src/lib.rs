@@ -2,9 +2,11 @@
 //! under CI, a printed skip elsewhere), and network namespaces and veth pairs that are
 //! always removed, even when a test fails.
 
+pub mod corpus;
 pub mod harness;
 pub mod lab;
 pub mod netns;
+pub mod policy_gen;
 pub mod policy_judge;
 pub mod topology;
 

@@ -2,27 +2,23 @@
 //! (BPF_PROG_TEST_RUN on XDP, TC ingress and TC egress) judge every flow as the
 //! reference evaluator does, in IPv4 and IPv6.
 //!
-//! The generator is the one of the policy side's agreement test
-//! (microseg-agent/tests/policy_agreement.rs, copied here: that crate's tests are not
-//! importable), with each flow's ends resolved to addresses of one family. Every case
-//! is compiled and applied to ONE loaded data path as a diff from the previous case's
-//! state, so thousands of generation switches between unrelated states are exercised
-//! too; every probe has a fresh source port, so conntrack never answers for policy.
+//! The generator (`microseg_tests::policy_gen`) is the one of the policy-level
+//! agreement test (`policy_agreement.rs`), with each flow's ends resolved to addresses
+//! of one family. Every case is compiled and applied to ONE loaded data path as a diff
+//! from the previous case's state, so thousands of generation switches between
+//! unrelated states are exercised too; every probe has a fresh source port, so
+//! conntrack never answers for policy.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
-use std::path::Path;
 use std::time::Instant;
 
-use microseg::policy::{
-    Flow, MapEvaluator, NamespaceScope, Peer, PolicyDirection, PolicySet, PolicySetBuilder,
-    PortSpec, Protocol, RuleRef, Source, VerdictReason, compile, evaluate,
+use microseg::policy::{MapEvaluator, compile, evaluate};
+use microseg_tests::policy_gen::{
+    FEATURES, RuleCoverage, Scenario, scenario_strategy, workload_addresses,
 };
 use microseg_tests::policy_judge::KernelJudge;
 use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
-use serde_json::{Value, json};
 
 /// Generated cases (each: one policy set applied, up to 24 flows on three programs);
 /// about 9 s in a debug build. `PROPTEST_CASES` overrides it for longer hunts.
@@ -33,355 +29,6 @@ fn case_count() -> u32 {
         .ok()
         .and_then(|cases| cases.parse().ok())
         .unwrap_or(CASES)
-}
-
-const NAMESPACES: [&str; 3] = ["a", "b", "c"];
-/// Addresses outside the inventory that flows may use.
-const EXTERNAL: [&str; 6] = [
-    "10.0.1.200",
-    "10.0.2.5",
-    "10.0.1.3",
-    "192.0.2.1",
-    "fd00::99",
-    "2001:db8::1",
-];
-/// ipBlocks: a cidr and the except candidates strictly inside it.
-const BLOCKS: [(&str, &[&str]); 10] = [
-    ("10.0.0.1/32", &[]),
-    ("10.0.0.0/29", &["10.0.0.2/32", "10.0.0.4/30"]),
-    (
-        "10.0.0.0/16",
-        &["10.0.1.0/24", "10.0.0.0/24", "10.0.1.3/32"],
-    ),
-    ("10.0.1.0/24", &["10.0.1.0/28", "10.0.1.128/25"]),
-    ("10.0.0.0/8", &["10.0.0.0/16", "10.0.2.0/24"]),
-    ("0.0.0.0/0", &["10.0.0.0/8", "192.0.2.0/24"]),
-    ("10.0.2.0/25", &["10.0.2.4/30"]),
-    ("10.0.1.3/32", &[]),
-    ("::/0", &["fd00::/16"]),
-    ("fd00::/16", &["fd00::/120", "fd00::99/128"]),
-];
-
-fn labels_strategy() -> impl Strategy<Value = Value> {
-    (
-        prop::option::of(prop::sample::select(vec!["web", "api", "db"])),
-        prop::option::of(prop::sample::select(vec!["1", "2"])),
-    )
-        .prop_map(|(app, tier)| {
-            let mut labels = serde_json::Map::new();
-            if let Some(app) = app {
-                labels.insert("app".into(), json!(app));
-            }
-            if let Some(tier) = tier {
-                labels.insert("tier".into(), json!(tier));
-            }
-            Value::Object(labels)
-        })
-}
-
-/// Selectors are kept simple (often empty, else one label or one expression) so that
-/// they select something often enough for rules to matter.
-fn selector_strategy() -> impl Strategy<Value = Value> {
-    let expression = (
-        prop::sample::select(vec!["app", "tier", "team", "kubernetes.io/metadata.name"]),
-        prop::sample::select(vec!["In", "NotIn", "Exists", "DoesNotExist"]),
-        prop::sample::subsequence(vec!["web", "api", "db", "1", "x", "a", "b"], 1..3),
-    )
-        .prop_map(|(key, operator, values)| {
-            if operator == "Exists" || operator == "DoesNotExist" {
-                json!({"matchExpressions": [{"key": key, "operator": operator}]})
-            } else {
-                json!({"matchExpressions": [{"key": key, "operator": operator, "values": values}]})
-            }
-        });
-    let label = (
-        prop::sample::select(vec!["app", "tier", "team"]),
-        prop::sample::select(vec!["web", "api", "1", "x"]),
-    )
-        .prop_map(|(key, value)| json!({"matchLabels": { key: value }}));
-    let both = (label.clone(), expression.clone()).prop_map(|(mut label, expression)| {
-        label["matchExpressions"] = expression["matchExpressions"].clone();
-        label
-    });
-    prop_oneof![
-        3 => Just(json!({})),
-        3 => label,
-        2 => expression,
-        1 => both,
-    ]
-}
-
-fn peer_strategy() -> impl Strategy<Value = Value> {
-    prop_oneof![
-        selector_strategy().prop_map(|pods| json!({"podSelector": pods})),
-        selector_strategy().prop_map(|namespaces| json!({"namespaceSelector": namespaces})),
-        (selector_strategy(), selector_strategy()).prop_map(
-            |(pods, namespaces)| json!({"podSelector": pods, "namespaceSelector": namespaces})
-        ),
-        (0..BLOCKS.len(), any::<u8>()).prop_map(|(index, except_mask)| {
-            let (cidr, candidates) = BLOCKS[index];
-            let except: Vec<&str> = candidates
-                .iter()
-                .enumerate()
-                .filter(|(bit, _)| except_mask & (1 << bit) != 0)
-                .map(|(_, except)| *except)
-                .collect();
-            if except.is_empty() {
-                json!({"ipBlock": {"cidr": cidr}})
-            } else {
-                json!({"ipBlock": {"cidr": cidr, "except": except}})
-            }
-        }),
-    ]
-}
-
-fn port_strategy() -> impl Strategy<Value = Value> {
-    let port = prop_oneof![
-        1 => Just(None),
-        2 => prop::sample::select(vec![53, 80, 81]).prop_map(|port| Some((json!(port), None))),
-        1 => Just(Some((json!(79), Some(81)))),
-        1 => Just(Some((json!(80), Some(80)))),
-        3 => prop::sample::select(vec!["http", "dns", "alt", "missing"])
-            .prop_map(|name| Some((json!(name), None))),
-    ];
-    (
-        prop::option::of(prop::sample::select(vec!["TCP", "UDP", "SCTP"])),
-        port,
-    )
-        .prop_map(|(protocol, port)| {
-            let mut entry = serde_json::Map::new();
-            if let Some(protocol) = protocol {
-                entry.insert("protocol".into(), json!(protocol));
-            }
-            if let Some((port, end_port)) = port {
-                entry.insert("port".into(), port);
-                if let Some(end_port) = end_port {
-                    entry.insert("endPort".into(), json!(end_port));
-                }
-            }
-            Value::Object(entry)
-        })
-}
-
-/// `None`: field absent; `Some(vec![])`: empty list.
-fn optional_list<T: Strategy<Value = Value>>(
-    element: T,
-    max: usize,
-) -> impl Strategy<Value = Option<Vec<Value>>> {
-    prop_oneof![
-        1 => Just(None),
-        1 => Just(Some(Vec::new())),
-        4 => prop::collection::vec(element, 1..=max).prop_map(Some),
-    ]
-}
-
-fn rule_strategy(peer_field: &'static str) -> impl Strategy<Value = Value> {
-    (
-        optional_list(peer_strategy(), 2),
-        optional_list(port_strategy(), 2),
-    )
-        .prop_map(move |(peers, ports)| {
-            let mut rule = serde_json::Map::new();
-            if let Some(peers) = peers {
-                rule.insert(peer_field.into(), json!(peers));
-            }
-            if let Some(ports) = ports {
-                rule.insert("ports".into(), json!(ports));
-            }
-            Value::Object(rule)
-        })
-}
-
-fn policy_strategy() -> impl Strategy<Value = (usize, Value)> {
-    (
-        0..NAMESPACES.len(),
-        selector_strategy(),
-        prop::sample::select(vec![
-            None,
-            Some(vec!["Ingress"]),
-            Some(vec!["Egress"]),
-            Some(vec!["Ingress", "Egress"]),
-        ]),
-        optional_list(rule_strategy("from"), 3),
-        optional_list(rule_strategy("to"), 3),
-    )
-        .prop_map(|(namespace, pod_selector, types, ingress, egress)| {
-            let mut spec = serde_json::Map::new();
-            spec.insert("podSelector".into(), pod_selector);
-            if let Some(types) = types {
-                spec.insert("policyTypes".into(), json!(types));
-            }
-            if let Some(ingress) = ingress {
-                spec.insert("ingress".into(), json!(ingress));
-            }
-            if let Some(egress) = egress {
-                spec.insert("egress".into(), json!(egress));
-            }
-            (namespace, Value::Object(spec))
-        })
-}
-
-#[derive(Debug, Clone)]
-struct WorkloadSpec {
-    namespace: usize,
-    labels: Value,
-    octet: u8,
-    ipv6: bool,
-    http: Option<u16>,
-    dns: Option<&'static str>,
-    alt: Option<u16>,
-}
-
-fn workload_strategy() -> impl Strategy<Value = WorkloadSpec> {
-    (
-        0..NAMESPACES.len(),
-        labels_strategy(),
-        0u8..4,
-        any::<bool>(),
-        prop::option::of(prop::sample::select(vec![80u16, 81])),
-        prop::option::of(prop::sample::select(vec!["UDP", "TCP"])),
-        prop::option::of(prop::sample::select(vec![80u16, 53])),
-    )
-        .prop_map(
-            |(namespace, labels, octet, ipv6, http, dns, alt)| WorkloadSpec {
-                namespace,
-                labels,
-                octet,
-                ipv6,
-                http,
-                dns,
-                alt,
-            },
-        )
-}
-
-#[derive(Debug, Clone)]
-struct Scenario {
-    namespace_teams: Vec<Option<&'static str>>,
-    workloads: Vec<WorkloadSpec>,
-    policies: Vec<(usize, Value)>,
-    flows: Vec<GeneratedFlow>,
-}
-
-/// A flow to probe: both ends are resolved to addresses of one family (a packet
-/// cannot mix them).
-#[derive(Debug, Clone, Copy)]
-struct GeneratedFlow {
-    src: FlowEnd,
-    dst: FlowEnd,
-    protocol: Protocol,
-    port: u16,
-    ipv6: bool,
-}
-
-/// A flow end: mostly a workload address, sometimes an address outside the inventory
-/// (indices are taken modulo the candidates of the flow's family).
-#[derive(Debug, Clone, Copy)]
-enum FlowEnd {
-    Workload(usize),
-    External(usize),
-}
-
-fn flow_end_strategy() -> impl Strategy<Value = FlowEnd> {
-    prop_oneof![
-        4 => any::<usize>().prop_map(FlowEnd::Workload),
-        1 => any::<usize>().prop_map(FlowEnd::External),
-    ]
-}
-
-fn scenario_strategy() -> impl Strategy<Value = Scenario> {
-    (
-        prop::collection::vec(prop::option::of(prop::sample::select(vec!["x", "y"])), 3),
-        prop::collection::vec(workload_strategy(), 2..=6),
-        prop::collection::vec(policy_strategy(), 0..=4),
-        prop::collection::vec(
-            (
-                flow_end_strategy(),
-                flow_end_strategy(),
-                prop_oneof![
-                    2 => Just(Protocol::Tcp),
-                    2 => Just(Protocol::Udp),
-                    1 => Just(Protocol::Sctp),
-                ],
-                prop_oneof![
-                    4 => prop::sample::select(vec![53u16, 80, 81]),
-                    1 => prop::sample::select(vec![79u16, 82]),
-                ],
-                prop_oneof![2 => Just(false), 1 => Just(true)],
-            )
-                .prop_map(|(src, dst, protocol, port, ipv6)| GeneratedFlow {
-                    src,
-                    dst,
-                    protocol,
-                    port,
-                    ipv6,
-                }),
-            1..=24,
-        ),
-    )
-        .prop_map(|(namespace_teams, workloads, policies, flows)| Scenario {
-            namespace_teams,
-            workloads,
-            policies,
-            flows,
-        })
-}
-
-fn build(scenario: &Scenario) -> PolicySet {
-    let mut builder = PolicySetBuilder::new();
-    let file = Path::new("generated.yaml");
-    let mut document = 0;
-    let mut add = |builder: &mut PolicySetBuilder, value: Value| {
-        document += 1;
-        builder.add_document(&Source::new(file, document), &value);
-    };
-    for (index, team) in scenario.namespace_teams.iter().enumerate() {
-        let labels = match team {
-            Some(team) => json!({"team": team}),
-            None => json!({}),
-        };
-        add(
-            &mut builder,
-            json!({"apiVersion": "v1", "kind": "Namespace",
-                   "metadata": {"name": NAMESPACES[index], "labels": labels}}),
-        );
-    }
-    for (index, workload) in scenario.workloads.iter().enumerate() {
-        let host = index + 1;
-        let mut addresses = vec![format!("10.0.{}.{host}", workload.octet)];
-        if workload.ipv6 {
-            addresses.push(format!("fd00::{}:{host}", workload.octet));
-        }
-        let mut ports = Vec::new();
-        if let Some(port) = workload.http {
-            ports.push(json!({"name": "http", "port": port}));
-        }
-        if let Some(protocol) = workload.dns {
-            ports.push(json!({"name": "dns", "port": 53, "protocol": protocol}));
-        }
-        if let Some(port) = workload.alt {
-            ports.push(json!({"name": "alt", "port": port, "protocol": "UDP"}));
-        }
-        add(
-            &mut builder,
-            json!({"apiVersion": "microseg.dev/v1", "kind": "Workload",
-                   "metadata": {"name": format!("w{host}"),
-                                "namespace": NAMESPACES[workload.namespace],
-                                "labels": workload.labels},
-                   "spec": {"addresses": addresses, "ports": ports}}),
-        );
-    }
-    for (index, (namespace, spec)) in scenario.policies.iter().enumerate() {
-        add(
-            &mut builder,
-            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                   "metadata": {"name": format!("p{index}"), "namespace": NAMESPACES[*namespace]},
-                   "spec": spec}),
-        );
-    }
-    builder
-        .finish()
-        .unwrap_or_else(|errors| panic!("generated input must be valid:\n{errors}"))
 }
 
 /// What the generated flows exercised, to show that agreement covers every feature and
@@ -396,89 +43,8 @@ struct Coverage {
     ipv6_denied: usize,
     /// Flows with an end outside the inventory.
     external_ends: usize,
-    /// Directions (ingress, egress) the reference found enforced and allowed / denied.
-    enforced_allowed: usize,
-    enforced_denied: usize,
-    /// Features of the rules that allowed an enforced direction.
-    by_feature: BTreeMap<&'static str, usize>,
-}
-
-/// Features of the rules that allowed a direction.
-fn rule_features(set: &PolicySet, rules: &[RuleRef], features: &mut BTreeSet<&'static str>) {
-    for rule_ref in rules {
-        let policy = set
-            .policies
-            .iter()
-            .find(|policy| {
-                policy.namespace == rule_ref.policy_namespace && policy.name == rule_ref.policy_name
-            })
-            .unwrap();
-        let rule = &policy.rules(rule_ref.direction).unwrap()[rule_ref.rule_index];
-        let direction = rule_ref.direction;
-        match &rule.peers {
-            None => {
-                features.insert("no peers");
-            }
-            Some(peers) => {
-                for peer in peers {
-                    features.insert(match peer {
-                        Peer::IpBlock(block) if !block.except.is_empty() => "ipBlock with except",
-                        Peer::IpBlock(_) => "ipBlock",
-                        Peer::Workloads {
-                            namespaces: NamespaceScope::Named(_),
-                            ..
-                        } => "podSelector",
-                        Peer::Workloads {
-                            namespaces: NamespaceScope::Selected(_),
-                            ..
-                        } => "namespaceSelector",
-                    });
-                }
-            }
-        }
-        match &rule.ports {
-            None => {
-                features.insert("no ports");
-            }
-            Some(ports) => {
-                for port in ports {
-                    features.insert(match (&port.port, direction) {
-                        (PortSpec::Named(_), PolicyDirection::Ingress) => "named port (ingress)",
-                        (PortSpec::Named(_), PolicyDirection::Egress) => "named port (egress)",
-                        (PortSpec::Range { first, last }, _) if first != last => "port range",
-                        (PortSpec::Range { .. }, _) => "single port",
-                        (PortSpec::Any, _) => "protocol only",
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// The flow's ends as addresses of its family: workload addresses of that family (or,
-/// when no workload has one, addresses outside the inventory) and external addresses.
-fn resolve(generated: &GeneratedFlow, workload_addresses: &[IpAddr]) -> Flow {
-    let of_family = |address: &IpAddr| address.is_ipv6() == generated.ipv6;
-    let workloads: Vec<IpAddr> = workload_addresses
-        .iter()
-        .copied()
-        .filter(of_family)
-        .collect();
-    let external: Vec<IpAddr> = EXTERNAL
-        .iter()
-        .map(|text| text.parse().expect("external address"))
-        .filter(of_family)
-        .collect();
-    let address = |end: FlowEnd| match end {
-        FlowEnd::Workload(index) if !workloads.is_empty() => workloads[index % workloads.len()],
-        FlowEnd::Workload(index) | FlowEnd::External(index) => external[index % external.len()],
-    };
-    Flow {
-        src: address(generated.src),
-        dst: address(generated.dst),
-        protocol: generated.protocol,
-        port: generated.port,
-    }
+    /// Enforced directions and the features of the rules that allowed them.
+    rules: RuleCoverage,
 }
 
 fn check_scenario(
@@ -486,17 +52,13 @@ fn check_scenario(
     judge: &mut KernelJudge,
     coverage: &mut Coverage,
 ) -> Result<(), TestCaseError> {
-    let set = build(scenario);
+    let set = scenario.build();
     let compiled = compile(&set);
     judge.apply(&compiled.state);
-    let workload_addresses: Vec<IpAddr> = set
-        .workloads
-        .iter()
-        .flat_map(|workload| workload.addresses.iter().copied())
-        .collect();
+    let workload_addresses = workload_addresses(&set);
     coverage.cases += 1;
     for generated in &scenario.flows {
-        let flow = resolve(generated, &workload_addresses);
+        let flow = generated.resolve_in_family(&workload_addresses);
         let reference = evaluate(&set, &flow);
         let kernel = judge.allowed_by_each_program(&flow);
         if kernel.iter().any(|allowed| *allowed != reference.allowed) {
@@ -530,18 +92,7 @@ fn check_scenario(
             coverage.external_ends += 1;
         }
         for verdict in [&reference.ingress, &reference.egress] {
-            match &verdict.reason {
-                VerdictReason::NotEnforced => {}
-                VerdictReason::DeniedByDefault { .. } => coverage.enforced_denied += 1,
-                VerdictReason::AllowedBy(rules) => {
-                    coverage.enforced_allowed += 1;
-                    let mut features = BTreeSet::new();
-                    rule_features(&set, rules, &mut features);
-                    for feature in features {
-                        *coverage.by_feature.entry(feature).or_default() += 1;
-                    }
-                }
-            }
+            coverage.rules.record(&set, &verdict.reason);
         }
     }
     Ok(())
@@ -587,26 +138,14 @@ fn ebpf_programs_agree_with_reference_evaluator() {
         ("IPv6 allowed", coverage.ipv6_allowed),
         ("IPv6 denied", coverage.ipv6_denied),
         ("external ends", coverage.external_ends),
-        ("enforced and allowed", coverage.enforced_allowed),
-        ("enforced and denied", coverage.enforced_denied),
+        ("enforced and allowed", coverage.rules.enforced_allowed),
+        ("enforced and denied", coverage.rules.enforced_denied),
     ] {
         assert!(count >= 100, "too few flows: {what}: {coverage:#?}");
     }
-    for feature in [
-        "no peers",
-        "podSelector",
-        "namespaceSelector",
-        "ipBlock",
-        "ipBlock with except",
-        "no ports",
-        "single port",
-        "port range",
-        "protocol only",
-        "named port (ingress)",
-        "named port (egress)",
-    ] {
+    for feature in FEATURES {
         assert!(
-            coverage.by_feature.get(feature).copied().unwrap_or(0) >= 5,
+            coverage.rules.feature_count(feature) >= 5,
             "feature {feature:?} allowed too few flows: {coverage:#?}"
         );
     }

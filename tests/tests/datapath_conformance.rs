@@ -13,142 +13,11 @@
 //! Without it the test fails in CI (`CI=true`) and is skipped otherwise.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::net::IpAddr;
-use std::path::PathBuf;
 use std::time::Instant;
 
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use microseg::policy::{
-    Flow, MapEvaluator, NamedPort, PolicySetBuilder, Protocol, Source, Workload, compile, evaluate,
-};
+use microseg::policy::{MapEvaluator, compile, evaluate};
+use microseg_tests::corpus::{self, CASES, DISTINCT_PAIR_FLOWS, FLOWS};
 use microseg_tests::policy_judge::KernelJudge;
-use serde::Deserialize;
-
-// The corpus format (see /work/shared/conformance/README.md), as the policy side's
-// conformance test (microseg-agent/tests/policy_conformance.rs) reads it.
-
-#[derive(Deserialize)]
-struct Case {
-    id: u32,
-    description: String,
-    tags: Vec<String>,
-    steps: Vec<Step>,
-}
-
-#[derive(Deserialize)]
-struct Step {
-    namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    pods: Vec<CorpusPod>,
-    policies: Vec<NetworkPolicy>,
-    result: StepResult,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct CorpusPod {
-    namespace: String,
-    name: String,
-    labels: BTreeMap<String, String>,
-    #[serde(rename = "IP")]
-    ip: IpAddr,
-    containers: Vec<CorpusContainer>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct CorpusContainer {
-    port: u16,
-    protocol: String,
-    port_name: String,
-}
-
-#[derive(Deserialize)]
-struct StepResult {
-    flows: Vec<CorpusFlow>,
-}
-
-#[derive(Deserialize)]
-struct CorpusFlow {
-    from: String,
-    to: String,
-    from_ip: IpAddr,
-    to_ip: IpAddr,
-    /// Numeric even when the probed container port is named.
-    port: u16,
-    protocol: String,
-    ingress_allowed: bool,
-    egress_allowed: bool,
-    allowed: bool,
-}
-
-const CASES: usize = 230;
-const FLOWS: usize = 123_669;
-const DISTINCT_PAIR_FLOWS: usize = 109_956;
-
-fn corpus_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/conformance/cyclonus-corpus.json.gz")
-}
-
-/// The corpus, or `None` (after printing why) when it is absent outside CI.
-fn read_corpus() -> Option<Vec<Case>> {
-    let path = corpus_path();
-    let file = match std::fs::File::open(&path) {
-        Ok(file) => file,
-        Err(error) => {
-            if std::env::var("CI").is_ok_and(|value| value == "true") {
-                panic!(
-                    "conformance corpus {} is missing in CI: {error}",
-                    path.display()
-                );
-            }
-            eprintln!(
-                "SKIPPED: conformance corpus {} not found ({error}); it lives outside the repository, see /work/shared/conformance/README.md",
-                path.display()
-            );
-            return None;
-        }
-    };
-    let mut json = String::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_string(&mut json)
-        .expect("corpus is gzip'd JSON");
-    let cases: Vec<Case> = serde_json::from_str(&json).expect("corpus format");
-    assert_eq!(cases.len(), CASES);
-    Some(cases)
-}
-
-/// A step's namespaces, pods and policies as a policy set.
-fn policy_set(label: &str, step: &Step) -> Result<microseg::policy::PolicySet, String> {
-    let mut builder = PolicySetBuilder::new();
-    let source = Source::memory(label);
-    for (name, labels) in &step.namespaces {
-        builder.add_namespace(&source, name, labels);
-    }
-    for pod in &step.pods {
-        builder.add_workload(Workload {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            labels: pod.labels.clone(),
-            addresses: vec![pod.ip],
-            ports: pod
-                .containers
-                .iter()
-                .map(|container| NamedPort {
-                    name: container.port_name.clone(),
-                    port: container.port,
-                    protocol: container.protocol.parse().expect("corpus protocol"),
-                })
-                .collect(),
-            source: source.clone(),
-        });
-    }
-    for (index, policy) in step.policies.iter().enumerate() {
-        builder.add_network_policy(&Source::new(label, index + 1), policy);
-    }
-    builder.finish().map_err(|errors| errors.to_string())
-}
 
 /// Flows, and how many of them the kernel got right (against the corpus) and how many
 /// it judged as the reference evaluator did; a flow counts as right only if all three
@@ -175,7 +44,7 @@ fn cyclonus_corpus_through_the_ebpf_programs() {
     if !microseg_tests::kernel_available("cyclonus_corpus_through_the_ebpf_programs") {
         return;
     }
-    let Some(cases) = read_corpus() else {
+    let Some(cases) = corpus::read() else {
         return;
     };
     let started = Instant::now();
@@ -190,11 +59,8 @@ fn cyclonus_corpus_through_the_ebpf_programs() {
     let mut steps = 0usize;
 
     for case in &cases {
-        for (step_index, step) in case.steps.iter().enumerate() {
+        for (label, step, set) in case.built_steps() {
             steps += 1;
-            let label = format!("case {} step {}", case.id, step_index + 1);
-            let set = policy_set(&label, step)
-                .unwrap_or_else(|errors| panic!("{label} ({}): {errors}", case.description));
             let compiled = compile(&set);
             // A diff from the previous step's state (the previous case's last step at a
             // case boundary): the production update path, generation switch included.
@@ -202,13 +68,7 @@ fn cyclonus_corpus_through_the_ebpf_programs() {
 
             for corpus_flow in &step.result.flows {
                 total_flows += 1;
-                let protocol: Protocol = corpus_flow.protocol.parse().expect("corpus protocol");
-                let flow = Flow {
-                    src: corpus_flow.from_ip,
-                    dst: corpus_flow.to_ip,
-                    protocol,
-                    port: corpus_flow.port,
-                };
+                let flow = corpus_flow.flow();
                 let kernel = judge.allowed_by_each_program(&flow);
                 let reference = evaluate(&set, &flow);
                 let kernel_ok = kernel.iter().all(|allowed| *allowed == corpus_flow.allowed);
@@ -217,7 +77,7 @@ fn cyclonus_corpus_through_the_ebpf_programs() {
                 // A pod talking to itself never leaves the pod in a real data plane: its
                 // corpus verdict is reported, not asserted (as on the policy side); the
                 // kernel must still agree with the reference evaluator on it.
-                let self_pair = corpus_flow.from == corpus_flow.to;
+                let self_pair = corpus_flow.is_self_pair();
                 if self_pair {
                     self_pairs.add(kernel_ok, agrees, allowed);
                 } else {
@@ -236,13 +96,8 @@ fn cyclonus_corpus_through_the_ebpf_programs() {
                     if failures.len() < 20 {
                         let map = MapEvaluator::new(&compiled.state).evaluate(&flow);
                         failures.push(format!(
-                            "{label} [{}] {} -> {} {flow}: expected ingress {} egress {} allowed {}; kernel allowed (XDP, TC ingress, TC egress) {kernel:?}; reference ingress {} egress {} allowed {} ({} | {}); map-level ingress {} egress {} allowed {} (endpoints {}/{}, identities {}/{})",
-                            case.description,
-                            corpus_flow.from,
-                            corpus_flow.to,
-                            corpus_flow.ingress_allowed,
-                            corpus_flow.egress_allowed,
-                            corpus_flow.allowed,
+                            "{}; kernel allowed (XDP, TC ingress, TC egress) {kernel:?}; reference ingress {} egress {} allowed {} ({} | {}); map-level ingress {} egress {} allowed {} (endpoints {}/{}, identities {}/{})",
+                            corpus_flow.expected(case, &label),
                             reference.ingress.allowed,
                             reference.egress.allowed,
                             reference.allowed,

@@ -1,18 +1,17 @@
-//! Property: on random small inventories, policies and flows, the map-level evaluator
-//! on the compiled state agrees with the reference evaluator, direction by direction.
+//! Random small inventories, NetworkPolicies and flows for the property tests that
+//! hold an evaluator to the reference evaluator (`tests/policy_agreement.rs`: the
+//! map-level evaluator; `tests/datapath_agreement.rs`: the eBPF programs), and the
+//! tally of rule features that shows the generator reaches every part of the API.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
-
 use microseg::policy::{
-    Flow, MapEvaluator, NamespaceScope, Peer, PolicyDirection, PolicySet, PolicySetBuilder,
-    PortSpec, Protocol, RuleRef, Source, VerdictReason, compile, evaluate,
+    Flow, NamespaceScope, Peer, PolicyDirection, PolicySet, PolicySetBuilder, PortSpec, Protocol,
+    RuleRef, Source, VerdictReason,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{TestCaseError, TestRunner};
 use serde_json::{Value, json};
 
 const NAMESPACES: [&str; 3] = ["a", "b", "c"];
@@ -235,17 +234,33 @@ fn workload_strategy() -> impl Strategy<Value = WorkloadSpec> {
         )
 }
 
+/// One generated case: namespaces, workloads and policies (see [`Scenario::build`]) and
+/// up to 24 flows to judge under them.
 #[derive(Debug, Clone)]
-struct Scenario {
+pub struct Scenario {
     namespace_teams: Vec<Option<&'static str>>,
     workloads: Vec<WorkloadSpec>,
     policies: Vec<(usize, Value)>,
-    flows: Vec<(FlowEnd, FlowEnd, Protocol, u16)>,
+    pub flows: Vec<GeneratedFlow>,
 }
 
-/// A flow end: mostly a workload address, sometimes an address outside the inventory.
+/// A flow to judge, its ends still to be resolved to addresses: by
+/// [`GeneratedFlow::resolve_in_family`] (both ends of the family `ipv6` names, as a
+/// packet needs) or by [`GeneratedFlow::resolve_any_family`] (`ipv6` ignored: the
+/// evaluators must also agree on flows that mix families).
 #[derive(Debug, Clone, Copy)]
-enum FlowEnd {
+pub struct GeneratedFlow {
+    pub src: FlowEnd,
+    pub dst: FlowEnd,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub ipv6: bool,
+}
+
+/// A flow end: mostly a workload address, sometimes an address outside the inventory
+/// (indices are taken modulo the candidates).
+#[derive(Debug, Clone, Copy)]
+pub enum FlowEnd {
     Workload(usize),
     External(usize),
 }
@@ -253,11 +268,12 @@ enum FlowEnd {
 fn flow_end_strategy() -> impl Strategy<Value = FlowEnd> {
     prop_oneof![
         4 => any::<usize>().prop_map(FlowEnd::Workload),
-        1 => (0..EXTERNAL.len()).prop_map(FlowEnd::External),
+        1 => any::<usize>().prop_map(FlowEnd::External),
     ]
 }
 
-fn scenario_strategy() -> impl Strategy<Value = Scenario> {
+/// Scenarios of 3 namespaces, 2 to 6 workloads, up to 4 policies and 1 to 24 flows.
+pub fn scenario_strategy() -> impl Strategy<Value = Scenario> {
     (
         prop::collection::vec(prop::option::of(prop::sample::select(vec!["x", "y"])), 3),
         prop::collection::vec(workload_strategy(), 2..=6),
@@ -275,7 +291,15 @@ fn scenario_strategy() -> impl Strategy<Value = Scenario> {
                     4 => prop::sample::select(vec![53u16, 80, 81]),
                     1 => prop::sample::select(vec![79u16, 82]),
                 ],
-            ),
+                prop_oneof![2 => Just(false), 1 => Just(true)],
+            )
+                .prop_map(|(src, dst, protocol, port, ipv6)| GeneratedFlow {
+                    src,
+                    dst,
+                    protocol,
+                    port,
+                    ipv6,
+                }),
             1..=24,
         ),
     )
@@ -287,70 +311,168 @@ fn scenario_strategy() -> impl Strategy<Value = Scenario> {
         })
 }
 
-fn build(scenario: &Scenario) -> PolicySet {
-    let mut builder = PolicySetBuilder::new();
-    let file = Path::new("generated.yaml");
-    let mut document = 0;
-    let mut add = |builder: &mut PolicySetBuilder, value: Value| {
-        document += 1;
-        builder.add_document(&Source::new(file, document), &value);
-    };
-    for (index, team) in scenario.namespace_teams.iter().enumerate() {
-        let labels = match team {
-            Some(team) => json!({"team": team}),
-            None => json!({}),
+impl Scenario {
+    /// The scenario's namespaces, workloads and policies as a policy set (panics if the
+    /// generator produced something invalid).
+    pub fn build(&self) -> PolicySet {
+        let mut builder = PolicySetBuilder::new();
+        let file = Path::new("generated.yaml");
+        let mut document = 0;
+        let mut add = |builder: &mut PolicySetBuilder, value: Value| {
+            document += 1;
+            builder.add_document(&Source::new(file, document), &value);
         };
-        add(
-            &mut builder,
-            json!({"apiVersion": "v1", "kind": "Namespace",
-                   "metadata": {"name": NAMESPACES[index], "labels": labels}}),
-        );
+        for (index, team) in self.namespace_teams.iter().enumerate() {
+            let labels = match team {
+                Some(team) => json!({"team": team}),
+                None => json!({}),
+            };
+            add(
+                &mut builder,
+                json!({"apiVersion": "v1", "kind": "Namespace",
+                       "metadata": {"name": NAMESPACES[index], "labels": labels}}),
+            );
+        }
+        for (index, workload) in self.workloads.iter().enumerate() {
+            let host = index + 1;
+            let mut addresses = vec![format!("10.0.{}.{host}", workload.octet)];
+            if workload.ipv6 {
+                addresses.push(format!("fd00::{}:{host}", workload.octet));
+            }
+            let mut ports = Vec::new();
+            if let Some(port) = workload.http {
+                ports.push(json!({"name": "http", "port": port}));
+            }
+            if let Some(protocol) = workload.dns {
+                ports.push(json!({"name": "dns", "port": 53, "protocol": protocol}));
+            }
+            if let Some(port) = workload.alt {
+                ports.push(json!({"name": "alt", "port": port, "protocol": "UDP"}));
+            }
+            add(
+                &mut builder,
+                json!({"apiVersion": "microseg.dev/v1", "kind": "Workload",
+                       "metadata": {"name": format!("w{host}"),
+                                    "namespace": NAMESPACES[workload.namespace],
+                                    "labels": workload.labels},
+                       "spec": {"addresses": addresses, "ports": ports}}),
+            );
+        }
+        for (index, (namespace, spec)) in self.policies.iter().enumerate() {
+            add(
+                &mut builder,
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                       "metadata": {"name": format!("p{index}"), "namespace": NAMESPACES[*namespace]},
+                       "spec": spec}),
+            );
+        }
+        builder
+            .finish()
+            .unwrap_or_else(|errors| panic!("generated input must be valid:\n{errors}"))
     }
-    for (index, workload) in scenario.workloads.iter().enumerate() {
-        let host = index + 1;
-        let mut addresses = vec![format!("10.0.{}.{host}", workload.octet)];
-        if workload.ipv6 {
-            addresses.push(format!("fd00::{}:{host}", workload.octet));
-        }
-        let mut ports = Vec::new();
-        if let Some(port) = workload.http {
-            ports.push(json!({"name": "http", "port": port}));
-        }
-        if let Some(protocol) = workload.dns {
-            ports.push(json!({"name": "dns", "port": 53, "protocol": protocol}));
-        }
-        if let Some(port) = workload.alt {
-            ports.push(json!({"name": "alt", "port": port, "protocol": "UDP"}));
-        }
-        add(
-            &mut builder,
-            json!({"apiVersion": "microseg.dev/v1", "kind": "Workload",
-                   "metadata": {"name": format!("w{host}"),
-                                "namespace": NAMESPACES[workload.namespace],
-                                "labels": workload.labels},
-                   "spec": {"addresses": addresses, "ports": ports}}),
-        );
-    }
-    for (index, (namespace, spec)) in scenario.policies.iter().enumerate() {
-        add(
-            &mut builder,
-            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                   "metadata": {"name": format!("p{index}"), "namespace": NAMESPACES[*namespace]},
-                   "spec": spec}),
-        );
-    }
-    builder
-        .finish()
-        .unwrap_or_else(|errors| panic!("generated input must be valid:\n{errors}"))
 }
 
-/// Counts of flows by what decided them, to show the generator reaches every feature.
+/// Every address of every workload of `set`, in inventory order.
+pub fn workload_addresses(set: &PolicySet) -> Vec<IpAddr> {
+    set.workloads
+        .iter()
+        .flat_map(|workload| workload.addresses.iter().copied())
+        .collect()
+}
+
+fn external_addresses() -> impl Iterator<Item = IpAddr> {
+    EXTERNAL
+        .iter()
+        .map(|text| text.parse().expect("external address"))
+}
+
+impl GeneratedFlow {
+    /// The flow with its ends taken from all of `workload_addresses` and all external
+    /// addresses, whatever their family.
+    pub fn resolve_any_family(&self, workload_addresses: &[IpAddr]) -> Flow {
+        let external: Vec<IpAddr> = external_addresses().collect();
+        let address = |end: FlowEnd| match end {
+            FlowEnd::Workload(index) => workload_addresses[index % workload_addresses.len()],
+            FlowEnd::External(index) => external[index % external.len()],
+        };
+        self.with_ends(address)
+    }
+
+    /// The flow's ends as addresses of its family: workload addresses of that family
+    /// (or, when no workload has one, addresses outside the inventory) and external
+    /// addresses.
+    pub fn resolve_in_family(&self, workload_addresses: &[IpAddr]) -> Flow {
+        let of_family = |address: &IpAddr| address.is_ipv6() == self.ipv6;
+        let workloads: Vec<IpAddr> = workload_addresses
+            .iter()
+            .copied()
+            .filter(of_family)
+            .collect();
+        let external: Vec<IpAddr> = external_addresses().filter(of_family).collect();
+        let address = |end: FlowEnd| match end {
+            FlowEnd::Workload(index) if !workloads.is_empty() => workloads[index % workloads.len()],
+            FlowEnd::Workload(index) | FlowEnd::External(index) => external[index % external.len()],
+        };
+        self.with_ends(address)
+    }
+
+    fn with_ends(&self, address: impl Fn(FlowEnd) -> IpAddr) -> Flow {
+        Flow {
+            src: address(self.src),
+            dst: address(self.dst),
+            protocol: self.protocol,
+            port: self.port,
+        }
+    }
+}
+
+/// The rule features [`RuleCoverage`] counts; each must allow a few flows, or agreement
+/// proves little.
+pub const FEATURES: [&str; 11] = [
+    "no peers",
+    "podSelector",
+    "namespaceSelector",
+    "ipBlock",
+    "ipBlock with except",
+    "no ports",
+    "single port",
+    "port range",
+    "protocol only",
+    "named port (ingress)",
+    "named port (egress)",
+];
+
+/// Directions (ingress, egress) the reference evaluator found enforced and allowed /
+/// denied, and the features of the rules that allowed them.
 #[derive(Debug, Default)]
-struct Coverage {
-    flows: usize,
-    enforced_allowed: usize,
-    enforced_denied: usize,
-    by_feature: BTreeMap<&'static str, usize>,
+pub struct RuleCoverage {
+    pub enforced_allowed: usize,
+    pub enforced_denied: usize,
+    /// Features of the rules that allowed an enforced direction.
+    pub by_feature: BTreeMap<&'static str, usize>,
+}
+
+impl RuleCoverage {
+    /// Counts one direction's verdict by the reference evaluator under `set`.
+    pub fn record(&mut self, set: &PolicySet, reason: &VerdictReason) {
+        match reason {
+            VerdictReason::NotEnforced => {}
+            VerdictReason::DeniedByDefault { .. } => self.enforced_denied += 1,
+            VerdictReason::AllowedBy(rules) => {
+                self.enforced_allowed += 1;
+                let mut features = BTreeSet::new();
+                rule_features(set, rules, &mut features);
+                for feature in features {
+                    *self.by_feature.entry(feature).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// How many allowed directions a rule with `feature` allowed.
+    pub fn feature_count(&self, feature: &str) -> usize {
+        self.by_feature.get(feature).copied().unwrap_or(0)
+    }
 }
 
 /// Features of the rules that allowed a direction.
@@ -402,125 +524,5 @@ fn rule_features(set: &PolicySet, rules: &[RuleRef], features: &mut BTreeSet<&'s
                 }
             }
         }
-    }
-}
-
-fn check_scenario(scenario: &Scenario, coverage: &mut Coverage) -> Result<(), TestCaseError> {
-    let set = build(scenario);
-    let compiled = compile(&set);
-    let maps = MapEvaluator::new(&compiled.state);
-    let workload_addresses: Vec<IpAddr> = set
-        .workloads
-        .iter()
-        .flat_map(|workload| workload.addresses.iter().copied())
-        .collect();
-    let address = |end: &FlowEnd| match end {
-        FlowEnd::Workload(index) => workload_addresses[index % workload_addresses.len()],
-        FlowEnd::External(index) => EXTERNAL[*index].parse().unwrap(),
-    };
-    for (src, dst, protocol, port) in &scenario.flows {
-        let flow = Flow {
-            src: address(src),
-            dst: address(dst),
-            protocol: *protocol,
-            port: *port,
-        };
-        let reference = evaluate(&set, &flow);
-        let map = maps.evaluate(&flow);
-        prop_assert_eq!(
-            reference.ingress.allowed,
-            map.ingress.allowed,
-            "ingress {}: reference says {}; map identity {} endpoint {}",
-            flow,
-            reference.ingress.explanation,
-            map.ingress.peer_identity,
-            map.ingress.endpoint_id
-        );
-        prop_assert_eq!(
-            reference.egress.allowed,
-            map.egress.allowed,
-            "egress {}: reference says {}; map identity {} endpoint {}",
-            flow,
-            reference.egress.explanation,
-            map.egress.peer_identity,
-            map.egress.endpoint_id
-        );
-        coverage.flows += 1;
-        for (verdict, map_verdict) in [
-            (&reference.ingress, &map.ingress),
-            (&reference.egress, &map.egress),
-        ] {
-            prop_assert_eq!(
-                map_verdict.enforced,
-                !matches!(verdict.reason, VerdictReason::NotEnforced)
-            );
-            match &verdict.reason {
-                VerdictReason::NotEnforced => {}
-                VerdictReason::DeniedByDefault { .. } => coverage.enforced_denied += 1,
-                VerdictReason::AllowedBy(rules) => {
-                    coverage.enforced_allowed += 1;
-                    // The rule id the maps report names a rule the reference credits.
-                    let rule = compiled
-                        .rules
-                        .get(map_verdict.rule_id)
-                        .expect("rule id in table");
-                    prop_assert!(
-                        rules.contains(rule),
-                        "{}: {} not among {:?}",
-                        flow,
-                        rule,
-                        rules
-                    );
-                    let mut features = BTreeSet::new();
-                    rule_features(&set, rules, &mut features);
-                    for feature in features {
-                        *coverage.by_feature.entry(feature).or_default() += 1;
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-#[test]
-fn map_level_evaluator_agrees_with_reference() {
-    const CASES: u32 = 1024;
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases: CASES,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
-    let coverage = RefCell::new(Coverage::default());
-    let result = runner.run(&scenario_strategy(), |scenario| {
-        check_scenario(&scenario, &mut coverage.borrow_mut())
-    });
-    if let Err(error) = result {
-        panic!("{error}");
-    }
-    let coverage = coverage.into_inner();
-    println!("{CASES} cases: {coverage:#?}");
-    // The generator must reach every feature, or agreement proves little.
-    assert!(
-        coverage.enforced_allowed > 100 && coverage.enforced_denied > 100,
-        "{coverage:?}"
-    );
-    for feature in [
-        "no peers",
-        "podSelector",
-        "namespaceSelector",
-        "ipBlock",
-        "ipBlock with except",
-        "no ports",
-        "single port",
-        "port range",
-        "protocol only",
-        "named port (ingress)",
-        "named port (egress)",
-    ] {
-        assert!(
-            coverage.by_feature.get(feature).copied().unwrap_or(0) >= 5,
-            "feature {feature:?} allowed too few flows: {coverage:#?}"
-        );
     }
 }
