@@ -111,6 +111,12 @@ impl Lab {
     /// Starts `microseg agent` in the node namespace, enforcing on every host's
     /// node-side veth (TC), with its state, pins and socket private to this lab.
     pub fn start_agent(&self, extra: &[&str]) {
+        self.start_agent_with(extra, true);
+    }
+
+    /// Like [`Lab::start_agent`]; with `attach_hosts` false no `--interface` is
+    /// given and the agent finds the veths itself (Kubernetes mode).
+    pub fn start_agent_with(&self, extra: &[&str], attach_hosts: bool) {
         // nsenter switches only the network namespace (`ip netns exec` would also
         // mount a fresh /sys, hiding bpffs) and execs the agent in place.
         let mut args: Vec<String> = vec![
@@ -130,7 +136,7 @@ impl Lab {
             "--event-log".into(),
             self.dir.join("events.jsonl").display().to_string(),
         ];
-        for host in &self.hosts {
+        for host in self.hosts.iter().filter(|_| attach_hosts) {
             args.push("--interface".into());
             args.push(format!("{}:tc", host.node_if));
         }

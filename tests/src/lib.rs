@@ -3,6 +3,7 @@
 //! always removed, even when a test fails.
 
 pub mod corpus;
+pub mod fake_apiserver;
 pub mod harness;
 pub mod lab;
 pub mod netns;

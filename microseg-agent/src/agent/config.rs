@@ -103,6 +103,32 @@ pub struct AgentConfig {
     pub node_name: Option<String>,
     /// How often the watched directories are checked for changes, in milliseconds.
     pub watch_interval_ms: u64,
+    /// Kubernetes mode: inventory and policies from the API server.
+    pub kubernetes: KubernetesConfig,
+}
+
+/// Kubernetes mode (`microseg agent --kubernetes`, see `agent::kubernetes`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Watch Namespaces, Pods and NetworkPolicies and enforce for this node's pods.
+    pub enabled: bool,
+    /// A kubeconfig file; unset: the in-cluster service account, then `$KUBECONFIG`
+    /// or `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// How often pods' host-side veths are looked for, in milliseconds (also done at
+    /// once whenever this node's pods change).
+    pub interface_scan_ms: u64,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            kubeconfig: None,
+            interface_scan_ms: 1000,
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -122,6 +148,7 @@ impl Default for AgentConfig {
             subscriber_buffer: 4096,
             node_name: None,
             watch_interval_ms: 500,
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod enforcer;
 pub mod events;
+pub mod kubernetes;
 pub mod metrics;
 pub mod objects;
 pub mod server;
@@ -41,6 +42,8 @@ pub struct AgentCore {
     pub api_objects: ObjectMap,
     /// Objects read from the watched directories.
     pub dir_objects: ObjectMap,
+    /// Objects from the Kubernetes API server (Kubernetes mode; see `kubernetes`).
+    pub kube_objects: ObjectMap,
     /// Audit switches per workload (persisted).
     pub audit: BTreeMap<String, bool>,
     /// The last error reading the watched directories, if the last read failed.
@@ -56,10 +59,12 @@ pub struct Agent {
 }
 
 impl AgentCore {
-    /// All objects the agent enforces: the directories', then the API's (an object
-    /// applied through the API replaces a directory object of the same key).
+    /// All objects the agent enforces: the directories', the Kubernetes API
+    /// server's, then the API's (an object applied through the API replaces one of
+    /// the same key from elsewhere).
     pub fn all_objects(&self, api: &ObjectMap, dirs: &ObjectMap) -> ObjectMap {
         let mut all = dirs.clone();
+        all.extend(self.kube_objects.iter().map(|(k, v)| (k.clone(), v.clone())));
         all.extend(api.iter().map(|(k, v)| (k.clone(), v.clone())));
         all
     }
@@ -130,6 +135,9 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         enforcer: Enforcer::new(datapath, adopted, config.audit_mode),
         api_objects: ObjectMap::new(),
         dir_objects: ObjectMap::new(),
+        // Kubernetes mode: the last known cluster state, so a restart while the API
+        // server is unreachable keeps enforcing it.
+        kube_objects: kubernetes::restore(&config),
         audit: BTreeMap::new(),
         dir_error: None,
         started: SystemTime::now(),
@@ -187,6 +195,10 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     ));
     let api = tokio::spawn(server::serve(agent.clone(), config.clone()));
     let watcher = tokio::spawn(watch_directories(agent.clone()));
+    let kubernetes = config
+        .kubernetes
+        .enabled
+        .then(|| tokio::spawn(kubernetes::run(agent.clone())));
     let metrics = config
         .metrics_socket_address()?
         .map(|address| tokio::spawn(metrics::serve(agent.clone(), address)));
@@ -200,6 +212,9 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         result = api => { result??; }
     }
     watcher.abort();
+    if let Some(kubernetes) = kubernetes {
+        kubernetes.abort();
+    }
     if let Some(metrics) = metrics {
         metrics.abort();
     }

@@ -145,6 +145,16 @@ struct AgentArgs {
     /// stays).
     #[arg(long)]
     detach_on_exit: bool,
+    /// Kubernetes mode: watch Namespaces, Pods and NetworkPolicies from the API
+    /// server and enforce for this node's pods.
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubeconfig for Kubernetes mode (default: in-cluster service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (default: $NODE_NAME, then the host name).
+    #[arg(long)]
+    node_name: Option<String>,
 }
 
 #[derive(Args)]
@@ -398,6 +408,13 @@ fn run_agent(args: AgentArgs, socket: &std::path::Path) -> anyhow::Result<()> {
         config.event_log = args.event_log;
     }
     config.audit_mode |= args.audit;
+    config.kubernetes.enabled |= args.kubernetes;
+    if args.kubeconfig.is_some() {
+        config.kubernetes.kubeconfig = args.kubeconfig;
+    }
+    if let Some(name) = args.node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
+        config.node_name = Some(name);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -286,6 +286,30 @@ pub fn detach_pinned(pin_dir: &Path) -> Result<usize, DatapathError> {
     Ok(detached)
 }
 
+/// Detaches the pinned links of one interface (every hook), leaving the maps and the
+/// other interfaces alone: a pod that left the node takes its veth's programs with
+/// it. Returns how many links were removed.
+pub fn detach_interface(pin_dir: &Path, interface: &str) -> Result<usize, DatapathError> {
+    let mut detached = 0;
+    let file_name = interface.replace('.', ":");
+    for path in pinned_link_paths(pin_dir) {
+        if path.file_name().and_then(|n| n.to_str()) != Some(file_name.as_str()) {
+            continue;
+        }
+        let link = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Pin {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        // Unpinning removes the file; dropping the returned fd detaches.
+        drop(link.unpin().map_err(|source| DatapathError::Pin {
+            path: path.clone(),
+            source,
+        })?);
+        detached += 1;
+    }
+    Ok(detached)
+}
+
 fn pinned_link_paths(pin_dir: &Path) -> Vec<PathBuf> {
     let mut paths = Vec::new();
     for hook in std::fs::read_dir(pin_dir.join("links"))

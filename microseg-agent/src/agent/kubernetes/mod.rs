@@ -1,0 +1,405 @@
+//! Kubernetes mode (`microseg agent --kubernetes`): the API server is the source of
+//! Namespaces, Pods and NetworkPolicies, and the agent enforces for its node's pods.
+//!
+//! - `watch`: one kube-rs watcher per kind (list, watch, resume, re-list after
+//!   `410 Gone`) feeding a cluster view.
+//! - this module: the reconciler. It takes every change that arrived together and
+//!   enforces the whole view as one generation (a pod's addresses, identity and
+//!   policy entries appear in, and leave, the maps in one atomic switch), then
+//!   attaches to or detaches from pods' veths.
+//! - `node`: which pods are this node's and where their host-side veths are.
+//! - `status`: Kubernetes Events on this node's `Node` object.
+//!
+//! Every pod of the cluster is in the inventory (other nodes' pods are the peers that
+//! policies allow), but only this node's pods' veths carry the programs. The last
+//! cluster view is cached in the state directory (`kubernetes.json`): when the API
+//! server is unreachable the agent keeps enforcing what it last knew, across a
+//! restart too, and catches up when the watches come back.
+
+pub mod node;
+pub mod status;
+pub mod watch;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use kube::{Client, config::KubeConfigOptions};
+use tokio::sync::mpsc;
+
+use self::{
+    node::{PodInterfaces, VethScanner, local_pod_addresses},
+    status::{Status, StatusReporter},
+    watch::ClusterView,
+};
+use super::{
+    Agent, AgentCore,
+    config::{AgentConfig, KubernetesConfig},
+    enforcer::ApplyRefused,
+    objects::{ObjectKey, ObjectMap, StoredObject},
+};
+use crate::datapath::ApplyReport;
+
+/// The cache of the last cluster view, in the state directory.
+const CACHE_FILE: &str = "kubernetes.json";
+
+/// An outage shorter than this (a dropped watch, an expired version) is routine and
+/// only logged; a longer one is reported as an event once the API server is back.
+const OUTAGE_WORTH_REPORTING: Duration = Duration::from_secs(2);
+
+/// The cluster view cached by an earlier run, enforced until the watches have
+/// listed everything again (empty outside Kubernetes mode).
+pub fn restore(config: &AgentConfig) -> ObjectMap {
+    if !config.kubernetes.enabled {
+        return ObjectMap::new();
+    }
+    let path = config.state_dir.join(CACHE_FILE);
+    let cached: Result<Vec<(ObjectKey, StoredObject)>, String> = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()));
+    match cached {
+        Ok(objects) => {
+            tracing::info!(
+                objects = objects.len(),
+                "enforcing the cached cluster state until the API server answers"
+            );
+            objects.into_iter().collect()
+        }
+        Err(e) => {
+            if path.exists() {
+                tracing::warn!("ignoring {}: {e}", path.display());
+            }
+            ObjectMap::new()
+        }
+    }
+}
+
+/// Watches the API server and enforces what it reports, until the agent stops.
+pub async fn run(agent: Arc<Agent>) {
+    let config = agent.core.lock().await.config.clone();
+    let node = config.node_name();
+    let client = loop {
+        match client(&config.kubernetes).await {
+            Ok(client) => break client,
+            Err(e) => {
+                tracing::error!("Kubernetes client configuration: {e:#}");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    tracing::info!(
+        node,
+        "Kubernetes mode: watching namespaces, pods and network policies"
+    );
+    let status = StatusReporter::start(client.clone(), &node);
+    let (changes, mut incoming) = mpsc::unbounded_channel();
+    watch::start(&client, changes);
+    let cache = start_cache_writer(config.state_dir.clone());
+    let cached = agent.core.lock().await.kube_objects.clone();
+    let scan_every = Duration::from_millis(config.kubernetes.interface_scan_ms.max(100));
+    let mut reconciler = Reconciler {
+        view: ClusterView::new(cached),
+        local: start_interface_task(agent.clone(), scan_every),
+        agent,
+        node,
+        status,
+        cache,
+        enforced_once: false,
+        refused: None,
+        outage: None,
+    };
+    while let Some(change) = incoming.recv().await {
+        let received = Instant::now();
+        let mut changed = reconciler.view.apply(change);
+        // Everything that arrived together becomes one generation.
+        while let Ok(change) = incoming.try_recv() {
+            changed |= reconciler.view.apply(change);
+        }
+        reconciler.track_outage();
+        if reconciler.view.synced() && (changed || !reconciler.enforced_once) {
+            reconciler.enforce(received).await;
+        }
+    }
+}
+
+/// Attaches to this node's pods' veths and detaches from those of pods that left,
+/// on its own task so that looking for veths (iproute2 runs) never delays the next
+/// policy update: at once when the local pods change (sent on the returned
+/// channel, after they are enforced), and every `scan_every` for veths that appear
+/// later than their pod's address.
+fn start_interface_task(
+    agent: Arc<Agent>,
+    scan_every: Duration,
+) -> tokio::sync::watch::Sender<Option<LocalPods>> {
+    let (sender, mut local) = tokio::sync::watch::channel(None::<LocalPods>);
+    tokio::spawn(async move {
+        let mut scanner = VethScanner::default();
+        let mut interfaces = PodInterfaces::default();
+        let mut tick = tokio::time::interval(scan_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = local.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
+            }
+            // Nothing is attached or detached before the first sync: the cached
+            // view may be stale.
+            let Some(pods) = local.borrow_and_update().clone() else {
+                continue;
+            };
+            let found;
+            (scanner, found) = tokio::task::spawn_blocking(move || {
+                let found = scanner.scan();
+                (scanner, found)
+            })
+            .await
+            .unwrap_or_else(|e| (VethScanner::default(), Err(anyhow::anyhow!("{e}"))));
+            let found = match found {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!("looking for pod interfaces: {e:#}");
+                    continue;
+                }
+            };
+            let wanted: BTreeSet<String> = pods
+                .keys()
+                .filter_map(|address| found.get(address).cloned())
+                .collect();
+            let mut core = agent.core.lock().await;
+            let (added, removed) = interfaces.reconcile(&mut core, &wanted);
+            drop(core);
+            for interface in added {
+                tracing::info!(interface, "enforcing on a pod interface");
+            }
+            for interface in removed {
+                tracing::info!(interface, "pod interface left; detached");
+            }
+        }
+    });
+    sender
+}
+
+/// This node's pods' addresses (and `namespace/name`).
+type LocalPods = Arc<BTreeMap<std::net::IpAddr, String>>;
+
+/// A client from `--kubeconfig`, else the in-cluster service account, else
+/// `$KUBECONFIG` or `~/.kube/config`.
+async fn client(settings: &KubernetesConfig) -> anyhow::Result<Client> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster configuration and no kubeconfig")?,
+    };
+    Client::try_from(config).context("creating the Kubernetes client")
+}
+
+struct Reconciler {
+    agent: Arc<Agent>,
+    view: ClusterView,
+    node: String,
+    status: StatusReporter,
+    cache: tokio::sync::watch::Sender<Arc<ObjectMap>>,
+    enforced_once: bool,
+    /// The objects left out of the last apply because the loader refused them.
+    refused: Option<Vec<ObjectKey>>,
+    /// Since when the watches have been failing (as last seen).
+    outage: Option<Instant>,
+    /// This node's pods as last enforced, for the interface task.
+    local: tokio::sync::watch::Sender<Option<LocalPods>>,
+}
+
+impl Reconciler {
+    fn track_outage(&mut self) {
+        match (self.view.failing_since, self.outage) {
+            (Some(since), None) => {
+                self.outage = Some(since);
+                tracing::warn!(
+                    "API server watch failing ({}); enforcing the last known state",
+                    self.view.last_failure.as_deref().unwrap_or("unknown error")
+                );
+            }
+            (None, Some(since)) => {
+                self.outage = None;
+                let lasted = since.elapsed();
+                if lasted >= OUTAGE_WORTH_REPORTING {
+                    self.status.report(Status {
+                        warning: false,
+                        reason: "Reconnected",
+                        note: format!(
+                            "the API server was unreachable for {:.1} s; the last known state stayed enforced and the agent has caught up",
+                            lasted.as_secs_f64()
+                        ),
+                    });
+                } else {
+                    tracing::info!("API server watch resumed");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Enforces the cluster view as one generation.
+    async fn enforce(&mut self, received: Instant) {
+        let objects = self.view.enforceable();
+        let mut core = self.agent.core.lock().await;
+        let result = enforce_objects(&mut core, objects);
+        self.agent.refresh_names(&core);
+        let enforced = core.kube_objects.clone();
+        drop(core);
+        match result {
+            Ok((report, left_out)) => {
+                tracing::debug!(
+                    generation = report.generation,
+                    changes = report.changes,
+                    latency_ms = received.elapsed().as_secs_f64() * 1000.0,
+                    "applied API server changes"
+                );
+                let local = Arc::new(local_pod_addresses(&enforced, &self.node));
+                let local_count = local.len();
+                self.local.send_if_modified(|current| {
+                    let modified = current.as_ref() != Some(&local);
+                    *current = Some(local);
+                    modified
+                });
+                if !self.enforced_once {
+                    self.enforced_once = true;
+                    let count = |kind: &str| enforced.keys().filter(|k| k.kind == kind).count();
+                    self.status.report(Status {
+                        warning: false,
+                        reason: "Synced",
+                        note: format!(
+                            "enforcing {} NetworkPolicies for {} pods on this node ({} in the cluster), policy generation {}",
+                            count("NetworkPolicy"),
+                            local_count,
+                            count("Pod"),
+                            report.generation
+                        ),
+                    });
+                }
+                self.report_left_out(left_out);
+                let _ = self.cache.send(Arc::new(enforced));
+            }
+            Err(refused) => {
+                self.status.report(Status {
+                    warning: true,
+                    reason: "PolicyRefused",
+                    note: format!("{}: {}", refused.summary, refused.details.join("; ")),
+                });
+            }
+        }
+    }
+
+    fn report_left_out(&mut self, left_out: Vec<ObjectKey>) {
+        if left_out.is_empty() {
+            if self.refused.take().is_some() {
+                self.status.report(Status {
+                    warning: false,
+                    reason: "PolicyAccepted",
+                    note: "every object from the API server is enforced again".into(),
+                });
+            }
+            return;
+        }
+        if self.refused.as_ref() != Some(&left_out) {
+            let names: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+            self.status.report(Status {
+                warning: true,
+                reason: "ObjectsSkipped",
+                note: format!(
+                    "not enforced (invalid for microseg; the rest is): {}",
+                    names.join(", ")
+                ),
+            });
+            self.refused = Some(left_out);
+        }
+    }
+}
+
+/// Enforces `objects` as the API server's part of the state. Objects the loader
+/// refuses (named in its errors) are left out and the rest is enforced: one bad
+/// object must not freeze the whole cluster's policy. Returns the objects left out.
+/// If even the rest is refused, the previous state stays enforced.
+fn enforce_objects(
+    core: &mut AgentCore,
+    objects: ObjectMap,
+) -> Result<(ApplyReport, Vec<ObjectKey>), ApplyRefused> {
+    let previous = std::mem::replace(&mut core.kube_objects, objects);
+    let (api, dirs, audit) = (
+        core.api_objects.clone(),
+        core.dir_objects.clone(),
+        core.audit.clone(),
+    );
+    let refused = match core.enforce(api.clone(), dirs.clone(), audit.clone()) {
+        Ok(report) => return Ok((report, Vec::new())),
+        Err(refused) => refused,
+    };
+    let named: Vec<ObjectKey> = core
+        .kube_objects
+        .iter()
+        .filter(|(_, object)| {
+            let source = format!("{}: document {}", object.file, object.document);
+            refused.details.iter().any(|d| d.starts_with(&source))
+        })
+        .map(|(key, _)| key.clone())
+        .collect();
+    if named.is_empty() {
+        core.kube_objects = previous;
+        return Err(refused);
+    }
+    for key in &named {
+        core.kube_objects.remove(key);
+    }
+    match core.enforce(api, dirs, audit) {
+        Ok(report) => Ok((report, named)),
+        Err(refused) => {
+            core.kube_objects = previous;
+            Err(refused)
+        }
+    }
+}
+
+/// Writes the last enforced cluster view to the state directory in the background,
+/// at most once a second (churn must not wait for disks).
+fn start_cache_writer(state_dir: PathBuf) -> tokio::sync::watch::Sender<Arc<ObjectMap>> {
+    let (sender, mut receiver) = tokio::sync::watch::channel(Arc::new(ObjectMap::new()));
+    tokio::spawn(async move {
+        while receiver.changed().await.is_ok() {
+            let objects = receiver.borrow_and_update().clone();
+            let dir = state_dir.clone();
+            let written = tokio::task::spawn_blocking(move || save_cache(&dir, &objects)).await;
+            if let Ok(Err(e)) = written {
+                tracing::warn!("could not cache the cluster state: {e:#}");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    sender
+}
+
+/// Atomic write: temporary file, fsync, rename.
+fn save_cache(state_dir: &Path, objects: &ObjectMap) -> anyhow::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let path = state_dir.join(CACHE_FILE);
+    let temporary = state_dir.join(format!(".{CACHE_FILE}.tmp"));
+    let entries: Vec<(&ObjectKey, &StoredObject)> = objects.iter().collect();
+    {
+        let mut file = std::fs::File::create(&temporary)
+            .with_context(|| format!("writing {}", temporary.display()))?;
+        file.write_all(&serde_json::to_vec(&entries)?)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temporary, &path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}

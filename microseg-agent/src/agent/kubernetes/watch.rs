@@ -1,0 +1,305 @@
+//! Namespaces, Pods and NetworkPolicies from the API server, kept current by kube-rs
+//! watchers, and the cluster view they build.
+//!
+//! Each kind has its own `watcher` (list, then watch from the list's resource
+//! version; a dropped watch resumes from the last version seen, bookmarks included;
+//! an expired version, `410 Gone`, makes it list again). Its events go to one channel
+//! so the reconciler can take everything that arrived together and enforce it as one
+//! generation.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{WatchStreamExt, utils::Backoff, watcher},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::mpsc;
+
+use crate::agent::objects::{ObjectKey, ObjectMap, StoredObject};
+
+/// The kinds the agent watches, as the policy loader names them.
+pub const KINDS: [&str; 3] = ["Namespace", "Pod", "NetworkPolicy"];
+
+/// One watcher event, reduced to what the cluster view needs.
+pub enum Change {
+    /// A re-list starts: objects of `kind` arrive again, then `Listed`.
+    Relisting(&'static str),
+    /// An object seen during a re-list.
+    Listed(ObjectKey, serde_json::Value),
+    /// The re-list of `kind` is complete: objects not seen in it are gone.
+    ListDone(&'static str),
+    /// An object added or modified.
+    Applied(ObjectKey, serde_json::Value),
+    Deleted(ObjectKey),
+    /// The watch failed (disconnected, unreachable, expired version); it is retried.
+    Failed(&'static str, String),
+}
+
+/// Starts one watcher task per kind, all sending to `changes`.
+pub fn start(client: &Client, changes: mpsc::UnboundedSender<Change>) {
+    spawn_watcher(Api::<Namespace>::all(client.clone()), changes.clone());
+    spawn_watcher(Api::<Pod>::all(client.clone()), changes.clone());
+    spawn_watcher(Api::<NetworkPolicy>::all(client.clone()), changes);
+}
+
+fn spawn_watcher<K>(api: Api<K>, changes: mpsc::UnboundedSender<Change>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K: Send + Sync + 'static,
+{
+    let kind: &'static str = match K::kind(&()).as_ref() {
+        "Namespace" => KINDS[0],
+        "Pod" => KINDS[1],
+        _ => KINDS[2],
+    };
+    tokio::spawn(async move {
+        // `Any` lets the API server answer the list from its watch cache (what
+        // client-go's informers do); bookmarks are on by default.
+        let config = watcher::Config::default().any_semantic();
+        let mut stream = watcher(api, config).backoff(QuickBackoff::new()).boxed();
+        while let Some(event) = stream.next().await {
+            let change = match event {
+                Ok(watcher::Event::Init) => Change::Relisting(kind),
+                Ok(watcher::Event::InitApply(object)) => {
+                    let (key, value) = keyed(kind, &object);
+                    Change::Listed(key, value)
+                }
+                Ok(watcher::Event::InitDone) => Change::ListDone(kind),
+                Ok(watcher::Event::Apply(object)) => {
+                    let (key, value) = keyed(kind, &object);
+                    Change::Applied(key, value)
+                }
+                Ok(watcher::Event::Delete(object)) => Change::Deleted(key_of(kind, &object)),
+                Err(error) => Change::Failed(kind, error.to_string()),
+            };
+            if changes.send(change).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+fn key_of<K: Resource>(kind: &str, object: &K) -> ObjectKey {
+    ObjectKey {
+        kind: kind.to_owned(),
+        namespace: object.namespace().unwrap_or_default(),
+        name: object.name_any(),
+    }
+}
+
+/// The object as the policy loader reads it: with `apiVersion` and `kind` (list
+/// items come without them) and without `managedFields` (large, never read).
+fn keyed<K: Resource<DynamicType = ()> + Serialize>(
+    kind: &str,
+    object: &K,
+) -> (ObjectKey, serde_json::Value) {
+    let mut value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.insert("apiVersion".into(), K::api_version(&()).into());
+        map.insert("kind".into(), kind.into());
+        if let Some(metadata) = map.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            metadata.remove("managedFields");
+        }
+    }
+    (key_of(kind, object), value)
+}
+
+/// Retries a failed watch after 200 ms, doubling up to 5 s: the agent should catch up
+/// soon after the API server returns, yet not hammer one that is down. (kube's
+/// default starts at 800 ms and grows to 30 s, tuned for controllers.)
+struct QuickBackoff {
+    next: Duration,
+}
+
+impl QuickBackoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for QuickBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(delay)
+    }
+}
+
+impl Backoff for QuickBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// The cluster as the watchers report it.
+#[derive(Default)]
+pub struct ClusterView {
+    objects: ObjectMap,
+    /// Kinds whose list completed at least once: enforcing before all three have
+    /// would enforce half a cluster (policies without the pods they allow, say).
+    listed: BTreeSet<&'static str>,
+    /// Objects seen so far in a re-list in progress, per kind.
+    relisting: HashMap<&'static str, ObjectMap>,
+    /// Since when the watches fail, if they do.
+    pub failing_since: Option<Instant>,
+    pub last_failure: Option<String>,
+}
+
+impl ClusterView {
+    /// Starts from the cached objects of an earlier run (enforced until the lists
+    /// arrive).
+    pub fn new(cached: ObjectMap) -> Self {
+        Self {
+            objects: cached,
+            ..Self::default()
+        }
+    }
+
+    /// Applies one change; returns whether the enforced objects may differ.
+    pub fn apply(&mut self, change: Change) -> bool {
+        // `Relisting` comes before the list request: no sign the server answers.
+        if !matches!(change, Change::Failed(..) | Change::Relisting(_)) {
+            self.failing_since = None;
+        }
+        match change {
+            Change::Relisting(kind) => {
+                self.relisting.insert(kind, ObjectMap::new());
+                false
+            }
+            Change::Listed(key, value) => {
+                if let Some(buffer) = self.relisting.get_mut(key.kind.as_str()) {
+                    buffer.insert(key.clone(), stored(&key, value));
+                }
+                false
+            }
+            Change::ListDone(kind) => {
+                let fresh = self.relisting.remove(kind).unwrap_or_default();
+                self.objects.retain(|key, _| key.kind != kind);
+                self.objects.extend(fresh);
+                self.listed.insert(kind);
+                true
+            }
+            Change::Applied(key, value) => {
+                let object = stored(&key, value);
+                self.objects.insert(key, object);
+                true
+            }
+            Change::Deleted(key) => self.objects.remove(&key).is_some(),
+            Change::Failed(kind, error) => {
+                self.failing_since.get_or_insert_with(Instant::now);
+                self.last_failure = Some(format!("{kind}: {error}"));
+                false
+            }
+        }
+    }
+
+    /// Whether every kind has been listed since the agent started.
+    pub fn synced(&self) -> bool {
+        KINDS.iter().all(|kind| self.listed.contains(kind))
+    }
+
+    pub fn objects(&self) -> &ObjectMap {
+        &self.objects
+    }
+
+    /// The objects to enforce. Pod addresses are made unique first: the API server
+    /// may briefly show a deleted pod's address on a new pod too, and the loader
+    /// refuses a set with one address on two workloads; the newer pod keeps it.
+    pub fn enforceable(&self) -> ObjectMap {
+        let mut objects = self.objects.clone();
+        let mut owners: BTreeMap<IpAddr, (String, ObjectKey)> = BTreeMap::new();
+        let mut losers = Vec::new();
+        for (key, object) in objects.iter().filter(|(k, _)| k.kind == "Pod") {
+            let created = object.value["metadata"]["creationTimestamp"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            for address in pod_addresses(&object.value) {
+                match owners.get(&address) {
+                    // The pod seen first is at least as new: this one gives way.
+                    Some((other, _)) if *other >= created => losers.push(key.clone()),
+                    Some((_, older)) => {
+                        losers.push(older.clone());
+                        owners.insert(address, (created.clone(), key.clone()));
+                    }
+                    None => {
+                        owners.insert(address, (created.clone(), key.clone()));
+                    }
+                }
+            }
+        }
+        for key in losers {
+            if let Some(object) = objects.get_mut(&key)
+                && let Some(status) = object
+                    .value
+                    .get_mut("status")
+                    .and_then(|s| s.as_object_mut())
+            {
+                tracing::warn!("{key}: its address is also a newer pod's; not enforced for now");
+                status.remove("podIP");
+                status.remove("podIPs");
+            }
+        }
+        objects
+    }
+}
+
+fn stored(key: &ObjectKey, value: serde_json::Value) -> StoredObject {
+    StoredObject {
+        file: source_name(key),
+        document: 1,
+        value,
+    }
+}
+
+/// How errors name an object from the API server: `api-server:Pod/ns/name`.
+pub fn source_name(key: &ObjectKey) -> String {
+    if key.namespace.is_empty() {
+        format!("api-server:{}/{}", key.kind, key.name)
+    } else {
+        format!("api-server:{}/{}/{}", key.kind, key.namespace, key.name)
+    }
+}
+
+/// A pod's addresses (`status.podIPs`, else `status.podIP`), unless it cannot own
+/// them: host network, or finished.
+pub fn pod_addresses(pod: &serde_json::Value) -> Vec<IpAddr> {
+    if pod["spec"]["hostNetwork"].as_bool() == Some(true)
+        || matches!(
+            pod["status"]["phase"].as_str(),
+            Some("Succeeded" | "Failed")
+        )
+    {
+        return Vec::new();
+    }
+    let status = &pod["status"];
+    let mut addresses: Vec<IpAddr> = status["podIPs"]
+        .as_array()
+        .map(|ips| {
+            ips.iter()
+                .filter_map(|ip| ip["ip"].as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if addresses.is_empty()
+        && let Some(ip) = status["podIP"].as_str().and_then(|ip| ip.parse().ok())
+    {
+        addresses.push(ip);
+    }
+    addresses
+}
