@@ -1,6 +1,7 @@
-//! `cargo xtask setup|test|demo`: the project's driver. `test` and `demo` run `setup`
+//! `cargo xtask setup|test|demo|bench`: the project's driver. `test` and `demo` run `setup`
 //! first, so on a fresh machine the README's two commands are all a newcomer types.
 
+mod bench_driver;
 mod setup;
 mod test;
 
@@ -23,11 +24,23 @@ enum Command {
     /// The main job: enforce a default-deny policy between network namespaces and
     /// show what passes, what is blocked, and the deny events.
     Demo,
+    /// Benchmark: per-packet cost (BPF_PROG_TEST_RUN), real traffic against
+    /// iptables and nftables, control plane, events, memory. Writes
+    /// target/microseg-bench/report.{json,md} and plots.
+    Bench {
+        /// Smaller scales and short windows (under two minutes): a smoke run.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
+        Command::Bench { quick } => {
+            setup::run()?;
+            bench_driver::run(quick)
+        }
         Command::Test => {
             setup::run()?;
             test::run()
@@ -40,7 +53,14 @@ fn main() -> anyhow::Result<()> {
                 .status()?;
             anyhow::ensure!(built.success(), "building microseg failed ({built})");
             let status = std::process::Command::new("cargo")
-                .args(["run", "--quiet", "--package", "microseg-tests", "--bin", "microseg-demo"])
+                .args([
+                    "run",
+                    "--quiet",
+                    "--package",
+                    "microseg-tests",
+                    "--bin",
+                    "microseg-demo",
+                ])
                 .status()?;
             anyhow::ensure!(status.success(), "the demo failed ({status})");
             Ok(())

@@ -64,7 +64,11 @@ impl AgentCore {
     /// the same key from elsewhere).
     pub fn all_objects(&self, api: &ObjectMap, dirs: &ObjectMap) -> ObjectMap {
         let mut all = dirs.clone();
-        all.extend(self.kube_objects.iter().map(|(k, v)| (k.clone(), v.clone())));
+        all.extend(
+            self.kube_objects
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         all.extend(api.iter().map(|(k, v)| (k.clone(), v.clone())));
         all
     }

@@ -269,11 +269,14 @@ fn matrix(set: &PolicySet, state: &DatapathState, args: &CheckArgs) -> anyhow::R
     let names: Vec<String> = set.workloads.iter().map(|w| w.key()).collect();
     let mut entries = Vec::new();
     let mut error = None;
+    let pairs = (names.len() * names.len().saturating_sub(1)) as u64;
+    let progress = super::progress::bar(pairs, "checking");
     for (i, from) in set.workloads.iter().enumerate() {
         for (j, to) in set.workloads.iter().enumerate() {
             if i == j {
                 continue;
             }
+            progress.inc(1);
             let (Some(src), Some(dst)) = (
                 first_address(from),
                 matching_address(to, first_address(from)),
@@ -299,6 +302,7 @@ fn matrix(set: &PolicySet, state: &DatapathState, args: &CheckArgs) -> anyhow::R
             entries.push((i, j, allowed));
         }
     }
+    progress.finish_and_clear();
     if let Some(e) = error {
         return Err(e);
     }

@@ -3,6 +3,7 @@
 
 mod check;
 mod events;
+mod progress;
 mod resources;
 mod table;
 
@@ -245,7 +246,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Apply { files, .. } => {
             let sources = read_sources(&files)?;
-            let data = Client::connect(&cli.socket)?.call(&Request::Apply { sources })?;
+            let waiting = progress::spinner(format!("applying {} files", sources.len()));
+            let data = Client::connect(&cli.socket)?.call(&Request::Apply { sources });
+            waiting.finish_and_clear();
+            let data = data?;
             print_objects(&data);
             Ok(ExitCode::SUCCESS)
         }

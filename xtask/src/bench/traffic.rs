@@ -1,0 +1,660 @@
+//! Real traffic between two network namespaces over a veth pair, per engine and rule
+//! count.
+//!
+//! Packet source (BENCH-NOTES): trafgen (netsniff-ng) in the sender namespace, pinned
+//! to CPU 0 (`taskset -c 0 trafgen --cpus 1 --no-sock-mem --notouch-irq -S 256KiB`), 60-byte
+//! IPv4 UDP frames (64 with FCS) addressed to the receiver veth's MAC, to UDP port
+//! 5001 of the receiver (no socket listens: a packet that passes the filter ends as
+//! "UDP to a closed port"). Source addresses are drawn at random per packet
+//! (`drnd`) from the rule set's clients (allowed run) or from as many addresses
+//! outside it (denied run). Over veth the receive path runs in softirq on the
+//! sender's CPU, inside its send call, so the sender's rate is the receiver's.
+//!
+//! Counting over a window after a warm-up, from the kernel's own counters:
+//! - processed: the sender veth's tx_packets (every frame the veth accepted was
+//!   processed by the receiver, in the sender's call);
+//! - delivered: UDP datagrams that reached the receiver's transport layer
+//!   (/proc/net/snmp Udp InDatagrams + NoPorts + InErrors of its namespace);
+//! - dropped: processed - delivered, confirmed by the engine's own counter (microseg's
+//!   denied counters, the iptables DROP rule's packet count, the nft counter).
+//!
+//! Interface counters are read from /proc/net/dev of each namespace: the same
+//! `dev_get_stats` figures as /sys/class/net/IF/statistics, which the root
+//! namespace's sysfs cannot show for another namespace's interfaces.
+//!
+//! iptables and nftables rules are created inside the receiver namespace only; the
+//! namespaces, the veth pair and every rule go when the guards drop.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::Ipv4Addr,
+    os::unix::process::CommandExt,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use microseg::datapath::{AttachPoint, Datapath, DatapathState, LoadOptions, XdpAttachMode};
+use microseg_common::counters::Counter;
+use serde::Serialize;
+
+use crate::{
+    netns::{self, Namespace, ProcFile, Veth},
+    progress::Progress,
+    scenario::{self, ALLOWED_PORT, Family, SERVER_V4, Scenario},
+};
+
+const SENDER_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    MicrosegXdp,
+    MicrosegTc,
+    Iptables,
+    Nftables,
+    None,
+}
+
+impl Engine {
+    pub const ALL: [Engine; 5] = [
+        Engine::MicrosegXdp,
+        Engine::MicrosegTc,
+        Engine::Iptables,
+        Engine::Nftables,
+        Engine::None,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::MicrosegXdp => "microseg-xdp",
+            Engine::MicrosegTc => "microseg-tc",
+            Engine::Iptables => "iptables",
+            Engine::Nftables => "nftables",
+            Engine::None => "none",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TrafficConfig {
+    pub scales: Vec<u32>,
+    pub window: Duration,
+    pub warmup: Duration,
+}
+
+/// One window of traffic.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunCounts {
+    /// "allowed" (sources from the rule set) or "denied" (sources outside it).
+    pub sources: &'static str,
+    pub window_s: f64,
+    pub processed_pps: f64,
+    pub delivered_pps: f64,
+    pub dropped_pps: f64,
+    /// The engine's own drop counter over the window, per second (None: the engine
+    /// has none, i.e. `none`).
+    pub engine_dropped_pps: Option<f64>,
+    pub receiver_rx_packets_pps: f64,
+    pub receiver_rx_dropped_pps: f64,
+    /// Whole receive path per packet: 1e9 / processed_pps.
+    pub ns_per_packet: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrafficRow {
+    pub engine: &'static str,
+    pub rules: u32,
+    /// Delivered packets/s with allowed sources.
+    pub pps_delivered: f64,
+    /// Dropped packets/s with denied sources.
+    pub pps_dropped: f64,
+    pub setup_ms: f64,
+    pub allowed: RunCounts,
+    pub denied: RunCounts,
+}
+
+/// The two namespaces and the veth between them. Fields drop in order: the link,
+/// then the namespaces.
+struct Testbed {
+    veth: Veth,
+    receiver_mac: String,
+    sender: Namespace,
+    receiver: Namespace,
+    sender_dev: ProcFile,
+    receiver_dev: ProcFile,
+    receiver_snmp: ProcFile,
+}
+
+impl Testbed {
+    fn new() -> anyhow::Result<Self> {
+        netns::remove_stale();
+        let sender = Namespace::new("tx")?;
+        let receiver = Namespace::new("rx")?;
+        let veth = Veth::new(&sender, &receiver)?;
+        let tx = veth.a_name.clone();
+        let rx = veth.b_name.clone();
+        sender.ip(&["addr", "add", &format!("{SENDER_V4}/24"), "dev", &tx])?;
+        receiver.ip(&["addr", "add", &format!("{SERVER_V4}/24"), "dev", &rx])?;
+        sender.ip(&["link", "set", &tx, "up"])?;
+        receiver.ip(&["link", "set", &rx, "up"])?;
+        // Replies (ICMP port unreachable, rate limited by the kernel) to the test
+        // sources go back to the sender without neighbour resolution per source.
+        let sender_mac = netns::mac_of(&sender, &tx)?;
+        receiver.ip(&[
+            "neigh",
+            "replace",
+            &SENDER_V4.to_string(),
+            "lladdr",
+            &sender_mac,
+            "dev",
+            &rx,
+            "nud",
+            "permanent",
+        ])?;
+        receiver.ip(&["route", "add", "10.0.0.0/8", "via", &SENDER_V4.to_string()])?;
+        let receiver_mac = netns::mac_of(&receiver, &rx)?;
+        Ok(Self {
+            sender_dev: sender.proc_net("dev")?,
+            receiver_dev: receiver.proc_net("dev")?,
+            receiver_snmp: receiver.proc_net("snmp")?,
+            veth,
+            receiver_mac,
+            sender,
+            receiver,
+        })
+    }
+
+    fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        let sender = parse_dev(&self.sender_dev.read()?, &self.veth.a_name)?;
+        let receiver = parse_dev(&self.receiver_dev.read()?, &self.veth.b_name)?;
+        let udp = parse_snmp(&self.receiver_snmp.read()?, "Udp")?;
+        let field = |name: &str| udp.get(name).copied().unwrap_or(0);
+        Ok(Snapshot {
+            at: Instant::now(),
+            tx_packets: sender.tx_packets,
+            rx_packets: receiver.rx_packets,
+            rx_dropped: receiver.rx_dropped,
+            udp_delivered: field("InDatagrams") + field("NoPorts") + field("InErrors"),
+            engine_dropped: None,
+        })
+    }
+}
+
+struct Snapshot {
+    at: Instant,
+    tx_packets: u64,
+    rx_packets: u64,
+    rx_dropped: u64,
+    udp_delivered: u64,
+    engine_dropped: Option<u64>,
+}
+
+struct DevStats {
+    rx_packets: u64,
+    rx_dropped: u64,
+    tx_packets: u64,
+}
+
+/// One interface's line of /proc/net/dev.
+fn parse_dev(text: &str, interface: &str) -> anyhow::Result<DevStats> {
+    for line in text.lines() {
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        if name.trim() != interface {
+            continue;
+        }
+        let values: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|value| value.parse().ok())
+            .collect();
+        if values.len() < 16 {
+            bail!("short /proc/net/dev line for {interface}");
+        }
+        return Ok(DevStats {
+            rx_packets: values[1],
+            rx_dropped: values[3],
+            tx_packets: values[9],
+        });
+    }
+    bail!("{interface} is not in /proc/net/dev")
+}
+
+/// The `name:` table of /proc/net/snmp (header line, then values).
+fn parse_snmp(text: &str, name: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+    let prefix = format!("{name}:");
+    let mut lines = text.lines().filter(|line| line.starts_with(&prefix));
+    let (Some(header), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no {name} table in /proc/net/snmp");
+    };
+    Ok(header
+        .split_whitespace()
+        .skip(1)
+        .zip(values.split_whitespace().skip(1))
+        .filter_map(|(key, value)| Some((key.to_owned(), value.parse().ok()?)))
+        .collect())
+}
+
+/// A running trafgen, stopped (SIGINT, then SIGKILL) when dropped. trafgen forks a
+/// worker that sends the packets, so it runs in its own process group and the
+/// signals go to the group.
+struct Trafgen {
+    child: Child,
+    config: std::path::PathBuf,
+}
+
+impl Trafgen {
+    fn start(bed: &Testbed, sources: (u32, u32)) -> anyhow::Result<Self> {
+        let config =
+            std::env::temp_dir().join(format!("microseg-bench-{}-trafgen.cfg", std::process::id()));
+        // 14 (Ethernet) + 20 (IPv4) + 8 (UDP) + 18 bytes of padding = 60 bytes.
+        let text = format!(
+            "{{\n  eth(da={mac}, type=0x0800),\n  ipv4(saddr={first}, saddr=drnd({min}, {max}), daddr={server}, ttl=64),\n  udp(sport=40000, dport={port}),\n  fill(0x00, 18)\n}}\n",
+            mac = bed.receiver_mac,
+            first = Ipv4Addr::from(sources.0),
+            min = sources.0,
+            max = sources.1,
+            server = SERVER_V4,
+            port = ALLOWED_PORT,
+        );
+        std::fs::write(&config, text).context("writing the trafgen configuration")?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &bed.sender.name])
+            .args(["taskset", "-c", "0", "trafgen", "--cpus", "1"])
+            .args(["--no-sock-mem", "--notouch-irq", "-o", &bed.veth.a_name])
+            // A 256 KiB TX ring (128 frames): with XDP on the receiving veth, frames
+            // wait in the veth's ring holding socket memory, and trafgen's default
+            // 512 KiB ring outgrows the default send buffer (sendto: EAGAIN).
+            .args(["-S", "256KiB"])
+            .arg("-i")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .context("starting trafgen (Debian package netsniff-ng)")?;
+        Ok(Self { child, config })
+    }
+
+    /// Fails with trafgen's error output if it has already exited.
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let mut error = String::new();
+            if let Some(mut stderr) = self.child.stderr.take() {
+                use std::io::Read;
+                let _ = stderr.read_to_string(&mut error);
+            }
+            return Err(
+                TrafgenDied(format!("trafgen exited early ({status}): {}", error.trim())).into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Trafgen {
+    fn drop(&mut self) {
+        let group = self.child.id() as libc::pid_t;
+        // SAFETY: kill() only sends a signal, to the process group our own child
+        // leads; the child is not reaped yet, so the group id cannot be reused.
+        unsafe { libc::kill(-group, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut exited = false;
+        while !exited && Instant::now() < deadline {
+            exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !exited {
+            // SAFETY: as above: the leader is still unreaped.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+#[derive(Debug)]
+struct TrafgenDied(String);
+
+impl std::fmt::Display for TrafgenDied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TrafgenDied {}
+
+/// An engine installed on the receiver, removed when dropped.
+enum Installed {
+    None,
+    Iptables { namespace: String, rules: u32 },
+    Nftables { namespace: String },
+    Microseg(Box<MicrosegEngine>),
+}
+
+struct MicrosegEngine {
+    datapath: Datapath,
+    stop: Arc<AtomicBool>,
+    drain: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for MicrosegEngine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.join();
+        }
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        match self {
+            Installed::None | Installed::Microseg(_) => {}
+            Installed::Iptables { namespace, .. } => {
+                let _ = Command::new("ip")
+                    .args(["netns", "exec", namespace, "iptables", "-F", "INPUT"])
+                    .output();
+            }
+            Installed::Nftables { namespace } => {
+                let _ = Command::new("ip")
+                    .args([
+                        "netns", "exec", namespace, "nft", "delete", "table", "ip", "msbench",
+                    ])
+                    .output();
+            }
+        }
+    }
+}
+
+impl Installed {
+    fn install(
+        engine: Engine,
+        bed: &Testbed,
+        rules: u32,
+        state: &DatapathState,
+    ) -> anyhow::Result<Self> {
+        let clients = || (0..rules).map(|index| Family::V4.client(index));
+        match engine {
+            Engine::None => Ok(Installed::None),
+            Engine::Iptables => {
+                let installed = Installed::Iptables {
+                    namespace: bed.receiver.name.clone(),
+                    rules,
+                };
+                let mut input = String::from("*filter\n:INPUT ACCEPT [0:0]\n");
+                for client in clients() {
+                    let _ = writeln!(input, "-A INPUT -s {client}/32 -j ACCEPT");
+                }
+                input.push_str("-A INPUT -j DROP\nCOMMIT\n");
+                bed.receiver
+                    .exec_with_input(&["iptables-restore"], &input)?;
+                Ok(installed)
+            }
+            Engine::Nftables => {
+                let installed = Installed::Nftables {
+                    namespace: bed.receiver.name.clone(),
+                };
+                let mut input = String::from(
+                    "table ip msbench {\n  set allowed { type ipv4_addr; }\n  counter dropped { }\n  chain input {\n    type filter hook input priority filter; policy drop;\n    ip saddr @allowed accept\n    counter name \"dropped\"\n  }\n}\n",
+                );
+                let all: Vec<String> = clients().map(|client| client.to_string()).collect();
+                for chunk in all.chunks(10_000) {
+                    let _ = writeln!(
+                        input,
+                        "add element ip msbench allowed {{ {} }}",
+                        chunk.join(", ")
+                    );
+                }
+                bed.receiver.exec_with_input(&["nft", "-f", "-"], &input)?;
+                Ok(installed)
+            }
+            Engine::MicrosegXdp | Engine::MicrosegTc => {
+                let mut datapath = Datapath::load(&LoadOptions {
+                    pin_dir: None,
+                    capacities: scenario::capacities(rules),
+                })?;
+                datapath.apply(&DatapathState::default(), state)?;
+                let point = if engine == Engine::MicrosegXdp {
+                    AttachPoint::Xdp(XdpAttachMode::Driver)
+                } else {
+                    AttachPoint::TcIngress
+                };
+                let interface = bed.veth.b_name.clone();
+                bed.receiver.run_in(|| {
+                    datapath
+                        .attach(&interface, point)
+                        .map_err(anyhow::Error::from)
+                })?;
+                // Drain deny events as the agent would, on the other core.
+                let mut ring = datapath.take_events()?;
+                let stop = Arc::new(AtomicBool::new(false));
+                let drain = {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            while ring.next().is_some() {}
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    })
+                };
+                Ok(Installed::Microseg(Box::new(MicrosegEngine {
+                    datapath,
+                    stop,
+                    drain: Some(drain),
+                })))
+            }
+        }
+    }
+
+    /// The engine's own count of dropped packets so far.
+    fn dropped(&mut self) -> anyhow::Result<Option<u64>> {
+        match self {
+            Installed::None => Ok(None),
+            Installed::Microseg(engine) => {
+                let counters = engine.datapath.maps()?.counters()?;
+                Ok(Some(
+                    counters.get(Counter::DeniedIngress) + counters.get(Counter::DeniedEgress),
+                ))
+            }
+            Installed::Iptables { namespace, rules } => {
+                // The DROP rule is the last one: list it alone.
+                let number = (*rules + 1).to_string();
+                let output = netns::run(
+                    "ip",
+                    &[
+                        "netns", "exec", namespace, "iptables", "-w", "-nvxL", "INPUT", &number,
+                    ],
+                )?;
+                let text = String::from_utf8_lossy(&output.stdout);
+                let packets = text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|value| value.parse().ok())
+                    .context("reading the iptables DROP rule's counter")?;
+                Ok(Some(packets))
+            }
+            Installed::Nftables { namespace } => {
+                let output = netns::run(
+                    "ip",
+                    &[
+                        "netns", "exec", namespace, "nft", "list", "counter", "ip", "msbench",
+                        "dropped",
+                    ],
+                )?;
+                let text = String::from_utf8_lossy(&output.stdout);
+                let mut words = text.split_whitespace();
+                let packets = words
+                    .by_ref()
+                    .skip_while(|word| *word != "packets")
+                    .nth(1)
+                    .and_then(|value| value.parse().ok())
+                    .context("reading the nft counter")?;
+                Ok(Some(packets))
+            }
+        }
+    }
+}
+
+/// One window; if trafgen dies under it (it treats a transient send error as
+/// fatal), the window is measured again once.
+fn window(
+    bed: &mut Testbed,
+    installed: &mut Installed,
+    sources: (u32, u32),
+    label: &'static str,
+    config: &TrafficConfig,
+) -> anyhow::Result<RunCounts> {
+    match window_once(bed, installed, sources, label, config) {
+        Err(error) if error.downcast_ref::<TrafgenDied>().is_some() => {
+            window_once(bed, installed, sources, label, config)
+        }
+        other => other,
+    }
+}
+
+fn window_once(
+    bed: &mut Testbed,
+    installed: &mut Installed,
+    sources: (u32, u32),
+    label: &'static str,
+    config: &TrafficConfig,
+) -> anyhow::Result<RunCounts> {
+    let mut trafgen = Trafgen::start(bed, sources)?;
+    std::thread::sleep(config.warmup);
+    trafgen.check_running()?;
+    // The engine's counter is read just before each interface snapshot, in the same
+    // order at both ends, so the time the read takes cancels out.
+    let engine_before = installed.dropped()?;
+    let mut before = bed.snapshot()?;
+    before.engine_dropped = engine_before;
+    std::thread::sleep(config.window);
+    let engine_after = installed.dropped()?;
+    let mut after = bed.snapshot()?;
+    after.engine_dropped = engine_after;
+    trafgen.check_running()?;
+    drop(trafgen);
+    let seconds = (after.at - before.at).as_secs_f64().max(1e-6);
+    let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / seconds;
+    let processed = rate(before.tx_packets, after.tx_packets);
+    let delivered = rate(before.udp_delivered, after.udp_delivered);
+    if processed <= 0.0 {
+        bail!("no packet left the sender in the {label} window");
+    }
+    Ok(RunCounts {
+        sources: label,
+        window_s: seconds,
+        processed_pps: processed,
+        delivered_pps: delivered,
+        dropped_pps: (processed - delivered).max(0.0),
+        engine_dropped_pps: match (before.engine_dropped, after.engine_dropped) {
+            (Some(a), Some(b)) => Some(rate(a, b)),
+            _ => None,
+        },
+        receiver_rx_packets_pps: rate(before.rx_packets, after.rx_packets),
+        receiver_rx_dropped_pps: rate(before.rx_dropped, after.rx_dropped),
+        ns_per_packet: 1e9 / processed,
+    })
+}
+
+pub fn run(config: &TrafficConfig, progress: &Progress) -> anyhow::Result<Vec<TrafficRow>> {
+    progress.step("traffic: creating the namespaces and veth pair");
+    let mut bed = Testbed::new().context("setting up the traffic test bed")?;
+    let mut rows = Vec::new();
+    for &rules in &config.scales {
+        progress.step(format!(
+            "traffic: compiling {} rules",
+            scenario::human(u64::from(rules))
+        ));
+        let scenario = Scenario::build(Family::V4, rules)?;
+        for engine in Engine::ALL {
+            let what = format!(
+                "{} at {} rules",
+                engine.name(),
+                scenario::human(u64::from(rules))
+            );
+            progress.step(format!("traffic: installing {what}"));
+            let start = Instant::now();
+            let mut installed = Installed::install(engine, &bed, rules, &scenario.state)
+                .with_context(|| format!("installing {what}"))?;
+            let setup_ms = start.elapsed().as_secs_f64() * 1e3;
+            progress.step(format!("traffic: {what}, allowed sources"));
+            let allowed = window(
+                &mut bed,
+                &mut installed,
+                scenario::v4_client_range(rules),
+                "allowed",
+                config,
+            )
+            .with_context(|| format!("{what}, allowed sources"))?;
+            progress.step(format!("traffic: {what}, denied sources"));
+            let denied = window(
+                &mut bed,
+                &mut installed,
+                scenario::v4_stranger_range(rules),
+                "denied",
+                config,
+            )
+            .with_context(|| format!("{what}, denied sources"))?;
+            drop(installed);
+            check_engine(engine, &allowed, &denied).with_context(|| what.clone())?;
+            let row = TrafficRow {
+                engine: engine.name(),
+                rules,
+                pps_delivered: allowed.delivered_pps,
+                pps_dropped: if engine == Engine::None {
+                    0.0
+                } else {
+                    denied.dropped_pps
+                },
+                setup_ms,
+                allowed,
+                denied,
+            };
+            progress.line(format!(
+                "  {:<13} {:>7} rules: delivered {:>10.0} pps (of {:>10.0}), dropped {:>10.0} pps (of {:>10.0})",
+                row.engine,
+                scenario::human(u64::from(rules)),
+                row.pps_delivered,
+                row.allowed.processed_pps,
+                row.pps_dropped,
+                row.denied.processed_pps,
+            ));
+            rows.push(row);
+        }
+    }
+    drop(bed);
+    Ok(rows)
+}
+
+/// An engine that lets denied sources through, or drops allowed ones, is broken:
+/// fail. (Rates are never asserted.)
+fn check_engine(engine: Engine, allowed: &RunCounts, denied: &RunCounts) -> anyhow::Result<()> {
+    let filters = engine != Engine::None;
+    // Allowed traffic: almost all delivered (a packet or two of the window edges may
+    // be counted on one side only).
+    if allowed.delivered_pps < allowed.processed_pps * 0.95 {
+        bail!(
+            "allowed sources: only {:.0} of {:.0} packets/s delivered",
+            allowed.delivered_pps,
+            allowed.processed_pps
+        );
+    }
+    if filters && denied.delivered_pps > denied.processed_pps * 0.05 {
+        bail!(
+            "denied sources: {:.0} of {:.0} packets/s delivered",
+            denied.delivered_pps,
+            denied.processed_pps
+        );
+    }
+    if !filters && denied.delivered_pps < denied.processed_pps * 0.95 {
+        bail!("no filter, yet packets were lost");
+    }
+    Ok(())
+}
