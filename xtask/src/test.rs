@@ -17,6 +17,8 @@ pub fn run() -> anyhow::Result<()> {
             "microseg-ebpf",
             "--no-fail-fast",
         ])
+        // Passing tests' output too: conformance counts by tag and measured figures.
+        .args(["--", "--show-output"])
         // One test binary's tests run in parallel; the kernel and netns tests create
         // uniquely named namespaces and interfaces, so they do not collide.
         .stdout(Stdio::piped())
