@@ -5,6 +5,7 @@ pub const ENDPOINTS: &str = "ENDPOINTS";
 pub const PEER_HOSTS: &str = "PEER_HOSTS";
 pub const PEER_PREFIXES: &str = "PEER_PREFIXES";
 pub const POLICY: &str = "POLICY";
+pub const POLICY_EXACT: &str = "POLICY_EXACT";
 pub const CONNTRACK: &str = "CONNTRACK";
 pub const FRAGMENTS: &str = "FRAGMENTS";
 pub const EVENTS: &str = "EVENTS";
@@ -15,11 +16,12 @@ pub const GENERATION: &str = "GENERATION";
 pub const SETTINGS: &str = "SETTINGS";
 
 /// Every map, in the order the agent pins and reports them.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     ENDPOINTS,
     PEER_HOSTS,
     PEER_PREFIXES,
     POLICY,
+    POLICY_EXACT,
     CONNTRACK,
     FRAGMENTS,
     EVENTS,

@@ -6,9 +6,11 @@
 //! - `POLICY_PREFIX_ANY_PORT`: this protocol, any port;
 //! - `POLICY_PREFIX_ANY_PORT + n`: this protocol, ports sharing the first n bits.
 //!
-//! A port range becomes a few power-of-two blocks ([`port_range_blocks`]). A packet
-//! needs at most two lookups per enforced direction: its peer's identity, then
-//! `IDENTITY_ANY`.
+//! A port range becomes a few power-of-two blocks ([`port_range_blocks`]). Rules for
+//! one exact port (most rules) live in `POLICY_EXACT`, a hash map keyed by the full
+//! key: they are the trie's longest prefixes anyway, so looking there first gives the
+//! same answer as the trie alone, at hash cost. Per enforced direction: the peer's
+//! identity (exact, then trie), then `IDENTITY_ANY` (exact, then trie).
 
 /// Direction of a policy: ingress (the endpoint receives) or egress (it sends).
 #[repr(u8)]
@@ -91,6 +93,11 @@ impl PolicyKeyData {
     pub const fn port(&self) -> u16 {
         u16::from_be_bytes(self.port)
     }
+    /// The same key for another peer identity.
+    pub const fn with_identity(mut self, identity: u32) -> Self {
+        self.identity = identity.to_be_bytes();
+        self
+    }
 }
 
 /// What a matching policy entry says.
@@ -105,10 +112,20 @@ pub struct PolicyEntry {
 }
 const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 8);
 
+/// No entry matched (a plain value rather than an `Option`, for the BPF verifier).
+pub const POLICY_ACTION_NONE: u8 = 0;
 pub const POLICY_ACTION_ALLOW: u8 = 1;
 pub const POLICY_ACTION_DENY: u8 = 2;
 
 impl PolicyEntry {
+    pub const NONE: Self = Self {
+        rule_id: 0,
+        action: POLICY_ACTION_NONE,
+        _pad: [0; 3],
+    };
+    pub const fn is_none(&self) -> bool {
+        self.action == POLICY_ACTION_NONE
+    }
     pub const fn allow(rule_id: u32) -> Self {
         Self {
             rule_id,

@@ -1,39 +1,48 @@
-//! Policy lookup: (endpoint, peer identity, direction, protocol, port) in an LPM trie
-//! whose prefix covers protocol and port bits, so "any protocol", "any port" and port
-//! ranges are shorter prefixes. Two lookups at most: the peer's identity, then any.
+//! Policy lookup: (endpoint, peer identity, direction, protocol, port). Rules for one
+//! exact port are in a hash map (`POLICY_EXACT`); ranges, "any port" and "any
+//! protocol" are shorter prefixes in an LPM trie (`POLICY`) over the key's protocol
+//! and port bits. An exact entry is the longest prefix there is, so hash first, then
+//! trie, answers as the trie alone would. Order: the peer's identity, then any.
 
 use aya_ebpf::{
     macros::map,
-    maps::{LpmTrie, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, lpm_trie::Key},
 };
 use microseg_common::{
     identity::IDENTITY_ANY,
     maps::POLICY_CAPACITY,
-    policy::{Direction, POLICY_PREFIX_FULL, PolicyEntry, PolicyKeyData},
+    policy::{POLICY_PREFIX_FULL, PolicyEntry, PolicyKeyData},
 };
+
+/// BPF_F_NO_PREALLOC: memory only for the rules that exist.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map]
 static POLICY: LpmTrie<PolicyKeyData, PolicyEntry> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
 
-#[inline(always)]
-pub fn lookup(
-    slot: u8,
-    endpoint_id: u32,
-    peer_identity: u32,
-    direction: Direction,
-    protocol: u8,
-    port: u16,
-) -> Option<PolicyEntry> {
-    let key = Key::new(
-        POLICY_PREFIX_FULL,
-        PolicyKeyData::new(slot, endpoint_id, peer_identity, direction, protocol, port),
-    );
-    if let Some(entry) = POLICY.get(&key) {
-        return Some(*entry);
+#[map]
+static POLICY_EXACT: HashMap<PolicyKeyData, PolicyEntry> =
+    HashMap::with_max_entries(POLICY_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// The entry for `key` (with the peer's identity), or `PolicyEntry::NONE`. Out of
+/// line with one argument: its keys stay out of the decision's stack frame.
+#[inline(never)]
+pub fn lookup(key: &PolicyKeyData) -> PolicyEntry {
+    let entry = lookup_identity(key);
+    if !entry.is_none() {
+        return entry;
     }
-    let any_peer = Key::new(
-        POLICY_PREFIX_FULL,
-        PolicyKeyData::new(slot, endpoint_id, IDENTITY_ANY, direction, protocol, port),
-    );
-    POLICY.get(&any_peer).copied()
+    lookup_identity(&key.with_identity(IDENTITY_ANY))
+}
+
+#[inline(always)]
+fn lookup_identity(key: &PolicyKeyData) -> PolicyEntry {
+    // SAFETY: the value is copied out at once.
+    if let Some(entry) = unsafe { POLICY_EXACT.get(key) } {
+        return *entry;
+    }
+    match POLICY.get(&Key::new(POLICY_PREFIX_FULL, *key)) {
+        Some(entry) => *entry,
+        None => PolicyEntry::NONE,
+    }
 }

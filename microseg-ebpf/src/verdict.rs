@@ -11,8 +11,8 @@
 //!    a flow allowed under an older generation is judged again in its first packet's
 //!    direction;
 //! 6. policy, per enforced direction: peer identity, then (endpoint, identity,
-//!    direction, protocol, port), then (endpoint, any, ...). Allowed only if every
-//!    enforced direction allows;
+//!    direction, protocol, port) in the exact-port hash and the prefix trie, then the
+//!    same for (endpoint, any, ...). Allowed only if every enforced direction allows;
 //! 7. a deny from an endpoint in audit mode passes with an audit event; any other
 //!    deny drops with a deny event. Allowed flows are recorded in conntrack.
 
@@ -23,7 +23,7 @@ use microseg_common::{
     endpoint::EndpointInfo,
     event::{EventVerdict, Hook},
     identity::IDENTITY_WORLD,
-    policy::{Direction, RULE_ID_DEFAULT_DENY},
+    policy::{Direction, PolicyKeyData, RULE_ID_DEFAULT_DENY},
 };
 
 use crate::{
@@ -263,7 +263,7 @@ fn check_direction(
     port: u16,
 ) -> Result<(u32, u32), Denial> {
     let peer_identity = identity::resolve(slot, peer_addr);
-    let entry = policy::lookup(
+    let key = PolicyKeyData::new(
         slot,
         endpoint.endpoint_id,
         peer_identity,
@@ -271,21 +271,22 @@ fn check_direction(
         protocol,
         port,
     );
+    let entry = policy::lookup(&key);
     match entry {
-        Some(entry) if !entry.is_deny() => Ok((entry.rule_id, peer_identity)),
-        Some(entry) => Err(Denial {
-            reason: DropReason::PolicyDeny,
-            direction: direction as u8,
-            endpoint_id: endpoint.endpoint_id,
-            peer_identity,
-            rule_id: entry.rule_id,
-        }),
-        None => Err(Denial {
+        entry if entry.is_none() => Err(Denial {
             reason: DropReason::PolicyDenied,
             direction: direction as u8,
             endpoint_id: endpoint.endpoint_id,
             peer_identity,
             rule_id: RULE_ID_DEFAULT_DENY,
+        }),
+        entry if !entry.is_deny() => Ok((entry.rule_id, peer_identity)),
+        entry => Err(Denial {
+            reason: DropReason::PolicyDeny,
+            direction: direction as u8,
+            endpoint_id: endpoint.endpoint_id,
+            peer_identity,
+            rule_id: entry.rule_id,
         }),
     }
 }

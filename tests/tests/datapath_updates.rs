@@ -155,12 +155,15 @@ fn a_full_map_is_refused_whole_and_the_old_policy_stays() {
             needed,
             capacity,
         } => {
-            assert_eq!(*map, "POLICY");
+            assert_eq!(
+                *map, "POLICY_EXACT",
+                "single-port rules live in the exact-port map"
+            );
             assert_eq!((*needed, *capacity), (10, 8));
         }
         other => panic!("expected MapFull, got {other}"),
     }
-    assert!(error.to_string().contains("POLICY"), "{error}");
+    assert!(error.to_string().contains("POLICY_EXACT"), "{error}");
     // Nothing was written: port 80 still passes, 22 is still denied.
     let allowed = Probe::tcp(ip("10.5.0.2"), 1, ip("10.5.0.1"), 80);
     let denied = Probe::tcp(ip("10.5.0.2"), 1, ip("10.5.0.1"), 22);

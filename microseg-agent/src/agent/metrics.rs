@@ -47,7 +47,8 @@ pub async fn render(agent: &Agent) -> String {
                     2 * counts.endpoints,
                     2 * counts.peer_hosts,
                     2 * counts.peer_prefixes,
-                    2 * counts.policy,
+                    2 * (counts.policy - counts.policy_exact),
+                    2 * counts.policy_exact,
                     maps.conntrack.keys().count(),
                     maps.fragments.keys().count(),
                 ];

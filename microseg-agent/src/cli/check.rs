@@ -61,7 +61,8 @@ pub fn compile_stats(paths: &[PathBuf], json_output: bool) -> anyhow::Result<()>
                     "endpoints": stats.maps.endpoints,
                     "peer_hosts": stats.maps.peer_hosts,
                     "peer_prefixes": stats.maps.peer_prefixes,
-                    "policy": stats.maps.policy,
+                    "policy": stats.maps.policy - stats.maps.policy_exact,
+                    "policy_exact": stats.maps.policy_exact,
                 },
             })
         );
@@ -72,7 +73,8 @@ pub fn compile_stats(paths: &[PathBuf], json_output: bool) -> anyhow::Result<()>
         ("ENDPOINTS", stats.maps.endpoints),
         ("PEER_HOSTS", stats.maps.peer_hosts),
         ("PEER_PREFIXES", stats.maps.peer_prefixes),
-        ("POLICY", stats.maps.policy),
+        ("POLICY", stats.maps.policy - stats.maps.policy_exact),
+        ("POLICY_EXACT", stats.maps.policy_exact),
     ] {
         table.row(vec![map.to_owned(), entries.to_string()]);
     }

@@ -185,7 +185,18 @@ fn check_capacity(
             counts.peer_prefixes,
             maps.peer_prefixes.map(),
         ),
-        (maps::POLICY, old.policy, counts.policy, maps.policy.map()),
+        (
+            maps::POLICY,
+            old.policy - old.policy_exact,
+            counts.policy - counts.policy_exact,
+            maps.policy.map(),
+        ),
+        (
+            maps::POLICY_EXACT,
+            old.policy_exact,
+            counts.policy_exact,
+            maps.policy_exact.map(),
+        ),
     ];
     for (map, old_entries, new_entries, data) in checks {
         let capacity = capacity_of(map, data)?;
@@ -277,11 +288,19 @@ fn write_diff(
     }
     for (rule, value) in &diff.policy {
         let key = policy_key(slot, rule);
-        match value {
-            Some(entry) => maps.policy.insert(&key, entry, 0),
-            None => absent_ok(maps.policy.remove(&key)),
+        if rule.is_exact_port() {
+            match value {
+                Some(entry) => maps.policy_exact.insert(key.data(), entry, 0),
+                None => absent_ok(maps.policy_exact.remove(&key.data())),
+            }
+            .map_err(err(maps::POLICY_EXACT))?;
+        } else {
+            match value {
+                Some(entry) => maps.policy.insert(&key, entry, 0),
+                None => absent_ok(maps.policy.remove(&key)),
+            }
+            .map_err(err(maps::POLICY))?;
         }
-        .map_err(err(maps::POLICY))?;
     }
     Ok(())
 }
@@ -321,8 +340,16 @@ pub fn read_slot(maps: &DatapathMaps<'_>, slot: u8) -> Result<DatapathState, Dat
             state.peer_prefixes.insert(prefix, identity.identity);
         }
     }
-    for item in maps.policy.iter() {
-        let (key, entry) = item.map_err(err(maps::POLICY))?;
+    let exact = maps.policy_exact.iter().map(|item| {
+        item.map(|(data, entry)| (Key::new(POLICY_PREFIX_FULL, data), entry))
+            .map_err(err(maps::POLICY_EXACT))
+    });
+    let prefixes = maps
+        .policy
+        .iter()
+        .map(|item| item.map_err(err(maps::POLICY)));
+    for item in prefixes.chain(exact) {
+        let (key, entry) = item?;
         let data = key.data();
         if data.slot() != slot {
             continue;

@@ -106,6 +106,7 @@ impl Datapath {
             .map_max_entries(maps::PEER_HOSTS, caps.peer_hosts)
             .map_max_entries(maps::PEER_PREFIXES, caps.peer_prefixes)
             .map_max_entries(maps::POLICY, caps.policy)
+            .map_max_entries(maps::POLICY_EXACT, caps.policy)
             .map_max_entries(maps::CONNTRACK, caps.conntrack)
             .map_max_entries(maps::FRAGMENTS, caps.fragments);
         let map_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {

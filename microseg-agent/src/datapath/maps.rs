@@ -26,6 +26,7 @@ pub struct DatapathMaps<'a> {
     pub peer_hosts: HashMap<&'a mut MapData, AddrKey, PeerIdentity>,
     pub peer_prefixes: LpmTrie<&'a mut MapData, PrefixKeyData, PeerIdentity>,
     pub policy: LpmTrie<&'a mut MapData, PolicyKeyData, PolicyEntry>,
+    pub policy_exact: HashMap<&'a mut MapData, PolicyKeyData, PolicyEntry>,
     pub generation: Array<&'a mut MapData, u32>,
     pub settings: Array<&'a mut MapData, Settings>,
     pub counters: PerCpuArray<&'a mut MapData, u64>,
@@ -48,6 +49,7 @@ impl<'a> DatapathMaps<'a> {
             peer_hosts,
             peer_prefixes,
             policy,
+            policy_exact,
             generation,
             settings,
             counters,
@@ -59,6 +61,7 @@ impl<'a> DatapathMaps<'a> {
             maps::PEER_HOSTS,
             maps::PEER_PREFIXES,
             maps::POLICY,
+            maps::POLICY_EXACT,
             maps::GENERATION,
             maps::SETTINGS,
             maps::COUNTERS,
@@ -78,6 +81,10 @@ impl<'a> DatapathMaps<'a> {
             .map_err(map_err(maps::PEER_PREFIXES))?,
             policy: LpmTrie::try_from(policy.ok_or_else(|| missing(maps::POLICY))?)
                 .map_err(map_err(maps::POLICY))?,
+            policy_exact: HashMap::try_from(
+                policy_exact.ok_or_else(|| missing(maps::POLICY_EXACT))?,
+            )
+            .map_err(map_err(maps::POLICY_EXACT))?,
             generation: Array::try_from(generation.ok_or_else(|| missing(maps::GENERATION))?)
                 .map_err(map_err(maps::GENERATION))?,
             settings: Array::try_from(settings.ok_or_else(|| missing(maps::SETTINGS))?)
@@ -146,6 +153,7 @@ impl<'a> DatapathMaps<'a> {
             self.peer_hosts.keys().count(),
             self.peer_prefixes.keys().count(),
             self.policy.keys().count(),
+            self.policy_exact.keys().count(),
             self.conntrack.keys().count(),
             self.fragments.keys().count(),
         ];
@@ -177,6 +185,10 @@ impl<'a> DatapathMaps<'a> {
                 capacity_of(maps::PEER_PREFIXES, self.peer_prefixes.map())?,
             ),
             (maps::POLICY, capacity_of(maps::POLICY, self.policy.map())?),
+            (
+                maps::POLICY_EXACT,
+                capacity_of(maps::POLICY_EXACT, self.policy_exact.map())?,
+            ),
             (
                 maps::CONNTRACK,
                 capacity_of(maps::CONNTRACK, self.conntrack.map())?,

@@ -37,14 +37,24 @@ pub struct DatapathState {
     pub policy: BTreeMap<PolicyMatch, PolicyEntry>,
 }
 
+impl PolicyMatch {
+    /// A rule for one protocol and one port: it goes in the exact-port hash map
+    /// (`POLICY_EXACT`); every other rule goes in the prefix trie (`POLICY`).
+    pub fn is_exact_port(&self) -> bool {
+        self.protocol.is_some() && matches!(self.port_block, Some((_, 16)))
+    }
+}
+
 impl DatapathState {
     /// Entry counts per map, for capacity checks and `--stats`.
     pub fn counts(&self) -> StateCounts {
+        let policy_exact = self.policy.keys().filter(|m| m.is_exact_port()).count();
         StateCounts {
             endpoints: self.endpoints.len(),
             peer_hosts: self.peer_hosts.len(),
             peer_prefixes: self.peer_prefixes.len(),
             policy: self.policy.len(),
+            policy_exact,
         }
     }
 }
@@ -54,5 +64,8 @@ pub struct StateCounts {
     pub endpoints: usize,
     pub peer_hosts: usize,
     pub peer_prefixes: usize,
+    /// All policy entries (`policy_exact` of them in the exact-port hash map, the
+    /// rest in the prefix trie).
     pub policy: usize,
+    pub policy_exact: usize,
 }
