@@ -17,6 +17,10 @@ pub const ENDPOINT_FLAG_INGRESS_ENFORCED: u32 = 1;
 pub const ENDPOINT_FLAG_EGRESS_ENFORCED: u32 = 2;
 /// Audit mode: a would-be deny passes and emits an audit event.
 pub const ENDPOINT_FLAG_AUDIT: u32 = 4;
+/// Some of the endpoint's rules are ranges or wildcards (in the `POLICY` trie); without
+/// this flag its lookups are the exact-port hash alone: two per direction. Set by the
+/// data path layer from the policy entries, not by the compiler.
+pub const ENDPOINT_FLAG_PREFIX_RULES: u32 = 8;
 
 impl EndpointInfo {
     pub const fn new(endpoint_id: u32, flags: u32) -> Self {
@@ -30,6 +34,9 @@ impl EndpointInfo {
     }
     pub const fn audit(&self) -> bool {
         self.flags & ENDPOINT_FLAG_AUDIT != 0
+    }
+    pub const fn has_prefix_rules(&self) -> bool {
+        self.flags & ENDPOINT_FLAG_PREFIX_RULES != 0
     }
 }
 

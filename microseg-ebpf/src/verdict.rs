@@ -271,7 +271,7 @@ fn check_direction(
         protocol,
         port,
     );
-    let entry = policy::lookup(&key);
+    let entry = policy::lookup(&key, endpoint.has_prefix_rules());
     match entry {
         entry if entry.is_none() => Err(Denial {
             reason: DropReason::PolicyDenied,

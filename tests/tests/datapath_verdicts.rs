@@ -764,3 +764,59 @@ fn icmp_errors_about_allowed_flows_pass_as_related() {
     );
     assert_eq!(h.verdict_of_frame(&too_big), PASS, "RELATED over IPv6");
 }
+
+#[test]
+fn range_rules_added_and_removed_by_updates_take_effect() {
+    // The endpoint starts with single-port rules only (the exact-port hash alone),
+    // gains a range rule (the prefix trie too), then loses it again.
+    let exact_only = || {
+        StateBuilder::default()
+            .endpoint(SERVER, 1, true, false, false)
+            .host(CLIENT, 300)
+            .allow(1, 300, Direction::Ingress, TCP, Some((80, 80)), 1)
+    };
+    let Some(mut h) = harness_with(exact_only()) else {
+        return;
+    };
+    let in_range = Probe::tcp(ip(CLIENT), 1, ip(SERVER), 8050);
+    let exact = Probe::tcp(ip(CLIENT), 1, ip(SERVER), 80);
+    assert_eq!(h.verdict(&exact), PASS);
+    assert_eq!(h.verdict(&in_range), DROP);
+    h.apply(
+        exact_only()
+            .allow(1, 300, Direction::Ingress, TCP, Some((8000, 8100)), 2)
+            .build(),
+    )
+    .unwrap();
+    let in_range = Probe {
+        src_port: 2,
+        ..in_range
+    };
+    assert_eq!(h.verdict(&in_range), PASS, "the range rule is looked up");
+    assert_eq!(
+        h.verdict(&Probe {
+            src_port: 2,
+            ..exact
+        }),
+        PASS
+    );
+    h.apply(exact_only().build()).unwrap();
+    let in_range = Probe {
+        src_port: 3,
+        ..in_range
+    };
+    assert_eq!(h.verdict(&in_range), DROP, "the range rule is gone");
+    assert_eq!(
+        h.verdict(&Probe {
+            src_port: 3,
+            ..exact
+        }),
+        PASS
+    );
+    // Read back, the maps hold exactly the state applied (the flag is internal).
+    let maps = h.datapath.maps().unwrap();
+    let live = maps.live_generation().unwrap();
+    let state = microseg::datapath::apply::read_slot(&maps, microseg_common::config::slot_of(live))
+        .unwrap();
+    assert_eq!(state, h.state);
+}

@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use microseg_common::{
     AddrKey,
     config::slot_of,
-    endpoint::EndpointInfo,
+    endpoint::{ENDPOINT_FLAG_PREFIX_RULES, EndpointInfo},
     identity::PeerIdentity,
     maps,
     policy::{
@@ -99,6 +99,7 @@ pub fn apply_state(
     new: &DatapathState,
 ) -> Result<ApplyReport, DatapathError> {
     validate_state(new)?;
+    let (current, new) = (&with_prefix_flags(current), &with_prefix_flags(new));
     let diff = StateDiff::between(current, new);
     let live = maps.live_generation()?;
     if diff.is_empty() {
@@ -127,6 +128,27 @@ pub fn apply_state(
         generation: next,
         changes: diff.len(),
     })
+}
+
+/// The state as the maps hold it: endpoints with range or wildcard rules (entries in
+/// the prefix trie) carry `ENDPOINT_FLAG_PREFIX_RULES`, the others skip the trie.
+/// Idempotent; `read_slot` strips the flag again.
+fn with_prefix_flags(state: &DatapathState) -> DatapathState {
+    let with_prefix_rules: std::collections::BTreeSet<u32> = state
+        .policy
+        .keys()
+        .filter(|rule| !rule.is_exact_port())
+        .map(|rule| rule.endpoint_id)
+        .collect();
+    let mut state = state.clone();
+    for info in state.endpoints.values_mut() {
+        if with_prefix_rules.contains(&info.endpoint_id) {
+            info.flags |= ENDPOINT_FLAG_PREFIX_RULES;
+        } else {
+            info.flags &= !ENDPOINT_FLAG_PREFIX_RULES;
+        }
+    }
+    state
 }
 
 /// Rejects states the maps cannot represent: full-length prefixes belong in
@@ -318,6 +340,8 @@ pub fn read_slot(maps: &DatapathMaps<'_>, slot: u8) -> Result<DatapathState, Dat
     for item in maps.endpoints.iter() {
         let (key, info) = item.map_err(err(maps::ENDPOINTS))?;
         if key.slot() == slot {
+            let info =
+                EndpointInfo::new(info.endpoint_id, info.flags & !ENDPOINT_FLAG_PREFIX_RULES);
             state.endpoints.insert(from_mapped(key.addr()), info);
         }
     }
