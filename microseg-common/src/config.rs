@@ -23,9 +23,10 @@ pub struct Settings {
     pub events_burst: u32,
     /// `SETTINGS_FLAG_*` bits.
     pub flags: u32,
-    _pad: u32,
+    /// How long an idle connection is remembered, per stage.
+    pub lifetimes: ConntrackLifetimes,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 16);
+const _: () = assert!(core::mem::size_of::<Settings>() == 40);
 
 /// Emit an event for every allowed packet too (debugging; off by default).
 pub const SETTINGS_FLAG_TRACE_ALLOWED: u32 = 1;
@@ -36,14 +37,78 @@ impl Settings {
             events_per_second,
             events_burst,
             flags,
-            _pad: 0,
+            lifetimes: ConntrackLifetimes::DEFAULT,
         }
+    }
+
+    pub const fn with_lifetimes(mut self, lifetimes: ConntrackLifetimes) -> Self {
+        self.lifetimes = lifetimes;
+        self
     }
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self::new(DEFAULT_EVENTS_PER_SECOND, DEFAULT_EVENTS_BURST, 0)
+    }
+}
+
+/// Idle lifetimes of connection-tracking entries, in seconds, by `FlowStage`.
+/// Defaults follow Cilium (established TCP 6 h, closing 10 s, SYN 60 s) and
+/// nf_conntrack (half-closed 120 s, UDP 120 s once replied).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackLifetimes {
+    pub tcp_opening_s: u32,
+    pub tcp_established_s: u32,
+    pub tcp_half_closed_s: u32,
+    pub tcp_closed_s: u32,
+    pub udp_s: u32,
+    pub other_s: u32,
+    _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConntrackLifetimes>() == 28);
+
+impl ConntrackLifetimes {
+    pub const DEFAULT: Self = Self::new(60, 6 * 3600, 120, 10, 120, 60);
+
+    pub const fn new(
+        tcp_opening_s: u32,
+        tcp_established_s: u32,
+        tcp_half_closed_s: u32,
+        tcp_closed_s: u32,
+        udp_s: u32,
+        other_s: u32,
+    ) -> Self {
+        Self {
+            tcp_opening_s,
+            tcp_established_s,
+            tcp_half_closed_s,
+            tcp_closed_s,
+            udp_s,
+            other_s,
+            _pad: 0,
+        }
+    }
+
+    /// Idle lifetime of a flow in `stage`, in nanoseconds.
+    pub const fn of(&self, stage: crate::conntrack::FlowStage) -> u64 {
+        use crate::conntrack::FlowStage;
+        let seconds = match stage {
+            FlowStage::TcpOpening => self.tcp_opening_s,
+            FlowStage::TcpEstablished => self.tcp_established_s,
+            FlowStage::TcpHalfClosed => self.tcp_half_closed_s,
+            FlowStage::TcpClosed => self.tcp_closed_s,
+            FlowStage::Udp => self.udp_s,
+            FlowStage::Other => self.other_s,
+        };
+        seconds as u64 * 1_000_000_000
+    }
+}
+
+impl Default for ConntrackLifetimes {
+    fn default() -> Self {
+        Self::DEFAULT
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! A flow's two directions share one normalised key: the (address, port) pair that
 //! sorts lower is side A. `FlowState::origin` records which side opened the flow, so a
-//! packet from the other side is a reply.
+//! packet from the other side is a reply. TCP flows also record what was seen of the
+//! connection (`FLOW_SEEN_*`), which sets how long an idle entry lives.
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -44,7 +45,9 @@ pub struct FlowState {
     pub generation: u32,
     /// `FLOW_ORIGIN_A` or `FLOW_ORIGIN_B`: the side that sent the first packet.
     pub origin: u8,
-    _pad: [u8; 3],
+    /// `FLOW_SEEN_*` bits.
+    pub seen: u8,
+    _pad: [u8; 2],
     /// Last time a packet refreshed the entry (bpf_ktime_get_ns).
     pub last_seen_ns: u64,
 }
@@ -53,22 +56,148 @@ const _: () = assert!(core::mem::size_of::<FlowState>() == 16);
 pub const FLOW_ORIGIN_A: u8 = 0;
 pub const FLOW_ORIGIN_B: u8 = 1;
 
-/// Idle time after which a TCP flow is forgotten and must be allowed anew.
-pub const FLOW_TIMEOUT_TCP_NS: u64 = 2 * 3600 * 1_000_000_000;
-/// Idle time after which a UDP, SCTP, ICMP or other flow is forgotten.
-pub const FLOW_TIMEOUT_OTHER_NS: u64 = 120 * 1_000_000_000;
+/// A packet came back from the side that did not open the flow (TCP: the connection
+/// is established).
+pub const FLOW_SEEN_REPLY: u8 = 1;
+/// TCP: the opening side sent a FIN.
+pub const FLOW_SEEN_FIN_ORIGIN: u8 = 2;
+/// TCP: the other side sent a FIN.
+pub const FLOW_SEEN_FIN_REPLY: u8 = 4;
+/// TCP: either side sent a RST.
+pub const FLOW_SEEN_RST: u8 = 8;
+
 /// `last_seen_ns` is rewritten at most this often, to keep the hot path read-only.
 pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// TCP flag bits as in the header's flags byte.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The stage of a connection, which sets how long its idle entry lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowStage {
+    /// TCP: opened, no reply yet.
+    TcpOpening,
+    TcpEstablished,
+    /// TCP: one side sent a FIN (the other may still send).
+    TcpHalfClosed,
+    /// TCP: both sides sent a FIN, or a RST was seen.
+    TcpClosed,
+    Udp,
+    /// ICMP, SCTP and every other protocol.
+    Other,
+}
+
+impl FlowStage {
+    pub const fn of(protocol: u8, seen: u8) -> Self {
+        if protocol == UDP {
+            return Self::Udp;
+        }
+        if protocol != TCP {
+            return Self::Other;
+        }
+        let both_fins = FLOW_SEEN_FIN_ORIGIN | FLOW_SEEN_FIN_REPLY;
+        if seen & FLOW_SEEN_RST != 0 || seen & both_fins == both_fins {
+            Self::TcpClosed
+        } else if seen & both_fins != 0 {
+            Self::TcpHalfClosed
+        } else if seen & FLOW_SEEN_REPLY != 0 {
+            Self::TcpEstablished
+        } else {
+            Self::TcpOpening
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::TcpOpening => "tcp-opening",
+            Self::TcpEstablished => "tcp-established",
+            Self::TcpHalfClosed => "tcp-half-closed",
+            Self::TcpClosed => "tcp-closed",
+            Self::Udp => "udp",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// What a packet adds to a flow's `seen` bits. `from_origin`: the packet comes from
+/// the side that opened the flow.
+pub const fn flow_seen_after(protocol: u8, seen: u8, from_origin: bool, tcp_flags: u8) -> u8 {
+    let mut seen = seen;
+    if !from_origin {
+        seen |= FLOW_SEEN_REPLY;
+    }
+    if protocol == TCP {
+        if tcp_flags & TCP_RST != 0 {
+            seen |= FLOW_SEEN_RST;
+        }
+        if tcp_flags & TCP_FIN != 0 {
+            seen |= if from_origin {
+                FLOW_SEEN_FIN_ORIGIN
+            } else {
+                FLOW_SEEN_FIN_REPLY
+            };
+        }
+    }
+    seen
+}
+
+/// A TCP segment that opens a connection (SYN without ACK): it is always judged by
+/// policy in its own direction, never taken as a reply, so a closed connection's
+/// 5-tuple cannot be reused by the other side.
+pub const fn is_tcp_open(protocol: u8, tcp_flags: u8) -> bool {
+    protocol == TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
 impl FlowState {
-    pub const fn new(generation: u32, origin: u8, last_seen_ns: u64) -> Self {
+    pub const fn new(generation: u32, origin: u8, seen: u8, last_seen_ns: u64) -> Self {
         Self {
             generation,
             origin,
-            _pad: [0; 3],
+            seen,
+            _pad: [0; 2],
             last_seen_ns,
         }
     }
 }
 
 crate::impl_pod!(FlowKey, FlowState);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_stages_follow_the_connection() {
+        let opened = flow_seen_after(TCP, 0, true, TCP_SYN);
+        assert_eq!(FlowStage::of(TCP, opened), FlowStage::TcpOpening);
+        let established = flow_seen_after(TCP, opened, false, TCP_SYN | TCP_ACK);
+        assert_eq!(FlowStage::of(TCP, established), FlowStage::TcpEstablished);
+        let half = flow_seen_after(TCP, established, true, TCP_FIN | TCP_ACK);
+        assert_eq!(FlowStage::of(TCP, half), FlowStage::TcpHalfClosed);
+        let closed = flow_seen_after(TCP, half, false, TCP_FIN | TCP_ACK);
+        assert_eq!(FlowStage::of(TCP, closed), FlowStage::TcpClosed);
+        let reset = flow_seen_after(TCP, established, true, TCP_RST);
+        assert_eq!(FlowStage::of(TCP, reset), FlowStage::TcpClosed);
+    }
+
+    #[test]
+    fn only_a_bare_syn_opens() {
+        assert!(is_tcp_open(TCP, TCP_SYN));
+        assert!(!is_tcp_open(TCP, TCP_SYN | TCP_ACK));
+        assert!(!is_tcp_open(TCP, TCP_ACK));
+        assert!(!is_tcp_open(UDP, TCP_SYN));
+    }
+
+    #[test]
+    fn other_protocols_have_one_stage() {
+        assert_eq!(FlowStage::of(UDP, FLOW_SEEN_REPLY), FlowStage::Udp);
+        assert_eq!(FlowStage::of(1, 0), FlowStage::Other);
+        assert_eq!(FlowStage::of(132, FLOW_SEEN_RST), FlowStage::Other);
+    }
+}

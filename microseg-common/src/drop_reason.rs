@@ -17,6 +17,15 @@ pub enum DropReason {
     FragmentWithoutHead = 5,
     /// An IPv6 packet with more extension headers than the parser walks.
     Ipv6HeaderChainTooLong = 6,
+    /// A packet from a workload's own interface whose source address is not one of
+    /// the workload's (a forged source; Hubble: `INVALID_SOURCE_IP`).
+    InvalidSourceIp = 7,
+    /// An ICMPv6 router advertisement or redirect sent by a workload: only routers
+    /// may send them (the CVE-2020-10749 class).
+    ForbiddenIcmpv6 = 8,
+    /// The network layer could not be found: more VLAN tags than the parser walks,
+    /// or a link-layer header that does not match the device's protocol.
+    UnsupportedL3Protocol = 9,
 }
 
 impl DropReason {
@@ -32,6 +41,9 @@ impl DropReason {
             4 => Self::MalformedL4,
             5 => Self::FragmentWithoutHead,
             6 => Self::Ipv6HeaderChainTooLong,
+            7 => Self::InvalidSourceIp,
+            8 => Self::ForbiddenIcmpv6,
+            9 => Self::UnsupportedL3Protocol,
             _ => return None,
         })
     }
@@ -45,16 +57,22 @@ impl DropReason {
             Self::MalformedL4 => "INVALID_L4_HEADER",
             Self::FragmentWithoutHead => "FRAGMENT_WITHOUT_HEAD",
             Self::Ipv6HeaderChainTooLong => "IPV6_EXTENSION_HEADERS_TOO_LONG",
+            Self::InvalidSourceIp => "INVALID_SOURCE_IP",
+            Self::ForbiddenIcmpv6 => "FORBIDDEN_ICMPV6",
+            Self::UnsupportedL3Protocol => "UNSUPPORTED_L3_PROTOCOL",
         }
     }
 
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 9] = [
         Self::PolicyDenied,
         Self::PolicyDeny,
         Self::MalformedIp,
         Self::MalformedL4,
         Self::FragmentWithoutHead,
         Self::Ipv6HeaderChainTooLong,
+        Self::InvalidSourceIp,
+        Self::ForbiddenIcmpv6,
+        Self::UnsupportedL3Protocol,
     ];
 }
 

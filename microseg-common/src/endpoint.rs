@@ -32,6 +32,11 @@ impl EndpointInfo {
     pub const fn egress_enforced(&self) -> bool {
         self.flags & ENDPOINT_FLAG_EGRESS_ENFORCED != 0
     }
+    /// A policy selects this endpoint in some direction: packets to or from it are
+    /// tracked, so that replies pass whichever end enforces what.
+    pub const fn any_enforced(&self) -> bool {
+        self.flags & (ENDPOINT_FLAG_INGRESS_ENFORCED | ENDPOINT_FLAG_EGRESS_ENFORCED) != 0
+    }
     pub const fn audit(&self) -> bool {
         self.flags & ENDPOINT_FLAG_AUDIT != 0
     }

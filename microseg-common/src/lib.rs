@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod event;
 pub mod fragment;
 pub mod identity;
+pub mod interface;
 pub mod maps;
 pub mod policy;
 

@@ -8,6 +8,7 @@ pub const POLICY: &str = "POLICY";
 pub const POLICY_EXACT: &str = "POLICY_EXACT";
 pub const CONNTRACK: &str = "CONNTRACK";
 pub const FRAGMENTS: &str = "FRAGMENTS";
+pub const INTERFACES: &str = "INTERFACES";
 pub const EVENTS: &str = "EVENTS";
 pub const EVENT_RATE: &str = "EVENT_RATE";
 pub const COUNTERS: &str = "COUNTERS";
@@ -16,7 +17,7 @@ pub const GENERATION: &str = "GENERATION";
 pub const SETTINGS: &str = "SETTINGS";
 
 /// Every map, in the order the agent pins and reports them.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     ENDPOINTS,
     PEER_HOSTS,
     PEER_PREFIXES,
@@ -24,6 +25,7 @@ pub const ALL: [&str; 13] = [
     POLICY_EXACT,
     CONNTRACK,
     FRAGMENTS,
+    INTERFACES,
     EVENTS,
     EVENT_RATE,
     COUNTERS,
@@ -40,6 +42,8 @@ pub const PEER_PREFIXES_CAPACITY: u32 = 65_536;
 pub const POLICY_CAPACITY: u32 = 1_048_576;
 pub const CONNTRACK_CAPACITY: u32 = 131_072;
 pub const FRAGMENTS_CAPACITY: u32 = 8_192;
+/// Bound interfaces (both generation slots): 8,192 workload interfaces per node.
+pub const INTERFACES_CAPACITY: u32 = 16_384;
 /// Ring buffer size in bytes (power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
@@ -47,6 +51,10 @@ pub const EVENTS_BYTES: u32 = 1 << 20;
 pub const PROG_XDP: &str = "microseg_xdp";
 pub const PROG_TC_INGRESS: &str = "microseg_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "microseg_tc_egress";
+/// The TC programs for devices without a link-layer header (tun, WireGuard, ipip):
+/// packets start at the IP header.
+pub const PROG_TC_INGRESS_L3: &str = "microseg_tc_ingress_l3";
+pub const PROG_TC_EGRESS_L3: &str = "microseg_tc_egress_l3";
 
 /// Where maps and links are pinned.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/microseg";

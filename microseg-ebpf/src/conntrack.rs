@@ -1,11 +1,14 @@
 //! Connection tracking: flows allowed under the live policy generation pass without a
-//! policy lookup, and so do their replies.
+//! policy lookup, and so do their replies. TCP connections are followed through
+//! opening, established, half-closed and closed, each stage with its own idle
+//! lifetime (`Settings::lifetimes`); a bare SYN always opens a new connection.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
 use microseg_common::{
+    config::ConntrackLifetimes,
     conntrack::{
-        FLOW_ORIGIN_A, FLOW_ORIGIN_B, FLOW_REFRESH_NS, FLOW_TIMEOUT_OTHER_NS, FLOW_TIMEOUT_TCP_NS,
-        FlowKey, FlowState,
+        FLOW_ORIGIN_A, FLOW_ORIGIN_B, FLOW_REFRESH_NS, FlowKey, FlowStage, FlowState,
+        flow_seen_after,
     },
     maps::CONNTRACK_CAPACITY,
 };
@@ -24,13 +27,15 @@ pub struct Flow {
 
 /// What conntrack knows of a packet's flow.
 pub enum Tracked {
-    /// No live entry: judge by policy in the packet's own direction.
+    /// No live entry (or the packet opens a new connection): judge by policy in the
+    /// packet's own direction.
     New,
     /// Allowed under the live generation: pass.
     Current,
     /// Allowed under an older generation: judge again, in the direction of the
-    /// flow's first packet (`is_reply` = this packet goes the other way).
-    Stale { is_reply: bool },
+    /// flow's first packet (`is_reply` = this packet goes the other way). `seen` is
+    /// what the entry knew of the connection.
+    Stale { is_reply: bool, seen: u8 },
 }
 
 #[inline(always)]
@@ -81,45 +86,91 @@ pub fn key_is_current(key: &FlowKey, generation: u32) -> bool {
     }
 }
 
+/// Looks the packet's flow up; a flow allowed under the live generation has this
+/// packet's TCP flags (and direction) recorded. `opens` = the packet starts a new
+/// connection (a bare TCP SYN, an ICMP echo request): it is never a reply.
 #[inline(always)]
-pub fn lookup(flow: &Flow, generation: u32, now_ns: u64) -> Tracked {
+pub fn lookup(
+    flow: &Flow,
+    info: &PacketInfo,
+    opens: bool,
+    generation: u32,
+    lifetimes: &ConntrackLifetimes,
+    now_ns: u64,
+) -> Tracked {
+    if opens {
+        return Tracked::New;
+    }
     let Some(state) = CONNTRACK.get_ptr_mut(&flow.key) else {
         return Tracked::New;
     };
     // SAFETY: the pointer comes from a successful LRU lookup and stays valid while the
     // program runs (RCU); fields are plain integers, racing updates only lose a refresh.
     let state = unsafe { &mut *state };
-    let timeout = if flow.key.protocol == PROTO_TCP {
-        FLOW_TIMEOUT_TCP_NS
-    } else {
-        FLOW_TIMEOUT_OTHER_NS
-    };
+    let stage = FlowStage::of(flow.key.protocol, state.seen);
     let idle = now_ns.saturating_sub(state.last_seen_ns);
-    if idle > timeout {
+    if idle > lifetimes.of(stage) {
         return Tracked::New;
     }
+    let is_reply = state.origin != flow.sender;
     if state.generation != generation {
         return Tracked::Stale {
-            is_reply: state.origin != flow.sender,
+            is_reply,
+            seen: state.seen,
         };
     }
-    if idle > FLOW_REFRESH_NS {
+    let seen = flow_seen_after(flow.key.protocol, state.seen, !is_reply, info.tcp_flags);
+    if seen != state.seen {
+        state.seen = seen;
+        state.last_seen_ns = now_ns;
+    } else if idle > FLOW_REFRESH_NS && stage != FlowStage::TcpClosed {
+        // A closed connection is not kept alive by stray segments.
         state.last_seen_ns = now_ns;
     }
     Tracked::Current
 }
 
 /// Records that the flow is allowed under `generation`. A re-judged flow keeps its
-/// origin; a new one starts with this packet's sender.
+/// origin and what was seen of it; a new one starts with this packet's sender.
 #[inline(always)]
-pub fn record_allowed(flow: &Flow, tracked: &Tracked, generation: u32, now_ns: u64) {
-    let origin = match tracked {
-        Tracked::Stale { is_reply: true } => flow.sender ^ 1,
-        _ => flow.sender,
+pub fn record_allowed(
+    flow: &Flow,
+    info: &PacketInfo,
+    tracked: &Tracked,
+    generation: u32,
+    now_ns: u64,
+) {
+    let (origin, seen) = match tracked {
+        Tracked::Stale { is_reply, seen } => {
+            let origin = if *is_reply {
+                flow.sender ^ 1
+            } else {
+                flow.sender
+            };
+            (origin, *seen)
+        }
+        // A TCP segment other than a bare SYN joins a connection already under way
+        // (its entry expired or was evicted): take it as established.
+        _ if info.protocol == PROTO_TCP && !opens_tcp(info) => {
+            (flow.sender, microseg_common::conntrack::FLOW_SEEN_REPLY)
+        }
+        _ => (flow.sender, 0),
     };
+    let from_origin = origin == flow.sender;
+    let seen = flow_seen_after(flow.key.protocol, seen, from_origin, info.tcp_flags);
     // A full LRU map evicts the least recently used flow; that flow is judged by
     // policy again on its next packet, which is safe.
-    let _ = CONNTRACK.insert(&flow.key, &FlowState::new(generation, origin, now_ns), 0);
+    let _ = CONNTRACK.insert(
+        &flow.key,
+        &FlowState::new(generation, origin, seen, now_ns),
+        0,
+    );
+}
+
+/// A bare TCP SYN.
+#[inline(always)]
+pub fn opens_tcp(info: &PacketInfo) -> bool {
+    microseg_common::conntrack::is_tcp_open(info.protocol, info.tcp_flags)
 }
 
 #[inline(always)]

@@ -11,6 +11,7 @@ mod endpoint;
 mod events;
 mod fragment;
 mod identity;
+mod interface;
 mod packet;
 mod parse;
 mod policy;
@@ -24,12 +25,14 @@ use aya_ebpf::{
 };
 use microseg_common::event::Hook;
 
-use crate::{packet::PacketView, verdict::Verdict};
+use crate::{packet::PacketView, parse::LinkLayer, verdict::Verdict};
 
+/// XDP runs only on Ethernet devices (the agent refuses others at attach).
 #[xdp]
 pub fn microseg_xdp(ctx: XdpContext) -> u32 {
     let packet = PacketView::new(ctx.data(), ctx.data_end());
-    match verdict::judge(&packet, Hook::Xdp, ctx.ingress_ifindex() as u32) {
+    let link = LinkLayer::Ethernet { skb_protocol: 0 };
+    match verdict::judge(&packet, link, Hook::Xdp, ctx.ingress_ifindex() as u32) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }
@@ -37,12 +40,24 @@ pub fn microseg_xdp(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn microseg_tc_ingress(ctx: TcContext) -> i32 {
-    judge_skb(&ctx, Hook::TcIngress)
+    judge_skb(&ctx, Hook::TcIngress, true)
 }
 
 #[classifier]
 pub fn microseg_tc_egress(ctx: TcContext) -> i32 {
-    judge_skb(&ctx, Hook::TcEgress)
+    judge_skb(&ctx, Hook::TcEgress, true)
+}
+
+/// For devices without a link-layer header (tun, WireGuard, ipip): the agent picks
+/// these programs by the device's type at attach.
+#[classifier]
+pub fn microseg_tc_ingress_l3(ctx: TcContext) -> i32 {
+    judge_skb(&ctx, Hook::TcIngress, false)
+}
+
+#[classifier]
+pub fn microseg_tc_egress_l3(ctx: TcContext) -> i32 {
+    judge_skb(&ctx, Hook::TcEgress, false)
 }
 
 /// Bytes made linear before parsing: enough for Ethernet, two VLAN tags, IPv6 with
@@ -50,7 +65,7 @@ pub fn microseg_tc_egress(ctx: TcContext) -> i32 {
 const TC_LINEAR_BYTES: u32 = 256;
 
 #[inline(always)]
-fn judge_skb(ctx: &TcContext, hook: Hook) -> i32 {
+fn judge_skb(ctx: &TcContext, hook: Hook, ethernet: bool) -> i32 {
     let wanted = ctx.len().min(TC_LINEAR_BYTES);
     if ((ctx.data_end() - ctx.data()) as u32) < wanted {
         // Headers in paged data: pull them into the linear area. On failure the parse
@@ -60,8 +75,15 @@ fn judge_skb(ctx: &TcContext, hook: Hook) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel passed to this program; reading
     // `ifindex` is an allowed context access.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // The skb's protocol is a big-endian 16-bit value in a 32-bit field.
+    let skb_protocol = u16::from_be(ctx.skb.protocol() as u16);
+    let link = if ethernet {
+        LinkLayer::Ethernet { skb_protocol }
+    } else {
+        LinkLayer::None { skb_protocol }
+    };
     let packet = PacketView::new(ctx.data(), ctx.data_end());
-    match verdict::judge(&packet, hook, ifindex) {
+    match verdict::judge(&packet, link, hook, ifindex) {
         // TC_ACT_UNSPEC lets later programs on the hook run (TCX_NEXT).
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT as i32,

@@ -3,7 +3,10 @@
 //! ports and ICMP/ICMPv6 type and code.
 //!
 //! The rule for what cannot be parsed (see README, "Malformed packets"):
-//! - not IP (ARP, LLDP, ...) and ICMPv6 neighbour discovery: passed without policy;
+//! - not IP (ARP, LLDP, ...): passed without policy;
+//! - a frame whose network layer cannot be found (more than two VLAN tags, or a TC
+//!   packet the kernel handles as IP whose Ethernet header says otherwise): dropped
+//!   (`UnsupportedL3Protocol`);
 //! - an IP header that is truncated or invalid: dropped (`MalformedIp`), since the
 //!   packet's endpoints cannot be known;
 //! - a transport header that cannot be read (truncated, hidden behind too many IPv6
@@ -80,6 +83,30 @@ pub struct PacketInfo {
 }
 
 impl PacketInfo {
+    /// The port a policy rule matched when this packet's flow was opened by the other
+    /// side: the opener's destination port (`src_port` here), or for an ICMP echo
+    /// reply the request's type and code.
+    #[inline(always)]
+    pub fn request_policy_port(&self, src_port: u16) -> u16 {
+        if self.protocol == PROTO_ICMP && self.icmp_type == 0 {
+            ICMP_ECHO_REQUEST << 8
+        } else if self.protocol == PROTO_ICMPV6 && self.icmp_type == 129 {
+            ICMPV6_ECHO_REQUEST << 8
+        } else {
+            src_port
+        }
+    }
+
+    /// ICMPv6 neighbour discovery: router solicitation and advertisement, neighbour
+    /// solicitation and advertisement, redirect (133-137). It passes without policy
+    /// (after `interface` has dropped advertisements and redirects from workloads).
+    #[inline(always)]
+    pub fn is_neighbour_discovery(&self) -> bool {
+        self.protocol == PROTO_ICMPV6
+            && self.transport == Transport::Known
+            && (133..=137).contains(&self.icmp_type)
+    }
+
     /// The port a policy rule matches: the destination port, or for ICMP the type and
     /// code (`type << 8 | code`).
     #[inline(always)]
@@ -93,33 +120,59 @@ impl PacketInfo {
 }
 
 pub enum Parsed {
-    /// Not subject to policy: not IP, or ICMPv6 neighbour discovery.
+    /// Not subject to policy: not IP.
     NotPolicyTraffic,
     Ip(PacketInfo),
 }
 
+/// What precedes the IP header.
+#[derive(Clone, Copy)]
+pub enum LinkLayer {
+    /// An Ethernet header (XDP; TC on Ethernet devices). `skb_protocol` is the
+    /// kernel's protocol of the packet (TC; in host order), 0 where unknown (XDP).
+    Ethernet { skb_protocol: u16 },
+    /// Nothing: the IP header comes first (TC on tun, WireGuard, ipip); the kernel's
+    /// protocol of the packet says which IP.
+    None { skb_protocol: u16 },
+}
+
 #[inline(always)]
-pub fn parse(packet: &PacketView) -> Result<Parsed, DropReason> {
-    let (ethertype, l3) = match parse_ethernet(packet) {
-        Some(found) => found,
-        // Shorter than an Ethernet header: not an IP packet we could judge.
-        None => return Ok(Parsed::NotPolicyTraffic),
+pub fn parse(packet: &PacketView, link: LinkLayer) -> Result<Parsed, DropReason> {
+    let (ethertype, l3) = match link {
+        LinkLayer::Ethernet { skb_protocol } => {
+            let kernel_says_ip = skb_protocol == ETHERTYPE_IPV4 || skb_protocol == ETHERTYPE_IPV6;
+            match parse_ethernet(packet) {
+                // More tags than the parser walks: the network layer is unknown.
+                Some((ETHERTYPE_VLAN | ETHERTYPE_QINQ, _)) => {
+                    return Err(DropReason::UnsupportedL3Protocol);
+                }
+                Some((ethertype, l3))
+                    if ethertype == ETHERTYPE_IPV4
+                        || ethertype == ETHERTYPE_IPV6
+                        || !kernel_says_ip =>
+                {
+                    (ethertype, l3)
+                }
+                // The kernel handles the packet as IP but its header does not say so:
+                // not an Ethernet frame (a device without a link-layer header).
+                Some(_) => return Err(DropReason::UnsupportedL3Protocol),
+                None if kernel_says_ip => return Err(DropReason::MalformedIp),
+                // Shorter than an Ethernet header: not an IP packet we could judge.
+                None => return Ok(Parsed::NotPolicyTraffic),
+            }
+        }
+        LinkLayer::None { skb_protocol } => (skb_protocol, 0),
     };
     let info = match ethertype {
         ETHERTYPE_IPV4 => parse_ipv4(packet, l3)?,
         ETHERTYPE_IPV6 => parse_ipv6(packet, l3)?,
         _ => return Ok(Parsed::NotPolicyTraffic),
     };
-    if info.protocol == PROTO_ICMPV6
-        && info.transport == Transport::Known
-        && is_neighbour_discovery(info.icmp_type)
-    {
-        return Ok(Parsed::NotPolicyTraffic);
-    }
     Ok(Parsed::Ip(info))
 }
 
-/// Returns the ethertype after any VLAN tags and the offset of the L3 header.
+/// Returns the ethertype after any VLAN tags and the offset of the L3 header; the
+/// ethertype is still a VLAN type if the frame has more tags than are walked.
 #[inline(always)]
 fn parse_ethernet(packet: &PacketView) -> Option<(u16, usize)> {
     let mut ethertype = packet.be16_at(12).ok()?;
@@ -243,12 +296,6 @@ fn is_extension_header(next_header: u8) -> bool {
     matches!(next_header, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140)
 }
 
-/// Router solicitation/advertisement, neighbour solicitation/advertisement, redirect.
-#[inline(always)]
-fn is_neighbour_discovery(icmpv6_type: u8) -> bool {
-    (133..=137).contains(&icmpv6_type)
-}
-
 #[inline(always)]
 fn new_info(family: u8, src: [u8; 16], dst: [u8; 16], protocol: u8) -> PacketInfo {
     PacketInfo {
@@ -331,6 +378,16 @@ pub fn is_icmp_error(protocol: u8, icmp_type: u8) -> bool {
     } else {
         false
     }
+}
+
+const ICMP_ECHO_REQUEST: u16 = 8;
+const ICMPV6_ECHO_REQUEST: u16 = 128;
+
+/// An echo request: like a bare TCP SYN it opens a flow, and is never a reply.
+#[inline(always)]
+pub fn is_echo_request(protocol: u8, icmp_type: u8) -> bool {
+    (protocol == PROTO_ICMP && icmp_type as u16 == ICMP_ECHO_REQUEST)
+        || (protocol == PROTO_ICMPV6 && icmp_type as u16 == ICMPV6_ECHO_REQUEST)
 }
 
 /// Echo request or reply, whose identifier ties a reply to its request.

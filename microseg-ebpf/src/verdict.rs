@@ -1,19 +1,25 @@
 //! The decision, in this order (one shared path for XDP, TC ingress and TC egress):
-//! 1. parse (see `parse`): not-IP and neighbour discovery pass; a broken IP header
-//!    drops;
+//! 1. parse (see `parse`): not IP passes; a broken IP header or an unknown network
+//!    layer drops;
 //! 2. read the live generation once; every lookup below uses its slot;
-//! 3. endpoints: the destination if its ingress is enforced, the source if its egress
-//!    is; neither: pass (a direction with no selecting policy is not enforced);
-//! 4. transport: ports of later fragments from their first fragment; a packet whose
+//! 3. a packet a workload's own interface received (XDP, TC ingress) must come from
+//!    one of the workload's addresses and may not be a router advertisement or
+//!    redirect (`interface`); neighbour discovery then passes without policy;
+//! 4. endpoints: the source and the destination. A packet involving no endpoint with
+//!    an enforced direction passes. Otherwise every allowed packet is tracked, even
+//!    when no enforced direction judges it, so that its replies are recognised;
+//! 5. transport: ports of later fragments from their first fragment; a packet whose
 //!    transport cannot be known drops (it involves an enforced endpoint);
-//! 5. conntrack: a flow allowed under the live generation passes, replies included,
-//!    and so do ICMP errors quoting one of its packets (`related`);
-//!    a flow allowed under an older generation is judged again in its first packet's
+//! 6. conntrack: a flow allowed under the live generation passes, replies included,
+//!    and so do ICMP errors quoting one of its packets (`related`); a packet that
+//!    opens a connection (bare TCP SYN, ICMP echo request) is always judged; a flow
+//!    allowed under an older generation is judged again in its first packet's
 //!    direction;
-//! 6. policy, per enforced direction: peer identity, then (endpoint, identity,
-//!    direction, protocol, port) in the exact-port hash and the prefix trie, then the
-//!    same for (endpoint, any, ...). Allowed only if every enforced direction allows;
-//! 7. a deny from an endpoint in audit mode passes with an audit event; any other
+//! 7. policy, for the destination's ingress if enforced and the source's egress if
+//!    enforced: peer identity, then (endpoint, identity, direction, protocol, port)
+//!    in the exact-port hash and the prefix trie, then the same for (endpoint, any,
+//!    ...). Allowed only if every enforced direction allows (none enforced: allowed);
+//! 8. a deny from an endpoint in audit mode passes with an audit event; any other
 //!    deny drops with a deny event. Allowed flows are recorded in conntrack.
 
 use microseg_common::{
@@ -31,9 +37,9 @@ use crate::{
     conntrack::Tracked,
     counters, endpoint,
     events::{self, EventFields},
-    fragment, identity,
+    fragment, identity, interface,
     packet::PacketView,
-    parse::{self, Fragment, PacketInfo, Parsed, Transport},
+    parse::{self, Fragment, LinkLayer, PacketInfo, Parsed, Transport},
     policy, related,
 };
 
@@ -70,8 +76,8 @@ enum Judgement {
 }
 
 #[inline(always)]
-pub fn judge(packet: &PacketView, hook: Hook, ifindex: u32) -> Verdict {
-    let info = match parse::parse(packet) {
+pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> Verdict {
+    let info = match parse::parse(packet, link) {
         Ok(Parsed::Ip(info)) => info,
         Ok(Parsed::NotPolicyTraffic) => {
             counters::count(Counter::NotPolicyTraffic);
@@ -85,9 +91,24 @@ pub fn judge(packet: &PacketView, hook: Hook, ifindex: u32) -> Verdict {
 
     let generation = config::live_generation();
     let slot = slot_of(generation);
+    if is_ingress_hook(hook)
+        && let Err(reason) = interface::check_sent_by_workload(slot, ifindex, &info)
+    {
+        let denial = Denial {
+            reason,
+            direction: Direction::Egress as u8,
+            ..Denial::NONE
+        };
+        return finish_denied(&info, hook, ifindex, denial, info.src_port, info.dst_port);
+    }
+    if info.is_neighbour_discovery() {
+        counters::count(Counter::NotPolicyTraffic);
+        return Verdict::Pass;
+    }
+
     let src_endpoint = endpoint::lookup(slot, &info.src);
     let dst_endpoint = endpoint::lookup(slot, &info.dst);
-    if !src_endpoint.egress_enforced() && !dst_endpoint.ingress_enforced() {
+    if !src_endpoint.any_enforced() && !dst_endpoint.any_enforced() {
         counters::count(Counter::NotEnforced);
         return Verdict::Pass;
     }
@@ -96,17 +117,15 @@ pub fn judge(packet: &PacketView, hook: Hook, ifindex: u32) -> Verdict {
         Ok(ports) => ports,
         Err(reason) => {
             counters::count(Counter::ParseFailure);
-            let endpoint_id = if dst_endpoint.ingress_enforced() {
+            let endpoint_id = if dst_endpoint.any_enforced() {
                 dst_endpoint.endpoint_id
             } else {
                 src_endpoint.endpoint_id
             };
             let denial = Denial {
                 reason,
-                direction: 0,
                 endpoint_id,
-                peer_identity: 0,
-                rule_id: RULE_ID_DEFAULT_DENY,
+                ..Denial::NONE
             };
             return finish_denied(&info, hook, ifindex, denial, 0, 0);
         }
@@ -124,9 +143,12 @@ pub fn judge(packet: &PacketView, hook: Hook, ifindex: u32) -> Verdict {
         return Verdict::Pass;
     }
 
+    let settings = config::settings();
     let now = conntrack::now_ns();
     let flow = conntrack::flow_of(&info, src_port, dst_port);
-    let tracked = conntrack::lookup(&flow, generation, now);
+    let opens =
+        conntrack::opens_tcp(&info) || parse::is_echo_request(info.protocol, info.icmp_type);
+    let tracked = conntrack::lookup(&flow, &info, opens, generation, &settings.lifetimes, now);
     let judgement = match tracked {
         Tracked::Current => {
             counters::count(Counter::ConntrackHit);
@@ -135,16 +157,19 @@ pub fn judge(packet: &PacketView, hook: Hook, ifindex: u32) -> Verdict {
         }
         // A reply of a flow allowed under an older generation: judge the flow as its
         // first packet went, from this packet's destination to its source.
-        Tracked::Stale { is_reply: true } => judge_policy(
+        Tracked::Stale { is_reply: true, .. } => judge_policy(
             slot,
             &dst_endpoint,
             &src_endpoint,
             &info.dst,
             &info.src,
             info.protocol,
-            src_port,
+            info.request_policy_port(src_port),
         ),
-        Tracked::New | Tracked::Stale { is_reply: false } => judge_policy(
+        Tracked::New
+        | Tracked::Stale {
+            is_reply: false, ..
+        } => judge_policy(
             slot,
             &src_endpoint,
             &dst_endpoint,
@@ -160,9 +185,9 @@ pub fn judge(packet: &PacketView, hook: Hook, ifindex: u32) -> Verdict {
             rule_id,
             peer_identity,
         } => {
-            conntrack::record_allowed(&flow, &tracked, generation, now);
+            conntrack::record_allowed(&flow, &info, &tracked, generation, now);
             count_allowed(hook);
-            if config::settings().flags & SETTINGS_FLAG_TRACE_ALLOWED != 0 {
+            if settings.flags & SETTINGS_FLAG_TRACE_ALLOWED != 0 {
                 let fields = EventFields {
                     hook: hook as u8,
                     verdict: EventVerdict::Forwarded as u8,
@@ -180,7 +205,7 @@ pub fn judge(packet: &PacketView, hook: Hook, ifindex: u32) -> Verdict {
             Verdict::Pass
         }
         Judgement::Audited(denial) => {
-            conntrack::record_allowed(&flow, &tracked, generation, now);
+            conntrack::record_allowed(&flow, &info, &tracked, generation, now);
             counters::count(if is_ingress_hook(hook) {
                 Counter::AuditedIngress
             } else {

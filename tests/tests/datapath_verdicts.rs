@@ -198,6 +198,9 @@ fn conntrack_passes_replies_and_revocation_stops_established_flows() {
     assert_eq!(h.verdict(&reply), DROP);
     assert_eq!(h.verdict(&request), PASS);
     assert_eq!(h.verdict(&reply), PASS, "reply of an allowed flow");
+    // A bare SYN is always judged by policy; the connection's later segments are not.
+    let request = request.established();
+    let reply = reply.established();
     let hits_before = h
         .datapath
         .maps()
@@ -241,9 +244,11 @@ fn audit_mode_passes_would_be_denies_with_audit_events() {
         return;
     };
     h.events();
-    assert_eq!(h.verdict(&Probe::tcp(ip(CLIENT), 1, ip(SERVER), 22)), PASS);
+    let segment = Probe::tcp(ip(CLIENT), 1, ip(SERVER), 22).established();
+    assert_eq!(h.verdict(&segment), PASS);
     // The first program audits; the audited flow is then tracked like an allowed
-    // one, so the next two pass on conntrack without another event.
+    // one, so the next two pass on conntrack without another event. (A bare SYN
+    // would be judged, and audited, by each: it always opens a new connection.)
     let events = h.events();
     assert_eq!(events.len(), 1, "one audit event for the flow: {events:?}");
     assert_eq!(events[0].verdict, Some(EventVerdict::Audit));
@@ -464,7 +469,7 @@ fn ipv4_options_are_skipped_by_ihl() {
 
 #[test]
 fn vlan_and_qinq_tags_are_parsed() {
-    let Some(h) = harness_with(server_policy()) else {
+    let Some(mut h) = harness_with(server_policy()) else {
         return;
     };
     for tags in [vec![0x8100u16], vec![0x88a8, 0x8100]] {
@@ -486,6 +491,21 @@ fn vlan_and_qinq_tags_are_parsed() {
             );
         }
     }
+    // A third tag: the network layer is beyond what is walked, so the frame cannot
+    // be judged and drops (fail closed), whatever it carries.
+    let ip_packet = ipv4(CLIENT, OTHER, 6, &[], 1, 0, &tcp_header(1, 80));
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&DST_MAC);
+    frame.extend_from_slice(&SRC_MAC);
+    for tpid in [0x88a8u16, 0x8100, 0x8100] {
+        frame.extend_from_slice(&tpid.to_be_bytes());
+        frame.extend_from_slice(&[0x00, 0x0a]);
+    }
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    frame.extend_from_slice(&ip_packet);
+    assert_eq!(h.verdict_of_frame(&frame), DROP, "three VLAN tags");
+    let counters = h.datapath.maps().unwrap().counters().unwrap();
+    assert!(counters.drops(DropReason::UnsupportedL3Protocol) >= 3);
 }
 
 #[test]
@@ -510,16 +530,22 @@ fn ipv6_extension_headers_are_walked_within_a_bound() {
         assert_eq!(h.verdict_of_frame(&allowed), PASS, "{n} extension headers");
         assert_eq!(h.verdict_of_frame(&denied), DROP, "{n} extension headers");
     }
-    // Too long a chain: the ports cannot be known. Dropped for an enforced endpoint,
-    // passed otherwise.
+    // Too long a chain: the ports cannot be known. Dropped when an end is an
+    // enforced endpoint (in either direction: its flow could not be tracked), passed
+    // between addresses that are no endpoint.
     let too_long = ethernet(
         0x86dd,
         &ipv6(CLIENT6, SERVER6, &chain(7), 6, &tcp_header(1, 80)),
     );
     assert_eq!(h.verdict_of_frame(&too_long), DROP);
-    let unenforced = ethernet(
+    let reversed = ethernet(
         0x86dd,
         &ipv6(SERVER6, CLIENT6, &chain(7), 6, &tcp_header(1, 80)),
+    );
+    assert_eq!(h.verdict_of_frame(&reversed), DROP);
+    let unenforced = ethernet(
+        0x86dd,
+        &ipv6(CLIENT6, "fd00:1::99", &chain(7), 6, &tcp_header(1, 80)),
     );
     assert_eq!(h.verdict_of_frame(&unenforced), PASS);
     let drops = h.datapath.maps().unwrap().counters().unwrap();

@@ -6,13 +6,17 @@
 //! 3. write the diff into the standby slot (on any failure, undo it: the standby slot
 //!    is restored and the live one was never touched);
 //! 4. switch: write the next generation number (one 4-byte store);
-//! 5. wait out packets still judged under the old generation, then write the same
-//!    diff into the old slot, which becomes the standby.
+//! 5. wait out packets still judged under the old generation (a real grace period,
+//!    see `grace`), then write the same diff into the old slot, which becomes the
+//!    standby.
 //!
 //! A packet reads the generation once, so it is judged by one generation whole. The
 //! cost of an update is proportional to what changed, not to the policy's size.
+//! Once the switch is done the new generation is live whatever follows: if step 5
+//! fails, the report says so and the standby slot is repaired from the live one
+//! (`resync_standby`) before the next update writes into it.
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use aya::maps::{IterableMap, lpm_trie::Key};
 use ipnet::IpNet;
@@ -21,6 +25,7 @@ use microseg_common::{
     config::slot_of,
     endpoint::{ENDPOINT_FLAG_PREFIX_RULES, EndpointInfo},
     identity::PeerIdentity,
+    interface::{InterfaceBinding, InterfaceKey},
     maps,
     policy::{
         POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyEntry,
@@ -31,12 +36,9 @@ use microseg_common::{
 use super::{
     DatapathError, DatapathState, PolicyMatch,
     addr::{from_mapped, from_mapped_prefix, to_mapped},
+    grace::GracePeriod,
     maps::{DatapathMaps, capacity_of, prefix_key},
 };
-
-/// How long to wait after a switch before rewriting the old slot. The programs run
-/// in microseconds with preemption off; this is a wide margin.
-const SWITCH_SETTLE: Duration = Duration::from_millis(2);
 
 /// Changes between two states, per map: `Some(value)` to write, `None` to delete.
 #[derive(Debug, Default)]
@@ -45,6 +47,7 @@ pub struct StateDiff {
     pub peer_hosts: BTreeMap<IpAddr, Option<u32>>,
     pub peer_prefixes: BTreeMap<IpNet, Option<u32>>,
     pub policy: BTreeMap<PolicyMatch, Option<PolicyEntry>>,
+    pub interfaces: BTreeMap<u32, Option<InterfaceBinding>>,
 }
 
 impl StateDiff {
@@ -54,11 +57,16 @@ impl StateDiff {
             peer_hosts: diff_maps(&old.peer_hosts, &new.peer_hosts),
             peer_prefixes: diff_maps(&old.peer_prefixes, &new.peer_prefixes),
             policy: diff_maps(&old.policy, &new.policy),
+            interfaces: diff_maps(&old.interfaces, &new.interfaces),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.endpoints.len() + self.peer_hosts.len() + self.peer_prefixes.len() + self.policy.len()
+        self.endpoints.len()
+            + self.peer_hosts.len()
+            + self.peer_prefixes.len()
+            + self.policy.len()
+            + self.interfaces.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -85,16 +93,21 @@ fn diff_maps<K: Ord + Copy, V: PartialEq + Copy>(
 }
 
 /// What an apply did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApplyReport {
+    /// The live generation: the new one, once switched.
     pub generation: u32,
     /// Map entries changed (per slot).
     pub changes: usize,
+    /// Why the standby slot could not be brought to the new state after the switch,
+    /// if it could not; it is repaired before the next update.
+    pub standby_error: Option<String>,
 }
 
 /// Applies `new` over `current` (what both slots hold now) as the next generation.
 pub fn apply_state(
     maps: &mut DatapathMaps<'_>,
+    grace: &GracePeriod,
     current: &DatapathState,
     new: &DatapathState,
 ) -> Result<ApplyReport, DatapathError> {
@@ -106,6 +119,7 @@ pub fn apply_state(
         return Ok(ApplyReport {
             generation: live,
             changes: 0,
+            standby_error: None,
         });
     }
     check_capacity(maps, current, new)?;
@@ -120,13 +134,22 @@ pub fn apply_state(
         return Err(error);
     }
     maps.set_live_generation(next)?;
-    std::thread::sleep(SWITCH_SETTLE);
-    // The old slot is now standby: bring it to the new state too. A failure here
-    // leaves the live generation correct; `resync_standby` repairs the standby slot.
-    write_diff(maps, slot_of(live), &diff)?;
+    // From here on the new generation is live: failures only leave the standby slot
+    // behind, and the report says so.
+    let standby_error = match grace.wait() {
+        // The old slot is now standby: bring it to the new state too.
+        Ok(()) => write_diff(maps, slot_of(live), &diff)
+            .err()
+            .map(|e| format!("rewriting the standby generation slot: {e}")),
+        // Without a grace period the old slot may still be read: leave it alone.
+        Err(e) => Some(format!(
+            "waiting for programs still running on the old generation: {e}"
+        )),
+    };
     Ok(ApplyReport {
         generation: next,
         changes: diff.len(),
+        standby_error,
     })
 }
 
@@ -219,6 +242,12 @@ fn check_capacity(
             counts.policy_exact,
             maps.policy_exact.map(),
         ),
+        (
+            maps::INTERFACES,
+            old.interfaces,
+            counts.interfaces,
+            maps.interfaces.map(),
+        ),
     ];
     for (map, old_entries, new_entries, data) in checks {
         let capacity = capacity_of(map, data)?;
@@ -308,6 +337,14 @@ fn write_diff(
         }
         .map_err(err(maps::PEER_PREFIXES))?;
     }
+    for (ifindex, value) in &diff.interfaces {
+        let key = InterfaceKey::new(slot, *ifindex);
+        match value {
+            Some(binding) => maps.interfaces.insert(key, binding, 0),
+            None => absent_ok(maps.interfaces.remove(&key)),
+        }
+        .map_err(err(maps::INTERFACES))?;
+    }
     for (rule, value) in &diff.policy {
         let key = policy_key(slot, rule);
         if rule.is_exact_port() {
@@ -362,6 +399,12 @@ pub fn read_slot(maps: &DatapathMaps<'_>, slot: u8) -> Result<DatapathState, Dat
         let bits = key.prefix_len() - microseg_common::identity::PREFIX_KEY_FIXED_BITS;
         if let Some(prefix) = from_mapped_prefix(data.addr(), bits) {
             state.peer_prefixes.insert(prefix, identity.identity);
+        }
+    }
+    for item in maps.interfaces.iter() {
+        let (key, binding) = item.map_err(err(maps::INTERFACES))?;
+        if key.slot() == slot {
+            state.interfaces.insert(key.ifindex(), binding);
         }
     }
     let exact = maps.policy_exact.iter().map(|item| {

@@ -5,7 +5,10 @@
 //! with a pin directory reuses maps already pinned there, so a restarted agent keeps
 //! the enforced state; pinned links keep enforcement in place after the agent exits.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -16,7 +19,12 @@ use aya::{
 };
 use microseg_common::{config::Settings, maps};
 
-use super::{DatapathError, maps::DatapathMaps};
+use super::{
+    DatapathError, bpf_sys,
+    grace::GracePeriod,
+    links::{self, DeviceKind, PinnedLinkState},
+    maps::DatapathMaps,
+};
 
 /// The compiled programs, embedded at build time.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/microseg"));
@@ -86,10 +94,14 @@ impl AttachPoint {
 
 /// The loaded programs and their maps.
 pub struct Datapath {
-    ebpf: Ebpf,
+    pub(super) ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
     /// Links not pinned: they detach when the `Datapath` is dropped.
     links: Vec<FdLink>,
+    /// Waits out programs still running on the old generation (see `grace`).
+    pub(super) grace: GracePeriod,
+    /// The last update switched generations but could not rewrite the old slot.
+    pub(super) standby_stale: bool,
 }
 
 impl Datapath {
@@ -109,7 +121,7 @@ impl Datapath {
             .map_max_entries(maps::POLICY_EXACT, caps.policy)
             .map_max_entries(maps::CONNTRACK, caps.conntrack)
             .map_max_entries(maps::FRAGMENTS, caps.fragments);
-        let map_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
+        let map_paths: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 let maps_dir = dir.join("maps");
                 std::fs::create_dir_all(&maps_dir).map_err(|source| DatapathError::Pin {
@@ -120,6 +132,7 @@ impl Datapath {
             }
             None => Vec::new(),
         };
+        check_pinned_maps(&map_paths)?;
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -133,16 +146,27 @@ impl Datapath {
                 .load()
                 .map_err(|e| DatapathError::program(name, e))?;
         }
-        for name in [maps::PROG_TC_INGRESS, maps::PROG_TC_EGRESS] {
+        for name in [
+            maps::PROG_TC_INGRESS,
+            maps::PROG_TC_EGRESS,
+            maps::PROG_TC_INGRESS_L3,
+            maps::PROG_TC_EGRESS_L3,
+        ] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|e| DatapathError::program(name, e))?;
         }
+        let grace = GracePeriod::new().map_err(|source| DatapathError::Kernel {
+            what: "creating the map-in-map that provides grace periods".into(),
+            source,
+        })?;
         let mut datapath = Self {
             ebpf,
             pin_dir: options.pin_dir.clone(),
             links: Vec::new(),
+            grace,
+            standby_stale: false,
         };
         // A fresh SETTINGS is all zeroes (no rate limit); give it the defaults. Reused
         // pinned settings are kept.
@@ -166,75 +190,241 @@ impl Datapath {
         &mut self.ebpf
     }
 
-    /// Attaches the program for `point` to `interface`. With a pin directory the link
-    /// is pinned (replacing an older pin of the same interface and hook), so it stays
-    /// after this process exits.
+    /// The program that serves `point` on a device of `kind`; XDP only runs on
+    /// Ethernet devices.
+    fn program_for(
+        interface: &str,
+        point: AttachPoint,
+        kind: DeviceKind,
+    ) -> Result<&'static str, DatapathError> {
+        Ok(match (point, kind) {
+            (AttachPoint::Xdp(_), DeviceKind::Ethernet) => maps::PROG_XDP,
+            (AttachPoint::Xdp(_), DeviceKind::Ip) => {
+                return Err(DatapathError::Attach {
+                    interface: interface.to_owned(),
+                    point: point.name(),
+                    reason: format!(
+                        "{interface} has no link-layer header (a tun, WireGuard or IP tunnel device) and XDP needs Ethernet: attach it with tc"
+                    ),
+                });
+            }
+            (AttachPoint::TcIngress, DeviceKind::Ethernet) => maps::PROG_TC_INGRESS,
+            (AttachPoint::TcEgress, DeviceKind::Ethernet) => maps::PROG_TC_EGRESS,
+            (AttachPoint::TcIngress, DeviceKind::Ip) => maps::PROG_TC_INGRESS_L3,
+            (AttachPoint::TcEgress, DeviceKind::Ip) => maps::PROG_TC_EGRESS_L3,
+        })
+    }
+
+    /// Makes sure the program for `point` enforces on `interface`, and says how:
+    /// a link pinned by an earlier run is adopted if it is attached to the live
+    /// interface of that name and runs this very program; if it runs another
+    /// version, its program is replaced in place; if it is stale (the interface
+    /// was deleted or recreated meanwhile), a new link replaces it. Without a pin
+    /// directory the program is attached for this process's lifetime.
+    pub fn ensure_attached(
+        &mut self,
+        interface: &str,
+        point: AttachPoint,
+    ) -> Result<AttachOutcome, DatapathError> {
+        let attach_err = |reason: String| DatapathError::Attach {
+            interface: interface.to_owned(),
+            point: point.name(),
+            reason,
+        };
+        let kind = links::device_kind(interface).map_err(attach_err)?;
+        let name = Self::program_for(interface, point, kind)?;
+        let Some(dir) = self.pin_dir.clone() else {
+            let link = self.attach_link(interface, point, name)?;
+            self.links.push(link);
+            return Ok(AttachOutcome::Attached);
+        };
+        let path = link_pin_path(&dir, interface, point);
+        let stale = match links::pinned_link_state(&path, interface) {
+            PinnedLinkState::Live { program_id } => {
+                let ours = self.program_id(name)?;
+                let same = match (bpf_sys::program_tag(program_id), bpf_sys::program_tag(ours)) {
+                    (Ok(pinned), Ok(loaded)) => pinned == loaded,
+                    _ => false,
+                };
+                if same {
+                    return Ok(AttachOutcome::Adopted);
+                }
+                let fd = self.program_fd(name)?;
+                bpf_sys::replace_link_program(&path, fd.as_fd())
+                    .map_err(|e| attach_err(format!("replacing the pinned link's program: {e}")))?;
+                return Ok(AttachOutcome::Upgraded);
+            }
+            PinnedLinkState::NotPinned => None,
+            PinnedLinkState::Stale(reason) => Some(reason),
+        };
+        if stale.is_some() {
+            // The old link enforces nothing on the live interface: drop it first, so
+            // that XDP (one link per device) can attach.
+            if let Ok(old) = PinnedLink::from_pin(&path) {
+                let _ = old.unpin();
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let link = self.attach_link(interface, point, name)?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| DatapathError::Pin {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        // A pin left over at the path (one that could not be opened) is replaced.
+        let _ = std::fs::remove_file(&path);
+        link.pin(&path).map_err(|e| DatapathError::Pin {
+            path: path.clone(),
+            source: std::io::Error::other(format!("{e:?}")),
+        })?;
+        Ok(match stale {
+            Some(reason) => AttachOutcome::Replaced(reason),
+            None => AttachOutcome::Attached,
+        })
+    }
+
+    /// Attaches the program for `point` to `interface` (see `ensure_attached`).
     pub fn attach(&mut self, interface: &str, point: AttachPoint) -> Result<(), DatapathError> {
+        self.ensure_attached(interface, point).map(|_| ())
+    }
+
+    /// Whether `point` on `interface` is enforced by a live pinned link (always
+    /// `NotPinned` without a pin directory).
+    pub fn link_state(&self, interface: &str, point: AttachPoint) -> PinnedLinkState {
+        match &self.pin_dir {
+            Some(dir) => links::pinned_link_state(&link_pin_path(dir, interface, point), interface),
+            None => PinnedLinkState::NotPinned,
+        }
+    }
+
+    fn program_id(&self, name: &str) -> Result<u32, DatapathError> {
+        let program = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
+        program
+            .info()
+            .map(|info| info.id())
+            .map_err(|e| DatapathError::program(name, e))
+    }
+
+    fn program_fd(&self, name: &str) -> Result<&aya::programs::ProgramFd, DatapathError> {
+        let program = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
+        program.fd().map_err(|e| DatapathError::program(name, e))
+    }
+
+    /// A new link of program `name` at `point` on `interface`.
+    fn attach_link(
+        &mut self,
+        interface: &str,
+        point: AttachPoint,
+        name: &str,
+    ) -> Result<FdLink, DatapathError> {
         let attach_err = |source: &dyn std::fmt::Display| DatapathError::Attach {
             interface: interface.to_owned(),
             point: point.name(),
             reason: source.to_string(),
         };
-        let link: FdLink = match point {
+        match point {
             AttachPoint::Xdp(mode) => {
                 let mode = match mode {
                     XdpAttachMode::Default => XdpMode::Default,
                     XdpAttachMode::Driver => XdpMode::Driver,
                     XdpAttachMode::Generic => XdpMode::Skb,
                 };
-                let program: &mut Xdp = program_mut(&mut self.ebpf, maps::PROG_XDP)?;
+                let program: &mut Xdp = program_mut(&mut self.ebpf, name)?;
                 let id = program
                     .attach(interface, mode)
                     .map_err(|e| attach_err(&e))?;
                 let link = program.take_link(id).map_err(|e| attach_err(&e))?;
-                FdLink::try_from(link).map_err(|e| attach_err(&e))?
+                FdLink::try_from(link).map_err(|e| attach_err(&e))
             }
             AttachPoint::TcIngress | AttachPoint::TcEgress => {
-                let (name, attach_type) = if point == AttachPoint::TcIngress {
-                    (maps::PROG_TC_INGRESS, TcAttachType::Ingress)
+                let attach_type = if point == AttachPoint::TcIngress {
+                    TcAttachType::Ingress
                 } else {
-                    (maps::PROG_TC_EGRESS, TcAttachType::Egress)
+                    TcAttachType::Egress
                 };
                 let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
-                // TCX (kernel 6.6+) needs no qdisc; aya falls back to clsact otherwise.
+                // TCX (kernel 6.6+) needs no qdisc, and its links can be pinned and
+                // checked; without it there is no link to pin.
                 let has_tcx = aya::util::KernelVersion::current()
                     .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
                 if !has_tcx {
-                    let _ = aya::programs::tc::qdisc_add_clsact(interface);
+                    return Err(attach_err(
+                        &"TC enforcement needs TCX links (Linux 6.6 or later)",
+                    ));
                 }
                 let id = program
                     .attach(interface, attach_type)
                     .map_err(|e| attach_err(&e))?;
                 let link = program.take_link(id).map_err(|e| attach_err(&e))?;
-                FdLink::try_from(link).map_err(|e| attach_err(&e))?
+                FdLink::try_from(link).map_err(|e| attach_err(&e))
             }
-        };
-        match &self.pin_dir {
-            Some(dir) => {
-                let path = link_pin_path(dir, interface, point);
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(|source| DatapathError::Pin {
-                        path: parent.to_owned(),
-                        source,
-                    })?;
-                }
-                // An older pin for the same interface and hook is replaced: unpinning
-                // it detaches the old program once the new one is in place.
-                if path.exists()
-                    && let Ok(old) = PinnedLink::from_pin(&path)
-                {
-                    let _ = old.unpin();
-                }
-                link.pin(&path).map_err(|e| DatapathError::Pin {
-                    path: path.clone(),
-                    source: std::io::Error::other(format!("{e:?}")),
-                })?;
-            }
-            // Unpinned: the link lives as long as this process holds it.
-            None => self.links.push(link),
         }
-        Ok(())
     }
+}
+
+/// How `Datapath::ensure_attached` made sure a program enforces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttachOutcome {
+    /// A new link (nothing was pinned).
+    Attached,
+    /// The pinned link of an earlier run, live and running this program.
+    Adopted,
+    /// The pinned link was live but ran another version: its program was replaced.
+    Upgraded,
+    /// The pinned link was stale (why); a new link replaced it.
+    Replaced(String),
+}
+
+/// Refuses a pinned map whose type, key or value size differs from this version's
+/// definition of it (a pin left by an older microseg): reusing it would fail in the
+/// verifier with an obscure error, or worse, be read with the wrong layout.
+fn check_pinned_maps(map_paths: &[(&'static str, PathBuf)]) -> Result<(), DatapathError> {
+    if !map_paths.iter().any(|(_, path)| path.exists()) {
+        return Ok(());
+    }
+    let object = aya_obj::Object::parse(PROGRAMS).map_err(|e| {
+        DatapathError::InvalidState(format!("parsing the embedded eBPF object: {e}"))
+    })?;
+    for (name, path) in map_paths.iter().filter(|(_, path)| path.exists()) {
+        let expected = object
+            .maps
+            .get(*name)
+            .ok_or_else(|| DatapathError::MissingMap((*name).to_owned()))?;
+        check_pinned_map(name, path, expected)?;
+    }
+    Ok(())
+}
+
+fn check_pinned_map(
+    name: &'static str,
+    path: &Path,
+    expected: &aya_obj::Map,
+) -> Result<(), DatapathError> {
+    let pinned = aya::maps::MapInfo::from_pin(path).map_err(|e| DatapathError::Map {
+        map: name,
+        source: Box::new(e),
+    })?;
+    let (pinned_layout, expected_layout) = (
+        (pinned.key_size(), pinned.value_size()),
+        (expected.key_size(), expected.value_size()),
+    );
+    if pinned_layout != expected_layout {
+        return Err(DatapathError::IncompatiblePin {
+            map: name,
+            detail: format!(
+                "key and value sizes {pinned_layout:?}, this version needs {expected_layout:?}"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, DatapathError>

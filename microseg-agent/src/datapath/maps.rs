@@ -14,6 +14,7 @@ use microseg_common::{
     endpoint::EndpointInfo,
     fragment::{FragmentKey, FragmentPorts},
     identity::{PeerIdentity, PrefixKeyData},
+    interface::{InterfaceBinding, InterfaceKey},
     maps,
     policy::{PolicyEntry, PolicyKeyData},
 };
@@ -33,6 +34,7 @@ pub struct DatapathMaps<'a> {
     pub drops_by_reason: PerCpuArray<&'a mut MapData, u64>,
     pub conntrack: HashMap<&'a mut MapData, FlowKey, FlowState>,
     pub fragments: HashMap<&'a mut MapData, FragmentKey, FragmentPorts>,
+    pub interfaces: HashMap<&'a mut MapData, InterfaceKey, InterfaceBinding>,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -56,6 +58,7 @@ impl<'a> DatapathMaps<'a> {
             drops_by_reason,
             conntrack,
             fragments,
+            interfaces,
         ] = ebpf.maps_disjoint_mut([
             maps::ENDPOINTS,
             maps::PEER_HOSTS,
@@ -68,6 +71,7 @@ impl<'a> DatapathMaps<'a> {
             maps::DROPS_BY_REASON,
             maps::CONNTRACK,
             maps::FRAGMENTS,
+            maps::INTERFACES,
         ]);
         let missing = |name: &str| DatapathError::MissingMap(name.to_owned());
         Ok(Self {
@@ -99,6 +103,8 @@ impl<'a> DatapathMaps<'a> {
                 .map_err(map_err(maps::CONNTRACK))?,
             fragments: HashMap::try_from(fragments.ok_or_else(|| missing(maps::FRAGMENTS))?)
                 .map_err(map_err(maps::FRAGMENTS))?,
+            interfaces: HashMap::try_from(interfaces.ok_or_else(|| missing(maps::INTERFACES))?)
+                .map_err(map_err(maps::INTERFACES))?,
         })
     }
 
@@ -156,6 +162,7 @@ impl<'a> DatapathMaps<'a> {
             self.policy_exact.keys().count(),
             self.conntrack.keys().count(),
             self.fragments.keys().count(),
+            self.interfaces.keys().count(),
         ];
         Ok(self
             .capacities()?
@@ -196,6 +203,10 @@ impl<'a> DatapathMaps<'a> {
             (
                 maps::FRAGMENTS,
                 capacity_of(maps::FRAGMENTS, self.fragments.map())?,
+            ),
+            (
+                maps::INTERFACES,
+                capacity_of(maps::INTERFACES, self.interfaces.map())?,
             ),
         ])
     }

@@ -4,7 +4,10 @@
 
 pub mod addr;
 pub mod apply;
+mod bpf_sys;
 pub mod events;
+pub mod grace;
+pub mod links;
 pub mod loader;
 pub mod maps;
 pub mod probe;
@@ -61,6 +64,15 @@ pub enum DatapathError {
         needed: usize,
         capacity: usize,
     },
+    #[error("{what}: {source}")]
+    Kernel {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "pinned map {map} was created by an incompatible version of microseg ({detail}); `microseg detach` removes the old enforcement and its maps"
+    )]
+    IncompatiblePin { map: &'static str, detail: String },
     #[error("invalid data path state: {0}")]
     InvalidState(String),
     #[error("test run of {program} failed: {source}")]
@@ -80,14 +92,35 @@ impl DatapathError {
 }
 
 impl Datapath {
-    /// Applies `new` over `current` as the next generation (see `apply`).
+    /// Applies `new` over `current` as the next generation (see `apply`). If an
+    /// earlier update left the standby slot behind, it is repaired first; if that
+    /// fails, nothing is changed.
     pub fn apply(
         &mut self,
         current: &DatapathState,
         new: &DatapathState,
     ) -> Result<ApplyReport, DatapathError> {
+        if self.standby_stale {
+            self.repair_standby()?;
+        }
+        let mut maps = maps::DatapathMaps::new(&mut self.ebpf)?;
+        let report = apply::apply_state(&mut maps, &self.grace, current, new)?;
+        self.standby_stale = report.standby_error.is_some();
+        Ok(report)
+    }
+
+    /// Makes the standby slot equal to the live one (after an update whose rewrite
+    /// of the old slot failed).
+    pub fn repair_standby(&mut self) -> Result<(), DatapathError> {
         let mut maps = self.maps()?;
-        apply::apply_state(&mut maps, current, new)
+        apply::resync_standby(&mut maps)?;
+        self.standby_stale = false;
+        Ok(())
+    }
+
+    /// Whether the standby slot is known to lag the live one.
+    pub fn standby_stale(&self) -> bool {
+        self.standby_stale
     }
 
     /// The live generation's state, read back from the maps, after repairing the

@@ -41,6 +41,18 @@ impl TcpFlags {
         fin: false,
         rst: false,
     };
+    pub const FIN_ACK: Self = Self {
+        syn: false,
+        ack: true,
+        fin: true,
+        rst: false,
+    };
+    pub const RST: Self = Self {
+        syn: false,
+        ack: false,
+        fin: false,
+        rst: true,
+    };
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -80,6 +92,19 @@ impl Probe {
             protocol: ProbeProtocol::Sctp,
             ..Self::tcp(src, src_port, dst, dst_port)
         }
+    }
+
+    /// The same probe with other TCP flags (no change for other protocols).
+    pub fn with_tcp_flags(mut self, flags: TcpFlags) -> Self {
+        if let ProbeProtocol::Tcp { .. } = self.protocol {
+            self.protocol = ProbeProtocol::Tcp { flags };
+        }
+        self
+    }
+
+    /// A later segment of the same TCP connection (ACK only).
+    pub fn established(self) -> Self {
+        self.with_tcp_flags(TcpFlags::ACK)
     }
 
     /// The same flow seen from the other side (ports and addresses swapped).

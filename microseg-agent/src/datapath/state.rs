@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use microseg_common::endpoint::EndpointInfo;
+use microseg_common::interface::InterfaceBinding;
 use microseg_common::policy::{Direction, PolicyEntry};
 
 /// One policy map entry, before the generation slot is added.
@@ -35,6 +36,10 @@ pub struct DatapathState {
     /// full length (/32, /128) belong in `peer_hosts`.
     pub peer_prefixes: BTreeMap<IpNet, u32>,
     pub policy: BTreeMap<PolicyMatch, PolicyEntry>,
+    /// Interfaces bound to one workload, by ifindex: what they receive must come from
+    /// the workload's addresses (see `microseg_common::interface`). Not compiled from
+    /// policy: the agent adds what it knows of its interfaces.
+    pub interfaces: BTreeMap<u32, InterfaceBinding>,
 }
 
 impl PolicyMatch {
@@ -55,6 +60,7 @@ impl DatapathState {
             peer_prefixes: self.peer_prefixes.len(),
             policy: self.policy.len(),
             policy_exact,
+            interfaces: self.interfaces.len(),
         }
     }
 }
@@ -68,4 +74,5 @@ pub struct StateCounts {
     /// rest in the prefix trie).
     pub policy: usize,
     pub policy_exact: usize,
+    pub interfaces: usize,
 }
