@@ -183,6 +183,7 @@ impl Step {
                         protocol: container.protocol.parse().expect("corpus protocol"),
                     })
                     .collect(),
+                interface: None,
                 source: source.clone(),
             });
         }

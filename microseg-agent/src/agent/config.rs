@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{AttachPoint, XdpAttachMode};
+use microseg_common::config::ConntrackLifetimes;
 
 /// How the programs are attached to one interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -103,12 +104,20 @@ pub struct AgentConfig {
     pub node_name: Option<String>,
     /// How often the watched directories are checked for changes, in milliseconds.
     pub watch_interval_ms: u64,
+    /// How often every enforced interface is checked against the kernel (and, in
+    /// Kubernetes mode, pods' veths are looked for), in milliseconds.
+    pub interface_scan_ms: u64,
+    /// Bind configured interfaces that are veths to the workload whose address their
+    /// peer holds (source validation), as Kubernetes mode does for pods.
+    pub discover_workload_interfaces: bool,
+    /// How long idle connections are remembered.
+    pub conntrack: ConntrackConfig,
     /// Kubernetes mode: inventory and policies from the API server.
     pub kubernetes: KubernetesConfig,
 }
 
 /// Kubernetes mode (`microseg agent --kubernetes`, see `agent::kubernetes`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct KubernetesConfig {
     /// Watch Namespaces, Pods and NetworkPolicies and enforce for this node's pods.
@@ -116,18 +125,65 @@ pub struct KubernetesConfig {
     /// A kubeconfig file; unset: the in-cluster service account, then `$KUBECONFIG`
     /// or `~/.kube/config`.
     pub kubeconfig: Option<PathBuf>,
-    /// How often pods' host-side veths are looked for, in milliseconds (also done at
-    /// once whenever this node's pods change).
-    pub interface_scan_ms: u64,
 }
 
-impl Default for KubernetesConfig {
+/// Idle lifetimes of tracked connections, in seconds (see
+/// `microseg_common::config::ConntrackLifetimes` for the defaults and their origin).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ConntrackConfig {
+    /// A TCP connection opened (SYN) and not yet answered.
+    pub tcp_opening_seconds: u32,
+    pub tcp_established_seconds: u32,
+    /// One side sent a FIN; the other may still send.
+    pub tcp_half_closed_seconds: u32,
+    /// Both sides sent a FIN, or a RST was seen.
+    pub tcp_closed_seconds: u32,
+    pub udp_seconds: u32,
+    /// ICMP, SCTP and every other protocol.
+    pub other_seconds: u32,
+}
+
+impl Default for ConntrackConfig {
     fn default() -> Self {
+        let d = ConntrackLifetimes::DEFAULT;
         Self {
-            enabled: false,
-            kubeconfig: None,
-            interface_scan_ms: 1000,
+            tcp_opening_seconds: d.tcp_opening_s,
+            tcp_established_seconds: d.tcp_established_s,
+            tcp_half_closed_seconds: d.tcp_half_closed_s,
+            tcp_closed_seconds: d.tcp_closed_s,
+            udp_seconds: d.udp_s,
+            other_seconds: d.other_s,
         }
+    }
+}
+
+impl ConntrackConfig {
+    pub fn lifetimes(&self) -> ConntrackLifetimes {
+        ConntrackLifetimes::new(
+            self.tcp_opening_seconds,
+            self.tcp_established_seconds,
+            self.tcp_half_closed_seconds,
+            self.tcp_closed_seconds,
+            self.udp_seconds,
+            self.other_seconds,
+        )
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        for (name, value) in [
+            ("tcpOpeningSeconds", self.tcp_opening_seconds),
+            ("tcpEstablishedSeconds", self.tcp_established_seconds),
+            ("tcpHalfClosedSeconds", self.tcp_half_closed_seconds),
+            ("tcpClosedSeconds", self.tcp_closed_seconds),
+            ("udpSeconds", self.udp_seconds),
+            ("otherSeconds", self.other_seconds),
+        ] {
+            if value == 0 {
+                bail!("conntrack.{name} must be at least 1 second");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -148,6 +204,9 @@ impl Default for AgentConfig {
             subscriber_buffer: 4096,
             node_name: None,
             watch_interval_ms: 500,
+            interface_scan_ms: 1000,
+            discover_workload_interfaces: true,
+            conntrack: ConntrackConfig::default(),
             kubernetes: KubernetesConfig::default(),
         }
     }
@@ -169,6 +228,10 @@ impl AgentConfig {
         if self.subscriber_buffer == 0 {
             bail!("subscriberBuffer must be at least 1");
         }
+        if self.interface_scan_ms < 100 {
+            bail!("interfaceScanMs must be at least 100");
+        }
+        self.conntrack.validate()?;
         Ok(())
     }
 

@@ -9,11 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use microseg_common::endpoint::ENDPOINT_FLAG_AUDIT;
+use microseg_common::{
+    endpoint::ENDPOINT_FLAG_AUDIT,
+    interface::{InterfaceBinding, MAX_BOUND_ADDRESSES},
+};
 
+use super::interfaces::InterfaceFacts;
 use super::objects::{ObjectKey, ObjectMap, StoredObject, build_policy_set};
 use crate::{
-    datapath::{ApplyReport, Datapath, DatapathState},
+    datapath::{ApplyReport, Datapath, DatapathState, addr::to_mapped},
     policy::{Compiled, PolicyDirection, PolicySet, compile},
 };
 
@@ -56,6 +60,15 @@ pub struct Enforcer {
     pub datapath: Datapath,
     /// What both generation slots of the maps hold.
     current: DatapathState,
+    /// What the agent knows of its interfaces (`agent::interfaces`), from which
+    /// every generation's bindings are derived with its policy set.
+    interface_facts: InterfaceFacts,
+    /// Interfaces bound to a workload in the live generation (ifindex ->
+    /// `namespace/name`).
+    bindings: BTreeMap<u32, String>,
+    /// Why the standby generation slot lags the live one, if it does (it is
+    /// repaired before the next update).
+    pub standby_error: Option<String>,
     pub enforced: Option<Enforced>,
     pub default_audit: bool,
     pub last_apply: Option<Duration>,
@@ -93,6 +106,9 @@ impl Enforcer {
         Self {
             datapath,
             current,
+            interface_facts: InterfaceFacts::default(),
+            bindings: BTreeMap::new(),
+            standby_error: None,
             enforced: None,
             default_audit,
             last_apply: None,
@@ -137,15 +153,11 @@ impl Enforcer {
             details: errors.errors.iter().map(ToString::to_string).collect(),
         })?;
         let compiled = compile(&set);
-        let state = self.with_audit_flags(&compiled, audit);
-        let report = self
-            .datapath
-            .apply(&self.current, &state)
-            .map_err(|e| ApplyRefused {
-                summary: format!("the data path refused the update: {e}"),
-                details: Vec::new(),
-            })?;
-        self.current = state;
+        let mut state = self.with_audit_flags(&compiled, audit);
+        let bindings = self.interface_facts.bindings(&set);
+        state.interfaces = interface_bindings(&set, &bindings);
+        let report = self.switch_to(state)?;
+        self.bindings = bindings;
         let names = Arc::new(event_names(&set, &compiled));
         self.enforced = Some(Enforced {
             set,
@@ -154,6 +166,67 @@ impl Enforcer {
             names,
         });
         Ok(report)
+    }
+
+    /// Writes `state` as the next generation; once switched, it is what the agent
+    /// believes enforced, even if the standby slot could not follow.
+    fn switch_to(&mut self, state: DatapathState) -> Result<ApplyReport, ApplyRefused> {
+        let report = self
+            .datapath
+            .apply(&self.current, &state)
+            .map_err(|e| ApplyRefused {
+                summary: format!("the data path refused the update: {e}"),
+                details: Vec::new(),
+            })?;
+        self.current = state;
+        if let Some(error) = &report.standby_error {
+            tracing::error!(
+                "{error}; the new generation is live, the standby slot is repaired before the next update"
+            );
+            // Try at once; if it fails again, the next update retries first.
+            if self.datapath.repair_standby().is_ok() {
+                self.standby_error = None;
+            } else {
+                self.standby_error = Some(error.clone());
+            }
+        } else {
+            self.standby_error = None;
+        }
+        Ok(report)
+    }
+
+    /// The interface bindings in force.
+    pub fn bindings(&self) -> &BTreeMap<u32, String> {
+        &self.bindings
+    }
+
+    /// Takes what the agent now knows of its interfaces; if that changes which
+    /// interface is bound to which workload, the new bindings are enforced as the
+    /// next generation, with the policy unchanged.
+    pub fn set_interface_facts(
+        &mut self,
+        facts: InterfaceFacts,
+    ) -> Result<Option<ApplyReport>, ApplyRefused> {
+        if facts == self.interface_facts {
+            return Ok(None);
+        }
+        self.interface_facts = facts;
+        let Some(enforced) = &self.enforced else {
+            // Nothing enforced yet: the bindings go with the first generation.
+            return Ok(None);
+        };
+        let bindings = self.interface_facts.bindings(&enforced.set);
+        if bindings == self.bindings {
+            return Ok(None);
+        }
+        let mut state = self.current.clone();
+        state.interfaces = interface_bindings(&enforced.set, &bindings);
+        let report = self.switch_to(state)?;
+        self.bindings = bindings;
+        if let Some(enforced) = &mut self.enforced {
+            enforced.generation = report.generation;
+        }
+        Ok(Some(report))
     }
 
     fn with_audit_flags(
@@ -178,6 +251,35 @@ impl Enforcer {
     pub fn current_state(&self) -> &DatapathState {
         &self.current
     }
+}
+
+/// The data path's bindings: each bound interface with its workload's addresses. A
+/// workload no longer in the inventory leaves its interface unbound; one with more
+/// addresses than a binding holds keeps the first ones (its other addresses are then
+/// refused as sources: the safe side).
+fn interface_bindings(
+    set: &PolicySet,
+    bindings: &BTreeMap<u32, String>,
+) -> BTreeMap<u32, InterfaceBinding> {
+    let mut out = BTreeMap::new();
+    for (ifindex, key) in bindings {
+        let Some((namespace, name)) = key.split_once('/') else {
+            continue;
+        };
+        let Some(workload) = set.workload(namespace, name) else {
+            continue;
+        };
+        let addresses: Vec<[u8; 16]> = workload
+            .addresses
+            .iter()
+            .take(MAX_BOUND_ADDRESSES)
+            .map(|address| to_mapped(*address))
+            .collect();
+        if let Some(binding) = InterfaceBinding::new(&addresses) {
+            out.insert(*ifindex, binding);
+        }
+    }
+    out
 }
 
 fn event_names(set: &PolicySet, compiled: &Compiled) -> EventNames {

@@ -51,6 +51,7 @@ pub async fn render(agent: &Agent) -> String {
                     2 * counts.policy_exact,
                     maps.conntrack.keys().count(),
                     maps.fragments.keys().count(),
+                    2 * counts.interfaces,
                 ];
                 let usage: Vec<crate::datapath::maps::MapUsage> = maps
                     .capacities()
@@ -180,6 +181,31 @@ pub async fn render(agent: &Agent) -> String {
             c.get(Counter::EventsSent)
         );
     }
+    family(
+        &mut out,
+        "microseg_interface_enforcing",
+        "gauge",
+        "1 if the program enforces on the interface's hook as the kernel reports it, 0 if it should and does not.",
+    );
+    for status in core.interfaces.status.values() {
+        for (hook, state) in &status.hooks {
+            let _ = writeln!(
+                out,
+                "microseg_interface_enforcing{{interface=\"{}\",hook=\"{hook}\",origin=\"{}\"}} {}",
+                status.name,
+                status.origin,
+                u8::from(state == "enforcing")
+            );
+        }
+    }
+    family(
+        &mut out,
+        "microseg_healthy",
+        "gauge",
+        "1 if every interface enforces and the standby generation slot is in step; 0 otherwise (see `microseg status`).",
+    );
+    let healthy = core.interfaces.problems().is_empty() && core.enforcer.standby_error.is_none();
+    let _ = writeln!(out, "microseg_healthy {}", u8::from(healthy));
     family(
         &mut out,
         "microseg_events_received_total",

@@ -10,10 +10,12 @@
 pub mod config;
 pub mod enforcer;
 pub mod events;
+pub mod interfaces;
 pub mod kubernetes;
 pub mod metrics;
 pub mod objects;
 pub mod server;
+pub mod veths;
 
 use std::{
     collections::BTreeMap,
@@ -29,9 +31,11 @@ use self::{
     config::AgentConfig,
     enforcer::{ApplyRefused, Enforcer, EventNames},
     events::EventHub,
+    interfaces::{InterfaceTable, LocalPods},
     objects::{ObjectMap, PersistedState},
+    veths::VethScanner,
 };
-use crate::datapath::{Capacities, Datapath, LoadOptions, loader::pinned_links};
+use crate::datapath::{Capacities, Datapath, LoadOptions};
 use microseg_common::config::Settings;
 
 /// Everything the API handlers and the watcher share, behind one lock.
@@ -49,13 +53,17 @@ pub struct AgentCore {
     /// The last error reading the watched directories, if the last read failed.
     pub dir_error: Option<Vec<String>>,
     pub started: SystemTime,
+    /// `interface.hook` of every hook the kernel says enforces.
     pub attached: Vec<String>,
+    pub interfaces: InterfaceTable,
 }
 
 pub struct Agent {
     pub core: Mutex<AgentCore>,
     pub hub: Arc<EventHub>,
     pub names: Arc<RwLock<Arc<EventNames>>>,
+    /// This node's pods (Kubernetes mode), for the interface checks.
+    pub local_pods: tokio::sync::watch::Sender<Option<LocalPods>>,
 }
 
 impl AgentCore {
@@ -125,11 +133,10 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     .context("loading the data path")?;
     {
         let mut maps = datapath.maps()?;
-        maps.set_settings(&Settings::new(
-            config.events_per_second,
-            config.events_burst,
-            0,
-        ))?;
+        maps.set_settings(
+            &Settings::new(config.events_per_second, config.events_burst, 0)
+                .with_lifetimes(config.conntrack.lifetimes()),
+        )?;
     }
     // Adopt what the pinned maps hold (empty on a first start).
     let adopted = datapath.adopt_state().context("reading the pinned maps")?;
@@ -146,8 +153,15 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         dir_error: None,
         started: SystemTime::now(),
         attached: Vec::new(),
+        interfaces: InterfaceTable::at_start(&config),
         config: config.clone(),
     };
+    // The interfaces' bindings go with the first generation, so that a restarted
+    // agent enforces exactly what the pinned maps hold.
+    let (scanner, veths, facts) = interfaces::facts_at_start(&core, VethScanner::default()).await;
+    if let Err(refused) = core.enforcer.set_interface_facts(facts) {
+        tracing::error!("binding interfaces: {}", refused.summary);
+    }
     let api_objects: ObjectMap = persisted.objects.into_iter().collect();
     let dir_objects = match objects::read_paths(&config.policy_dirs) {
         Ok(objects) => objects,
@@ -172,7 +186,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
             }
         }
     }
-    attach_interfaces(&mut core)?;
+    interfaces::reconcile(&mut core, None, &veths);
 
     let log = match &config.event_log {
         Some(path) => Some(
@@ -184,10 +198,12 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         ),
         None => None,
     };
+    let (local_pods, local_pods_changes) = tokio::sync::watch::channel(None);
     let agent = Arc::new(Agent {
         hub: Arc::new(EventHub::new(config.subscriber_buffer, log)),
         names: Arc::new(RwLock::new(Arc::new(EventNames::default()))),
         core: Mutex::new(core),
+        local_pods,
     });
     agent.refresh_names(&*agent.core.lock().await);
 
@@ -199,6 +215,12 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     ));
     let api = tokio::spawn(server::serve(agent.clone(), config.clone()));
     let watcher = tokio::spawn(watch_directories(agent.clone()));
+    let interface_checks = tokio::spawn(interfaces::run(
+        agent.clone(),
+        Duration::from_millis(config.interface_scan_ms),
+        local_pods_changes,
+        scanner,
+    ));
     let kubernetes = config
         .kubernetes
         .enabled
@@ -216,6 +238,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         result = api => { result??; }
     }
     watcher.abort();
+    interface_checks.abort();
     if let Some(kubernetes) = kubernetes {
         kubernetes.abort();
     }
@@ -228,22 +251,6 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         tracing::info!(detached, "detached; enforcement removed");
     } else {
         tracing::info!("stopped; enforcement stays in place (pinned)");
-    }
-    Ok(())
-}
-
-/// Attaches to each configured interface and hook, unless a pinned link from an
-/// earlier run is already there (it keeps enforcing with the same pinned maps).
-fn attach_interfaces(core: &mut AgentCore) -> anyhow::Result<()> {
-    let pinned = pinned_links(&core.config.pin_dir);
-    for interface in core.config.interfaces.clone() {
-        for point in interface.attach.points() {
-            let name = format!("{}.{}", interface.name, point.name());
-            if !pinned.contains(&name) {
-                core.enforcer.datapath.attach(&interface.name, point)?;
-            }
-            core.attached.push(name);
-        }
     }
     Ok(())
 }

@@ -457,7 +457,28 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         )
     });
     let uptime = core.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+    // Anything that keeps microseg from enforcing what it should: the first thing
+    // an operator reads.
+    let mut problems: Vec<String> = core
+        .interfaces
+        .problems()
+        .into_iter()
+        .map(|p| format!("interface {p}"))
+        .collect();
+    if let Some(error) = &core.enforcer.standby_error {
+        problems.push(format!("standby generation slot out of date: {error}"));
+    }
+    if let Some(errors) = &core.dir_error {
+        problems.push(format!(
+            "watched directories refused: {}",
+            errors.first().cloned().unwrap_or_default()
+        ));
+    }
+    let interfaces: Vec<&super::interfaces::InterfaceStatus> =
+        core.interfaces.status.values().collect();
     Response::ok(json!({
+        "healthy": problems.is_empty(),
+        "problems": problems,
         "generation": generation,
         "policies": policies,
         "workloads": workloads,
@@ -467,6 +488,7 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "watchedPaths": core.config.policy_dirs,
         "directoryError": core.dir_error,
         "attached": core.attached,
+        "interfaces": interfaces,
         "pinDir": core.config.pin_dir,
         "uptimeSeconds": uptime,
         "lastApplyMs": core.enforcer.last_apply.map(|d| d.as_secs_f64() * 1000.0),

@@ -260,6 +260,57 @@ pub fn print_status(data: &Value, output: OutputFormat) -> anyhow::Result<()> {
     if print_structured(data, output)? {
         return Ok(());
     }
-    print_describe(data);
+    let problems = data["problems"].as_array().cloned().unwrap_or_default();
+    if problems.is_empty() {
+        println!("Health: OK");
+    } else {
+        println!(
+            "Health: DEGRADED ({} problem{})",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" }
+        );
+        for problem in &problems {
+            println!("  {}", text(problem));
+        }
+    }
+    println!();
+    let mut interfaces = Table::new(&[
+        "INTERFACE",
+        "ORIGIN",
+        "IFINDEX",
+        "HOOKS",
+        "WORKLOAD",
+        "STATE",
+    ]);
+    for interface in data["interfaces"].as_array().into_iter().flatten() {
+        let hooks: Vec<String> = interface["hooks"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(hook, _)| hook.clone())
+            .collect();
+        let state = if interface["enforcing"].as_bool() == Some(true) {
+            "enforcing".to_owned()
+        } else {
+            "NOT ENFORCING".to_owned()
+        };
+        interfaces.row(vec![
+            text(&interface["name"]),
+            text(&interface["origin"]),
+            text(&interface["ifindex"]),
+            hooks.join(","),
+            text(&interface["workload"]),
+            state,
+        ]);
+    }
+    print!("{}", interfaces.render());
+    println!();
+    let mut rest = data.clone();
+    if let Some(map) = rest.as_object_mut() {
+        for key in ["healthy", "problems", "interfaces", "attached"] {
+            map.remove(key);
+        }
+    }
+    print_describe(&rest);
     Ok(())
 }

@@ -304,6 +304,7 @@ impl PolicySetBuilder {
 
         let mut seen_workloads: BTreeMap<(String, String), Source> = BTreeMap::new();
         let mut address_owner: BTreeMap<IpAddr, (String, Source)> = BTreeMap::new();
+        let mut interface_owner: BTreeMap<String, (String, Source)> = BTreeMap::new();
         let mut kept = Vec::with_capacity(workloads.len());
         for workload in workloads.drain(..) {
             let key = (workload.namespace.clone(), workload.name.clone());
@@ -331,6 +332,21 @@ impl PolicySetBuilder {
                         ),
                     ));
                     clash = true;
+                }
+            }
+            if let Some(interface) = &workload.interface {
+                if let Some((owner, owner_source)) = interface_owner.get(interface) {
+                    errors.push(PolicyError::new(
+                        &workload.source,
+                        "spec.interface",
+                        format!(
+                            "interface {interface} is already the interface of {owner} ({owner_source}): an interface belongs to one workload"
+                        ),
+                    ));
+                    clash = true;
+                } else {
+                    interface_owner
+                        .insert(interface.clone(), (workload.key(), workload.source.clone()));
                 }
             }
             if clash {

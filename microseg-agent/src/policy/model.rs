@@ -335,6 +335,10 @@ pub struct Workload {
     pub labels: Labels,
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<NamedPort>,
+    /// The workload's own interface on this host (a VM's tap, a container's
+    /// host-side veth): everything it receives was sent by the workload, so its
+    /// source addresses are checked. Pods' veths are found without it.
+    pub interface: Option<String>,
     pub source: Source,
 }
 

@@ -80,6 +80,7 @@ fn named_ports_resolve_by_name_and_protocol() {
                 protocol: Protocol::Tcp,
             },
         ],
+        interface: None,
         source: Source::memory("test"),
     };
     assert_eq!(

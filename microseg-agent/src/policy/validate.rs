@@ -2,6 +2,7 @@
 //! Workload) into the validated model. Every check records an error with its field path
 //! and carries on, so one run reports every problem of a document.
 
+use microseg_common::interface::MAX_BOUND_ADDRESSES;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -655,6 +656,7 @@ pub(crate) fn convert_pod(checker: &mut Checker<'_>, pod: &Pod) -> Option<Worklo
         labels,
         addresses,
         ports: ports.into_iter().map(|(_, port)| port).collect(),
+        interface: None,
         source: checker.source.clone(),
     })
 }
@@ -688,6 +690,7 @@ struct WorkloadSpec {
     addresses: Vec<String>,
     #[serde(default)]
     ports: Vec<WorkloadPort>,
+    interface: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -753,6 +756,20 @@ pub(crate) fn convert_workload_document(
         }
     }
     check_named_ports(checker, &ports);
+    if let Some(interface) = &document.spec.interface {
+        if let Err(reason) = check_interface_name(interface) {
+            checker.error("spec.interface", reason);
+        }
+        if addresses.len() > MAX_BOUND_ADDRESSES {
+            checker.error(
+                "spec.interface",
+                format!(
+                    "a workload with its own interface has at most {MAX_BOUND_ADDRESSES} addresses (this one has {}): the data path checks sources against that many",
+                    addresses.len()
+                ),
+            );
+        }
+    }
     if checker.errors.len() != errors_before {
         return None;
     }
@@ -762,6 +779,26 @@ pub(crate) fn convert_workload_document(
         labels: document.metadata.labels,
         addresses,
         ports: ports.into_iter().map(|(_, port)| port).collect(),
+        interface: document.spec.interface,
         source: checker.source.clone(),
     })
+}
+
+/// An interface name as the kernel accepts it: 1 to 15 bytes, no '/', ':' or
+/// whitespace.
+pub(crate) fn check_interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!(
+            "interface name {name:?} must have 1 to 15 characters"
+        ));
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "interface name {name:?} may not contain '/', ':' or whitespace"
+        ));
+    }
+    Ok(())
 }

@@ -108,6 +108,7 @@ pub fn workload(name: String, labels: BTreeMap<String, String>, address: IpAddr)
         labels,
         addresses: vec![address],
         ports: Vec::new(),
+        interface: None,
         source: Source::memory("microseg-bench"),
     }
 }

@@ -21,7 +21,6 @@ pub mod status;
 pub mod watch;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
     io::Write,
     path::{Path, PathBuf},
     sync::Arc,
@@ -33,7 +32,7 @@ use kube::{Client, config::KubeConfigOptions};
 use tokio::sync::mpsc;
 
 use self::{
-    node::{PodInterfaces, VethScanner, local_pod_addresses},
+    node::local_pod_addresses,
     status::{Status, StatusReporter},
     watch::ClusterView,
 };
@@ -41,6 +40,7 @@ use super::{
     Agent, AgentCore,
     config::{AgentConfig, KubernetesConfig},
     enforcer::ApplyRefused,
+    interfaces::LocalPods,
     objects::{ObjectKey, ObjectMap, StoredObject},
 };
 use crate::datapath::ApplyReport;
@@ -101,10 +101,9 @@ pub async fn run(agent: Arc<Agent>) {
     watch::start(&client, changes);
     let cache = start_cache_writer(config.state_dir.clone());
     let cached = agent.core.lock().await.kube_objects.clone();
-    let scan_every = Duration::from_millis(config.kubernetes.interface_scan_ms.max(100));
     let mut reconciler = Reconciler {
         view: ClusterView::new(cached),
-        local: start_interface_task(agent.clone(), scan_every),
+        local: agent.local_pods.clone(),
         agent,
         node,
         status,
@@ -126,66 +125,6 @@ pub async fn run(agent: Arc<Agent>) {
         }
     }
 }
-
-/// Attaches to this node's pods' veths and detaches from those of pods that left,
-/// on its own task so that looking for veths (iproute2 runs) never delays the next
-/// policy update: at once when the local pods change (sent on the returned
-/// channel, after they are enforced), and every `scan_every` for veths that appear
-/// later than their pod's address.
-fn start_interface_task(
-    agent: Arc<Agent>,
-    scan_every: Duration,
-) -> tokio::sync::watch::Sender<Option<LocalPods>> {
-    let (sender, mut local) = tokio::sync::watch::channel(None::<LocalPods>);
-    tokio::spawn(async move {
-        let mut scanner = VethScanner::default();
-        let mut interfaces = PodInterfaces::default();
-        let mut tick = tokio::time::interval(scan_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                changed = local.changed() => if changed.is_err() { return },
-                _ = tick.tick() => {}
-            }
-            // Nothing is attached or detached before the first sync: the cached
-            // view may be stale.
-            let Some(pods) = local.borrow_and_update().clone() else {
-                continue;
-            };
-            let found;
-            (scanner, found) = tokio::task::spawn_blocking(move || {
-                let found = scanner.scan();
-                (scanner, found)
-            })
-            .await
-            .unwrap_or_else(|e| (VethScanner::default(), Err(anyhow::anyhow!("{e}"))));
-            let found = match found {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::warn!("looking for pod interfaces: {e:#}");
-                    continue;
-                }
-            };
-            let wanted: BTreeSet<String> = pods
-                .keys()
-                .filter_map(|address| found.get(address).cloned())
-                .collect();
-            let mut core = agent.core.lock().await;
-            let (added, removed) = interfaces.reconcile(&mut core, &wanted);
-            drop(core);
-            for interface in added {
-                tracing::info!(interface, "enforcing on a pod interface");
-            }
-            for interface in removed {
-                tracing::info!(interface, "pod interface left; detached");
-            }
-        }
-    });
-    sender
-}
-
-/// This node's pods' addresses (and `namespace/name`).
-type LocalPods = Arc<BTreeMap<std::net::IpAddr, String>>;
 
 /// A client from `--kubeconfig`, else the in-cluster service account, else
 /// `$KUBECONFIG` or `~/.kube/config`.

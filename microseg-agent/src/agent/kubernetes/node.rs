@@ -1,39 +1,18 @@
-//! This node's pods and their host-side veths.
+//! This node's pods.
 //!
 //! A pod is local when its `spec.nodeName` is this node's name. Its host-side veth is
-//! found by the rule: **the veth in the agent's network namespace whose peer, in a
-//! network namespace named under `/var/run/netns`, holds the pod's IP**. containerd
-//! and CRI-O pin every pod sandbox's namespace there (`cni-<uuid>`), so the rule
-//! holds for any CNI plugin that gives pods a veth (bridge, ptp, Calico, ...) without
-//! trusting interface names or routes. It is read with iproute2, in the agent's
-//! namespace:
-//!
-//! 1. `ip -j link show type veth`: each veth's peer ifindex (`link_index`) and the
-//!    id of the peer's namespace (`link_netnsid`);
-//! 2. `ip -j netns list`: namespace names and their ids as seen from here;
-//! 3. `ip -n <ns> -j addr show`: the addresses of the peer (only for veths not seen
-//!    before: the answer is cached by veth name, ifindex and namespace).
-//!
-//! TC ingress and egress are attached to each local pod's veth (pinned, as the
-//! configured interfaces are) and detached when the pod leaves the node or the API
+//! the veth whose peer holds the pod's IP (`agent::veths`); `agent::interfaces`
+//! attaches TC to it (pinned, as the configured interfaces are), binds it to the pod
+//! for source validation, and detaches when the pod leaves the node or the API
 //! server.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
-    process::Command,
-};
-
-use anyhow::{Context, bail};
-use serde::Deserialize;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use super::watch::pod_addresses;
-use crate::{
-    agent::{AgentCore, config::AttachMode, objects::ObjectMap},
-    datapath::{loader::detach_interface, pinned_links},
-};
+use crate::agent::objects::ObjectMap;
 
-/// Addresses of this node's pods (`spec.nodeName` is `node`).
+/// Addresses of this node's pods (`spec.nodeName` is `node`), with their
+/// `namespace/name`.
 pub fn local_pod_addresses(objects: &ObjectMap, node: &str) -> BTreeMap<IpAddr, String> {
     let mut addresses = BTreeMap::new();
     for (key, object) in objects.iter().filter(|(key, _)| key.kind == "Pod") {
@@ -45,180 +24,4 @@ pub fn local_pod_addresses(objects: &ObjectMap, node: &str) -> BTreeMap<IpAddr, 
         }
     }
     addresses
-}
-
-#[derive(Deserialize)]
-struct Link {
-    ifindex: u32,
-    ifname: String,
-    link_index: Option<u32>,
-    link_netnsid: Option<i64>,
-}
-
-#[derive(Deserialize)]
-struct NetnsEntry {
-    name: String,
-    id: Option<i64>,
-}
-
-#[derive(Deserialize)]
-struct AddressedLink {
-    ifindex: u32,
-    #[serde(default)]
-    addr_info: Vec<AddressInfo>,
-}
-
-#[derive(Deserialize)]
-struct AddressInfo {
-    local: Option<IpAddr>,
-}
-
-/// Host-side veths and the addresses of their peers, cached between scans.
-#[derive(Default)]
-pub struct VethScanner {
-    /// (veth name, ifindex, peer namespace) -> the peer's addresses.
-    peers: HashMap<(String, u32, String), Vec<IpAddr>>,
-}
-
-impl VethScanner {
-    /// Address -> host-side veth, for every veth whose peer is in a named namespace.
-    pub fn scan(&mut self) -> anyhow::Result<BTreeMap<IpAddr, String>> {
-        let links: Vec<Link> = ip_json(&["-j", "link", "show", "type", "veth"])?;
-        let namespaces: Vec<NetnsEntry> = ip_json(&["-j", "netns", "list"])?;
-        let by_id: HashMap<i64, String> = namespaces
-            .into_iter()
-            .filter_map(|ns| Some((ns.id?, ns.name)))
-            .collect();
-        let mut found = BTreeMap::new();
-        let mut seen = BTreeSet::new();
-        for link in links {
-            let (Some(peer_index), Some(nsid)) = (link.link_index, link.link_netnsid) else {
-                continue;
-            };
-            let Some(namespace) = by_id.get(&nsid) else {
-                continue;
-            };
-            let key = (link.ifname.clone(), link.ifindex, namespace.clone());
-            seen.insert(key.clone());
-            let addresses = match self.peers.get(&key) {
-                Some(addresses) => addresses.clone(),
-                None => {
-                    let Ok(peers) =
-                        ip_json::<Vec<AddressedLink>>(&["-n", namespace, "-j", "addr", "show"])
-                    else {
-                        // The pod (and its namespace) may be going away right now.
-                        continue;
-                    };
-                    let addresses: Vec<IpAddr> = peers
-                        .into_iter()
-                        .filter(|peer| peer.ifindex == peer_index)
-                        .flat_map(|peer| peer.addr_info)
-                        .filter_map(|info| info.local)
-                        .collect();
-                    // A pod's address may be added just after its veth: cache only
-                    // an answer that has one.
-                    if !addresses.is_empty() {
-                        self.peers.insert(key, addresses.clone());
-                    }
-                    addresses
-                }
-            };
-            for address in addresses {
-                found.insert(address, link.ifname.clone());
-            }
-        }
-        self.peers.retain(|key, _| seen.contains(key));
-        Ok(found)
-    }
-}
-
-fn ip_json<T: serde::de::DeserializeOwned>(args: &[&str]) -> anyhow::Result<T> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !output.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    if output.stdout.iter().all(u8::is_ascii_whitespace) {
-        // `ip -j netns list` prints nothing at all when there is no namespace.
-        return serde_json::from_str("[]").context("empty list");
-    }
-    serde_json::from_slice(&output.stdout).with_context(|| format!("ip {}", args.join(" ")))
-}
-
-/// The pod interfaces this agent attached (or adopted from pins of an earlier run).
-#[derive(Default)]
-pub struct PodInterfaces {
-    attached: BTreeSet<String>,
-    adopted: bool,
-}
-
-impl PodInterfaces {
-    /// Attaches TC to `wanted` interfaces not yet attached and detaches those no
-    /// longer wanted. Configured interfaces (`--interface`) are never touched.
-    /// Returns (attached, detached) interface names.
-    pub fn reconcile(
-        &mut self,
-        core: &mut AgentCore,
-        wanted: &BTreeSet<String>,
-    ) -> (Vec<String>, Vec<String>) {
-        let configured: BTreeSet<String> = core
-            .config
-            .interfaces
-            .iter()
-            .map(|i| i.name.clone())
-            .collect();
-        if !self.adopted {
-            // Links pinned by an earlier run for pod interfaces are ours to keep or
-            // remove.
-            self.adopted = true;
-            for pinned in pinned_links(&core.config.pin_dir) {
-                if let Some((interface, _)) = pinned.split_once(".tc-")
-                    && !configured.contains(interface)
-                {
-                    self.attached.insert(interface.to_owned());
-                    core.attached.push(pinned.clone());
-                }
-            }
-        }
-        let mut added = Vec::new();
-        let mut removed = Vec::new();
-        for interface in wanted.difference(&self.attached.clone()) {
-            if configured.contains(interface) {
-                continue;
-            }
-            let mut ok = true;
-            for point in AttachMode::Tc.points() {
-                if let Err(e) = core.enforcer.datapath.attach(interface, point) {
-                    tracing::warn!("attaching to pod interface {interface}: {e}");
-                    ok = false;
-                    break;
-                }
-            }
-            if ok {
-                for point in AttachMode::Tc.points() {
-                    core.attached.push(format!("{interface}.{}", point.name()));
-                }
-                self.attached.insert(interface.clone());
-                added.push(interface.clone());
-            } else {
-                let _ = detach_interface(&core.config.pin_dir, interface);
-            }
-        }
-        for interface in self.attached.clone().difference(wanted) {
-            if let Err(e) = detach_interface(&core.config.pin_dir, interface) {
-                tracing::warn!("detaching from {interface}: {e}");
-            }
-            let prefix = format!("{interface}.");
-            core.attached.retain(|name| !name.starts_with(&prefix));
-            self.attached.remove(interface);
-            removed.push(interface.clone());
-        }
-        (added, removed)
-    }
 }
