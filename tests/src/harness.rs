@@ -14,6 +14,7 @@ use microseg_common::{
         ENDPOINT_FLAG_AUDIT, ENDPOINT_FLAG_EGRESS_ENFORCED, ENDPOINT_FLAG_INGRESS_ENFORCED,
         EndpointInfo,
     },
+    interface::InterfaceBinding,
     policy::{Direction, PolicyEntry, port_range_blocks},
 };
 
@@ -72,6 +73,14 @@ impl Harness {
     pub fn xdp_verdict_of_frame(&self, frame: &[u8]) -> ProgramVerdict {
         self.datapath
             .test_run(ALL_PROGRAMS[0], frame)
+            .expect("test run")
+    }
+
+    /// The verdict of one program (hooks differ where the packet's side matters:
+    /// source validation runs on what an interface receives).
+    pub fn verdict_at(&self, point: AttachPoint, probe: &Probe) -> ProgramVerdict {
+        self.datapath
+            .test_run(point, &probe.to_frame())
             .expect("test run")
     }
 
@@ -166,6 +175,20 @@ impl StateBuilder {
                 PolicyEntry::allow(rule_id),
             );
         }
+        self
+    }
+
+    /// Binds interface `ifindex` to a workload with these addresses: what it receives
+    /// must come from one of them.
+    pub fn binding(mut self, ifindex: u32, addresses: &[&str]) -> Self {
+        let addresses: Vec<[u8; 16]> = addresses
+            .iter()
+            .map(|a| microseg::datapath::addr::to_mapped(ip(a)))
+            .collect();
+        self.state.interfaces.insert(
+            ifindex,
+            InterfaceBinding::new(&addresses).expect("at most 8 addresses"),
+        );
         self
     }
 

@@ -102,6 +102,44 @@ impl KernelJudge {
         PROGRAMS.map(|point| self.allowed(point, flow))
     }
 
+    /// A connection of `flow`: its opening packet (TCP SYN, or the first UDP or SCTP
+    /// packet) through the program at `forward`, the reply through the program at
+    /// `reply`, then a later packet of the opener (TCP: an ACK) through `forward`
+    /// again. Returns whether each passed, and the source port the connection used.
+    pub fn connection(
+        &mut self,
+        forward: AttachPoint,
+        reply: AttachPoint,
+        flow: &Flow,
+    ) -> ([bool; 3], u16) {
+        assert!(flow.port < FIRST_SOURCE_PORT);
+        let source_port = self.next_source_port;
+        self.next_source_port = self
+            .next_source_port
+            .checked_add(1)
+            .unwrap_or(FIRST_SOURCE_PORT);
+        let opening = match flow.protocol {
+            Protocol::Tcp => Probe::tcp(flow.src, source_port, flow.dst, flow.port),
+            Protocol::Udp => Probe::udp(flow.src, source_port, flow.dst, flow.port),
+            Protocol::Sctp => Probe::sctp(flow.src, source_port, flow.dst, flow.port),
+        };
+        let answer = opening.reply();
+        let later = opening.established();
+        let mut passed = [false; 3];
+        for (index, (point, probe)) in [(forward, opening), (reply, answer), (forward, later)]
+            .into_iter()
+            .enumerate()
+        {
+            self.probes += 1;
+            passed[index] = match self.datapath.test_run(point, &probe.to_frame()) {
+                Ok(ProgramVerdict::Pass) => true,
+                Ok(ProgramVerdict::Drop) => false,
+                other => panic!("{flow}: {} on {probe:?}: {other:?}", point.name()),
+            };
+        }
+        (passed, source_port)
+    }
+
     /// Probe packets run so far.
     pub fn probes(&self) -> u64 {
         self.probes

@@ -16,7 +16,7 @@ use microseg::policy::{MapEvaluator, compile, evaluate};
 use microseg_tests::policy_gen::{
     FEATURES, RuleCoverage, Scenario, scenario_strategy, workload_addresses,
 };
-use microseg_tests::policy_judge::KernelJudge;
+use microseg_tests::policy_judge::{KernelJudge, PROGRAMS};
 use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
 
@@ -148,5 +148,130 @@ fn ebpf_programs_agree_with_reference_evaluator() {
             coverage.rules.feature_count(feature) >= 5,
             "feature {feature:?} allowed too few flows: {coverage:#?}"
         );
+    }
+}
+
+/// What the connection-level property exercised.
+#[derive(Debug, Default)]
+struct ConnectionCoverage {
+    connections: usize,
+    allowed: usize,
+    denied: usize,
+    /// Allowed connections whose reply no policy would allow on its own: only
+    /// connection tracking lets it pass.
+    replies_by_tracking_only: usize,
+    /// Denied connections whose reply-shaped packet the policy allows by itself.
+    denied_with_reply_allowed: usize,
+}
+
+fn check_connections(
+    scenario: &Scenario,
+    judge: &mut KernelJudge,
+    coverage: &mut ConnectionCoverage,
+) -> Result<(), TestCaseError> {
+    let set = scenario.build();
+    let compiled = compile(&set);
+    judge.apply(&compiled.state);
+    let workload_addresses = workload_addresses(&set);
+    for (index, generated) in scenario.flows.iter().enumerate() {
+        let flow = generated.resolve_in_family(&workload_addresses);
+        // Every pair of hooks, in turn: a connection's packets are judged wherever
+        // they pass (XDP on the way in, TC egress on the way out).
+        let forward = PROGRAMS[index % 3];
+        let reply = PROGRAMS[(index / 3) % 3];
+        let model = evaluate(&set, &flow).allowed;
+        let ([opened, answered, continued], source_port) = judge.connection(forward, reply, &flow);
+        let reversed = microseg::policy::Flow {
+            src: flow.dst,
+            dst: flow.src,
+            protocol: flow.protocol,
+            port: source_port,
+        };
+        let reply_alone = evaluate(&set, &reversed).allowed;
+        let context = || {
+            format!(
+                "{flow} (source port {source_port}, forward on {}, reply on {}): model {model}, reply alone {reply_alone}; kernel opened {opened}, answered {answered}, continued {continued}",
+                forward.name(),
+                reply.name()
+            )
+        };
+        if opened != model {
+            return Err(TestCaseError::fail(format!(
+                "opening packet: {}",
+                context()
+            )));
+        }
+        // The reply follows the connection: it passes if the connection was allowed,
+        // and otherwise only if policy allows it as a flow of its own.
+        if answered != (model || reply_alone) {
+            return Err(TestCaseError::fail(format!("reply: {}", context())));
+        }
+        if continued != (model || (answered && reply_alone)) {
+            return Err(TestCaseError::fail(format!("later packet: {}", context())));
+        }
+        coverage.connections += 1;
+        match model {
+            true => {
+                coverage.allowed += 1;
+                if !reply_alone {
+                    coverage.replies_by_tracking_only += 1;
+                }
+            }
+            false => {
+                coverage.denied += 1;
+                if reply_alone {
+                    coverage.denied_with_reply_allowed += 1;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Property: on random inventories and policies, a connection's opening packet passes
+/// the real programs exactly when the reference evaluator allows the connection, its
+/// reply passes whenever the connection was allowed (whichever end enforces which
+/// direction, on every pair of hooks), and otherwise only when the policy allows the
+/// reply's own direction. This is the test that catches replies judged as new flows.
+#[test]
+fn connections_and_their_replies_follow_the_reference_verdict() {
+    if !microseg_tests::kernel_available(
+        "connections_and_their_replies_follow_the_reference_verdict",
+    ) {
+        return;
+    }
+    let started = Instant::now();
+    let judge = RefCell::new(KernelJudge::load());
+    let coverage = RefCell::new(ConnectionCoverage::default());
+    let cases = case_count() / 2;
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&scenario_strategy(), |scenario| {
+        check_connections(
+            &scenario,
+            &mut judge.borrow_mut(),
+            &mut coverage.borrow_mut(),
+        )
+    });
+    if let Err(error) = result {
+        panic!("{error}");
+    }
+    let coverage = coverage.into_inner();
+    println!(
+        "{cases} cases passed in {:.1} s: {coverage:#?}",
+        started.elapsed().as_secs_f64()
+    );
+    for (what, count) in [
+        ("allowed", coverage.allowed),
+        ("denied", coverage.denied),
+        (
+            "replies passed by tracking only",
+            coverage.replies_by_tracking_only,
+        ),
+    ] {
+        assert!(count >= 100, "too few connections: {what}: {coverage:#?}");
     }
 }

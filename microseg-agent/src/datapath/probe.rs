@@ -94,6 +94,18 @@ impl Probe {
         }
     }
 
+    /// An ICMP (IPv4) or ICMPv6 (IPv6) message with an echo-layout body carrying
+    /// `identifier`.
+    pub fn icmp(src: IpAddr, dst: IpAddr, icmp_type: u8, code: u8, identifier: u16) -> Self {
+        Self {
+            src,
+            dst,
+            src_port: identifier,
+            dst_port: identifier,
+            protocol: ProbeProtocol::Icmp { icmp_type, code },
+        }
+    }
+
     /// The same probe with other TCP flags (no change for other protocols).
     pub fn with_tcp_flags(mut self, flags: TcpFlags) -> Self {
         if let ProbeProtocol::Tcp { .. } = self.protocol {
