@@ -15,9 +15,23 @@ use crate::netns::{NetNs, run, unique_name};
 pub struct LabHost {
     pub name: String,
     pub address: IpAddr,
+    /// `fd80::` and the last byte of `address`.
+    pub address6: IpAddr,
     pub ns: NetNs,
+    /// The veth end in the host's namespace.
+    pub host_if: String,
     /// The veth end in the node namespace, where the agent attaches.
     pub node_if: String,
+}
+
+/// The IPv6 address of a lab host: `fd80::` and the last byte of its IPv4 address.
+pub fn lab_address6(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(v4) => format!("fd80::{}", v4.octets()[3])
+            .parse()
+            .expect("address"),
+        IpAddr::V6(v6) => IpAddr::V6(v6),
+    }
 }
 
 pub struct Lab {
@@ -44,40 +58,25 @@ pub fn microseg_binary() -> PathBuf {
 }
 
 impl Lab {
-    /// Hosts given as (name, IPv4 address in 10.80.0.0/24).
+    /// Hosts given as (name, IPv4 address in 10.80.0.0/24); each also gets
+    /// `fd80::<last byte>/64`.
     pub fn new(hosts: &[(&str, &str)]) -> Self {
         let node = NetNs::new("mnode");
         node.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
         node.exec(&["ip", "link", "set", "br0", "up"]);
         let mut lab_hosts = Vec::new();
         for (name, address) in hosts {
-            let ns = NetNs::new("mh");
-            let host_if = unique_name("eh");
-            let node_if = unique_name("en");
-            run(
-                "ip",
-                &[
-                    "link", "add", &host_if, "netns", &ns.name, "type", "veth", "peer", "name",
-                    &node_if, "netns", &node.name,
-                ],
-            );
-            ns.exec(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{address}/24"),
-                "dev",
-                &host_if,
-            ]);
-            ns.exec(&["ip", "link", "set", &host_if, "up"]);
-            node.exec(&["ip", "link", "set", &node_if, "master", "br0"]);
-            node.exec(&["ip", "link", "set", &node_if, "up"]);
-            lab_hosts.push(LabHost {
+            let address: IpAddr = address.parse().expect("address");
+            let host = LabHost {
                 name: name.to_string(),
-                address: address.parse().expect("address"),
-                ns,
-                node_if,
-            });
+                address,
+                address6: lab_address6(address),
+                ns: NetNs::new("mh"),
+                host_if: unique_name("eh"),
+                node_if: unique_name("en"),
+            };
+            link_host(&node, &host);
+            lab_hosts.push(host);
         }
         let dir = std::env::temp_dir().join(unique_name("microseg-lab-"));
         std::fs::create_dir_all(dir.join("policies")).expect("lab dir");
@@ -87,6 +86,49 @@ impl Lab {
             dir,
             agent: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Deletes every host's veth pair and creates it again under the same names and
+    /// addresses (a pod restarted, a StatefulSet pod back on its node): the new
+    /// interfaces have new indexes and no programs.
+    pub fn recreate_links(&self) {
+        for host in &self.hosts {
+            self.node.exec(&["ip", "link", "delete", &host.node_if]);
+            link_host(&self.node, host);
+        }
+    }
+
+    /// Waits until every host answers pings from the first one, over IPv4 and IPv6
+    /// (IPv6 on a new link is usable only after the kernel's link watch has run).
+    pub fn wait_reachable(&self) {
+        let first = &self.hosts[0];
+        for host in &self.hosts[1..] {
+            for address in [host.address, host.address6] {
+                let ready = (0..40).any(|_| {
+                    first
+                        .ns
+                        .try_exec(&["ping", "-c1", "-W1", &address.to_string()])
+                        .status
+                        .success()
+                });
+                assert!(ready, "{address} never answered a ping from {}", first.name);
+            }
+        }
+    }
+
+    /// The MAC address of a host's own interface.
+    pub fn mac_of(&self, name: &str) -> [u8; 6] {
+        let host = self.host(name);
+        let output = host
+            .ns
+            .exec(&["cat", &format!("/sys/class/net/{}/address", host.host_if)]);
+        let text = String::from_utf8_lossy(&output.stdout);
+        let bytes: Vec<u8> = text
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("mac"))
+            .collect();
+        bytes.try_into().expect("six bytes")
     }
 
     pub fn host(&self, name: &str) -> &LabHost {
@@ -117,6 +159,12 @@ impl Lab {
     /// Like [`Lab::start_agent`]; with `attach_hosts` false no `--interface` is
     /// given and the agent finds the veths itself (Kubernetes mode).
     pub fn start_agent_with(&self, extra: &[&str], attach_hosts: bool) {
+        self.start_agent_attached(extra, attach_hosts.then_some("tc"));
+    }
+
+    /// Starts the agent with every host's node-side veth attached in `mode`
+    /// (`tc`, `xdp`, ...), or none.
+    pub fn start_agent_attached(&self, extra: &[&str], mode: Option<&str>) {
         // nsenter switches only the network namespace (`ip netns exec` would also
         // mount a fresh /sys, hiding bpffs) and execs the agent in place.
         let mut args: Vec<String> = vec![
@@ -136,9 +184,9 @@ impl Lab {
             "--event-log".into(),
             self.dir.join("events.jsonl").display().to_string(),
         ];
-        for host in self.hosts.iter().filter(|_| attach_hosts) {
+        for host in self.hosts.iter().filter(|_| mode.is_some()) {
             args.push("--interface".into());
-            args.push(format!("{}:tc", host.node_if));
+            args.push(format!("{}:{}", host.node_if, mode.unwrap_or("tc")));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::fs::OpenOptions::new()
@@ -233,4 +281,46 @@ impl Drop for Lab {
         let _ = microseg::datapath::detach_pinned(&self.pin_dir());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Creates the host's veth pair: its end in its namespace with its addresses, the
+/// other end in the node namespace on the bridge.
+fn link_host(node: &NetNs, host: &LabHost) {
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            &host.host_if,
+            "netns",
+            &host.ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &host.node_if,
+            "netns",
+            &node.name,
+        ],
+    );
+    host.ns.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{}/24", host.address),
+        "dev",
+        &host.host_if,
+    ]);
+    host.ns.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{}/64", host.address6),
+        "dev",
+        &host.host_if,
+        "nodad",
+    ]);
+    host.ns.exec(&["ip", "link", "set", &host.host_if, "up"]);
+    node.exec(&["ip", "link", "set", &host.node_if, "master", "br0"]);
+    node.exec(&["ip", "link", "set", &host.node_if, "up"]);
 }

@@ -9,6 +9,7 @@ pub mod lab;
 pub mod netns;
 pub mod policy_gen;
 pub mod policy_judge;
+pub mod raw;
 pub mod topology;
 
 /// Whether this process may load BPF programs and create network namespaces.
