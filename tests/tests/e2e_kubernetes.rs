@@ -106,6 +106,24 @@ fn kube_lab() -> KubeLab {
                 })
         },
     );
+    // Each pod's veth is bound to its pod (source validation) and healthy.
+    kube.wait(
+        "the pods' veths bound to their pods",
+        Duration::from_secs(15),
+        |s| {
+            s["healthy"] == true
+                && kube.lab.hosts.iter().all(|h| {
+                    s["interfaces"].as_array().is_some_and(|interfaces| {
+                        interfaces.iter().any(|i| {
+                            i["name"] == h.node_if.as_str()
+                                && i["origin"] == "pod"
+                                && i["workload"] == h.name.as_str()
+                                && i["enforcing"] == true
+                        })
+                    })
+                })
+        },
+    );
     kube
 }
 
