@@ -1,14 +1,83 @@
 //! Policy events as users see them: JSON after Hubble's Flow (field names users'
 //! `jq` filters already know) and the compact line `hubble observe` prints.
 
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
 use serde_json::{Value, json};
 
 use crate::{
-    agent::enforcer::EventNames,
     datapath::events::{DecodedEvent, monotonic_to_unix_ns},
-    policy::PolicyDirection,
+    policy::{Compiled, PolicyDirection, PolicySet},
 };
 use microseg_common::{event::EventVerdict, identity::IDENTITY_WORLD, policy::Direction};
+
+/// Lookup tables that turn the numbers in events into names.
+#[derive(Default)]
+pub struct EventNames {
+    /// Workload address -> (namespace, name, labels as `k8s:key=value`).
+    pub workloads: HashMap<IpAddr, WorkloadName>,
+    /// Endpoint id -> `namespace/name`.
+    pub endpoints: BTreeMap<u32, String>,
+    /// Rule id -> (policy namespace, policy name).
+    pub rules: BTreeMap<u32, (String, String)>,
+    /// (endpoint id, direction) -> policies selecting it, for default denies.
+    pub selecting: BTreeMap<(u32, PolicyDirection), Vec<(String, String)>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkloadName {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Vec<String>,
+}
+
+impl EventNames {
+    /// The tables for a policy set and its compiled form.
+    pub fn of(set: &PolicySet, compiled: &Compiled) -> Self {
+        let mut names = EventNames::default();
+        for workload in &set.workloads {
+            let mut labels: Vec<String> = workload
+                .labels
+                .iter()
+                .map(|(k, v)| format!("k8s:{k}={v}"))
+                .collect();
+            labels.sort();
+            for address in &workload.addresses {
+                names.workloads.insert(
+                    *address,
+                    WorkloadName {
+                        namespace: workload.namespace.clone(),
+                        name: workload.name.clone(),
+                        labels: labels.clone(),
+                    },
+                );
+            }
+        }
+        for (id, endpoint) in &compiled.endpoints {
+            names.endpoints.insert(*id, endpoint.workload.clone());
+            let Some(workload) = set.workloads.get(endpoint.workload_index) else {
+                continue;
+            };
+            for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
+                let policies: Vec<(String, String)> = set
+                    .policies_selecting(workload, direction)
+                    .map(|p| (p.namespace.clone(), p.name.clone()))
+                    .collect();
+                names.selecting.insert((*id, direction), policies);
+            }
+        }
+        for (id, rule) in compiled.rules.iter() {
+            names.rules.insert(
+                id,
+                (rule.policy_namespace.clone(), rule.policy_name.clone()),
+            );
+        }
+        names
+    }
+}
 
 /// Builds the JSON object of one event.
 pub fn event_json(

@@ -6,4 +6,5 @@ pub mod api;
 pub mod cli;
 pub mod datapath;
 pub mod event_view;
+pub mod fault;
 pub mod policy;

@@ -372,7 +372,7 @@ fn directories_load_recursively_in_sorted_order_yaml_and_json() {
     assert!(
         lines
             .iter()
-            .any(|line| line.starts_with("/nonexistent/microseg.yaml: cannot read file"))
+            .any(|line| line.starts_with("/nonexistent/microseg.yaml: cannot be read"))
     );
     assert!(lines.iter().any(|line| line.starts_with(&format!(
         "{}: document 2: duplicate workload address 10.0.0.1",

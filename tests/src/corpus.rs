@@ -1,10 +1,7 @@
 //! The NetworkPolicy conformance corpus: the cyclonus cases (230, 123,669 flows with
 //! the truth table of cyclonus' simulator) in the format described in
-//! /work/shared/conformance/README.md, and each step's namespaces, pods and policies as
-//! a policy set.
-//!
-//! The corpus lives outside the repository (`../shared/conformance/` beside the clone).
-//! Without it [`read`] fails under CI (`CI=true`) and prints a skip otherwise.
+//! `tests/data/conformance/README.md`, and each step's namespaces, pods and policies
+//! as a policy set. The corpus is in the repository, so every clone runs it.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -113,37 +110,26 @@ impl CorpusFlow {
 }
 
 fn path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/conformance/cyclonus-corpus.json.gz")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/conformance/cyclonus-corpus.json.gz")
 }
 
-/// The corpus (all [`CASES`] of it), or `None` (after printing why) when it is absent
-/// outside CI; under `CI=true` an absent corpus panics.
-pub fn read() -> Option<Vec<Case>> {
+/// The corpus (all [`CASES`] of it). It is part of the repository: a missing corpus
+/// is a broken checkout, and fails the test.
+pub fn read() -> Vec<Case> {
     let path = path();
-    let file = match std::fs::File::open(&path) {
-        Ok(file) => file,
-        Err(error) => {
-            if std::env::var("CI").is_ok_and(|value| value == "true") {
-                panic!(
-                    "conformance corpus {} is missing in CI: {error}",
-                    path.display()
-                );
-            }
-            eprintln!(
-                "SKIPPED: conformance corpus {} not found ({error}); it lives outside the repository, see /work/shared/conformance/README.md",
-                path.display()
-            );
-            return None;
-        }
-    };
+    let file = std::fs::File::open(&path).unwrap_or_else(|error| {
+        panic!(
+            "conformance corpus {} cannot be read: {error}",
+            path.display()
+        )
+    });
     let mut json = String::new();
     flate2::read::GzDecoder::new(file)
         .read_to_string(&mut json)
         .expect("corpus is gzip'd JSON");
     let cases: Vec<Case> = serde_json::from_str(&json).expect("corpus format");
     assert_eq!(cases.len(), CASES);
-    Some(cases)
+    cases
 }
 
 impl Case {

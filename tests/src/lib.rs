@@ -1,6 +1,6 @@
 //! Support for microseg's kernel and end-to-end tests: the privilege check (a failure
-//! under CI, a printed skip elsewhere), and network namespaces and veth pairs that are
-//! always removed, even when a test fails.
+//! under CI, a recorded skip elsewhere), and network namespaces and veth pairs that
+//! are always removed, even when a test fails.
 
 pub mod corpus;
 pub mod fake_apiserver;
@@ -12,9 +12,31 @@ pub mod policy_judge;
 pub mod raw;
 pub mod topology;
 
+/// The file where skipped tests are recorded, one `test<TAB>reason` line each;
+/// `cargo xtask test` sets it and counts those tests as skipped, not passed (libtest
+/// has no runtime skip: a test that returns early reports "ok").
+pub const SKIP_LOG_ENV: &str = "MICROSEG_SKIP_LOG";
+
+/// Records that `test` is skipped and why (see [`SKIP_LOG_ENV`]).
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Ok(path) = std::env::var(SKIP_LOG_ENV) {
+        use std::io::Write;
+        let line = format!("{test}\t{reason}\n");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| file.write_all(line.as_bytes()));
+        if let Err(error) = written {
+            panic!("{test} is skipped ({reason}) but {path} cannot record it: {error}");
+        }
+    }
+}
+
 /// Whether this process may load BPF programs and create network namespaces.
-/// Under `CI=true` a missing capability fails the test; elsewhere the test prints why
-/// it is skipped and returns false.
+/// Under `CI=true` a missing capability fails the test; elsewhere the test is
+/// recorded as skipped (with why) and this returns false.
 pub fn kernel_available(test: &str) -> bool {
     let reason = missing_capability();
     match reason {
@@ -23,7 +45,10 @@ pub fn kernel_available(test: &str) -> bool {
             panic!("{test}: {reason}; CI=true requires root, BPF and network namespaces")
         }
         Some(reason) => {
-            eprintln!("SKIPPED {test}: {reason} (run as root, e.g. `sudo -E cargo xtask test`)");
+            skip(
+                test,
+                &format!("{reason} (run as root, e.g. `sudo -E cargo xtask test`)"),
+            );
             false
         }
     }

@@ -27,9 +27,7 @@ impl Tally {
 
 #[test]
 fn cyclonus_corpus_matches_reference_and_map_evaluators() {
-    let Some(cases) = corpus::read() else {
-        return;
-    };
+    let cases = corpus::read();
 
     let mut overall = Tally::default();
     let mut self_pairs = Tally::default();

@@ -95,6 +95,12 @@ pub struct AgentConfig {
     pub audit_mode: bool,
     /// Also write every event as a JSON line to this file.
     pub event_log: Option<PathBuf>,
+    /// The event log is rotated when it would pass this size...
+    pub event_log_max_bytes: u64,
+    /// ...keeping this many rotated files (FILE.1 ... FILE.N).
+    pub event_log_files: u32,
+    /// Longest API request line accepted, in bytes (an `apply` carries its files).
+    pub api_max_request_bytes: usize,
     /// In-kernel event rate limit per CPU, and burst.
     pub events_per_second: u32,
     pub events_burst: u32,
@@ -199,6 +205,9 @@ impl Default for AgentConfig {
             metrics_address: "127.0.0.1:9967".to_owned(),
             audit_mode: false,
             event_log: None,
+            event_log_max_bytes: 64 * 1024 * 1024,
+            event_log_files: 4,
+            api_max_request_bytes: 64 * 1024 * 1024,
             events_per_second: microseg_common::config::DEFAULT_EVENTS_PER_SECOND,
             events_burst: microseg_common::config::DEFAULT_EVENTS_BURST,
             subscriber_buffer: 4096,
@@ -227,6 +236,12 @@ impl AgentConfig {
         self.metrics_socket_address()?;
         if self.subscriber_buffer == 0 {
             bail!("subscriberBuffer must be at least 1");
+        }
+        if self.event_log_max_bytes < 4096 {
+            bail!("eventLogMaxBytes must be at least 4096");
+        }
+        if self.api_max_request_bytes < 4096 {
+            bail!("apiMaxRequestBytes must be at least 4096");
         }
         if self.interface_scan_ms < 100 {
             bail!("interfaceScanMs must be at least 100");

@@ -3,8 +3,7 @@
 //! previous policy stays enforced.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,7 +17,8 @@ use super::interfaces::InterfaceFacts;
 use super::objects::{ObjectKey, ObjectMap, StoredObject, build_policy_set};
 use crate::{
     datapath::{ApplyReport, Datapath, DatapathState, addr::to_mapped},
-    policy::{Compiled, PolicyDirection, PolicySet, compile},
+    event_view::EventNames,
+    policy::{Compiled, PolicySet, compile},
 };
 
 /// Why an apply was refused. Nothing was changed.
@@ -34,26 +34,6 @@ pub struct Enforced {
     pub compiled: Compiled,
     pub generation: u32,
     pub names: Arc<EventNames>,
-}
-
-/// Lookup tables that turn the numbers in events into names.
-#[derive(Default)]
-pub struct EventNames {
-    /// Workload address -> (namespace, name, labels as `k8s:key=value`).
-    pub workloads: HashMap<IpAddr, WorkloadName>,
-    /// Endpoint id -> `namespace/name`.
-    pub endpoints: BTreeMap<u32, String>,
-    /// Rule id -> (policy namespace, policy name).
-    pub rules: BTreeMap<u32, (String, String)>,
-    /// (endpoint id, direction) -> policies selecting it, for default denies.
-    pub selecting: BTreeMap<(u32, PolicyDirection), Vec<(String, String)>>,
-}
-
-#[derive(Clone, Debug)]
-pub struct WorkloadName {
-    pub namespace: String,
-    pub name: String,
-    pub labels: Vec<String>,
 }
 
 pub struct Enforcer {
@@ -158,7 +138,7 @@ impl Enforcer {
         state.interfaces = interface_bindings(&set, &bindings);
         let report = self.switch_to(state)?;
         self.bindings = bindings;
-        let names = Arc::new(event_names(&set, &compiled));
+        let names = Arc::new(EventNames::of(&set, &compiled));
         self.enforced = Some(Enforced {
             set,
             compiled,
@@ -280,48 +260,6 @@ fn interface_bindings(
         }
     }
     out
-}
-
-fn event_names(set: &PolicySet, compiled: &Compiled) -> EventNames {
-    let mut names = EventNames::default();
-    for workload in &set.workloads {
-        let mut labels: Vec<String> = workload
-            .labels
-            .iter()
-            .map(|(k, v)| format!("k8s:{k}={v}"))
-            .collect();
-        labels.sort();
-        for address in &workload.addresses {
-            names.workloads.insert(
-                *address,
-                WorkloadName {
-                    namespace: workload.namespace.clone(),
-                    name: workload.name.clone(),
-                    labels: labels.clone(),
-                },
-            );
-        }
-    }
-    for (id, endpoint) in &compiled.endpoints {
-        names.endpoints.insert(*id, endpoint.workload.clone());
-        let Some(workload) = set.workloads.get(endpoint.workload_index) else {
-            continue;
-        };
-        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
-            let policies: Vec<(String, String)> = set
-                .policies_selecting(workload, direction)
-                .map(|p| (p.namespace.clone(), p.name.clone()))
-                .collect();
-            names.selecting.insert((*id, direction), policies);
-        }
-    }
-    for (id, rule) in compiled.rules.iter() {
-        names.rules.insert(
-            id,
-            (rule.policy_namespace.clone(), rule.policy_name.clone()),
-        );
-    }
-    names
 }
 
 /// The objects of a kind, for `get`.

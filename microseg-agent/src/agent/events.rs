@@ -4,9 +4,8 @@
 
 use std::{
     collections::VecDeque,
-    io::Write,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex, PoisonError, RwLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -14,8 +13,11 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use super::enforcer::EventNames;
-use crate::{datapath::events::DecodedEvent, event_view::event_json};
+use super::event_log::EventLog;
+use crate::{
+    datapath::events::DecodedEvent,
+    event_view::{EventNames, event_json},
+};
 
 /// Events kept for `microseg events --last N`.
 const HISTORY: usize = 1024;
@@ -29,7 +31,7 @@ pub struct EventHub {
     subscribers: Mutex<Vec<Subscriber>>,
     history: Mutex<VecDeque<Arc<str>>>,
     buffer: usize,
-    log: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    log: Option<Mutex<EventLog>>,
     /// Events read from the ring buffer.
     pub received: AtomicU64,
     /// Events subscribers lost because they fell behind.
@@ -44,12 +46,12 @@ pub struct Subscription {
 }
 
 impl EventHub {
-    pub fn new(buffer: usize, log: Option<std::fs::File>) -> Self {
+    pub fn new(buffer: usize, log: Option<EventLog>) -> Self {
         Self {
             subscribers: Mutex::new(Vec::new()),
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
             buffer,
-            log: log.map(|f| Mutex::new(std::io::BufWriter::new(f))),
+            log: log.map(Mutex::new),
             received: AtomicU64::new(0),
             subscriber_lost: AtomicU64::new(0),
         }
@@ -59,13 +61,13 @@ impl EventHub {
         let (sender, live) = mpsc::channel(self.buffer);
         let lost = Arc::new(AtomicU64::new(0));
         let history = {
-            let history = self.history.lock().expect("history lock");
+            let history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
             let skip = history.len().saturating_sub(last);
             history.iter().skip(skip).cloned().collect()
         };
         self.subscribers
             .lock()
-            .expect("subscriber lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .push(Subscriber {
                 sender,
                 lost: lost.clone(),
@@ -80,17 +82,21 @@ impl EventHub {
     pub fn publish(&self, line: Arc<str>) {
         self.received.fetch_add(1, Ordering::Relaxed);
         {
-            let mut history = self.history.lock().expect("history lock");
+            let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
             if history.len() == HISTORY {
                 history.pop_front();
             }
             history.push_back(line.clone());
         }
         if let Some(log) = &self.log {
-            let mut log = log.lock().expect("log lock");
-            let _ = writeln!(log, "{line}");
+            log.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .write_line(&line);
         }
-        let mut subscribers = self.subscribers.lock().expect("subscriber lock");
+        let mut subscribers = self
+            .subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         subscribers.retain(
             |subscriber| match subscriber.sender.try_send(line.clone()) {
                 Ok(()) => true,
@@ -106,13 +112,32 @@ impl EventHub {
 
     pub fn flush_log(&self) {
         if let Some(log) = &self.log {
-            let _ = log.lock().expect("log lock").flush();
+            log.lock().unwrap_or_else(PoisonError::into_inner).flush();
         }
     }
 
-    pub fn subscriber_count(&self) -> usize {
-        self.subscribers.lock().expect("subscriber lock").len()
+    /// (rotations, lines not written) of the event log.
+    pub fn log_stats(&self) -> (u64, u64) {
+        self.log.as_ref().map_or((0, 0), |log| {
+            let log = log.lock().unwrap_or_else(PoisonError::into_inner);
+            (log.rotations, log.write_errors)
+        })
     }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// Opens the pinned event ring buffer.
+pub fn open_ring(pin_dir: &std::path::Path) -> anyhow::Result<RingBuf<MapData>> {
+    let path = pin_dir.join("maps").join(microseg_common::maps::EVENTS);
+    let map =
+        MapData::from_pin(&path).map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+    Ok(RingBuf::try_from(aya::maps::Map::RingBuf(map))?)
 }
 
 /// Reads the ring buffer until the process ends: waits for the ring's readiness
@@ -129,7 +154,7 @@ pub async fn read_ring(
     let mut interface_names = std::collections::HashMap::<u32, String>::new();
     loop {
         let mut guard = ring.readable_mut().await?;
-        let names_now = names.read().expect("names lock").clone();
+        let names_now = names.read().unwrap_or_else(PoisonError::into_inner).clone();
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             let Some(event) = DecodedEvent::decode(&item) else {

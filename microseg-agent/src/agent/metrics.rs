@@ -30,51 +30,44 @@ pub async fn serve(agent: Arc<Agent>, address: SocketAddr) -> anyhow::Result<()>
     Ok(())
 }
 
+/// What the metrics page needs of the agent's state, copied under its lock; every
+/// kernel read happens after the lock is released (`kernel_stats`), so a scrape never
+/// stalls the agent's other work.
+struct Snapshot {
+    counts: crate::datapath::StateCounts,
+    policies: usize,
+    applies_ok: u64,
+    applies_failed: u64,
+    apply_latency: super::enforcer::LatencyHistogram,
+    interfaces: Vec<super::interfaces::InterfaceStatus>,
+    healthy: bool,
+}
+
+impl Snapshot {
+    fn of(core: &super::AgentCore) -> Self {
+        Self {
+            counts: core.enforcer.current_state().counts(),
+            policies: core
+                .enforcer
+                .enforced
+                .as_ref()
+                .map_or(0, |e| e.set.policies.len()),
+            applies_ok: core.enforcer.applies_ok,
+            applies_failed: core.enforcer.applies_failed,
+            apply_latency: core.enforcer.apply_latency.clone(),
+            interfaces: core.interfaces.status.values().cloned().collect(),
+            healthy: core.problems().is_empty(),
+        }
+    }
+}
+
 /// The metrics page.
 pub async fn render(agent: &Agent) -> String {
-    let mut core = agent.core.lock().await;
-    let core = &mut *core;
+    let snapshot = Snapshot::of(&*agent.core.lock().await);
     let mut out = String::new();
-    // Policy-bearing maps hold the enforced state in both generation slots: their
-    // entry counts come from that state, without walking maps of up to millions of
-    // entries on every scrape. Conntrack and fragments are walked.
-    let counts = core.enforcer.current_state().counts();
-    let (counters, usage, generation) = {
-        let maps = core.enforcer.datapath.maps();
-        match maps {
-            Ok(maps) => {
-                let walked = [
-                    2 * counts.endpoints,
-                    2 * counts.peer_hosts,
-                    2 * counts.peer_prefixes,
-                    2 * (counts.policy - counts.policy_exact),
-                    2 * counts.policy_exact,
-                    maps.conntrack.keys().count(),
-                    maps.fragments.keys().count(),
-                    2 * counts.interfaces,
-                ];
-                let usage: Vec<crate::datapath::maps::MapUsage> = maps
-                    .capacities()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .zip(walked)
-                    .map(
-                        |((map, capacity), entries)| crate::datapath::maps::MapUsage {
-                            map,
-                            entries,
-                            capacity,
-                        },
-                    )
-                    .collect();
-                (
-                    maps.counters().ok(),
-                    usage,
-                    maps.live_generation().unwrap_or(0),
-                )
-            }
-            Err(_) => (None, Vec::new(), 0),
-        }
-    };
+    let counters = agent.kernel.counters();
+    let usage = agent.kernel.usage(&snapshot.counts);
+    let generation = agent.kernel.live_generation();
     if let Some(c) = &counters {
         family(
             &mut out,
@@ -187,7 +180,7 @@ pub async fn render(agent: &Agent) -> String {
         "gauge",
         "1 if the program enforces on the interface's hook as the kernel reports it, 0 if it should and does not.",
     );
-    for status in core.interfaces.status.values() {
+    for status in &snapshot.interfaces {
         for (hook, state) in &status.hooks {
             let _ = writeln!(
                 out,
@@ -200,12 +193,23 @@ pub async fn render(agent: &Agent) -> String {
     }
     family(
         &mut out,
+        "microseg_task_restarts_total",
+        "counter",
+        "Agent tasks restarted after they failed, panicked or ended.",
+    );
+    for (task, count) in agent.restarts.snapshot() {
+        let _ = writeln!(
+            out,
+            "microseg_task_restarts_total{{task=\"{task}\"}} {count}"
+        );
+    }
+    family(
+        &mut out,
         "microseg_healthy",
         "gauge",
-        "1 if every interface enforces and the standby generation slot is in step; 0 otherwise (see `microseg status`).",
+        "1 if every interface enforces, the standby generation slot is in step, and the saved state and watched directories are readable; 0 otherwise (`microseg status` says why).",
     );
-    let healthy = core.interfaces.problems().is_empty() && core.enforcer.standby_error.is_none();
-    let _ = writeln!(out, "microseg_healthy {}", u8::from(healthy));
+    let _ = writeln!(out, "microseg_healthy {}", u8::from(snapshot.healthy));
     family(
         &mut out,
         "microseg_events_received_total",
@@ -264,11 +268,7 @@ pub async fn render(agent: &Agent) -> String {
         "Live policy generation in the data path.",
     );
     let _ = writeln!(out, "microseg_policy_generation {generation}");
-    let policies = core
-        .enforcer
-        .enforced
-        .as_ref()
-        .map_or(0, |e| e.set.policies.len());
+    let policies = snapshot.policies;
     family(
         &mut out,
         "microseg_policy",
@@ -285,12 +285,12 @@ pub async fn render(agent: &Agent) -> String {
     let _ = writeln!(
         out,
         "microseg_policy_change_total{{outcome=\"success\"}} {}",
-        core.enforcer.applies_ok
+        snapshot.applies_ok
     );
     let _ = writeln!(
         out,
         "microseg_policy_change_total{{outcome=\"failure\"}} {}",
-        core.enforcer.applies_failed
+        snapshot.applies_failed
     );
     family(
         &mut out,
@@ -298,7 +298,7 @@ pub async fn render(agent: &Agent) -> String {
         "histogram",
         "Time from a validated policy set to its generation being live.",
     );
-    let histogram = &core.enforcer.apply_latency;
+    let histogram = &snapshot.apply_latency;
     for (bound, count) in APPLY_BUCKETS.iter().zip(histogram.buckets) {
         let _ = writeln!(
             out,

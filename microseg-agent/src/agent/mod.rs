@@ -9,12 +9,15 @@
 
 pub mod config;
 pub mod enforcer;
+pub mod event_log;
 pub mod events;
 pub mod interfaces;
+pub mod kernel_stats;
 pub mod kubernetes;
 pub mod metrics;
 pub mod objects;
 pub mod server;
+pub mod tasks;
 pub mod veths;
 
 use std::{
@@ -29,13 +32,16 @@ use tokio::sync::Mutex;
 
 use self::{
     config::AgentConfig,
-    enforcer::{ApplyRefused, Enforcer, EventNames},
+    enforcer::{ApplyRefused, Enforcer},
     events::EventHub,
     interfaces::{InterfaceTable, LocalPods},
     objects::{ObjectMap, PersistedState},
     veths::VethScanner,
 };
-use crate::datapath::{Capacities, Datapath, LoadOptions};
+use crate::{
+    datapath::{Capacities, Datapath, LoadOptions},
+    event_view::EventNames,
+};
 use microseg_common::config::Settings;
 
 /// Everything the API handlers and the watcher share, behind one lock.
@@ -53,6 +59,11 @@ pub struct AgentCore {
     /// The last error reading the watched directories, if the last read failed.
     pub dir_error: Option<Vec<String>>,
     pub started: SystemTime,
+    /// Why the saved state could not be read or written, if it could not.
+    pub state_error: Option<String>,
+    /// The saved state could not be read at start: the API's objects are unknown, so
+    /// watched-directory changes are held until a `microseg apply` saves a new state.
+    pub saved_state_unreadable: bool,
     /// `interface.hook` of every hook the kernel says enforces.
     pub attached: Vec<String>,
     pub interfaces: InterfaceTable,
@@ -64,6 +75,12 @@ pub struct Agent {
     pub names: Arc<RwLock<Arc<EventNames>>>,
     /// This node's pods (Kubernetes mode), for the interface checks.
     pub local_pods: tokio::sync::watch::Sender<Option<LocalPods>>,
+    /// Kernel reads for metrics and `stats`, outside `core`'s lock.
+    pub kernel: kernel_stats::KernelStats,
+    /// Restarts of supervised tasks.
+    pub restarts: Arc<tasks::TaskRestarts>,
+    /// Where maps and links are pinned (the event reader reopens the ring there).
+    pub config_pin_dir: PathBuf,
 }
 
 impl AgentCore {
@@ -82,7 +99,10 @@ impl AgentCore {
     }
 
     /// Enforces `api` and `dirs` with `audit`; on success they become the agent's and
-    /// are persisted. On failure nothing changes.
+    /// are persisted. On failure nothing changes. A change to what is persisted is
+    /// written first and put in place once enforced: if it cannot be written (a full
+    /// disk), nothing is enforced; if the agent dies in between, the next start
+    /// enforces the last saved state, whole.
     pub fn enforce(
         &mut self,
         api: ObjectMap,
@@ -90,26 +110,74 @@ impl AgentCore {
         audit: BTreeMap<String, bool>,
     ) -> Result<crate::datapath::ApplyReport, ApplyRefused> {
         let all = self.all_objects(&api, &dirs);
-        let report = self.enforcer.apply(&all, &audit)?;
         let persist = api != self.api_objects || audit != self.audit;
+        let prepared = if persist {
+            let state = PersistedState {
+                objects: api.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                audit: audit.clone(),
+            };
+            match state.prepare(&self.config.state_dir) {
+                Ok(prepared) => Some(prepared),
+                Err(e) => {
+                    self.enforcer.applies_failed += 1;
+                    return Err(ApplyRefused {
+                        summary: format!(
+                            "the change cannot be saved ({e:#}); nothing was applied and the previous policy stays enforced"
+                        ),
+                        details: Vec::new(),
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        let report = self.enforcer.apply(&all, &audit)?;
         self.api_objects = api;
         self.dir_objects = dirs;
         self.audit = audit;
-        if persist {
-            let state = PersistedState {
-                objects: self
-                    .api_objects
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                audit: self.audit.clone(),
-            };
-            if let Err(e) = state.save(&self.config.state_dir) {
-                // Enforcement is in place; only the copy for the next start failed.
-                tracing::error!("could not persist the applied state: {e:#}");
+        crate::fault::crash_at("before-state-commit");
+        if let Some(prepared) = prepared {
+            match prepared.commit() {
+                Ok(()) => {
+                    self.state_error = None;
+                    self.saved_state_unreadable = false;
+                }
+                Err(e) => {
+                    // Enforced, but the next start would not know: say so until a
+                    // later save succeeds.
+                    let message = format!("the enforced state could not be saved: {e:#}");
+                    tracing::error!("{message}");
+                    self.state_error = Some(message);
+                }
             }
         }
         Ok(report)
+    }
+}
+
+impl AgentCore {
+    /// Everything that keeps microseg from enforcing what it should, for `status`
+    /// (first thing an operator reads) and the `microseg_healthy` metric.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems: Vec<String> = self
+            .interfaces
+            .problems()
+            .into_iter()
+            .map(|p| format!("interface {p}"))
+            .collect();
+        if let Some(error) = &self.enforcer.standby_error {
+            problems.push(format!("standby generation slot out of date: {error}"));
+        }
+        if let Some(error) = &self.state_error {
+            problems.push(error.clone());
+        }
+        if let Some(errors) = &self.dir_error {
+            problems.push(format!(
+                "watched directories refused (the last good state stays enforced): {}",
+                errors.first().cloned().unwrap_or_default()
+            ));
+        }
+        problems
     }
 }
 
@@ -117,7 +185,10 @@ impl Agent {
     /// Publishes the name tables of the enforced generation to the event reader.
     pub fn refresh_names(&self, core: &AgentCore) {
         if let Some(enforced) = &core.enforcer.enforced {
-            *self.names.write().expect("names lock") = enforced.names.clone();
+            *self
+                .names
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = enforced.names.clone();
         }
     }
 }
@@ -140,8 +211,9 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     }
     // Adopt what the pinned maps hold (empty on a first start).
     let adopted = datapath.adopt_state().context("reading the pinned maps")?;
-    let ring = datapath.take_events()?;
-    let persisted = PersistedState::load(&config.state_dir)?;
+    // An unreadable saved state does not stop the agent: it keeps what the pinned maps
+    // enforce and says so (below).
+    let persisted = PersistedState::load(&config.state_dir);
     let mut core = AgentCore {
         enforcer: Enforcer::new(datapath, adopted, config.audit_mode),
         api_objects: ObjectMap::new(),
@@ -152,6 +224,8 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         audit: BTreeMap::new(),
         dir_error: None,
         started: SystemTime::now(),
+        state_error: None,
+        saved_state_unreadable: false,
         attached: Vec::new(),
         interfaces: InterfaceTable::at_start(&config),
         config: config.clone(),
@@ -162,88 +236,171 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     if let Err(refused) = core.enforcer.set_interface_facts(facts) {
         tracing::error!("binding interfaces: {}", refused.summary);
     }
-    let api_objects: ObjectMap = persisted.objects.into_iter().collect();
     let dir_objects = match objects::read_paths(&config.policy_dirs) {
-        Ok(objects) => objects,
+        Ok(objects) => Some(objects),
         Err(errors) => {
             for error in &errors {
                 tracing::error!("{error}");
             }
             core.dir_error = Some(errors);
-            ObjectMap::new()
+            None
         }
     };
-    match core.enforce(api_objects, dir_objects, persisted.audit) {
-        Ok(report) => tracing::info!(
-            generation = report.generation,
-            changes = report.changes,
-            "enforcing the restored and watched policies"
-        ),
-        Err(refused) => {
-            tracing::error!("{}", refused.summary);
-            for detail in &refused.details {
-                tracing::error!("  {detail}");
+    match (persisted, dir_objects) {
+        (Ok(persisted), Some(dir_objects)) => {
+            let api_objects: ObjectMap = persisted.objects.into_iter().collect();
+            match core.enforce(api_objects, dir_objects, persisted.audit) {
+                Ok(report) => tracing::info!(
+                    generation = report.generation,
+                    changes = report.changes,
+                    "enforcing the restored and watched policies"
+                ),
+                Err(refused) => {
+                    tracing::error!("{}", refused.summary);
+                    for detail in &refused.details {
+                        tracing::error!("  {detail}");
+                    }
+                }
             }
+        }
+        // Something the agent enforced before cannot be read: enforcing the rest
+        // would silently drop it. Keep what the pinned maps hold until it is readable
+        // again (a fixed directory is applied when it changes; an unreadable saved
+        // state is replaced by the next `microseg apply`).
+        (persisted, dir_objects) => {
+            if let Err(e) = persisted {
+                let kept = keep_unreadable_state(&config.state_dir);
+                let message = format!(
+                    "the saved state cannot be read ({e:#}){kept}; enforcing what the pinned maps hold, and holding changes of watched directories, until `microseg apply` saves a new state"
+                );
+                tracing::error!("{message}");
+                core.state_error = Some(message);
+                core.saved_state_unreadable = true;
+            } else if let Ok(persisted) = persisted {
+                core.api_objects = persisted.objects.into_iter().collect();
+                core.audit = persisted.audit;
+            }
+            if let Some(dir_objects) = dir_objects {
+                core.dir_objects = dir_objects;
+            }
+            tracing::error!(
+                "not applying at start: enforcing what the pinned maps hold (generation {})",
+                core.enforcer
+                    .datapath
+                    .maps()
+                    .and_then(|m| m.live_generation())
+                    .unwrap_or(0)
+            );
         }
     }
     interfaces::reconcile(&mut core, None, &veths);
 
     let log = match &config.event_log {
         Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
+            event_log::EventLog::open(path, config.event_log_max_bytes, config.event_log_files)
                 .with_context(|| format!("opening event log {}", path.display()))?,
         ),
         None => None,
     };
-    let (local_pods, local_pods_changes) = tokio::sync::watch::channel(None);
+    let (local_pods, _) = tokio::sync::watch::channel(None);
+    let kernel = kernel_stats::KernelStats::open(&config.pin_dir)
+        .context("opening the pinned maps for metrics")?;
     let agent = Arc::new(Agent {
         hub: Arc::new(EventHub::new(config.subscriber_buffer, log)),
         names: Arc::new(RwLock::new(Arc::new(EventNames::default()))),
         core: Mutex::new(core),
         local_pods,
+        kernel,
+        restarts: Arc::new(tasks::TaskRestarts::default()),
+        config_pin_dir: config.pin_dir.clone(),
     });
     agent.refresh_names(&*agent.core.lock().await);
 
-    let reader = tokio::spawn(events::read_ring(
-        ring,
-        agent.hub.clone(),
-        agent.names.clone(),
-        config.node_name(),
-    ));
-    let api = tokio::spawn(server::serve(agent.clone(), config.clone()));
-    let watcher = tokio::spawn(watch_directories(agent.clone()));
-    let interface_checks = tokio::spawn(interfaces::run(
-        agent.clone(),
-        Duration::from_millis(config.interface_scan_ms),
-        local_pods_changes,
-        scanner,
-    ));
-    let kubernetes = config
-        .kubernetes
-        .enabled
-        .then(|| tokio::spawn(kubernetes::run(agent.clone())));
-    let metrics = config
-        .metrics_socket_address()?
-        .map(|address| tokio::spawn(metrics::serve(agent.clone(), address)));
+    // Every task is supervised: restarted (and counted) if it fails, panics or ends.
+    let restarts = agent.restarts.clone();
+    let mut tasks = Vec::new();
+    {
+        let (agent, node) = (agent.clone(), config.node_name());
+        tasks.push(tasks::supervise("event-reader", restarts.clone(), move || {
+            // The ring is opened from its pin each time: a restarted reader goes on
+            // from the ring's consumer position.
+            let (hub, names, node) = (agent.hub.clone(), agent.names.clone(), node.clone());
+            let pin_dir = agent.config_pin_dir.clone();
+            async move { events::read_ring(events::open_ring(&pin_dir)?, hub, names, node).await }
+        }));
+    }
+    {
+        let (agent, config) = (agent.clone(), config.clone());
+        tasks.push(tasks::supervise("api", restarts.clone(), move || {
+            server::serve(agent.clone(), config.clone())
+        }));
+    }
+    {
+        let agent = agent.clone();
+        tasks.push(tasks::supervise(
+            "directory-watcher",
+            restarts.clone(),
+            move || {
+                let agent = agent.clone();
+                async move {
+                    watch_directories(agent).await;
+                    Ok(())
+                }
+            },
+        ));
+    }
+    {
+        let agent = agent.clone();
+        let every = Duration::from_millis(config.interface_scan_ms);
+        // The first run goes on with the scan cache built at start.
+        let first_scanner = std::sync::Mutex::new(Some(scanner));
+        tasks.push(tasks::supervise(
+            "interfaces",
+            restarts.clone(),
+            move || {
+                let agent = agent.clone();
+                let scanner = first_scanner
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+                    .unwrap_or_default();
+                async move {
+                    let changes = agent.local_pods.subscribe();
+                    interfaces::run(agent, every, changes, scanner).await;
+                    Ok(())
+                }
+            },
+        ));
+    }
+    if config.kubernetes.enabled {
+        let agent = agent.clone();
+        tasks.push(tasks::supervise(
+            "kubernetes",
+            restarts.clone(),
+            move || {
+                let agent = agent.clone();
+                async move {
+                    kubernetes::run(agent).await;
+                    Ok(())
+                }
+            },
+        ));
+    }
+    if let Some(address) = config.metrics_socket_address()? {
+        let agent = agent.clone();
+        tasks.push(tasks::supervise("metrics", restarts.clone(), move || {
+            metrics::serve(agent.clone(), address)
+        }));
+    }
     tracing::info!(socket = %config.socket.display(), "microseg agent ready");
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
-        result = reader => { result??; }
-        result = api => { result??; }
     }
-    watcher.abort();
-    interface_checks.abort();
-    if let Some(kubernetes) = kubernetes {
-        kubernetes.abort();
-    }
-    if let Some(metrics) = metrics {
-        metrics.abort();
+    for task in tasks {
+        task.abort();
     }
     let _ = std::fs::remove_file(&config.socket);
     if detach_on_exit {
@@ -278,6 +435,14 @@ async fn watch_directories(agent: Arc<Agent>) {
         last = now;
         let mut core = agent.core.lock().await;
         match objects::read_paths(&dirs) {
+            Ok(dir_objects) if core.saved_state_unreadable => {
+                // Held: see `AgentCore::saved_state_unreadable`.
+                tracing::warn!(
+                    "a watched directory changed; held until the saved state is replaced"
+                );
+                core.dir_objects = dir_objects;
+                core.dir_error = None;
+            }
             Ok(dir_objects) => {
                 let (api, audit) = (core.api_objects.clone(), core.audit.clone());
                 match core.enforce(api, dir_objects, audit) {
@@ -307,22 +472,42 @@ async fn watch_directories(agent: Arc<Agent>) {
     }
 }
 
-/// Paths, sizes and modification times of every file under `dirs`.
+/// Paths, sizes and modification times of every policy file under `dirs` (the files
+/// `objects::read_paths` reads), and the walk's errors.
 fn fingerprint(dirs: &[PathBuf]) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    let mut entries = Vec::new();
-    let mut stack: Vec<PathBuf> = dirs.to_vec();
-    while let Some(path) = stack.pop() {
-        let Ok(metadata) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if metadata.is_dir() {
-            if let Ok(read) = std::fs::read_dir(&path) {
-                stack.extend(read.flatten().map(|e| e.path()));
-            }
-        } else {
-            entries.push((path, metadata.len(), metadata.modified().ok()));
+    let files = match crate::policy::policy_files(dirs) {
+        Ok(files) => files,
+        Err(errors) => {
+            return errors
+                .iter()
+                .map(|e| (PathBuf::from(e.to_string()), 0, None))
+                .collect();
         }
-    }
+    };
+    let mut entries: Vec<_> = files
+        .into_iter()
+        .map(|path| {
+            let metadata = std::fs::metadata(&path).ok();
+            let len = metadata.as_ref().map_or(0, |m| m.len());
+            let modified = metadata.and_then(|m| m.modified().ok());
+            (path, len, modified)
+        })
+        .collect();
     entries.sort();
     entries
+}
+
+/// Moves an unreadable `state.json` aside (kept for inspection; the next save would
+/// overwrite it) and says where.
+fn keep_unreadable_state(state_dir: &std::path::Path) -> String {
+    let path = state_dir.join("state.json");
+    let seconds = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let kept = state_dir.join(format!("state.json.unreadable-{seconds}"));
+    match std::fs::rename(&path, &kept) {
+        Ok(()) => format!(" (kept as {})", kept.display()),
+        Err(_) => String::new(),
+    }
 }

@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{LoadErrors, PolicySet, PolicySetBuilder, Source};
+use crate::policy::{LoadErrors, PolicySet, PolicySetBuilder, Source, documents, policy_files};
 
 /// Identity of an object: applying an object with the same key replaces it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -42,23 +42,14 @@ pub struct StoredObject {
 
 pub type ObjectMap = BTreeMap<ObjectKey, StoredObject>;
 
-/// Splits a file's text (multi-document YAML or JSON; `List` kinds expanded) into
-/// keyed objects. Errors name the file and document.
+/// Splits a file's text (see `policy::documents`; `List` kinds expanded) into keyed
+/// objects. Errors name the file and document.
 pub fn parse_objects(file: &str, text: &str) -> Result<ObjectMap, Vec<String>> {
     let mut objects = ObjectMap::new();
     let mut errors = Vec::new();
-    for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let number = index + 1;
-        let value = match serde_json::Value::deserialize(document) {
-            Ok(serde_json::Value::Null) => continue,
-            Ok(value) => value,
-            Err(e) => {
-                errors.push(format!(
-                    "{file}: document {number}: not valid YAML or JSON: {e}"
-                ));
-                break;
-            }
-        };
+    let (found, error) = documents(Path::new(file), text);
+    for (source, value) in found {
+        let number = source.document;
         let items = match value.get("kind").and_then(|k| k.as_str()) {
             Some(kind) if kind == "List" || kind.ends_with("List") => value
                 .get("items")
@@ -79,10 +70,11 @@ pub fn parse_objects(file: &str, text: &str) -> Result<ObjectMap, Vec<String>> {
                         },
                     );
                 }
-                Err(reason) => errors.push(format!("{file}: document {number}: {reason}")),
+                Err(reason) => errors.push(format!("{source}: {reason}")),
             }
         }
     }
+    errors.extend(error.map(|e| e.to_string()));
     if errors.is_empty() {
         Ok(objects)
     } else {
@@ -117,14 +109,10 @@ fn key_of(value: &serde_json::Value) -> Result<ObjectKey, String> {
     })
 }
 
-/// Reads every policy and inventory file under `paths` (files or directories,
-/// recursively; *.yaml, *.yml, *.json, in sorted order).
+/// Reads every policy and inventory file under `paths` (see `policy::policy_files`).
 pub fn read_paths(paths: &[PathBuf]) -> Result<ObjectMap, Vec<String>> {
-    let mut files = Vec::new();
-    for path in paths {
-        collect_files(path, &mut files).map_err(|e| vec![e])?;
-    }
-    files.sort();
+    let files = policy_files(paths)
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     let mut objects = ObjectMap::new();
     let mut errors = Vec::new();
     for file in files {
@@ -145,28 +133,6 @@ pub fn read_paths(paths: &[PathBuf]) -> Result<ObjectMap, Vec<String>> {
     } else {
         Err(errors)
     }
-}
-
-fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> Result<(), String> {
-    let metadata = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if metadata.is_file() {
-        files.push(path.to_owned());
-        return Ok(());
-    }
-    let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    for entry in entries.flatten() {
-        let entry_path = entry.path();
-        if entry_path.is_dir() {
-            collect_files(&entry_path, files)?;
-        } else if entry_path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
-        {
-            files.push(entry_path);
-        }
-    }
-    Ok(())
 }
 
 /// Builds and validates a policy set from objects: every error, or the whole set.
@@ -201,24 +167,65 @@ impl PersistedState {
         }
     }
 
-    /// Writes the state atomically: a temporary file, fsync, rename, fsync of the
-    /// directory. A crash leaves the old file or the new one, never half of one.
+    /// Writes the state atomically: see [`PersistedState::prepare`].
     pub fn save(&self, state_dir: &Path) -> anyhow::Result<()> {
+        self.prepare(state_dir)?.commit()
+    }
+
+    /// Writes the state beside the saved one (a temporary file, fsync'd), not yet in
+    /// its place: [`PreparedState::commit`] renames it over the saved file, dropping
+    /// it removes it. A crash leaves the old file or the new one, never half of one;
+    /// and a change whose state cannot be written (a full disk) is known before it is
+    /// enforced.
+    pub fn prepare(&self, state_dir: &Path) -> anyhow::Result<PreparedState> {
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
         let path = state_dir.join(Self::FILE);
         let temporary = state_dir.join(format!(".{}.tmp", Self::FILE));
+        let prepared = PreparedState {
+            temporary,
+            path,
+            dir: state_dir.to_owned(),
+            committed: false,
+        };
         let bytes = serde_json::to_vec_pretty(self)?;
-        {
-            let mut file = std::fs::File::create(&temporary)
-                .with_context(|| format!("writing {}", temporary.display()))?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-        }
-        std::fs::rename(&temporary, &path)
-            .with_context(|| format!("replacing {}", path.display()))?;
-        std::fs::File::open(state_dir)?.sync_all()?;
+        let mut file = std::fs::File::create(&prepared.temporary)
+            .with_context(|| format!("writing {}", prepared.temporary.display()))?;
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing {}", prepared.temporary.display()))?;
+        Ok(prepared)
+    }
+}
+
+/// A state file written and synced beside the saved one (see
+/// [`PersistedState::prepare`]).
+pub struct PreparedState {
+    temporary: PathBuf,
+    path: PathBuf,
+    dir: PathBuf,
+    committed: bool,
+}
+
+impl PreparedState {
+    /// Puts the new state in place of the saved one (rename, then fsync of the
+    /// directory).
+    pub fn commit(mut self) -> anyhow::Result<()> {
+        std::fs::rename(&self.temporary, &self.path)
+            .with_context(|| format!("replacing {}", self.path.display()))?;
+        self.committed = true;
+        std::fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("syncing {}", self.dir.display()))?;
         Ok(())
+    }
+}
+
+impl Drop for PreparedState {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temporary);
+        }
     }
 }
 
@@ -255,7 +262,7 @@ spec: {podSelector: {}}
             parse_objects("x.yaml", "kind: Pod\nmetadata: {}\n---\n[unclosed\n").unwrap_err();
         assert_eq!(errors[0], "x.yaml: document 1: metadata.name: missing");
         assert!(
-            errors[1].starts_with("x.yaml: document 2: not valid YAML or JSON"),
+            errors[1].starts_with("x.yaml: document 2: bad YAML"),
             "{errors:?}"
         );
     }

@@ -21,31 +21,114 @@ use crate::{
 use microseg_common::counters::Counter;
 
 pub async fn serve(agent: Arc<Agent>, config: AgentConfig) -> anyhow::Result<()> {
-    if let Some(parent) = config.socket.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    // A stale socket from a killed agent would make bind fail.
-    let _ = std::fs::remove_file(&config.socket);
-    let listener = UnixListener::bind(&config.socket)?;
-    std::fs::set_permissions(
-        &config.socket,
-        std::fs::Permissions::from_mode(config.socket_mode_bits()?),
-    )?;
+    let listener = bind_private(&config.socket, config.socket_mode_bits()?)?;
+    let limit = config.api_max_request_bytes;
     loop {
         let (stream, _) = listener.accept().await?;
         let agent = agent.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle_connection(agent, stream).await {
+            if let Err(e) = handle_connection(agent, stream, limit).await {
                 tracing::debug!("API connection ended: {e:#}");
             }
         });
     }
 }
 
-async fn handle_connection(agent: Arc<Agent>, stream: UnixStream) -> anyhow::Result<()> {
+/// Binds the API socket so that no moment exists where another user could connect:
+/// the socket is created inside a fresh directory only root can enter, given its
+/// mode there, and then renamed into place. A missing parent directory is created
+/// with mode 0700.
+fn bind_private(path: &std::path::Path, mode: u32) -> anyhow::Result<UnixListener> {
+    use anyhow::Context;
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !parent.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let staging = parent.join(format!(".microseg-socket-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .with_context(|| format!("creating {}", staging.display()))?;
+    let staged = staging.join("socket");
+    let bound = (|| -> anyhow::Result<UnixListener> {
+        let listener =
+            UnixListener::bind(&staged).with_context(|| format!("binding {}", staged.display()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+        // A stale socket from a killed agent is replaced by the rename.
+        std::fs::rename(&staged, path)
+            .with_context(|| format!("moving the socket to {}", path.display()))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
+}
+
+/// Reads one request line of at most `limit` bytes: `Ok(None)` at the end of the
+/// stream, an error for a longer line (the connection cannot be resynchronised).
+async fn read_request_line<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    limit: usize,
+) -> anyhow::Result<Option<Result<String, String>>> {
+    use tokio::io::AsyncReadExt;
+    let mut line = Vec::new();
+    let read = reader
+        .take(limit as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > limit {
+        anyhow::bail!("request longer than {limit} bytes");
+    }
+    Ok(Some(
+        String::from_utf8(line).map_err(|_| "request is not UTF-8".to_owned()),
+    ))
+}
+
+async fn handle_connection(
+    agent: Arc<Agent>,
+    stream: UnixStream,
+    limit: usize,
+) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Some(line) = lines.next_line().await? {
+    let mut reader = BufReader::new(read);
+    loop {
+        let line = match read_request_line(&mut reader, limit).await {
+            Ok(Some(Ok(line))) => line,
+            Ok(Some(Err(reason))) => {
+                send(
+                    &mut write,
+                    &Response::error(format!("malformed request: {reason}"), vec![]),
+                )
+                .await?;
+                continue;
+            }
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                // Oversized: answer, then close (the rest of the line is unread).
+                send(
+                    &mut write,
+                    &Response::error(
+                        format!("{e:#}; raise apiMaxRequestBytes to send more at once"),
+                        vec![],
+                    ),
+                )
+                .await?;
+                return Ok(());
+            }
+        };
         let request: Request = match serde_json::from_str(&line) {
             Ok(request) => request,
             Err(e) => {
@@ -63,7 +146,6 @@ async fn handle_connection(agent: Arc<Agent>, stream: UnixStream) -> anyhow::Res
         let response = handle(&agent, request).await;
         send(&mut write, &response).await?;
     }
-    Ok(())
 }
 
 async fn send(
@@ -113,7 +195,7 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             namespace,
             name,
         } => describe(&core, kind, &namespace, &name),
-        Request::Stats => stats(&mut core),
+        Request::Stats => stats(&core, agent),
         Request::Status => status(&mut core, agent),
         Request::Audit {
             namespace,
@@ -414,11 +496,8 @@ fn describe(core: &AgentCore, kind: ObjectKind, namespace: &str, name: &str) -> 
     Response::ok(detail)
 }
 
-fn counters_json(core: &mut AgentCore) -> Value {
-    let Ok(maps) = core.enforcer.datapath.maps() else {
-        return Value::Null;
-    };
-    let Ok(counters) = maps.counters() else {
+fn counters_json(core: &AgentCore, agent: &Agent) -> Value {
+    let Some(counters) = agent.kernel.counters() else {
         return Value::Null;
     };
     let mut by_name = serde_json::Map::new();
@@ -429,26 +508,27 @@ fn counters_json(core: &mut AgentCore) -> Value {
     for reason in microseg_common::DropReason::ALL {
         drops.insert(reason.name().to_owned(), json!(counters.drops(reason)));
     }
-    let usage: Vec<Value> = maps
-        .usage()
-        .unwrap_or_default()
+    let usage: Vec<Value> = agent
+        .kernel
+        .usage(&core.enforcer.current_state().counts())
         .iter()
         .map(|u| json!({"map": u.map, "entries": u.entries, "capacity": u.capacity}))
         .collect();
-    json!({"counters": by_name, "drops_by_reason": drops, "maps": usage})
+    let (rotations, unwritten) = agent.hub.log_stats();
+    json!({
+        "counters": by_name,
+        "drops_by_reason": drops,
+        "maps": usage,
+        "event_log": {"rotations": rotations, "lines_not_written": unwritten},
+    })
 }
 
-fn stats(core: &mut AgentCore) -> Response {
-    Response::ok(counters_json(core))
+fn stats(core: &AgentCore, agent: &Agent) -> Response {
+    Response::ok(counters_json(core, agent))
 }
 
 fn status(core: &mut AgentCore, agent: &Agent) -> Response {
-    let generation = core
-        .enforcer
-        .datapath
-        .maps()
-        .and_then(|m| m.live_generation())
-        .unwrap_or(0);
+    let generation = agent.kernel.live_generation();
     let (policies, workloads, enforced) = core.enforcer.enforced.as_ref().map_or((0, 0, 0), |e| {
         (
             e.set.policies.len(),
@@ -457,23 +537,7 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         )
     });
     let uptime = core.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
-    // Anything that keeps microseg from enforcing what it should: the first thing
-    // an operator reads.
-    let mut problems: Vec<String> = core
-        .interfaces
-        .problems()
-        .into_iter()
-        .map(|p| format!("interface {p}"))
-        .collect();
-    if let Some(error) = &core.enforcer.standby_error {
-        problems.push(format!("standby generation slot out of date: {error}"));
-    }
-    if let Some(errors) = &core.dir_error {
-        problems.push(format!(
-            "watched directories refused: {}",
-            errors.first().cloned().unwrap_or_default()
-        ));
-    }
+    let problems = core.problems();
     let interfaces: Vec<&super::interfaces::InterfaceStatus> =
         core.interfaces.status.values().collect();
     Response::ok(json!({
@@ -495,6 +559,7 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "appliesOk": core.enforcer.applies_ok,
         "appliesFailed": core.enforcer.applies_failed,
         "eventSubscribers": agent.hub.subscriber_count(),
+        "taskRestarts": agent.restarts.snapshot(),
         "eventsReceived": agent.hub.received.load(std::sync::atomic::Ordering::Relaxed),
         "eventsLostBySubscribers": agent.hub.subscriber_lost.load(std::sync::atomic::Ordering::Relaxed),
     }))

@@ -136,9 +136,15 @@ struct AgentArgs {
     /// Start every enforced workload in audit mode.
     #[arg(long)]
     audit: bool,
-    /// Also write events as JSON lines to this file.
+    /// Also write events as JSON lines to this file (rotated by size).
     #[arg(long)]
     event_log: Option<PathBuf>,
+    /// Rotate the event log when it would pass this many bytes.
+    #[arg(long)]
+    event_log_max_bytes: Option<u64>,
+    /// Rotated event log files kept (FILE.1 ... FILE.N).
+    #[arg(long)]
+    event_log_files: Option<u32>,
     /// In-kernel event rate limit per CPU.
     #[arg(long)]
     events_per_second: Option<u32>,
@@ -411,6 +417,12 @@ fn run_agent(args: AgentArgs, socket: &std::path::Path) -> anyhow::Result<()> {
     if args.event_log.is_some() {
         config.event_log = args.event_log;
     }
+    if let Some(bytes) = args.event_log_max_bytes {
+        config.event_log_max_bytes = bytes;
+    }
+    if let Some(files) = args.event_log_files {
+        config.event_log_files = files;
+    }
     config.audit_mode |= args.audit;
     config.kubernetes.enabled |= args.kubernetes;
     if args.kubeconfig.is_some() {
@@ -433,49 +445,23 @@ fn run_agent(args: AgentArgs, socket: &std::path::Path) -> anyhow::Result<()> {
     runtime.block_on(crate::agent::run(config, args.detach_on_exit))
 }
 
-/// Reads files and directories (recursively) into texts for the agent.
+/// Reads files and directory trees (see `policy::policy_files`) into texts for the
+/// agent.
 fn read_sources(paths: &[PathBuf]) -> anyhow::Result<Vec<SourceText>> {
+    let files = crate::policy::policy_files(paths).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("{}", lines.join("\n"))
+    })?;
     let mut sources = Vec::new();
-    for path in paths {
-        let mut files = Vec::new();
-        collect(path, &mut files)?;
-        files.sort();
-        for file in files {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            sources.push(SourceText {
-                file: file.display().to_string(),
-                text,
-            });
-        }
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        sources.push(SourceText {
+            file: file.display().to_string(),
+            text,
+        });
     }
     Ok(sources)
-}
-
-fn collect(path: &std::path::Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    let metadata =
-        std::fs::metadata(path).with_context(|| format!("{} cannot be read", path.display()))?;
-    if metadata.is_file() {
-        files.push(path.to_owned());
-        return Ok(());
-    }
-    for entry in std::fs::read_dir(path)? {
-        let entry = entry?.path();
-        if entry.is_dir() {
-            collect(&entry, files)?;
-        } else if entry
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
-            && !entry
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .is_some_and(|s| s.starts_with("expected"))
-        {
-            files.push(entry);
-        }
-    }
-    Ok(())
 }
 
 fn print_objects(data: &serde_json::Value) {

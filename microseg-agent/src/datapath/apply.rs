@@ -133,10 +133,15 @@ pub fn apply_state(
         }
         return Err(error);
     }
+    crate::fault::crash_at("after-standby-write");
     maps.set_live_generation(next)?;
+    crate::fault::crash_at("after-switch");
     // From here on the new generation is live: failures only leave the standby slot
     // behind, and the report says so.
     let standby_error = match grace.wait() {
+        Ok(()) if crate::fault::fails_at("standby-rewrite") => {
+            Some("rewriting the standby generation slot: injected failure".to_owned())
+        }
         // The old slot is now standby: bring it to the new state too.
         Ok(()) => write_diff(maps, slot_of(live), &diff)
             .err()

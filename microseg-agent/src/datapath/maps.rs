@@ -133,22 +133,7 @@ impl<'a> DatapathMaps<'a> {
 
     /// Counters summed over CPUs.
     pub fn counters(&self) -> Result<CounterSnapshot, DatapathError> {
-        let mut snapshot = CounterSnapshot::default();
-        for index in 0..COUNTER_SLOTS {
-            let values = self
-                .counters
-                .get(&index, 0)
-                .map_err(map_err(maps::COUNTERS))?;
-            snapshot.by_slot[index as usize] = values.iter().sum();
-        }
-        for code in 0..DROP_REASON_SLOTS {
-            let values = self
-                .drops_by_reason
-                .get(&code, 0)
-                .map_err(map_err(maps::DROPS_BY_REASON))?;
-            snapshot.drops_by_reason[code as usize] = values.iter().sum();
-        }
-        Ok(snapshot)
+        read_counters(&self.counters, &self.drops_by_reason)
     }
 
     /// Entries per map (both generation slots) and each map's capacity, counted by
@@ -210,6 +195,25 @@ impl<'a> DatapathMaps<'a> {
             ),
         ])
     }
+}
+
+/// The per-CPU counters of `counters` and `drops_by_reason` maps, summed.
+pub fn read_counters<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, u64>,
+    drops_by_reason: &PerCpuArray<T, u64>,
+) -> Result<CounterSnapshot, DatapathError> {
+    let mut snapshot = CounterSnapshot::default();
+    for index in 0..COUNTER_SLOTS {
+        let values = counters.get(&index, 0).map_err(map_err(maps::COUNTERS))?;
+        snapshot.by_slot[index as usize] = values.iter().sum();
+    }
+    for code in 0..DROP_REASON_SLOTS {
+        let values = drops_by_reason
+            .get(&code, 0)
+            .map_err(map_err(maps::DROPS_BY_REASON))?;
+        snapshot.drops_by_reason[code as usize] = values.iter().sum();
+    }
+    Ok(snapshot)
 }
 
 /// Used and total entries of a map.

@@ -13,6 +13,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
 use super::error::{LoadErrors, PolicyError, Source};
+use super::files::{documents, policy_files};
 use super::model::{NamespaceInfo, Policy, PolicySet, Workload};
 use super::validate::{
     Checker, convert_namespace, convert_network_policy, convert_pod, convert_workload_document,
@@ -22,8 +23,8 @@ use super::validate::{
 /// `apiVersion` of microseg's own documents.
 pub const MICROSEG_API_VERSION: &str = "microseg.dev/v1";
 
-/// Loads every policy and inventory document under `paths` (files, or directories
-/// searched recursively for `*.yaml`, `*.yml` and `*.json` in sorted order).
+/// Loads every policy and inventory document under `paths` (files, or directory
+/// trees: see `files` for the rule).
 pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, LoadErrors> {
     let mut builder = PolicySetBuilder::new();
     for path in paths {
@@ -41,58 +42,21 @@ pub struct PolicySetBuilder {
     errors: Vec<PolicyError>,
 }
 
-/// Files a directory walk reads. `expected.yaml` beside an example holds expected
-/// verdicts ([`super::load_expected`]), not policy, so walks skip it.
-fn is_policy_file(path: &Path) -> bool {
-    let expectations = path.file_stem().is_some_and(|stem| stem == "expected");
-    !expectations
-        && matches!(
-            path.extension().and_then(|extension| extension.to_str()),
-            Some("yaml" | "yml" | "json")
-        )
-}
-
-fn collect_files(directory: &Path, files: &mut Vec<PathBuf>, errors: &mut Vec<PolicyError>) {
-    let entries = match fs::read_dir(directory) {
-        Ok(entries) => entries,
-        Err(error) => {
-            errors.push(PolicyError::new(
-                &Source::new(directory, 0),
-                "",
-                format!("cannot read directory: {error}"),
-            ));
-            return;
-        }
-    };
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .collect();
-    paths.sort();
-    for path in paths {
-        if path.is_dir() {
-            collect_files(&path, files, errors);
-        } else if is_policy_file(&path) {
-            files.push(path);
-        }
-    }
-}
-
 impl PolicySetBuilder {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Adds a file (whatever its extension) or a directory tree.
+    /// Adds a file (whatever its name) or a directory tree (see `files` for which
+    /// of its files are read).
     pub fn add_path(&mut self, path: &Path) {
-        if path.is_dir() {
-            let mut files = Vec::new();
-            collect_files(path, &mut files, &mut self.errors);
-            files.sort();
-            for file in files {
-                self.add_file(&file);
+        match policy_files(&[path.to_owned()]) {
+            Ok(files) => {
+                for file in files {
+                    self.add_file(&file);
+                }
             }
-        } else {
-            self.add_file(path);
+            Err(mut errors) => self.errors.append(&mut errors),
         }
     }
 
@@ -107,45 +71,13 @@ impl PolicySetBuilder {
         }
     }
 
-    /// Adds the documents of one file's text: a JSON value stream for `*.json`,
-    /// multi-document YAML otherwise.
+    /// Adds the documents of one file's text (see [`documents`]).
     pub fn add_text(&mut self, file: &Path, text: &str) {
-        let is_json = file
-            .extension()
-            .is_some_and(|extension| extension == "json");
-        if is_json {
-            let stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
-            for (index, document) in stream.enumerate() {
-                let source = Source::new(file, index + 1);
-                match document {
-                    Ok(value) => self.add_document(&source, &value),
-                    Err(error) => {
-                        self.errors.push(PolicyError::new(
-                            &source,
-                            "",
-                            format!("bad JSON: {error}"),
-                        ));
-                        break;
-                    }
-                }
-            }
-        } else {
-            for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
-                let source = Source::new(file, index + 1);
-                match serde_json::Value::deserialize(document) {
-                    Ok(value) => self.add_document(&source, &value),
-                    Err(error) => {
-                        // The YAML parser cannot resynchronise after a syntax error.
-                        self.errors.push(PolicyError::new(
-                            &source,
-                            "",
-                            format!("bad YAML: {error}"),
-                        ));
-                        break;
-                    }
-                }
-            }
+        let (found, error) = documents(file, text);
+        for (source, value) in found {
+            self.add_document(&source, &value);
         }
+        self.errors.extend(error);
     }
 
     /// Adds one parsed document, dispatching on `apiVersion` and `kind`.

@@ -14,6 +14,7 @@ mod compile;
 mod error;
 mod evaluate;
 mod expected;
+mod files;
 mod inventory;
 mod load;
 mod map_eval;
@@ -32,6 +33,7 @@ pub use expected::{
     ExpectationFailure, ExpectedFlow, ExpectedVerdict, check_expected, load_expected,
     parse_expected,
 };
+pub use files::{documents, is_policy_file, policy_files};
 pub use inventory::EndpointRef;
 pub use load::{MICROSEG_API_VERSION, PolicySetBuilder, load_paths};
 pub use map_eval::{MapDirectionVerdict, MapEvaluator, MapVerdict, evaluate_state};

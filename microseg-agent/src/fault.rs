@@ -1,0 +1,38 @@
+//! Fault injection for tests: with the cargo feature `fault-injection` (the test
+//! crate enables it; normal builds do not have it), `MICROSEG_FAULT=point[,point]`
+//! makes the agent die at the named points of an update (`abort`, as abrupt as
+//! SIGKILL) or fail there, so that tests can show that a crash or an error at any
+//! step leaves one whole generation enforced and the last complete state saved.
+//!
+//! Points: `after-standby-write` (next generation written, not switched),
+//! `after-switch` (switched, old slot not rewritten), `standby-rewrite` (fails the
+//! rewrite of the old slot instead), `before-state-commit` (maps switched, the saved
+//! state not yet replaced).
+
+#[cfg(feature = "fault-injection")]
+fn active(point: &str) -> bool {
+    std::env::var("MICROSEG_FAULT").is_ok_and(|points| points.split(',').any(|p| p == point))
+}
+
+/// Dies here if `point` is injected.
+#[inline(always)]
+pub fn crash_at(point: &str) {
+    #[cfg(feature = "fault-injection")]
+    if active(point) {
+        eprintln!("fault injection: dying at {point}");
+        std::process::abort();
+    }
+    let _ = point;
+}
+
+/// Whether the step at `point` should fail (injected).
+#[inline(always)]
+pub fn fails_at(point: &str) -> bool {
+    #[cfg(feature = "fault-injection")]
+    if active(point) {
+        eprintln!("fault injection: failing at {point}");
+        return true;
+    }
+    let _ = point;
+    false
+}
