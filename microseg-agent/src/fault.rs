@@ -6,8 +6,9 @@
 //!
 //! Points: `after-standby-write` (next generation written, not switched),
 //! `after-switch` (switched, old slot not rewritten), `standby-rewrite` (fails the
-//! rewrite of the old slot instead), `before-state-commit` (maps switched, the saved
-//! state not yet replaced).
+//! rewrite of the old slot instead), `standby-repair` (fails its repair),
+//! `before-state-commit` (maps switched, the saved state not yet replaced),
+//! `event-reader-panic` (the event reader panics on its first event, once).
 
 #[cfg(feature = "fault-injection")]
 fn active(point: &str) -> bool {
@@ -35,4 +36,17 @@ pub fn fails_at(point: &str) -> bool {
     }
     let _ = point;
     false
+}
+
+/// Panics here, once per process, if `point` is injected (a bug in a task).
+#[inline(always)]
+pub fn panic_once_at(point: &str) {
+    #[cfg(feature = "fault-injection")]
+    {
+        static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if active(point) && !DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            panic!("fault injection: panicking at {point}");
+        }
+    }
+    let _ = point;
 }

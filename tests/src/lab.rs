@@ -165,6 +165,12 @@ impl Lab {
     /// Starts the agent with every host's node-side veth attached in `mode`
     /// (`tc`, `xdp`, ...), or none.
     pub fn start_agent_attached(&self, extra: &[&str], mode: Option<&str>) {
+        self.start_agent_env(extra, mode, &[]);
+    }
+
+    /// Like [`Lab::start_agent_attached`], with environment variables for the agent
+    /// (e.g. `MICROSEG_FAULT`); waits until it answers.
+    pub fn start_agent_env(&self, extra: &[&str], mode: Option<&str>, env: &[(&str, &str)]) {
         // nsenter switches only the network namespace (`ip netns exec` would also
         // mount a fresh /sys, hiding bpffs) and execs the agent in place.
         let mut args: Vec<String> = vec![
@@ -196,6 +202,7 @@ impl Lab {
             .expect("agent log");
         let child = Command::new("nsenter")
             .args(&args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -221,6 +228,26 @@ impl Lab {
 
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Waits until the agent process has ended by itself (an injected crash); true if
+    /// it did within `limit`.
+    pub fn wait_agent_exit(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let mut agent = self.agent.lock().expect("agent lock");
+            match agent.as_mut().map(|child| child.try_wait()) {
+                None => return true,
+                Some(Ok(Some(_))) => {
+                    *agent = None;
+                    return true;
+                }
+                _ => {}
+            }
+            drop(agent);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// Kills the agent with SIGKILL (no cleanup runs).

@@ -160,6 +160,7 @@ pub async fn read_ring(
             let Some(event) = DecodedEvent::decode(&item) else {
                 continue;
             };
+            crate::fault::panic_once_at("event-reader-panic");
             let interface = interface_names
                 .entry(event.ifindex)
                 .or_insert_with(|| interface_name(event.ifindex));

@@ -135,8 +135,8 @@ impl AgentCore {
         self.api_objects = api;
         self.dir_objects = dirs;
         self.audit = audit;
-        crate::fault::crash_at("before-state-commit");
         if let Some(prepared) = prepared {
+            crate::fault::crash_at("before-state-commit");
             match prepared.commit() {
                 Ok(()) => {
                     self.state_error = None;
@@ -249,6 +249,9 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     match (persisted, dir_objects) {
         (Ok(persisted), Some(dir_objects)) => {
             let api_objects: ObjectMap = persisted.objects.into_iter().collect();
+            // What was saved needs no saving again.
+            core.api_objects = api_objects.clone();
+            core.audit = persisted.audit.clone();
             match core.enforce(api_objects, dir_objects, persisted.audit) {
                 Ok(report) => tracing::info!(
                     generation = report.generation,

@@ -112,6 +112,11 @@ impl Datapath {
     /// Makes the standby slot equal to the live one (after an update whose rewrite
     /// of the old slot failed).
     pub fn repair_standby(&mut self) -> Result<(), DatapathError> {
+        if crate::fault::fails_at("standby-repair") {
+            return Err(DatapathError::InvalidState(
+                "repairing the standby generation slot: injected failure".into(),
+            ));
+        }
         let mut maps = self.maps()?;
         apply::resync_standby(&mut maps)?;
         self.standby_stale = false;
