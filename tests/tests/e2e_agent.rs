@@ -8,45 +8,14 @@ use std::{
 };
 
 use microseg_tests::{
+    client_server::{CLIENT, INVENTORY, SERVER, server_policy},
     lab::Lab,
     topology::{EchoServers, PROBE_TIMEOUT, tcp_exchange},
 };
 use serde_json::Value;
 
-const CLIENT: &str = "10.80.0.11";
-const SERVER: &str = "10.80.0.21";
-
 fn examples() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
-
-const INVENTORY: &str = r#"
-apiVersion: microseg.dev/v1
-kind: Workload
-metadata: {name: client, namespace: app, labels: {role: client}}
-spec: {addresses: [10.80.0.11]}
----
-apiVersion: microseg.dev/v1
-kind: Workload
-metadata: {name: server, namespace: app, labels: {role: server}}
-spec: {addresses: [10.80.0.21]}
-"#;
-
-/// The server accepts TCP on `port` from the client, nothing else.
-fn server_policy(port: u16) -> String {
-    format!(
-        r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {{name: server-ingress, namespace: app}}
-spec:
-  podSelector: {{matchLabels: {{role: server}}}}
-  policyTypes: [Ingress]
-  ingress:
-    - from: [{{podSelector: {{matchLabels: {{role: client}}}}}}]
-      ports: [{{protocol: TCP, port: {port}}}]
-"#
-    )
 }
 
 /// Two hosts (app/client, app/server) with echo servers, the agent running, the
@@ -71,7 +40,7 @@ fn client_server_lab(extra_agent_args: &[&str]) -> (Lab, Vec<EchoServers>) {
 }
 
 fn server_addr() -> std::net::IpAddr {
-    SERVER.parse().unwrap()
+    microseg_tests::client_server::server_address()
 }
 
 fn status(lab: &Lab) -> Value {

@@ -23,45 +23,18 @@ use std::{
 
 use microseg::datapath::{Datapath, DatapathState, LoadOptions, apply::read_slot};
 use microseg_tests::{
+    client_server::{CLIENT, INVENTORY, SERVER, server_address, server_policy},
     lab::Lab,
     topology::{EchoServers, tcp_exchange},
 };
 use serde_json::Value;
 
-const CLIENT: &str = "10.80.0.11";
-const SERVER: &str = "10.80.0.21";
-
-const INVENTORY: &str = r#"
-apiVersion: microseg.dev/v1
-kind: Workload
-metadata: {name: client, namespace: app, labels: {role: client}}
-spec: {addresses: [10.80.0.11]}
----
-apiVersion: microseg.dev/v1
-kind: Workload
-metadata: {name: server, namespace: app, labels: {role: server}}
-spec: {addresses: [10.80.0.21]}
-"#;
-
-/// The server accepts TCP on `port` from the client, nothing else.
 fn policy(port: u16) -> String {
-    format!(
-        r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {{name: server-ingress, namespace: app}}
-spec:
-  podSelector: {{matchLabels: {{role: server}}}}
-  policyTypes: [Ingress]
-  ingress:
-    - from: [{{podSelector: {{matchLabels: {{role: client}}}}}}]
-      ports: [{{protocol: TCP, port: {port}}}]
-"#
-    )
+    server_policy(port)
 }
 
 fn server() -> IpAddr {
-    SERVER.parse().unwrap()
+    server_address()
 }
 
 /// Which of the server's ports 80 and 81 the client reaches.

@@ -16,35 +16,16 @@ use std::{
 };
 
 use microseg_tests::{
+    client_server::{CLIENT, INVENTORY, SERVER, server_policy},
     lab::Lab,
     topology::{EchoServers, tcp_exchange},
 };
 use serde_json::Value;
 
-const CLIENT: &str = "10.80.0.11";
-const SERVER: &str = "10.80.0.21";
-
-const INVENTORY_AND_POLICY: &str = r#"
-apiVersion: microseg.dev/v1
-kind: Workload
-metadata: {name: client, namespace: app, labels: {role: client}}
-spec: {addresses: [10.80.0.11]}
----
-apiVersion: microseg.dev/v1
-kind: Workload
-metadata: {name: server, namespace: app, labels: {role: server}}
-spec: {addresses: [10.80.0.21]}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: server-ingress, namespace: app}
-spec:
-  podSelector: {matchLabels: {role: server}}
-  policyTypes: [Ingress]
-  ingress:
-    - from: [{podSelector: {matchLabels: {role: client}}}]
-      ports: [{protocol: TCP, port: 80}]
-"#;
+/// The client and server with a policy opening TCP 80, in one file.
+fn inventory_and_policy() -> String {
+    format!("{INVENTORY}---{}", server_policy(80))
+}
 
 fn status(lab: &Lab) -> Value {
     serde_json::from_str(&lab.cli_ok(&["status", "-o", "json"])).expect("status json")
@@ -61,7 +42,7 @@ fn the_event_log_is_rotated_by_size_under_a_flood() {
     }
     let lab = two_hosts();
     let _servers = EchoServers::start(&lab.host("app/server").ns, &[80, 81]);
-    lab.write("policies/app.yaml", INVENTORY_AND_POLICY);
+    lab.write("policies/app.yaml", &inventory_and_policy());
     // The lab's agent logs to events.jsonl; limit it to 8 KiB and 2 rotated files.
     lab.start_agent(&["--event-log-max-bytes", "8192", "--event-log-files", "2"]);
     let log = lab.dir.join("events.jsonl");
@@ -203,7 +184,7 @@ fn configmap_mounts_and_example_directories_are_read_as_check_reads_them() {
     let mount = lab.dir.join("configmap");
     let data = mount.join("..2026_11_29_10_00_00.123");
     std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("app.yaml"), INVENTORY_AND_POLICY).unwrap();
+    std::fs::write(data.join("app.yaml"), inventory_and_policy()).unwrap();
     std::os::unix::fs::symlink("..2026_11_29_10_00_00.123", mount.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/app.yaml", mount.join("app.yaml")).unwrap();
     std::fs::create_dir(mount.join("nested")).unwrap();
@@ -255,7 +236,7 @@ fn configmap_mounts_and_example_directories_are_read_as_check_reads_them() {
     std::fs::create_dir(&newer).unwrap();
     std::fs::write(
         newer.join("app.yaml"),
-        INVENTORY_AND_POLICY.replace("port: 80", "port: 81"),
+        inventory_and_policy().replace("port: 80", "port: 81"),
     )
     .unwrap();
     std::os::unix::fs::symlink("..2026_11_29_10_05_00.456", mount.join("..data_tmp")).unwrap();
