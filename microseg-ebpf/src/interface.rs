@@ -5,7 +5,7 @@
 use aya_ebpf::{macros::map, maps::HashMap};
 use microseg_common::{
     DropReason,
-    addr::is_ipv4_mapped,
+    addr::{FAMILY_IPV6, is_ipv4_mapped},
     interface::{InterfaceBinding, InterfaceKey, MAX_BOUND_ADDRESSES},
     maps::INTERFACES_CAPACITY,
 };
@@ -34,7 +34,8 @@ pub fn check_sent_by_workload(slot: u8, ifindex: u32, info: &PacketInfo) -> Resu
     let Some(binding) = (unsafe { INTERFACES.get(&InterfaceKey::new(slot, ifindex)) }) else {
         return Ok(());
     };
-    if info.protocol == PROTO_ICMPV6
+    if info.family == FAMILY_IPV6
+        && info.protocol == PROTO_ICMPV6
         && info.transport == Transport::Known
         && (info.icmp_type == ICMPV6_ROUTER_ADVERTISEMENT || info.icmp_type == ICMPV6_REDIRECT)
     {

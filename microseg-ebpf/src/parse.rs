@@ -75,6 +75,8 @@ pub struct PacketInfo {
     pub icmp_type: u8,
     pub icmp_code: u8,
     pub tcp_flags: u8,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub hop_limit: u8,
     pub transport: Transport,
     pub fragment: Fragment,
     /// Offset of the transport header in the packet (for ICMP errors, whose quoted
@@ -98,12 +100,17 @@ impl PacketInfo {
     }
 
     /// ICMPv6 neighbour discovery: router solicitation and advertisement, neighbour
-    /// solicitation and advertisement, redirect (133-137). It passes without policy
-    /// (after `interface` has dropped advertisements and redirects from workloads).
+    /// solicitation and advertisement, redirect (133-137), as RFC 4861 has it sent:
+    /// IPv6, hop limit 255 (it never crossed a router), not fragmented (RFC 6980). It
+    /// passes without policy (after `interface` has dropped advertisements and
+    /// redirects from workloads); anything else with those types is judged by policy.
     #[inline(always)]
     pub fn is_neighbour_discovery(&self) -> bool {
-        self.protocol == PROTO_ICMPV6
+        self.family == FAMILY_IPV6
+            && self.protocol == PROTO_ICMPV6
             && self.transport == Transport::Known
+            && matches!(self.fragment, Fragment::None)
+            && self.hop_limit == 255
             && (133..=137).contains(&self.icmp_type)
     }
 
@@ -209,6 +216,7 @@ fn parse_ipv4(packet: &PacketView, l3: usize) -> Result<PacketInfo, DropReason> 
     let id = u16::from_be_bytes([header[4], header[5]]);
     let flags_offset = u16::from_be_bytes([header[6], header[7]]);
     let protocol = header[9];
+    let ttl = header[8];
     let src = [header[12], header[13], header[14], header[15]];
     let dst = [header[16], header[17], header[18], header[19]];
 
@@ -223,6 +231,7 @@ fn parse_ipv4(packet: &PacketView, l3: usize) -> Result<PacketInfo, DropReason> 
     };
 
     let mut info = new_info(FAMILY_IPV4, ipv4_mapped(src), ipv4_mapped(dst), protocol);
+    info.hop_limit = ttl;
     info.fragment = fragment;
     if let Fragment::Later { .. } = fragment {
         info.transport = Transport::LaterFragment;
@@ -242,6 +251,7 @@ fn parse_ipv6(packet: &PacketView, l3: usize) -> Result<PacketInfo, DropReason> 
     }
     let mut next_header = header[6];
     let mut info = new_info(FAMILY_IPV6, [0; 16], [0; 16], next_header);
+    info.hop_limit = header[7];
     info.src.copy_from_slice(&header[8..24]);
     info.dst.copy_from_slice(&header[24..40]);
     let mut offset = l3 + IPV6_HEADER_LEN;
@@ -308,6 +318,7 @@ fn new_info(family: u8, src: [u8; 16], dst: [u8; 16], protocol: u8) -> PacketInf
         icmp_type: 0,
         icmp_code: 0,
         tcp_flags: 0,
+        hop_limit: 0,
         transport: Transport::Known,
         fragment: Fragment::None,
         l4_offset: 0,
@@ -346,7 +357,9 @@ fn parse_transport(packet: &PacketView, l4: usize, info: &mut PacketInfo) {
             info.src_port = u16::from_be_bytes([sctp[0], sctp[1]]);
             info.dst_port = u16::from_be_bytes([sctp[2], sctp[3]]);
         }
-        PROTO_ICMP | PROTO_ICMPV6 => {
+        // ICMP only in IPv4 and ICMPv6 only in IPv6: the other family's number is a
+        // protocol without ports here (never taken for neighbour discovery).
+        PROTO_ICMP | PROTO_ICMPV6 if info.protocol == icmp_of(info.family) => {
             // Every ICMP and ICMPv6 message has an 8-byte header: type, code,
             // checksum, then 4 bytes (identifier and sequence for echo).
             let Ok(icmp) = packet.read::<[u8; 8]>(l4) else {
@@ -363,6 +376,16 @@ fn parse_transport(packet: &PacketView, l4: usize, info: &mut PacketInfo) {
         }
         // Other protocols have no ports to read.
         _ => {}
+    }
+}
+
+/// The ICMP protocol number of an address family.
+#[inline(always)]
+fn icmp_of(family: u8) -> u8 {
+    if family == FAMILY_IPV4 {
+        PROTO_ICMP
+    } else {
+        PROTO_ICMPV6
     }
 }
 

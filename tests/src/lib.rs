@@ -5,6 +5,7 @@
 pub mod client_server;
 pub mod corpus;
 pub mod fake_apiserver;
+pub mod fuzz;
 pub mod harness;
 pub mod lab;
 pub mod netns;

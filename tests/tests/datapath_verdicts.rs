@@ -709,12 +709,39 @@ fn arp_and_neighbour_discovery_pass_even_to_enforced_endpoints() {
     };
     let arp = ethernet(0x0806, &[0u8; 28]);
     assert_eq!(h.verdict_of_frame(&arp), PASS);
+    // The IPv6 header's hop limit, in an Ethernet frame.
+    const HOP_LIMIT: usize = 14 + 7;
     for nd_type in 133u8..=137 {
         let icmp = [
             nd_type, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         ];
-        let frame = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &[], 58, &icmp));
+        let mut frame = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &[], 58, &icmp));
+        frame[HOP_LIMIT] = 255;
         assert_eq!(h.verdict_of_frame(&frame), PASS, "ICMPv6 type {nd_type}");
+        // Not as RFC 4861 sends it: from beyond a router (hop limit below 255), or
+        // fragmented (RFC 6980). Judged by policy, which denies it here.
+        frame[HOP_LIMIT] = 64;
+        assert_eq!(
+            h.verdict_of_frame(&frame),
+            DROP,
+            "type {nd_type}, hop limit 64"
+        );
+        let fragment = (44u8, vec![58, 0, 0, 1, 0, 0, 0, 7]);
+        let mut frame = ethernet(0x86dd, &ipv6(CLIENT6, SERVER6, &[fragment], 58, &icmp));
+        frame[HOP_LIMIT] = 255;
+        assert_eq!(
+            h.verdict_of_frame(&frame),
+            DROP,
+            "type {nd_type}, fragmented"
+        );
+        // ICMPv6's protocol number in IPv4 is no neighbour discovery: the bypass the
+        // packet fuzzer found (tests/data/fuzz-regressions/packets/).
+        let frame = ethernet(0x0800, &ipv4(CLIENT, SERVER, 58, &[], 1, 0, &icmp));
+        assert_eq!(
+            h.verdict_of_frame(&frame),
+            DROP,
+            "IPv4 protocol 58, type {nd_type}"
+        );
     }
     // Echo request to the enforced endpoint is policy traffic: denied.
     let echo = [128u8, 0, 0, 0, 0, 1, 0, 1];

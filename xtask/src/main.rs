@@ -1,7 +1,9 @@
-//! `cargo xtask setup|test|demo|bench`: the project's driver. `test` and `demo` run `setup`
-//! first, so on a fresh machine the README's two commands are all a newcomer types.
+//! `cargo xtask setup|test|demo|bench|fuzz`: the project's driver. `test` and `demo` run
+//! `setup` first, so on a fresh machine the README's two commands are all a newcomer
+//! types.
 
 mod bench_driver;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -32,6 +34,17 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzzing: the policy and inventory loaders (libFuzzer, nightly) and the packet
+    /// parser through the real programs (BPF_PROG_TEST_RUN), N seconds per target.
+    /// Crashes go to target/fuzz/artifacts/<target>/ (see fuzz/README.md).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target: policy_files, agent_objects or packets.
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +53,10 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { quick } => {
             setup::run()?;
             bench_driver::run(quick)
+        }
+        Command::Fuzz { seconds, target } => {
+            setup::run()?;
+            fuzz::run(seconds, target.as_deref())
         }
         Command::Test => {
             setup::run()?;

@@ -75,6 +75,15 @@ pub fn run() -> anyhow::Result<()> {
             }
         }
     }
+    // The loaders' libFuzzer targets, a few seconds each (the packet fuzzer is a test
+    // above): each target counts as one test.
+    println!(
+        "\nfuzzing the loaders: {} s per libFuzzer target (cargo xtask fuzz for longer)",
+        crate::fuzz::SMOKE_SECONDS
+    );
+    let (fuzz_passed, fuzz_failed) = crate::fuzz::smoke();
+    passed += fuzz_passed;
+    failed += fuzz_failed;
     println!();
     // Kept last and in this form: CI reads the closing count.
     println!("microseg: {passed} passed, {failed} failed, {ignored} skipped");

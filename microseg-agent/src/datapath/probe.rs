@@ -186,6 +186,14 @@ impl Probe {
         }
     }
 
+    /// 255 for neighbour discovery (RFC 4861: it never crosses a router), else 64.
+    fn hop_limit(&self) -> u8 {
+        match self.protocol {
+            ProbeProtocol::Icmp { icmp_type, .. } if (133..=137).contains(&icmp_type) => 255,
+            _ => 64,
+        }
+    }
+
     /// The probe as an Ethernet frame.
     pub fn to_frame(&self) -> Vec<u8> {
         let payload = self.transport_bytes();
@@ -197,7 +205,7 @@ impl Probe {
                 .ipv4(src.octets(), dst.octets(), 64)
                 .write(&mut frame, protocol, &payload),
             (IpAddr::V6(src), IpAddr::V6(dst)) => builder
-                .ipv6(src.octets(), dst.octets(), 64)
+                .ipv6(src.octets(), dst.octets(), self.hop_limit())
                 .write(&mut frame, protocol, &payload),
             _ => panic!("probe mixes address families: {} -> {}", self.src, self.dst),
         };
