@@ -43,14 +43,6 @@ pub const WHOLE_DOCUMENT_REASONS: &[&str] = &[
     "unknown kind ",
     // Two workloads with one address: the reason names the address and both owners.
     "duplicate workload address ",
-    // Known gap: serde's errors for a wrongly typed or unknown field of a Kubernetes
-    // object or a Workload ("invalid type: string \"x\", expected i32", "unknown field
-    // `foo`") do not say where the field is; the reason has only serde's message.
-    // Remove these four once the loader reports the path (serde_path_to_error).
-    "cannot read NetworkPolicy: ",
-    "cannot read Namespace: ",
-    "cannot read Pod: ",
-    "cannot read Workload: ",
 ];
 
 /// The file name and text of a fuzz input (see the module documentation).

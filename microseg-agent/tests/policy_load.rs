@@ -134,7 +134,7 @@ spec: {adresses: [10.0.0.9]}
     }
     assert!(
         errors.iter().any(|error| error.starts_with(
-            "inventory.yaml: document 7: cannot read Workload: unknown field `adresses`"
+            "inventory.yaml: document 7: spec.adresses: cannot read Workload: unknown field `adresses`"
         )),
         "{}",
         errors.join("\n")
@@ -402,4 +402,75 @@ fn yaml_syntax_errors_are_reported_with_their_document() {
         "{}",
         errors[0]
     );
+}
+
+#[test]
+fn misspelt_fields_of_a_policy_are_errors_not_silently_dropped() {
+    // `exept` would drop the exception and allow the whole /8.
+    let errors = errors(
+        "p.yaml",
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p, namespace: n, labells: {a: b}}
+spec:
+  podSelector: {}
+  ingress:
+    - from: [{ipBlock: {cidr: 10.0.0.0/8, exept: [10.1.0.0/16]}}]
+"#,
+    );
+    assert_eq!(
+        errors,
+        [
+            "p.yaml: document 1: metadata.labells: unknown field of a NetworkPolicy (misspelt?)",
+            "p.yaml: document 1: spec.ingress[0].from[0].ipBlock.exept: unknown field of a NetworkPolicy (misspelt?)",
+        ]
+    );
+}
+
+#[test]
+fn type_errors_name_the_field() {
+    let errors = errors(
+        "pods.yaml",
+        r#"apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: n}
+spec:
+  containers: [{name: c, ports: [{name: http, containerPort: "8080"}]}]
+"#,
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with(
+            "pods.yaml: document 1: spec.containers[0].ports[0].containerPort: cannot read Pod: invalid type"
+        ),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn inventory_from_a_newer_cluster_loads_but_metadata_must_be_known() {
+    // A spec or status field this version does not know (exported from a newer
+    // cluster) is harmless: microseg reads labels, addresses and ports.
+    let newer = r#"apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: n, labels: {app: web}}
+spec: {containers: [{name: c}], someFutureField: true}
+status: {podIP: 10.0.0.5, anotherFutureField: {x: 1}}
+"#;
+    assert!(load("pods.yaml", newer).is_ok());
+    let misspelt = newer.replace("labels:", "lables:");
+    assert_eq!(
+        errors("pods.yaml", &misspelt),
+        ["pods.yaml: document 1: metadata.lables: unknown field of a Pod (misspelt?)"]
+    );
+    // The API server validated its objects: nothing of theirs is refused for fields
+    // newer than this version's Kubernetes types.
+    let mut builder = PolicySetBuilder::new();
+    let value: serde_json::Value = serde_norway::from_str(
+        r#"{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy,
+            metadata: {name: p, namespace: n}, spec: {podSelector: {}, futureField: 1}}"#,
+    )
+    .unwrap();
+    builder.add_api_server_document(&microseg::policy::Source::new("api-server:x", 1), &value);
+    assert!(builder.finish().is_ok());
 }

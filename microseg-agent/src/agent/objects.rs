@@ -135,13 +135,21 @@ pub fn read_paths(paths: &[PathBuf]) -> Result<ObjectMap, Vec<String>> {
     }
 }
 
+/// How objects from the Kubernetes API server name their source (`api-server:Kind/...`).
+pub const API_SERVER_SOURCE: &str = "api-server:";
+
 /// Builds and validates a policy set from objects: every error, or the whole set.
 pub fn build_policy_set<'a>(
     objects: impl IntoIterator<Item = &'a StoredObject>,
 ) -> Result<PolicySet, LoadErrors> {
     let mut builder = PolicySetBuilder::new();
     for object in objects {
-        builder.add_document(&Source::new(&object.file, object.document), &object.value);
+        let source = Source::new(&object.file, object.document);
+        if object.file.starts_with(API_SERVER_SOURCE) {
+            builder.add_api_server_document(&source, &object.value);
+        } else {
+            builder.add_document(&source, &object.value);
+        }
     }
     builder.finish()
 }

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use serde::Deserialize;
 
 use super::error::{LoadErrors, PolicyError, Source};
 use super::files::{documents, policy_files};
@@ -40,6 +39,101 @@ pub struct PolicySetBuilder {
     workloads: Vec<Workload>,
     policies: Vec<Policy>,
     errors: Vec<PolicyError>,
+    /// The document being added comes from the Kubernetes API server (see
+    /// [`PolicySetBuilder::add_api_server_document`]).
+    from_api_server: bool,
+}
+
+/// What to do with fields a document has and its kind does not.
+#[derive(Clone, Copy)]
+enum UnknownFields {
+    Refused,
+    /// Refused under `metadata` (labels and names matter), ignored elsewhere: an
+    /// inventory exported from a newer cluster has spec and status fields this
+    /// version does not know, and microseg reads none of them.
+    RefusedInMetadata,
+    Ignored,
+}
+
+/// Deserializes `value` as a `kind`, naming the field of a type error, and refusing
+/// unknown fields as `unknown` says; `None` after recording the errors.
+fn read_object<T: serde::de::DeserializeOwned>(
+    checker: &mut Checker<'_>,
+    kind: &str,
+    value: &serde_json::Value,
+    unknown: UnknownFields,
+) -> Option<T> {
+    let mut track = serde_path_to_error::Track::new();
+    let mut ignored = Vec::new();
+    let deserializer = serde_path_to_error::Deserializer::new(value, &mut track);
+    let result: Result<T, _> =
+        serde_ignored::deserialize(deserializer, |path| ignored.push(field_path(&path)));
+    let object = match result {
+        Ok(object) => object,
+        Err(error) => {
+            let (field, reason) = serde_error_location(&track.path(), &error.to_string());
+            checker.error(&field, format!("cannot read {kind}: {reason}"));
+            return None;
+        }
+    };
+    let refused: Vec<String> = ignored
+        .into_iter()
+        .filter(|path| match unknown {
+            UnknownFields::Refused => true,
+            UnknownFields::RefusedInMetadata => path.starts_with("metadata."),
+            UnknownFields::Ignored => false,
+        })
+        .collect();
+    for path in &refused {
+        checker.error(path, format!("unknown field of a {kind} (misspelt?)"));
+    }
+    refused.is_empty().then_some(object)
+}
+
+/// Where a deserialization error is: serde_path_to_error's path, and for a missing
+/// field the field itself (serde reports it on the object that lacks it).
+pub(crate) fn serde_error_location(
+    path: &serde_path_to_error::Path,
+    message: &str,
+) -> (String, String) {
+    let parent = match path.to_string() {
+        root if root == "." => String::new(),
+        other => other,
+    };
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(field, _)| field);
+    match missing {
+        Some(field) if parent.is_empty() => (field.to_owned(), "is required".to_owned()),
+        Some(field) => (format!("{parent}.{field}"), "is required".to_owned()),
+        // An empty key (YAML allows one) shows as nothing in a path: name it.
+        None if parent.is_empty() || parent.ends_with('.') => {
+            (format!("{parent}\"\""), message.to_owned())
+        }
+        None => (parent, message.to_owned()),
+    }
+}
+
+/// A field path in the loader's style (`spec.ingress[0].from`) from serde_ignored's.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    match path {
+        serde_ignored::Path::Root => String::new(),
+        serde_ignored::Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        serde_ignored::Path::Map { parent, key } => {
+            let parent = field_path(parent);
+            // An empty key (YAML allows one) is still a field someone wrote.
+            let key = if key.is_empty() { "\"\"" } else { key.as_str() };
+            if parent.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        serde_ignored::Path::Some { parent }
+        | serde_ignored::Path::NewtypeStruct { parent }
+        | serde_ignored::Path::NewtypeVariant { parent } => field_path(parent),
+    }
 }
 
 impl PolicySetBuilder {
@@ -85,10 +179,27 @@ impl PolicySetBuilder {
         self.add_object(source, String::new(), value);
     }
 
+    /// Adds an object the Kubernetes API server sent: it validated the object, and
+    /// fields newer than this version's Kubernetes types are ignored, not refused.
+    pub fn add_api_server_document(&mut self, source: &Source, value: &serde_json::Value) {
+        self.from_api_server = true;
+        self.add_object(source, String::new(), value);
+        self.from_api_server = false;
+    }
+
+    fn inventory_unknown_fields(&self) -> UnknownFields {
+        if self.from_api_server {
+            UnknownFields::Ignored
+        } else {
+            UnknownFields::RefusedInMetadata
+        }
+    }
+
     fn add_object(&mut self, source: &Source, prefix: String, value: &serde_json::Value) {
         if value.is_null() {
             return; // An empty YAML document (e.g. a trailing `---`).
         }
+        let unknown = self.inventory_unknown_fields();
         let mut checker = Checker {
             source,
             prefix,
@@ -107,30 +218,35 @@ impl PolicySetBuilder {
             .and_then(|value| value.as_str())
             .unwrap_or("");
         match (api_version, kind) {
-            ("networking.k8s.io/v1", "NetworkPolicy") => match NetworkPolicy::deserialize(value) {
-                Ok(policy) => {
-                    if let Some(policy) = convert_network_policy(&mut checker, &policy) {
-                        self.policies.push(policy);
-                    }
+            ("networking.k8s.io/v1", "NetworkPolicy") => {
+                // Every field of a policy counts: a misspelt one (`exept`) would
+                // silently change what it allows.
+                let unknown = match unknown {
+                    UnknownFields::Ignored => UnknownFields::Ignored,
+                    _ => UnknownFields::Refused,
+                };
+                if let Some(policy) =
+                    read_object::<NetworkPolicy>(&mut checker, "NetworkPolicy", value, unknown)
+                    && let Some(policy) = convert_network_policy(&mut checker, &policy)
+                {
+                    self.policies.push(policy);
                 }
-                Err(error) => checker.error("", format!("cannot read NetworkPolicy: {error}")),
-            },
-            ("v1", "Namespace") => match K8sNamespace::deserialize(value) {
-                Ok(namespace) => {
-                    if let Some(namespace) = convert_namespace(&mut checker, &namespace) {
-                        self.namespaces.push(namespace);
-                    }
+            }
+            ("v1", "Namespace") => {
+                if let Some(namespace) =
+                    read_object::<K8sNamespace>(&mut checker, "Namespace", value, unknown)
+                    && let Some(namespace) = convert_namespace(&mut checker, &namespace)
+                {
+                    self.namespaces.push(namespace);
                 }
-                Err(error) => checker.error("", format!("cannot read Namespace: {error}")),
-            },
-            ("v1", "Pod") => match Pod::deserialize(value) {
-                Ok(pod) => {
-                    if let Some(workload) = convert_pod(&mut checker, &pod) {
-                        self.workloads.push(workload);
-                    }
+            }
+            ("v1", "Pod") => {
+                if let Some(pod) = read_object::<Pod>(&mut checker, "Pod", value, unknown)
+                    && let Some(workload) = convert_pod(&mut checker, &pod)
+                {
+                    self.workloads.push(workload);
                 }
-                Err(error) => checker.error("", format!("cannot read Pod: {error}")),
-            },
+            }
             (MICROSEG_API_VERSION, "Workload") => {
                 if let Some(workload) = convert_workload_document(&mut checker, value) {
                     self.workloads.push(workload);
@@ -211,6 +327,7 @@ impl PolicySetBuilder {
             mut workloads,
             mut policies,
             mut errors,
+            from_api_server: _,
         } = self;
 
         let mut namespaces: BTreeMap<String, NamespaceInfo> = BTreeMap::new();

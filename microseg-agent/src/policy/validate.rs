@@ -705,10 +705,12 @@ pub(crate) fn convert_workload_document(
     checker: &mut Checker<'_>,
     value: &serde_json::Value,
 ) -> Option<Workload> {
-    let document = match WorkloadDocument::deserialize(value) {
+    let document: WorkloadDocument = match serde_path_to_error::deserialize(value) {
         Ok(document) => document,
         Err(error) => {
-            checker.error("", format!("cannot read Workload: {error}"));
+            let (field, reason) =
+                super::load::serde_error_location(error.path(), &error.inner().to_string());
+            checker.error(&field, format!("cannot read Workload: {reason}"));
             return None;
         }
     };

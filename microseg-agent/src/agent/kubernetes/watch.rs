@@ -25,7 +25,7 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 
-use crate::agent::objects::{ObjectKey, ObjectMap, StoredObject};
+use crate::agent::objects::{API_SERVER_SOURCE, ObjectKey, ObjectMap, StoredObject};
 
 /// The kinds the agent watches, as the policy loader names them.
 pub const KINDS: [&str; 3] = ["Namespace", "Pod", "NetworkPolicy"];
@@ -270,9 +270,12 @@ fn stored(key: &ObjectKey, value: serde_json::Value) -> StoredObject {
 /// How errors name an object from the API server: `api-server:Pod/ns/name`.
 pub fn source_name(key: &ObjectKey) -> String {
     if key.namespace.is_empty() {
-        format!("api-server:{}/{}", key.kind, key.name)
+        format!("{API_SERVER_SOURCE}{}/{}", key.kind, key.name)
     } else {
-        format!("api-server:{}/{}/{}", key.kind, key.namespace, key.name)
+        format!(
+            "{API_SERVER_SOURCE}{}/{}/{}",
+            key.kind, key.namespace, key.name
+        )
     }
 }
 
