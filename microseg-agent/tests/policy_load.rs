@@ -474,3 +474,36 @@ status: {podIP: 10.0.0.5, anotherFutureField: {x: 1}}
     builder.add_api_server_document(&microseg::policy::Source::new("api-server:x", 1), &value);
     assert!(builder.finish().is_ok());
 }
+
+#[test]
+fn a_workloads_interface_is_checked_and_owned_once() {
+    let workload = |name: &str, interface: &str, addresses: &str| {
+        format!(
+            "apiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {{name: {name}, namespace: vms}}\nspec: {{addresses: [{addresses}], interface: \"{interface}\"}}\n"
+        )
+    };
+    let ok = load("vms.yaml", &workload("vm-7", "tap7", "10.20.0.7")).unwrap();
+    assert_eq!(ok.workloads[0].interface.as_deref(), Some("tap7"));
+    let two = format!(
+        "{}---\n{}",
+        workload("vm-7", "tap7", "10.20.0.7"),
+        workload("vm-8", "tap7", "10.20.0.8")
+    );
+    let found = errors("vms.yaml", &two);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("vms.yaml: document 2: spec.interface: interface tap7 is already the interface of vms/vm-7"),
+        "{found:?}"
+    );
+    let found = errors(
+        "vms.yaml",
+        &workload("vm-9", "a-name-far-too-long", "10.20.0.9"),
+    );
+    assert!(
+        found[0].contains("spec.interface: interface name"),
+        "{found:?}"
+    );
+    let many: Vec<String> = (1..=9).map(|i| format!("10.20.1.{i}")).collect();
+    let found = errors("vms.yaml", &workload("vm-10", "tap10", &many.join(", ")));
+    assert!(found[0].contains("at most 8 addresses"), "{found:?}");
+}

@@ -409,3 +409,37 @@ fn attach_one(
         PinnedLinkState::Stale(reason) => reason,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicySetBuilder;
+
+    fn set(text: &str) -> PolicySet {
+        let mut builder = PolicySetBuilder::new();
+        builder.add_text(std::path::Path::new("t.yaml"), text);
+        builder.finish().expect("valid")
+    }
+
+    #[test]
+    fn an_interface_is_bound_to_the_workload_naming_it_or_owning_its_peer() {
+        let set = set(
+            "apiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: vm, namespace: n}\nspec: {addresses: [10.0.0.7], interface: tap7}\n---\napiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: pod, namespace: n}\nspec: {addresses: [10.0.0.8]}\n",
+        );
+        let mut facts = InterfaceFacts::default();
+        facts.interfaces.insert("tap7".into(), (7, false));
+        facts.interfaces.insert("veth8".into(), (8, true));
+        facts.interfaces.insert("eth0".into(), (2, false));
+        facts
+            .peers
+            .insert("veth8".into(), ["10.0.0.8".parse().unwrap()].into());
+        let bindings = facts.bindings(&set);
+        assert_eq!(
+            bindings,
+            [(7, "n/vm".to_owned()), (8, "n/pod".to_owned())].into()
+        );
+        // Discovery off for an interface: its peer's addresses do not bind it.
+        facts.interfaces.insert("veth8".into(), (8, false));
+        assert_eq!(facts.bindings(&set).len(), 1);
+    }
+}
