@@ -9,8 +9,8 @@
 //! Every flow runs through all three programs (XDP, TC ingress, TC egress), each on a
 //! probe of its own: a fresh source port, so conntrack never answers for policy.
 //!
-//! The corpus lives outside the repository (`../shared/conformance/` beside the clone).
-//! Without it the test fails in CI (`CI=true`) and is skipped otherwise.
+//! The corpus is in the repository (`tests/data/conformance/`, MIT, provenance
+//! beside it), so every clone runs it.
 
 use std::collections::BTreeMap;
 use std::time::Instant;

@@ -2,8 +2,8 @@
 //! truth table of cyclonus' simulator) through the reference evaluator and through the
 //! map-level evaluator on the compiled state. No kernel needed: this runs everywhere.
 //!
-//! The corpus lives outside the repository (`../shared/conformance/` beside the clone).
-//! Without it the test fails in CI (`CI=true`) and is skipped otherwise.
+//! The corpus is in the repository (`tests/data/conformance/`, MIT, provenance
+//! beside it), so every clone runs it.
 
 use std::collections::BTreeMap;
 
