@@ -383,7 +383,8 @@ fn attach_one(
         return format!("interface {name} does not exist");
     }
     match core.enforcer.datapath.ensure_attached(name, point) {
-        Ok(AttachOutcome::Adopted) => {}
+        // Just checked against the kernel.
+        Ok(AttachOutcome::Adopted) => return ENFORCING.to_owned(),
         Ok(AttachOutcome::Attached) => {
             tracing::info!(interface = name, hook = point.name(), "attached");
         }
@@ -403,7 +404,7 @@ fn attach_one(
         }
         Err(e) => return e.to_string(),
     }
-    // Trust the kernel, not the outcome: is the pinned link live on this interface?
+    // A new link: confirm with the kernel that it is live on this interface.
     match core.enforcer.datapath.link_state(name, point) {
         PinnedLinkState::Live { .. } | PinnedLinkState::NotPinned => ENFORCING.to_owned(),
         PinnedLinkState::Stale(reason) => reason,

@@ -102,6 +102,8 @@ pub struct Datapath {
     pub(super) grace: GracePeriod,
     /// The last update switched generations but could not rewrite the old slot.
     pub(super) standby_stale: bool,
+    /// Tags of programs seen on pinned links, by program id (see `ensure_attached`).
+    program_tags: std::collections::HashMap<u32, [u8; 8]>,
 }
 
 impl Datapath {
@@ -167,6 +169,7 @@ impl Datapath {
             links: Vec::new(),
             grace,
             standby_stale: false,
+            program_tags: std::collections::HashMap::new(),
         };
         // A fresh SETTINGS is all zeroes (no rate limit); give it the defaults. Reused
         // pinned settings are kept.
@@ -242,10 +245,11 @@ impl Datapath {
         let stale = match links::pinned_link_state(&path, interface) {
             PinnedLinkState::Live { program_id } => {
                 let ours = self.program_id(name)?;
-                let same = match (bpf_sys::program_tag(program_id), bpf_sys::program_tag(ours)) {
-                    (Ok(pinned), Ok(loaded)) => pinned == loaded,
-                    _ => false,
-                };
+                let same = program_id == ours
+                    || match (self.tag_of(program_id), self.tag_of(ours)) {
+                        (Some(pinned), Some(loaded)) => pinned == loaded,
+                        _ => false,
+                    };
                 if same {
                     return Ok(AttachOutcome::Adopted);
                 }
@@ -297,6 +301,16 @@ impl Datapath {
             Some(dir) => links::pinned_link_state(&link_pin_path(dir, interface, point), interface),
             None => PinnedLinkState::NotPinned,
         }
+    }
+
+    /// A loaded program's tag, remembered: interfaces are checked every second.
+    fn tag_of(&mut self, program_id: u32) -> Option<[u8; 8]> {
+        if let Some(tag) = self.program_tags.get(&program_id) {
+            return Some(*tag);
+        }
+        let tag = bpf_sys::program_tag(program_id).ok()?;
+        self.program_tags.insert(program_id, tag);
+        Some(tag)
     }
 
     fn program_id(&self, name: &str) -> Result<u32, DatapathError> {
