@@ -387,19 +387,40 @@ pub fn compile(set: &PolicySet) -> Compiled {
         .enumerate()
         .map(|(index, block)| (block, index))
         .collect();
+    // Workload identities by namespace, so that a peer in one namespace (the usual
+    // podSelector) is matched against that namespace's identities only.
+    let mut identities_by_namespace: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (index, (_, key)) in workload_identities.iter().enumerate() {
+        identities_by_namespace
+            .entry(key.namespace.as_str())
+            .or_default()
+            .push(index);
+    }
     let peer_identities = |peer: &Peer| -> Vec<u32> {
         match peer {
-            Peer::Workloads { namespaces, pods } => workload_identities
-                .iter()
-                .filter(|(_, key)| {
-                    let namespace_ok = match namespaces {
-                        NamespaceScope::Named(name) => *name == key.namespace,
-                        NamespaceScope::Selected(selector) => {
-                            selector.matches(&key.namespace_labels)
-                        }
-                    };
-                    namespace_ok && pods.matches(&key.labels)
+            Peer::Workloads {
+                namespaces: NamespaceScope::Named(name),
+                pods,
+            } => identities_by_namespace
+                .get(name.as_str())
+                .into_iter()
+                .flatten()
+                .map(|&index| &workload_identities[index])
+                .filter(|(_, key)| pods.matches(&key.labels))
+                .map(|(identity, _)| *identity)
+                .collect(),
+            Peer::Workloads {
+                namespaces: NamespaceScope::Selected(selector),
+                pods,
+            } => identities_by_namespace
+                .values()
+                .filter(|indexes| {
+                    let (_, first) = &workload_identities[indexes[0]];
+                    selector.matches(&first.namespace_labels)
                 })
+                .flatten()
+                .map(|&index| &workload_identities[index])
+                .filter(|(_, key)| pods.matches(&key.labels))
                 .map(|(identity, _)| *identity)
                 .collect(),
             Peer::IpBlock(block) => {
@@ -513,12 +534,11 @@ pub fn compile(set: &PolicySet) -> Compiled {
         if workload.addresses.is_empty() {
             continue;
         }
+        let in_namespace = set.policy_range(&workload.namespace);
         let selecting = |direction| -> Vec<usize> {
-            set.policies
-                .iter()
-                .enumerate()
-                .filter(|(_, policy)| set.policy_selects(policy, workload, direction))
-                .map(|(index, _)| index)
+            in_namespace
+                .clone()
+                .filter(|&index| set.policy_selects(&set.policies[index], workload, direction))
                 .collect()
         };
         let ingress = selecting(PolicyDirection::Ingress);

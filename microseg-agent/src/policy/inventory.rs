@@ -93,9 +93,23 @@ impl PolicySet {
         workload: &'a Workload,
         direction: PolicyDirection,
     ) -> impl Iterator<Item = &'a Policy> + 'a {
-        self.policies
+        let range = self.policy_range(&workload.namespace);
+        self.policies[range]
             .iter()
             .filter(move |policy| self.policy_selects(policy, workload, direction))
+    }
+
+    /// Indexes into `policies` of the policies of `namespace`: policies are sorted
+    /// by namespace, so they are one run, found by binary search (a policy only ever
+    /// selects workloads of its own namespace).
+    pub fn policy_range(&self, namespace: &str) -> std::ops::Range<usize> {
+        let start = self
+            .policies
+            .partition_point(|policy| policy.namespace.as_str() < namespace);
+        let end = self
+            .policies
+            .partition_point(|policy| policy.namespace.as_str() <= namespace);
+        start..end
     }
 
     /// Whether a workload peer (pod and namespace selectors) matches `workload`.
