@@ -205,3 +205,47 @@ fn pinned_maps_keep_the_state_for_the_next_load() {
     assert_eq!(detach_pinned(&pins.0).unwrap(), 0, "no links were pinned");
     assert!(!pins.0.exists(), "detach removes the pins");
 }
+
+/// A state of `count` single-port rules for endpoint 1 from identity 300, ports from
+/// `first_port`.
+fn rules(first_port: u16, count: u16) -> DatapathState {
+    let mut builder = StateBuilder::default()
+        .endpoint("10.5.0.1", 1, true, false, false)
+        .host("10.5.0.2", 300);
+    for port in first_port..first_port + count {
+        builder = builder.allow(1, 300, Direction::Ingress, TCP, Some((port, port)), 1);
+    }
+    builder.build()
+}
+
+#[test]
+fn an_update_replacing_every_entry_fits_in_old_plus_new() {
+    if !microseg_tests::kernel_available("an_update_replacing_every_entry_fits_in_old_plus_new") {
+        return;
+    }
+    // Room for exactly the old and the new state of 50 entries each (both slots).
+    let capacities = Capacities {
+        policy: 200,
+        ..Capacities::default()
+    };
+    let mut datapath = Datapath::load(&LoadOptions {
+        pin_dir: None,
+        capacities,
+    })
+    .unwrap();
+    let old = rules(1000, 100);
+    datapath.apply(&DatapathState::default(), &old).unwrap();
+    // Every entry replaced; the new keys sort before the old ones, so a writer that
+    // followed key order would insert all 100 before deleting any: 300 > 200. Writing
+    // deletions first keeps the standby slot within its share.
+    let new = rules(100, 100);
+    datapath
+        .apply(&old, &new)
+        .expect("old and new together fit in both slots");
+    let maps = datapath.maps().unwrap();
+    let live = maps.live_generation().unwrap();
+    assert_eq!(
+        microseg::datapath::apply::read_slot(&maps, (live & 1) as u8).unwrap(),
+        new
+    );
+}

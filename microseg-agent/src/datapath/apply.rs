@@ -289,10 +289,36 @@ pub(super) fn policy_key(slot: u8, rule: &PolicyMatch) -> Key<PolicyKeyData> {
     )
 }
 
+/// Writes `diff` into `slot`: every deletion first, then every insertion, so that a
+/// map never holds more than the old and the new state of the slot together (what
+/// `check_capacity` allows for), whatever the order of keys.
 fn write_diff(
     maps: &mut DatapathMaps<'_>,
     slot: u8,
     diff: &StateDiff,
+) -> Result<(), DatapathError> {
+    write_pass(maps, slot, diff, Pass::Deletions)?;
+    write_pass(maps, slot, diff, Pass::Insertions)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Deletions,
+    Insertions,
+}
+
+impl Pass {
+    /// Whether this pass writes a diff entry (`Some` inserts, `None` deletes).
+    fn takes<T>(self, value: &Option<T>) -> bool {
+        (self == Pass::Insertions) == value.is_some()
+    }
+}
+
+fn write_pass(
+    maps: &mut DatapathMaps<'_>,
+    slot: u8,
+    diff: &StateDiff,
+    pass: Pass,
 ) -> Result<(), DatapathError> {
     let err = |map: &'static str| {
         move |source: aya::maps::MapError| DatapathError::Map {
@@ -306,7 +332,7 @@ fn write_diff(
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         other => other,
     };
-    for (addr, value) in &diff.endpoints {
+    for (addr, value) in diff.endpoints.iter().filter(|(_, v)| pass.takes(v)) {
         let key = AddrKey::new(slot, to_mapped(*addr));
         match value {
             Some(info) => maps.endpoints.insert(key, info, 0),
@@ -314,7 +340,7 @@ fn write_diff(
         }
         .map_err(err(maps::ENDPOINTS))?;
     }
-    for (addr, value) in &diff.peer_hosts {
+    for (addr, value) in diff.peer_hosts.iter().filter(|(_, v)| pass.takes(v)) {
         let key = AddrKey::new(slot, to_mapped(*addr));
         match value {
             Some(identity) => maps.peer_hosts.insert(
@@ -328,7 +354,7 @@ fn write_diff(
         }
         .map_err(err(maps::PEER_HOSTS))?;
     }
-    for (prefix, value) in &diff.peer_prefixes {
+    for (prefix, value) in diff.peer_prefixes.iter().filter(|(_, v)| pass.takes(v)) {
         let key = prefix_key(slot, prefix);
         match value {
             Some(identity) => maps.peer_prefixes.insert(
@@ -342,7 +368,7 @@ fn write_diff(
         }
         .map_err(err(maps::PEER_PREFIXES))?;
     }
-    for (ifindex, value) in &diff.interfaces {
+    for (ifindex, value) in diff.interfaces.iter().filter(|(_, v)| pass.takes(v)) {
         let key = InterfaceKey::new(slot, *ifindex);
         match value {
             Some(binding) => maps.interfaces.insert(key, binding, 0),
@@ -350,7 +376,7 @@ fn write_diff(
         }
         .map_err(err(maps::INTERFACES))?;
     }
-    for (rule, value) in &diff.policy {
+    for (rule, value) in diff.policy.iter().filter(|(_, v)| pass.takes(v)) {
         let key = policy_key(slot, rule);
         if rule.is_exact_port() {
             match value {
