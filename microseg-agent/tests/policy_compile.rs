@@ -1,13 +1,15 @@
 //! Compiler specifics: identity sharing, except blocks by longest prefix, exact ipBlocks
-//! in peer_hosts, the IPv4-mapped guard, entry growth, rule and identity tables.
+//! in peer_hosts, the IPv4-mapped guard, entry growth, rule and identity tables, ids
+//! kept from one compile to the next.
 
 use std::net::IpAddr;
 use std::path::Path;
 
 use ipnet::IpNet;
+use microseg::datapath::DatapathState;
 use microseg::policy::{
-    Flow, IdentityInfo, MapEvaluator, PolicyDirection, PolicySet, PolicySetBuilder, Protocol,
-    compile, evaluate,
+    Compiler, Flow, IdentityInfo, MapEvaluator, PolicyDirection, PolicySet, PolicySetBuilder,
+    Protocol, compile, evaluate,
 };
 use microseg_common::identity::{IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_WORLD};
 
@@ -124,7 +126,7 @@ fn rule_table_names_policy_direction_and_index() {
     assert!(
         compiled
             .identities
-            .describe(map.ingress.peer_identity)
+            .describe(map.ingress.peer_identity, &set)
             .contains("prod/api")
     );
 }
@@ -168,7 +170,7 @@ spec:
     assert!(allowed(&set, tcp("10.9.0.1", "10.1.0.5", 5432)));
     let db_identity = compiled.state.peer_hosts[&ip("10.1.0.5")];
     match compiled.identities.get(db_identity).unwrap() {
-        IdentityInfo::Workload { ip_blocks, .. } => assert_eq!(ip_blocks.len(), 1),
+        IdentityInfo::Workload { key, .. } => assert_eq!(key.ip_blocks.len(), 1),
         other => panic!("{other:?}"),
     }
 }
@@ -326,4 +328,121 @@ fn compiling_twice_gives_the_same_state() {
         + &workload("prod", "web", "{app: web}", "[10.2.0.1]");
     let set = load(&text);
     assert_eq!(compile(&set), compile(&set));
+}
+
+/// Entries of `after` that differ from `before` (added, changed or removed), per map.
+fn changed_entries(before: &DatapathState, after: &DatapathState) -> (usize, usize, usize) {
+    fn count<K: Ord, V: PartialEq>(
+        a: &std::collections::BTreeMap<K, V>,
+        b: &std::collections::BTreeMap<K, V>,
+    ) -> usize {
+        let changed_or_removed = a.iter().filter(|(k, v)| b.get(k) != Some(v)).count();
+        let added = b.keys().filter(|k| !a.contains_key(k)).count();
+        changed_or_removed + added
+    }
+    (
+        count(&before.endpoints, &after.endpoints),
+        count(&before.peer_hosts, &after.peer_hosts),
+        count(&before.policy, &after.policy),
+    )
+}
+
+/// 50 namespaces of 20 workloads; policy `p<i>` lets `w<i>` receive from the next
+/// workload of its namespace on TCP 8080 (and, with `extra`, UDP 9000 for `w0`).
+fn scale_text(skip: Option<usize>, relabel: Option<usize>, extra: bool) -> String {
+    let mut text = String::new();
+    for index in 0..1000 {
+        let namespace = format!("ns{}", index / 20);
+        let partner = (index / 20) * 20 + (index % 20 + 1) % 20;
+        let ports = if extra && index == 0 {
+            "[{port: 8080}, {port: 9000, protocol: UDP}]"
+        } else {
+            "[{port: 8080}]"
+        };
+        text += &format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{index}, namespace: {namespace}}}\nspec:\n  podSelector: {{matchLabels: {{app: w{index}}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: w{partner}}}}}}}], ports: {ports}}}]\n"
+        );
+        if skip == Some(index) {
+            continue;
+        }
+        let app = if relabel == Some(index) {
+            format!("w{index}-new")
+        } else {
+            format!("w{index}")
+        };
+        text += &workload(
+            &namespace,
+            &format!("w{index}"),
+            &format!("{{app: {app}}}"),
+            &format!("[10.{}.{}.1]", index / 250, index % 250),
+        );
+    }
+    text
+}
+
+#[test]
+fn ids_are_kept_so_that_one_change_rewrites_only_its_own_entries() {
+    let mut compiler = Compiler::default();
+    let base = compiler.compile(&load(&scale_text(Some(500), None, false)));
+    assert_eq!(
+        base.state.policy.len(),
+        999 - 1,
+        "w499 has no peer without w500"
+    );
+
+    // A pod added: its address, its endpoint, its own rule, and the rule of the
+    // policy that now finds it as a peer.
+    let added = compiler.compile(&load(&scale_text(None, None, false)));
+    assert_eq!(changed_entries(&base.state, &added.state), (1, 1, 2));
+
+    // A policy changed: one entry more.
+    let changed = compiler.compile(&load(&scale_text(None, None, true)));
+    assert_eq!(changed_entries(&added.state, &changed.state), (0, 0, 1));
+
+    // Labels changed: the workload gets a new identity (its address is rewritten),
+    // it is no longer selected by its policy nor a peer of its neighbour's.
+    let relabelled = compiler.compile(&load(&scale_text(None, Some(700), true)));
+    assert_eq!(
+        changed_entries(&changed.state, &relabelled.state),
+        (1, 1, 2)
+    );
+
+    // A pod removed: what it added goes.
+    let removed = compiler.compile(&load(&scale_text(Some(500), None, true)));
+    let back = compiler.compile(&load(&scale_text(Some(500), None, true)));
+    assert_eq!(changed_entries(&removed.state, &back.state), (0, 0, 0));
+
+    // Every state still answers like the reference evaluator; ids differ from a
+    // fresh compile's but the verdicts do not.
+    let set = load(&scale_text(Some(500), None, true));
+    for flow in [
+        tcp("10.0.1.1", "10.0.0.1", 8080),
+        tcp("10.2.2.1", "10.2.1.1", 8080),
+    ] {
+        let reference = evaluate(&set, &flow).allowed;
+        assert_eq!(
+            MapEvaluator::new(&back.state).evaluate(&flow).allowed,
+            reference,
+            "{flow}"
+        );
+    }
+    let udp = Flow {
+        src: ip("10.0.1.1"),
+        dst: ip("10.0.0.1"),
+        protocol: Protocol::Udp,
+        port: 9000,
+    };
+    assert!(MapEvaluator::new(&back.state).evaluate(&udp).allowed);
+}
+
+#[test]
+fn ids_are_not_reused_for_something_else() {
+    let mut compiler = Compiler::default();
+    let with = compiler.compile(&load(&scale_text(None, None, false)));
+    let id_of_w500 = with.state.peer_hosts[&ip("10.2.0.1")];
+    let without = compiler.compile(&load(&scale_text(Some(500), None, false)));
+    assert!(!without.identities.identities.contains_key(&id_of_w500));
+    // w500 back with other labels: a new identity, never the old number.
+    let relabelled = compiler.compile(&load(&scale_text(None, Some(500), false)));
+    assert!(relabelled.state.peer_hosts[&ip("10.2.0.1")] > id_of_w500);
 }

@@ -249,3 +249,56 @@ fn an_update_replacing_every_entry_fits_in_old_plus_new() {
         new
     );
 }
+
+#[test]
+fn a_repaired_standby_slot_carries_the_prefix_rule_flag() {
+    if !microseg_tests::kernel_available("a_repaired_standby_slot_carries_the_prefix_rule_flag") {
+        return;
+    }
+    use microseg::datapath::addr::to_mapped;
+    use microseg_common::{addr::AddrKey, endpoint::ENDPOINT_FLAG_PREFIX_RULES};
+    let mut datapath = Datapath::load(&LoadOptions {
+        pin_dir: None,
+        capacities: Capacities::default(),
+    })
+    .unwrap();
+    // A port range: its entries live in the prefix trie, which the endpoint's flag
+    // tells the programs to search.
+    let state = StateBuilder::default()
+        .endpoint("10.5.0.1", 1, true, false, false)
+        .host("10.5.0.2", 300)
+        .allow(1, 300, Direction::Ingress, TCP, Some((8000, 8007)), 1)
+        .build();
+    datapath.apply(&DatapathState::default(), &state).unwrap();
+    let key = |slot: u8| AddrKey::new(slot, to_mapped(ip("10.5.0.1")));
+    let (live, standby) = {
+        let mut maps = datapath.maps().unwrap();
+        let live = maps.live_generation().unwrap();
+        let standby = ((live + 1) & 1) as u8;
+        let flags = |maps: &microseg::datapath::maps::DatapathMaps<'_>, slot| {
+            maps.endpoints.get(&key(slot), 0).unwrap().flags & ENDPOINT_FLAG_PREFIX_RULES
+        };
+        assert_ne!(flags(&maps, live as u8 & 1), 0, "applied with the flag");
+        assert_ne!(flags(&maps, standby), 0, "both slots");
+        // An update cut off after the switch: the standby slot lost the endpoint.
+        maps.endpoints.remove(&key(standby)).unwrap();
+        (live, standby)
+    };
+    datapath.repair_standby().unwrap();
+    {
+        let mut maps = datapath.maps().unwrap();
+        let repaired = maps.endpoints.get(&key(standby), 0).unwrap();
+        assert_ne!(
+            repaired.flags & ENDPOINT_FLAG_PREFIX_RULES,
+            0,
+            "the repaired endpoint must send lookups to the prefix trie"
+        );
+        // And once that slot is live, the range still allows.
+        maps.set_live_generation(live + 1).unwrap();
+    }
+    let probe = Probe::tcp(ip("10.5.0.2"), 40_000, ip("10.5.0.1"), 8003);
+    assert_eq!(
+        datapath.test_run(XDP, &probe.to_frame()).unwrap(),
+        ProgramVerdict::Pass
+    );
+}

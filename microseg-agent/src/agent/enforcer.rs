@@ -18,7 +18,7 @@ use super::objects::{ObjectKey, ObjectMap, StoredObject, build_policy_set};
 use crate::{
     datapath::{ApplyReport, Datapath, DatapathState, addr::to_mapped},
     event_view::EventNames,
-    policy::{Compiled, PolicySet, compile},
+    policy::{Compiled, Compiler, PolicySet},
 };
 
 /// Why an apply was refused. Nothing was changed.
@@ -40,6 +40,9 @@ pub struct Enforcer {
     pub datapath: Datapath,
     /// What both generation slots of the maps hold.
     current: DatapathState,
+    /// Keeps identity, endpoint and rule ids from one compile to the next, so that
+    /// an update writes only the entries its change affects.
+    compiler: Compiler,
     /// What the agent knows of its interfaces (`agent::interfaces`), from which
     /// every generation's bindings are derived with its policy set.
     interface_facts: InterfaceFacts,
@@ -86,6 +89,7 @@ impl Enforcer {
         Self {
             datapath,
             current,
+            compiler: Compiler::default(),
             interface_facts: InterfaceFacts::default(),
             bindings: BTreeMap::new(),
             standby_error: None,
@@ -132,7 +136,7 @@ impl Enforcer {
             ),
             details: errors.errors.iter().map(ToString::to_string).collect(),
         })?;
-        let compiled = compile(&set);
+        let compiled = self.compiler.compile(&set);
         let mut state = self.with_audit_flags(&compiled, audit);
         let bindings = self.interface_facts.bindings(&set);
         state.interfaces = interface_bindings(&set, &bindings);

@@ -409,7 +409,7 @@ fn get(core: &AgentCore, kind: ObjectKind) -> Value {
                 .identities
                 .identities
                 .keys()
-                .map(|id| json!({"identity": id, "description": compiled.identities.describe(*id)}))
+                .map(|id| json!({"identity": id, "description": compiled.identities.describe(*id, set)}))
                 .collect(),
         ),
         ObjectKind::Endpoints => Value::Array(

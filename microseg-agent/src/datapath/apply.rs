@@ -51,9 +51,14 @@ pub struct StateDiff {
 }
 
 impl StateDiff {
-    pub fn between(old: &DatapathState, new: &DatapathState) -> Self {
+    /// What to write to a slot holding `old` to make it hold `new`, endpoints with
+    /// the flags the maps carry (`ENDPOINT_FLAG_PREFIX_RULES`).
+    pub fn for_maps(old: &DatapathState, new: &DatapathState) -> Self {
         Self {
-            endpoints: diff_maps(&old.endpoints, &new.endpoints),
+            endpoints: diff_maps(
+                &endpoints_with_prefix_flags(old),
+                &endpoints_with_prefix_flags(new),
+            ),
             peer_hosts: diff_maps(&old.peer_hosts, &new.peer_hosts),
             peer_prefixes: diff_maps(&old.peer_prefixes, &new.peer_prefixes),
             policy: diff_maps(&old.policy, &new.policy),
@@ -74,22 +79,49 @@ impl StateDiff {
     }
 }
 
+/// Both maps walked side by side in key order: linear, no lookups.
 fn diff_maps<K: Ord + Copy, V: PartialEq + Copy>(
     old: &BTreeMap<K, V>,
     new: &BTreeMap<K, V>,
 ) -> BTreeMap<K, Option<V>> {
-    let mut diff = BTreeMap::new();
-    for (key, value) in new {
-        if old.get(key) != Some(value) {
-            diff.insert(*key, Some(*value));
+    use std::cmp::Ordering;
+    let mut diff = Vec::new();
+    let mut old_entries = old.iter().peekable();
+    let mut new_entries = new.iter().peekable();
+    loop {
+        match (old_entries.peek(), new_entries.peek()) {
+            (None, None) => break,
+            (Some((key, _)), None) => {
+                diff.push((**key, None));
+                old_entries.next();
+            }
+            (None, Some((key, value))) => {
+                diff.push((**key, Some(**value)));
+                new_entries.next();
+            }
+            (Some((old_key, old_value)), Some((new_key, new_value))) => {
+                match old_key.cmp(new_key) {
+                    Ordering::Less => {
+                        diff.push((**old_key, None));
+                        old_entries.next();
+                    }
+                    Ordering::Greater => {
+                        diff.push((**new_key, Some(**new_value)));
+                        new_entries.next();
+                    }
+                    Ordering::Equal => {
+                        if old_value != new_value {
+                            diff.push((**new_key, Some(**new_value)));
+                        }
+                        old_entries.next();
+                        new_entries.next();
+                    }
+                }
+            }
         }
     }
-    for key in old.keys() {
-        if !new.contains_key(key) {
-            diff.insert(*key, None);
-        }
-    }
-    diff
+    // Sorted and distinct already: built in one pass.
+    diff.into_iter().collect()
 }
 
 /// What an apply did.
@@ -112,8 +144,7 @@ pub fn apply_state(
     new: &DatapathState,
 ) -> Result<ApplyReport, DatapathError> {
     validate_state(new)?;
-    let (current, new) = (&with_prefix_flags(current), &with_prefix_flags(new));
-    let diff = StateDiff::between(current, new);
+    let diff = StateDiff::for_maps(current, new);
     let live = maps.live_generation()?;
     if diff.is_empty() {
         return Ok(ApplyReport {
@@ -127,7 +158,7 @@ pub fn apply_state(
     let standby = slot_of(next);
     if let Err(error) = write_diff(maps, standby, &diff) {
         // Undo: make the standby slot hold `current` again.
-        let undo = StateDiff::between(new, current);
+        let undo = StateDiff::for_maps(new, current);
         if let Err(undo_error) = write_diff(maps, standby, &undo) {
             tracing::error!(%undo_error, "could not restore the standby generation slot");
         }
@@ -158,25 +189,29 @@ pub fn apply_state(
     })
 }
 
-/// The state as the maps hold it: endpoints with range or wildcard rules (entries in
+/// Endpoints as the maps hold them: those with range or wildcard rules (entries in
 /// the prefix trie) carry `ENDPOINT_FLAG_PREFIX_RULES`, the others skip the trie.
 /// Idempotent; `read_slot` strips the flag again.
-fn with_prefix_flags(state: &DatapathState) -> DatapathState {
+fn endpoints_with_prefix_flags(state: &DatapathState) -> BTreeMap<IpAddr, EndpointInfo> {
     let with_prefix_rules: std::collections::BTreeSet<u32> = state
         .policy
         .keys()
         .filter(|rule| !rule.is_exact_port())
         .map(|rule| rule.endpoint_id)
         .collect();
-    let mut state = state.clone();
-    for info in state.endpoints.values_mut() {
-        if with_prefix_rules.contains(&info.endpoint_id) {
-            info.flags |= ENDPOINT_FLAG_PREFIX_RULES;
-        } else {
-            info.flags &= !ENDPOINT_FLAG_PREFIX_RULES;
-        }
-    }
     state
+        .endpoints
+        .iter()
+        .map(|(address, info)| {
+            let mut info = *info;
+            if with_prefix_rules.contains(&info.endpoint_id) {
+                info.flags |= ENDPOINT_FLAG_PREFIX_RULES;
+            } else {
+                info.flags &= !ENDPOINT_FLAG_PREFIX_RULES;
+            }
+            (*address, info)
+        })
+        .collect()
 }
 
 /// Rejects states the maps cannot represent: full-length prefixes belong in
@@ -488,7 +523,7 @@ pub fn resync_standby(maps: &mut DatapathMaps<'_>) -> Result<DatapathState, Data
     let live_state = read_slot(maps, slot_of(live))?;
     let standby = slot_of(live.wrapping_add(1));
     let standby_state = read_slot(maps, standby)?;
-    let repair = StateDiff::between(&standby_state, &live_state);
+    let repair = StateDiff::for_maps(&standby_state, &live_state);
     write_diff(maps, standby, &repair)?;
     Ok(live_state)
 }

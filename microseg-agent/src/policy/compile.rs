@@ -11,35 +11,49 @@
 //!
 //! Each enforced workload gets an endpoint id; each rule selecting it becomes entries
 //! (endpoint, peer identity or ANY, direction, protocol, port block) -> allow(rule id).
+//!
+//! Ids stay with what they number from one compile to the next ([`Compiler`],
+//! `numbering`), so that a changed pod or policy changes only its own entries.
+//! Selectors are matched through label indexes (`label_index`), so a compile costs
+//! about the size of its output, not policies x workloads.
+
+mod label_index;
+mod numbering;
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashMapExt};
 use std::fmt;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use microseg_common::endpoint::{
     ENDPOINT_FLAG_EGRESS_ENFORCED, ENDPOINT_FLAG_INGRESS_ENFORCED, EndpointInfo,
 };
-use microseg_common::identity::{IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_WORLD};
+use microseg_common::identity::{IDENTITY_ANY, IDENTITY_WORLD};
 use microseg_common::policy::{PolicyEntry, port_range_blocks};
 
 use super::evaluate::RuleRef;
 use super::model::{
-    IpBlock, Labels, NamedPort, NamespaceScope, Peer, PolicyDirection, PolicySet, PortSpec,
-    Protocol, Workload,
+    IpBlock, LabelSelector, Labels, NamedPort, NamespaceScope, Peer, PolicyDirection, PolicySet,
+    PortSpec, Protocol, Workload,
 };
 use crate::datapath::state::{DatapathState, PolicyMatch, StateCounts};
+use label_index::LabelIndex;
+pub use numbering::Numbering;
+use numbering::NumberingPass;
+pub use numbering::WorkloadIdentityKey;
 
-/// Rule ids as stored in policy entries. Id 0 is `RULE_ID_DEFAULT_DENY`; rules are
-/// numbered from 1 in policy order, so ids are stable while the policies are.
+/// Rule ids as stored in policy entries. Id 0 is `RULE_ID_DEFAULT_DENY`; a rule keeps
+/// its id from one compile to the next while its policy exists (see [`Numbering`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleTable {
-    rules: Vec<RuleRef>,
+    rules: BTreeMap<u32, RuleRef>,
 }
 
 impl RuleTable {
     pub fn get(&self, rule_id: u32) -> Option<&RuleRef> {
-        let index = usize::try_from(rule_id).ok()?.checked_sub(1)?;
-        self.rules.get(index)
+        self.rules.get(&rule_id)
     }
 
     pub fn len(&self) -> usize {
@@ -50,38 +64,22 @@ impl RuleTable {
         self.rules.is_empty()
     }
 
-    /// (rule id, rule) pairs.
+    /// (rule id, rule) pairs, by id.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &RuleRef)> {
-        self.rules
-            .iter()
-            .enumerate()
-            .map(|(index, rule)| (rule_id_of(index), rule))
+        self.rules.iter().map(|(id, rule)| (*id, rule))
     }
-
-    fn push(&mut self, rule: RuleRef) -> u32 {
-        self.rules.push(rule);
-        rule_id_of(self.rules.len() - 1)
-    }
-}
-
-fn rule_id_of(index: usize) -> u32 {
-    u32::try_from(index + 1).expect("fewer than 2^32 rules")
 }
 
 /// What an identity stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IdentityInfo {
-    /// Workload addresses sharing labels, namespace and ipBlock membership.
+    /// Workload addresses sharing namespace, labels, ipBlock membership and named
+    /// ports.
     Workload {
-        namespace: String,
-        namespace_labels: Labels,
-        labels: Labels,
-        /// ipBlocks containing these addresses.
-        ip_blocks: Vec<IpBlock>,
-        /// Named ports that egress rules resolve on these workloads.
-        named_ports: Vec<NamedPort>,
-        /// `ns/name` of the workloads.
-        members: Vec<String>,
+        /// What they share (the key the id is kept by from one compile to the next).
+        key: Arc<WorkloadIdentityKey>,
+        /// The workloads, as indexes into the compiled set's `workloads`.
+        members: Vec<usize>,
     },
     /// Addresses outside the inventory covered by the same set of ipBlocks.
     Cidr {
@@ -102,12 +100,17 @@ impl IdentityTable {
         self.identities.get(&identity)
     }
 
-    /// A one-line description of any identity, reserved ones included.
-    pub fn describe(&self, identity: u32) -> String {
+    /// A one-line description of any identity, reserved ones included; `set` is the
+    /// policy set the table was compiled from.
+    pub fn describe(&self, identity: u32, set: &PolicySet) -> String {
         match (identity, self.identities.get(&identity)) {
             (IDENTITY_ANY, _) => "any".to_string(),
             (IDENTITY_WORLD, _) => "world".to_string(),
             (_, Some(IdentityInfo::Workload { members, .. })) => {
+                let members: Vec<String> = members
+                    .iter()
+                    .filter_map(|&index| set.workloads.get(index).map(Workload::key))
+                    .collect();
                 format!("identity {identity} (workloads {})", members.join(", "))
             }
             (
@@ -196,16 +199,6 @@ impl Compiled {
     }
 }
 
-/// Identity key of a workload address.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct WorkloadIdentityKey {
-    namespace: String,
-    namespace_labels: Labels,
-    labels: Labels,
-    blocks: Vec<usize>,
-    named_ports: Vec<NamedPort>,
-}
-
 /// Policy entry tail: (peer identity, protocol, port block).
 type EntryTail = (u32, Option<u8>, Option<(u16, u8)>);
 
@@ -219,16 +212,21 @@ struct CompiledRule {
     peer_identities: Vec<u32>,
 }
 
-struct IdentityAllocator {
-    next: u32,
-}
+/// What a workload identity stands for, by reference into the set: namespace, labels,
+/// ipBlocks (indexes) containing the address, named ports egress rules resolve on it.
+type IdentityView<'a> = (&'a str, &'a Labels, Vec<usize>, Vec<&'a NamedPort>);
 
-impl IdentityAllocator {
-    fn allocate(&mut self) -> u32 {
-        let identity = self.next;
-        self.next += 1;
-        identity
-    }
+/// A workload identity while compiling: what it stands for, by reference into the set.
+struct WorkloadIdentity<'a> {
+    id: u32,
+    key: Arc<WorkloadIdentityKey>,
+    namespace: &'a str,
+    labels: &'a Labels,
+    /// Indexes into the compile's distinct ipBlocks.
+    blocks: Vec<usize>,
+    named_ports: Vec<&'a NamedPort>,
+    /// Indexes into `PolicySet::workloads`.
+    members: Vec<usize>,
 }
 
 /// IPv4-mapped IPv6 space, where the data path keeps IPv4 addresses.
@@ -236,89 +234,118 @@ fn ipv4_mapped_range() -> IpNet {
     "::ffff:0:0/96".parse().expect("constant prefix")
 }
 
-/// Compiles the policies and inventory of `set` into map content.
+/// Compiles policy sets one after another, keeping ids stable between them (see
+/// [`Numbering`]): the agent keeps one, so that an update's diff holds only the map
+/// entries the change affects.
+#[derive(Clone, Debug, Default)]
+pub struct Compiler {
+    numbering: Numbering,
+}
+
+impl Compiler {
+    pub fn compile(&mut self, set: &PolicySet) -> Compiled {
+        let mut numbering = self.numbering.start();
+        let compiled = compile_numbered(set, &mut numbering);
+        self.numbering = numbering.finish();
+        compiled
+    }
+
+    pub fn numbering(&self) -> &Numbering {
+        &self.numbering
+    }
+}
+
+/// Compiles the policies and inventory of `set` into map content, with fresh ids.
 pub fn compile(set: &PolicySet) -> Compiled {
+    Compiler::default().compile(set)
+}
+
+fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Compiled {
     let mut compiled = Compiled::default();
-    let mut allocator = IdentityAllocator {
-        next: IDENTITY_FIRST_ALLOCATED,
-    };
 
     // Distinct ipBlocks and the named ports egress rules use.
-    let mut block_set: BTreeSet<IpBlock> = BTreeSet::new();
-    let mut egress_named: BTreeSet<(String, Protocol)> = BTreeSet::new();
+    let mut block_set: BTreeSet<&IpBlock> = BTreeSet::new();
+    let mut egress_named: BTreeSet<(&str, Protocol)> = BTreeSet::new();
     for policy in &set.policies {
         for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
             for rule in policy.rules(direction).unwrap_or_default() {
                 for peer in rule.peers.iter().flatten() {
                     if let Peer::IpBlock(block) = peer {
-                        block_set.insert(block.clone());
+                        block_set.insert(block);
                     }
                 }
                 if direction == PolicyDirection::Egress {
                     for port in rule.ports.iter().flatten() {
                         if let PortSpec::Named(name) = &port.port {
-                            egress_named.insert((name.clone(), port.protocol));
+                            egress_named.insert((name.as_str(), port.protocol));
                         }
                     }
                 }
             }
         }
     }
-    let blocks: Vec<IpBlock> = block_set.into_iter().collect();
+    let blocks: Vec<&IpBlock> = block_set.into_iter().collect();
 
-    // Workload identities.
-    let mut workload_identity_by_key: BTreeMap<WorkloadIdentityKey, u32> = BTreeMap::new();
-    // identity -> key, for peer matching below.
-    let mut workload_identities: Vec<(u32, WorkloadIdentityKey)> = Vec::new();
-    for workload in &set.workloads {
-        let named_ports: Vec<NamedPort> = workload
-            .ports
-            .iter()
-            .filter(|port| egress_named.contains(&(port.name.clone(), port.protocol)))
-            .cloned()
-            .collect();
+    // Workload identities: addresses grouped by what the identity stands for.
+    let mut workload_identities: Vec<WorkloadIdentity<'_>> = Vec::new();
+    let mut identity_by_view: HashMap<IdentityView<'_>, usize> = HashMap::new();
+    for (workload_index, workload) in set.workloads.iter().enumerate() {
+        let named_ports: Vec<&NamedPort> = if egress_named.is_empty() {
+            Vec::new()
+        } else {
+            workload
+                .ports
+                .iter()
+                .filter(|port| egress_named.contains(&(port.name.as_str(), port.protocol)))
+                .collect()
+        };
         for address in &workload.addresses {
-            let key = WorkloadIdentityKey {
-                namespace: workload.namespace.clone(),
-                namespace_labels: set.namespace_labels(&workload.namespace).clone(),
-                labels: workload.labels.clone(),
-                blocks: (0..blocks.len())
-                    .filter(|&index| blocks[index].contains(*address))
-                    .collect(),
-                named_ports: named_ports.clone(),
-            };
-            let identity = match workload_identity_by_key.get(&key) {
-                Some(identity) => *identity,
+            let address_blocks: Vec<usize> = (0..blocks.len())
+                .filter(|&index| blocks[index].contains(*address))
+                .collect();
+            let view = (
+                workload.namespace.as_str(),
+                &workload.labels,
+                address_blocks,
+                named_ports.clone(),
+            );
+            let index = match identity_by_view.get(&view) {
+                Some(&index) => index,
                 None => {
-                    let identity = allocator.allocate();
-                    workload_identity_by_key.insert(key.clone(), identity);
-                    workload_identities.push((identity, key.clone()));
-                    compiled.identities.identities.insert(
-                        identity,
-                        IdentityInfo::Workload {
-                            namespace: key.namespace.clone(),
-                            namespace_labels: key.namespace_labels.clone(),
-                            labels: key.labels.clone(),
-                            ip_blocks: key
-                                .blocks
-                                .iter()
-                                .map(|&index| blocks[index].clone())
-                                .collect(),
-                            named_ports: key.named_ports.clone(),
-                            members: Vec::new(),
-                        },
-                    );
-                    identity
+                    let (namespace, labels, address_blocks, named_ports) = view.clone();
+                    let (id, key) = numbering.workload_identity(WorkloadIdentityKey {
+                        namespace: namespace.to_owned(),
+                        labels: labels.clone(),
+                        ip_blocks: address_blocks.iter().map(|&i| blocks[i].clone()).collect(),
+                        named_ports: named_ports.iter().map(|&port| port.clone()).collect(),
+                    });
+                    workload_identities.push(WorkloadIdentity {
+                        id,
+                        key,
+                        namespace,
+                        labels,
+                        blocks: address_blocks,
+                        named_ports,
+                        members: Vec::new(),
+                    });
+                    identity_by_view.insert(view, workload_identities.len() - 1);
+                    workload_identities.len() - 1
                 }
             };
-            if let Some(IdentityInfo::Workload { members, .. }) =
-                compiled.identities.identities.get_mut(&identity)
-                && members.last() != Some(&workload.key())
-            {
-                members.push(workload.key());
+            let identity = &mut workload_identities[index];
+            if identity.members.last() != Some(&workload_index) {
+                identity.members.push(workload_index);
             }
-            compiled.state.peer_hosts.insert(*address, identity);
+            compiled.state.peer_hosts.insert(*address, identity.id);
         }
+    }
+    drop(identity_by_view);
+    for identity in &mut workload_identities {
+        let info = IdentityInfo::Workload {
+            key: identity.key.clone(),
+            members: std::mem::take(&mut identity.members),
+        };
+        compiled.identities.identities.insert(identity.id, info);
     }
 
     // CIDR identities: each distinct prefix gets the set of ipBlocks covering all of it.
@@ -333,8 +360,14 @@ pub fn compile(set: &PolicySet) -> Compiled {
     if prefixes.iter().any(|prefix| prefix.contains(&mapped)) {
         prefixes.insert("0.0.0.0/0".parse().expect("constant prefix"));
     }
-    let mut cidr_identity_by_set: BTreeMap<Vec<usize>, u32> = BTreeMap::new();
-    let mut cidr_identities: Vec<(u32, Vec<usize>)> = Vec::new();
+    // ipBlock index -> identities (workload and CIDR) it covers.
+    let mut block_identities: Vec<Vec<u32>> = vec![Vec::new(); blocks.len()];
+    for identity in &workload_identities {
+        for &index in &identity.blocks {
+            block_identities[index].push(identity.id);
+        }
+    }
+    let mut cidr_identity_by_set: HashMap<Vec<usize>, u32> = HashMap::new();
     for prefix in &prefixes {
         let covering: Vec<usize> = (0..blocks.len())
             .filter(|&index| {
@@ -349,19 +382,19 @@ pub fn compile(set: &PolicySet) -> Compiled {
             match cidr_identity_by_set.get(&covering) {
                 Some(identity) => *identity,
                 None => {
-                    let identity = allocator.allocate();
-                    cidr_identity_by_set.insert(covering.clone(), identity);
-                    cidr_identities.push((identity, covering.clone()));
+                    let identity = numbering
+                        .cidr_identity(covering.iter().map(|&i| blocks[i].clone()).collect());
+                    for &index in &covering {
+                        block_identities[index].push(identity);
+                    }
                     compiled.identities.identities.insert(
                         identity,
                         IdentityInfo::Cidr {
                             prefixes: Vec::new(),
-                            ip_blocks: covering
-                                .iter()
-                                .map(|&index| blocks[index].clone())
-                                .collect(),
+                            ip_blocks: covering.iter().map(|&i| blocks[i].clone()).collect(),
                         },
                     );
+                    cidr_identity_by_set.insert(covering, identity);
                     identity
                 }
             }
@@ -381,84 +414,87 @@ pub fn compile(set: &PolicySet) -> Compiled {
         }
     }
 
-    // Peer -> identities.
-    let block_index: BTreeMap<&IpBlock, usize> = blocks
+    // Peer -> identities, through per-namespace label indexes of the identities.
+    let block_index: HashMap<&IpBlock, usize> = blocks
         .iter()
         .enumerate()
-        .map(|(index, block)| (block, index))
+        .map(|(index, block)| (*block, index))
         .collect();
-    // Workload identities by namespace, so that a peer in one namespace (the usual
-    // podSelector) is matched against that namespace's identities only.
-    let mut identities_by_namespace: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (index, (_, key)) in workload_identities.iter().enumerate() {
+    let mut identities_by_namespace: BTreeMap<&str, LabelIndex<'_>> = BTreeMap::new();
+    for (index, identity) in workload_identities.iter().enumerate() {
         identities_by_namespace
-            .entry(key.namespace.as_str())
+            .entry(identity.namespace)
             .or_default()
-            .push(index);
+            .add(index, identity.labels);
     }
-    let peer_identities = |peer: &Peer| -> Vec<u32> {
-        match peer {
-            Peer::Workloads {
-                namespaces: NamespaceScope::Named(name),
-                pods,
-            } => identities_by_namespace
-                .get(name.as_str())
-                .into_iter()
-                .flatten()
-                .map(|&index| &workload_identities[index])
-                .filter(|(_, key)| pods.matches(&key.labels))
-                .map(|(identity, _)| *identity)
-                .collect(),
-            Peer::Workloads {
-                namespaces: NamespaceScope::Selected(selector),
-                pods,
-            } => identities_by_namespace
-                .values()
-                .filter(|indexes| {
-                    let (_, first) = &workload_identities[indexes[0]];
-                    selector.matches(&first.namespace_labels)
-                })
-                .flatten()
-                .map(|&index| &workload_identities[index])
-                .filter(|(_, key)| pods.matches(&key.labels))
-                .map(|(identity, _)| *identity)
-                .collect(),
-            Peer::IpBlock(block) => {
-                let index = block_index[block];
-                workload_identities
-                    .iter()
-                    .filter(|(_, key)| key.blocks.contains(&index))
-                    .map(|(identity, _)| *identity)
-                    .chain(
-                        cidr_identities
-                            .iter()
-                            .filter(|(_, covering)| covering.contains(&index))
-                            .map(|(identity, _)| *identity),
-                    )
-                    .collect()
+    let named_port_identities: Vec<&WorkloadIdentity<'_>> = workload_identities
+        .iter()
+        .filter(|identity| !identity.named_ports.is_empty())
+        .collect();
+    // Namespaces a namespaceSelector matches, worked out once per distinct selector.
+    let mut namespaces_selected: HashMap<&'a LabelSelector, Vec<&'a str>> = HashMap::new();
+    // Identities of one namespace that `pods` selects.
+    let selected_in = |index: &LabelIndex<'_>, pods: &LabelSelector, out: &mut BTreeSet<u32>| {
+        out.extend(
+            index
+                .candidates(pods)
+                .iter()
+                .map(|&i| &workload_identities[i])
+                .filter(|identity| pods.matches(identity.labels))
+                .map(|identity| identity.id),
+        );
+    };
+    let mut peer_identities = |peer: &'a Peer, out: &mut BTreeSet<u32>| match peer {
+        Peer::Workloads {
+            namespaces: NamespaceScope::Named(name),
+            pods,
+        } => {
+            if let Some(index) = identities_by_namespace.get(name.as_str()) {
+                selected_in(index, pods, out);
             }
+        }
+        Peer::Workloads {
+            namespaces: NamespaceScope::Selected(selector),
+            pods,
+        } => {
+            let namespaces = namespaces_selected.entry(selector).or_insert_with(|| {
+                identities_by_namespace
+                    .keys()
+                    .copied()
+                    .filter(|namespace| selector.matches(set.namespace_labels(namespace)))
+                    .collect()
+            });
+            for namespace in namespaces.iter() {
+                selected_in(&identities_by_namespace[namespace], pods, out);
+            }
+        }
+        Peer::IpBlock(block) => {
+            out.extend(block_identities[block_index[block]].iter().copied());
         }
     };
 
-    // Rules, reduced once each.
-    let mut compiled_rules: BTreeMap<(usize, PolicyDirection), Vec<CompiledRule>> = BTreeMap::new();
-    for (policy_index, policy) in set.policies.iter().enumerate() {
+    // Rules, reduced once each: index 2 x policy + direction.
+    let mut compiled_rules: Vec<Vec<CompiledRule>> = Vec::with_capacity(2 * set.policies.len());
+    for policy in &set.policies {
         for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
-            let Some(rules) = policy.rules(direction) else {
-                continue;
-            };
+            let rules = policy.rules(direction).unwrap_or_default();
             let mut reduced = Vec::with_capacity(rules.len());
             for (rule_index, rule) in rules.iter().enumerate() {
-                let rule_id = compiled.rules.push(RuleRef {
+                let rule_ref = RuleRef {
                     policy_namespace: policy.namespace.clone(),
                     policy_name: policy.name.clone(),
                     direction,
                     rule_index,
-                });
+                };
+                let rule_id = numbering.rule(&rule_ref);
+                compiled.rules.rules.insert(rule_id, rule_ref);
                 let identities: Vec<u32> = match &rule.peers {
                     None => vec![IDENTITY_ANY],
                     Some(peers) => {
-                        let set: BTreeSet<u32> = peers.iter().flat_map(&peer_identities).collect();
+                        let mut set = BTreeSet::new();
+                        for peer in peers {
+                            peer_identities(peer, &mut set);
+                        }
                         set.into_iter().collect()
                     }
                 };
@@ -493,18 +529,18 @@ pub fn compile(set: &PolicySet) -> Compiled {
                                     PolicyDirection::Egress => {
                                         // Resolved on each destination identity; a rule
                                         // without peers reaches every workload identity.
-                                        for (identity, key) in &workload_identities {
-                                            let peer_ok = identities.contains(identity)
+                                        for identity in &named_port_identities {
+                                            let peer_ok = identities.contains(&identity.id)
                                                 || identities.contains(&IDENTITY_ANY);
                                             if !peer_ok {
                                                 continue;
                                             }
-                                            for named in &key.named_ports {
+                                            for named in &identity.named_ports {
                                                 if named.name == *name
                                                     && named.protocol == port.protocol
                                                 {
                                                     entries.insert((
-                                                        *identity,
+                                                        identity.id,
                                                         protocol,
                                                         Some((named.port, 16)),
                                                     ));
@@ -524,35 +560,56 @@ pub fn compile(set: &PolicySet) -> Compiled {
                     peer_identities: identities,
                 });
             }
-            compiled_rules.insert((policy_index, direction), reduced);
+            compiled_rules.push(reduced);
         }
     }
+    let rules_of = |policy_index: usize, direction: PolicyDirection| {
+        &compiled_rules[2 * policy_index + usize::from(direction == PolicyDirection::Egress)]
+    };
+
+    // Which policies select which workloads, through per-namespace label indexes of
+    // the workloads: (workload, direction, policy), in policy order per workload.
+    let mut workloads_by_namespace: BTreeMap<&str, LabelIndex<'_>> = BTreeMap::new();
+    for (index, workload) in set.workloads.iter().enumerate() {
+        if !workload.addresses.is_empty() {
+            workloads_by_namespace
+                .entry(workload.namespace.as_str())
+                .or_default()
+                .add(index, &workload.labels);
+        }
+    }
+    let mut selections: Vec<(usize, PolicyDirection, usize)> = Vec::new();
+    for (policy_index, policy) in set.policies.iter().enumerate() {
+        let Some(index) = workloads_by_namespace.get(policy.namespace.as_str()) else {
+            continue;
+        };
+        let selected: Vec<usize> = index
+            .candidates(&policy.pod_selector)
+            .iter()
+            .copied()
+            .filter(|&w| policy.pod_selector.matches(&set.workloads[w].labels))
+            .collect();
+        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
+            if policy.rules(direction).is_some() {
+                selections.extend(selected.iter().map(|&w| (w, direction, policy_index)));
+            }
+        }
+    }
+    // Stable: policy order is kept within each workload and direction.
+    selections.sort_by_key(|&(workload, direction, _)| (workload, direction));
 
     // Endpoints and their entries.
-    let mut next_endpoint_id = 1u32;
-    for (workload_index, workload) in set.workloads.iter().enumerate() {
-        if workload.addresses.is_empty() {
-            continue;
-        }
-        let in_namespace = set.policy_range(&workload.namespace);
-        let selecting = |direction| -> Vec<usize> {
-            in_namespace
-                .clone()
-                .filter(|&index| set.policy_selects(&set.policies[index], workload, direction))
-                .collect()
-        };
-        let ingress = selecting(PolicyDirection::Ingress);
-        let egress = selecting(PolicyDirection::Egress);
-        if ingress.is_empty() && egress.is_empty() {
-            continue;
-        }
-        let endpoint_id = next_endpoint_id;
-        next_endpoint_id += 1;
+    for per_workload in selections.chunk_by(|a, b| a.0 == b.0) {
+        let workload_index = per_workload[0].0;
+        let workload = &set.workloads[workload_index];
+        let ingress_enforced = per_workload.iter().any(|s| s.1 == PolicyDirection::Ingress);
+        let egress_enforced = per_workload.iter().any(|s| s.1 == PolicyDirection::Egress);
+        let endpoint_id = numbering.endpoint(&workload.namespace, &workload.name);
         let mut flags = 0;
-        if !ingress.is_empty() {
+        if ingress_enforced {
             flags |= ENDPOINT_FLAG_INGRESS_ENFORCED;
         }
-        if !egress.is_empty() {
+        if egress_enforced {
             flags |= ENDPOINT_FLAG_EGRESS_ENFORCED;
         }
         for address in &workload.addresses {
@@ -566,24 +623,13 @@ pub fn compile(set: &PolicySet) -> Compiled {
             CompiledEndpoint {
                 workload_index,
                 workload: workload.key(),
-                ingress_enforced: !ingress.is_empty(),
-                egress_enforced: !egress.is_empty(),
+                ingress_enforced,
+                egress_enforced,
             },
         );
-        for (direction, policies) in [
-            (PolicyDirection::Ingress, ingress),
-            (PolicyDirection::Egress, egress),
-        ] {
-            for policy_index in policies {
-                for rule in &compiled_rules[&(policy_index, direction)] {
-                    insert_rule_entries(
-                        &mut compiled.state,
-                        endpoint_id,
-                        direction,
-                        rule,
-                        workload,
-                    );
-                }
+        for &(_, direction, policy_index) in per_workload {
+            for rule in rules_of(policy_index, direction) {
+                insert_rule_entries(&mut compiled.state, endpoint_id, direction, rule, workload);
             }
         }
     }

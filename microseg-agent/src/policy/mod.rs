@@ -22,7 +22,8 @@ mod model;
 mod validate;
 
 pub use compile::{
-    CompileStats, Compiled, CompiledEndpoint, IdentityInfo, IdentityTable, RuleTable, compile,
+    CompileStats, Compiled, CompiledEndpoint, Compiler, IdentityInfo, IdentityTable, Numbering,
+    RuleTable, WorkloadIdentityKey, compile,
 };
 pub use error::{LoadErrors, PolicyError, Source};
 pub use evaluate::{
