@@ -8,10 +8,18 @@
 //! - `apply_10k_ms`: `Datapath::apply` of the compiled state onto empty maps (both
 //!   generation slots written, then the switch); the compile time is reported beside
 //!   it (`compile_10k_ms`).
-//! - `update_to_enforced_ms`: policy `p0` gains UDP 9000. A second instance of the
-//!   programs, sharing the pinned maps, runs the probe `w1 -> w0 UDP 9000` through
-//!   BPF_PROG_TEST_RUN in a tight loop on the other core; the figure is the time from
-//!   the start of `apply` (recompiled state, a one-entry diff) to the first `pass`.
+//! - `changes`: one change of each type, in turn, through the agent's own path: the
+//!   policy set rebuilt from its objects (`build_ms`), compiled by the same
+//!   `Compiler` as every earlier state (ids kept: `compile_ms`), applied
+//!   (`apply_ms`, `entries_written` per generation slot). A second instance of the
+//!   programs, sharing the pinned maps, runs a probe whose verdict the change flips
+//!   through BPF_PROG_TEST_RUN in a tight loop on the other core; `to_enforced_ms` is
+//!   the time from the start of the compile to the first packet judged by the new
+//!   state (`from_rebuild_ms` adds the rebuild of the set). The changes: policy `p0`
+//!   gains UDP 9000 (probe `w1 -> w0 UDP 9000` passes); pod `extra` with `w1`'s labels
+//!   added (`extra -> w0 TCP 8080` passes); pod `w1` relabelled (`w1 -> w0 TCP 8080`
+//!   drops); pod `extra` removed (`extra -> w0 TCP 8080` drops).
+//! - `update_*`: the policy change above, as earlier reports named it.
 //! - `restart_ready_ms`: with the state in pinned maps and no process holding them, a
 //!   fresh `Datapath::load` of the pin directory, `adopt_state()`, and test runs that
 //!   give the right verdicts (one allowed probe, one denied probe).
@@ -29,7 +37,7 @@ use microseg::{
         AttachPoint, Capacities, Datapath, DatapathState, LoadOptions, ProgramVerdict,
         detach_pinned, probe::Probe,
     },
-    policy::{PolicySetBuilder, Source, compile},
+    policy::{Compiler, PolicySet, PolicySetBuilder, Source},
 };
 use serde::Serialize;
 
@@ -48,17 +56,51 @@ pub struct ControlPlane {
     pub apply_10k_ms: f64,
     pub policy_entries: usize,
     pub endpoints: usize,
-    /// Recompiling the whole set after one policy changed.
+    /// Compiling the set after one policy changed (ids kept from the first compile).
     pub update_compile_ms: f64,
-    /// The `apply` call of the one-policy diff, start to return (it includes a 2 ms
-    /// settle wait after the switch before the old slot is rewritten).
+    /// The `apply` call of the one-policy diff, start to return (the grace period
+    /// after the switch included, before the old slot is rewritten).
     pub update_apply_ms: f64,
     pub update_to_enforced_ms: f64,
     /// Probe runs the other core made while waiting for the new verdict.
     pub update_polls: u64,
+    /// One change of each type, in the order made.
+    pub changes: Vec<ChangeFigures>,
     pub restart_ready_ms: f64,
     pub restart_load_ms: f64,
     pub restart_adopt_ms: f64,
+}
+
+/// What one change cost, from the rebuilt set to the first packet judged by it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChangeFigures {
+    pub change: &'static str,
+    pub build_ms: f64,
+    pub compile_ms: f64,
+    pub apply_ms: f64,
+    /// Map entries written per generation slot (added, changed or deleted).
+    pub entries_written: usize,
+    /// From the start of the compile to the first packet judged by the new state.
+    pub to_enforced_ms: f64,
+    /// The same, from the start of the rebuild of the policy set.
+    pub from_rebuild_ms: f64,
+    pub polls: u64,
+}
+
+/// The variations of the policy set that the changes step through.
+#[derive(Clone, Copy, Default)]
+struct Variation {
+    /// `p0` also allows UDP 9000.
+    extra_udp: bool,
+    /// Pod `extra` (labels of `w1`) exists.
+    extra_pod: bool,
+    /// `w1` carries `app=w1-relabelled`.
+    w1_relabelled: bool,
+}
+
+/// The address of pod `extra`, outside the `w<i>` range.
+fn extra_address() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 95, 255, 1))
 }
 
 fn address(index: u32) -> IpAddr {
@@ -94,27 +136,50 @@ fn policy_document(index: u32, extra_udp: bool) -> serde_json::Value {
     })
 }
 
-/// Compiles `count` policies over `count` workloads; `changed` gives `p0` the extra
-/// UDP port. Returns the state and the compile time.
-fn compile_set(count: u32, changed: bool) -> anyhow::Result<(DatapathState, f64)> {
+/// The policy set of `count` policies over `count` workloads, varied by `variation`,
+/// built as the agent builds it from its objects; and how long that took.
+fn build_set(count: u32, variation: Variation) -> anyhow::Result<(PolicySet, f64)> {
+    let start = Instant::now();
     let mut builder = PolicySetBuilder::new();
     let source = Source::memory("microseg-bench");
     for index in 0..count {
+        let app = if index == 1 && variation.w1_relabelled {
+            "w1-relabelled".to_owned()
+        } else {
+            format!("w{index}")
+        };
         let mut workload = scenario::workload(
             format!("w{index}"),
-            [("app".to_owned(), format!("w{index}"))].into(),
+            [("app".to_owned(), app)].into(),
             address(index),
         );
         workload.namespace = namespace_of(index);
         builder.add_workload(workload);
-        builder.add_document(&source, &policy_document(index, changed && index == 0));
+        builder.add_document(
+            &source,
+            &policy_document(index, variation.extra_udp && index == 0),
+        );
+    }
+    if variation.extra_pod {
+        let mut extra = scenario::workload(
+            "extra".to_owned(),
+            [("app".to_owned(), "w1".to_owned())].into(),
+            extra_address(),
+        );
+        extra.namespace = namespace_of(0);
+        builder.add_workload(extra);
     }
     let set = builder
         .finish()
         .map_err(|errors| anyhow::anyhow!("the control-plane policy set is invalid: {errors:?}"))?;
+    Ok((set, start.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Compiles `set` with `compiler`: the state and the compile time.
+fn compile_timed(compiler: &mut Compiler, set: &PolicySet) -> (DatapathState, f64) {
     let start = Instant::now();
-    let compiled = compile(&set);
-    Ok((compiled.state, start.elapsed().as_secs_f64() * 1e3))
+    let compiled = compiler.compile(set);
+    (compiled.state, start.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Removes the pinned maps when the measurement ends, however it ends.
@@ -154,7 +219,10 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
         "whole namespaces of {PER_NAMESPACE}"
     );
     progress.step(format!("control plane: compiling {count} policies"));
-    let (state, compile_ms) = compile_set(count, false)?;
+    let mut compiler = Compiler::default();
+    let (set, _) = build_set(count, Variation::default())?;
+    let (state, compile_ms) = compile_timed(&mut compiler, &set);
+    drop(set);
     let counts = state.counts();
     ensure!(
         counts.endpoints == count as usize && counts.policy == count as usize,
@@ -175,19 +243,92 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
     // w1 may reach w0 on TCP 8080 (p0's rule), not the other way; UDP 9000 not yet.
     let allowed = Probe::tcp(address(1), 40_000, address(0), TCP_PORT);
     let denied = Probe::tcp(address(0), 40_000, address(1), TCP_PORT);
-    let changed = Probe::udp(address(1), 40_001, address(0), NEW_UDP_PORT);
+    let udp = Probe::udp(address(1), 40_001, address(0), NEW_UDP_PORT);
+    let from_extra = Probe::tcp(extra_address(), 40_002, address(0), TCP_PORT);
     expect(&datapath, &allowed, ProgramVerdict::Pass)?;
     expect(&datapath, &denied, ProgramVerdict::Drop)?;
-    expect(&datapath, &changed, ProgramVerdict::Drop)?;
+    expect(&datapath, &udp, ProgramVerdict::Drop)?;
+    expect(&datapath, &from_extra, ProgramVerdict::Drop)?;
 
-    progress.step("control plane: one changed policy");
-    let (new_state, update_compile_ms) = compile_set(count, true)?;
+    let steps = [
+        (
+            "policy changed",
+            Variation {
+                extra_udp: true,
+                ..Variation::default()
+            },
+            &udp,
+            ProgramVerdict::Pass,
+        ),
+        (
+            "pod added",
+            Variation {
+                extra_udp: true,
+                extra_pod: true,
+                ..Variation::default()
+            },
+            &from_extra,
+            ProgramVerdict::Pass,
+        ),
+        (
+            "labels changed",
+            Variation {
+                extra_udp: true,
+                extra_pod: true,
+                w1_relabelled: true,
+            },
+            &allowed,
+            ProgramVerdict::Drop,
+        ),
+        (
+            "pod removed",
+            Variation {
+                extra_udp: true,
+                extra_pod: false,
+                w1_relabelled: true,
+            },
+            &from_extra,
+            ProgramVerdict::Drop,
+        ),
+    ];
+    let mut current = state;
+    let mut changes = Vec::new();
+    for (change, variation, probe, wanted) in steps {
+        progress.step(format!("control plane: {change}"));
+        let (set, build_ms) = build_set(count, variation)?;
+        let measured = update_latency(
+            &pin.0,
+            &mut datapath,
+            &mut compiler,
+            &set,
+            &current,
+            probe,
+            wanted,
+        )
+        .with_context(|| format!("enforcing the change \"{change}\""))?;
+        progress.line(format!(
+            "  {change:<15} rebuild {build_ms:>7.1} ms, compile {:>6.1} ms, apply {:>6.1} ms, {:>3} entries, judged {:>6.1} ms after the compile started",
+            measured.compile_ms, measured.apply_ms, measured.entries_written, measured.to_enforced_ms
+        ));
+        changes.push(ChangeFigures {
+            change,
+            build_ms,
+            compile_ms: measured.compile_ms,
+            apply_ms: measured.apply_ms,
+            entries_written: measured.entries_written,
+            to_enforced_ms: measured.to_enforced_ms,
+            from_rebuild_ms: build_ms + measured.to_enforced_ms,
+            polls: measured.polls,
+        });
+        current = measured.state;
+    }
+    let policy_change = &changes[0];
     ensure!(
-        new_state.policy.len() == state.policy.len() + 1,
-        "the changed policy should add exactly one entry"
+        policy_change.entries_written == 1,
+        "the changed policy should write exactly one entry, not {}",
+        policy_change.entries_written
     );
-    let (update_apply_ms, update_to_enforced_ms, update_polls) =
-        update_latency(&pin.0, &mut datapath, &state, &new_state, &changed)?;
+    let new_state = current;
 
     progress.step("control plane: restart with pinned state");
     drop(datapath);
@@ -196,8 +337,11 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
     let restart_load_ms = start.elapsed().as_secs_f64() * 1e3;
     let adopted = restarted.adopt_state()?;
     let restart_adopt_ms = start.elapsed().as_secs_f64() * 1e3 - restart_load_ms;
-    expect(&restarted, &allowed, ProgramVerdict::Pass)?;
-    expect(&restarted, &denied, ProgramVerdict::Drop)?;
+    // w1 was relabelled by the changes: w3 -> w2 is the unchanged pair.
+    let unchanged_allowed = Probe::tcp(address(3), 40_003, address(2), TCP_PORT);
+    let unchanged_denied = Probe::tcp(address(2), 40_003, address(3), TCP_PORT);
+    expect(&restarted, &unchanged_allowed, ProgramVerdict::Pass)?;
+    expect(&restarted, &unchanged_denied, ProgramVerdict::Drop)?;
     let restart_ready_ms = start.elapsed().as_secs_f64() * 1e3;
     ensure!(
         adopted == new_state,
@@ -213,26 +357,39 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
         apply_10k_ms: apply_ms,
         policy_entries: counts.policy,
         endpoints: counts.endpoints,
-        update_compile_ms,
-        update_apply_ms,
-        update_to_enforced_ms,
-        update_polls,
+        update_compile_ms: changes[0].compile_ms,
+        update_apply_ms: changes[0].apply_ms,
+        update_to_enforced_ms: changes[0].to_enforced_ms,
+        update_polls: changes[0].polls,
+        changes,
         restart_ready_ms,
         restart_load_ms,
         restart_adopt_ms,
     })
 }
 
-/// Applies `new` over `current` while another thread, with its own instance of the
-/// programs on the same pinned maps, polls `probe` until it passes. Returns (apply
-/// ms, ms from the start of apply to the first pass, polls).
+/// What `update_latency` measured.
+struct Update {
+    state: DatapathState,
+    compile_ms: f64,
+    apply_ms: f64,
+    entries_written: usize,
+    to_enforced_ms: f64,
+    polls: u64,
+}
+
+/// Compiles `set` and applies it over `current` while another thread, with its own
+/// instance of the programs on the same pinned maps, polls `probe` until its verdict
+/// is `wanted`. Times run from the start of the compile.
 fn update_latency(
     pin_dir: &Path,
     datapath: &mut Datapath,
+    compiler: &mut Compiler,
+    set: &PolicySet,
     current: &DatapathState,
-    new: &DatapathState,
     probe: &Probe,
-) -> anyhow::Result<(f64, f64, u64)> {
+    wanted: ProgramVerdict,
+) -> anyhow::Result<Update> {
     let ready = Arc::new(Barrier::new(2));
     let (sender, receiver) = mpsc::channel::<anyhow::Result<(Instant, u64)>>();
     let frame = probe.to_frame();
@@ -244,15 +401,17 @@ fn update_latency(
                 let observer = load_pinned(&pin_dir);
                 ready.wait();
                 let observer = observer?;
-                let deadline = Instant::now() + Duration::from_secs(5);
+                let deadline = Instant::now() + Duration::from_secs(10);
                 let mut polls = 0u64;
                 loop {
                     polls += 1;
-                    if observer.test_run(AttachPoint::TcIngress, &frame)? == ProgramVerdict::Pass {
+                    // TCP probes are bare SYNs, judged by policy every time; the UDP
+                    // probe only goes from drop to pass, so no flow of it is tracked.
+                    if observer.test_run(AttachPoint::TcIngress, &frame)? == wanted {
                         return Ok((Instant::now(), polls));
                     }
                     if Instant::now() > deadline {
-                        bail!("the changed policy was not enforced within 5 s");
+                        bail!("the change was not enforced within 10 s");
                     }
                 }
             })();
@@ -263,14 +422,22 @@ fn update_latency(
     // Let the poller reach its loop before the clock starts.
     std::thread::sleep(Duration::from_millis(20));
     let start = Instant::now();
-    let applied = datapath.apply(current, new);
-    let apply_ms = start.elapsed().as_secs_f64() * 1e3;
+    let (state, compile_ms) = compile_timed(compiler, set);
+    let applying = Instant::now();
+    let applied = datapath.apply(current, &state);
+    let apply_ms = applying.elapsed().as_secs_f64() * 1e3;
     let polled = receiver
-        .recv_timeout(Duration::from_secs(10))
+        .recv_timeout(Duration::from_secs(15))
         .context("the poller thread did not answer")?;
     let _ = poller.join();
-    applied?;
+    let report = applied?;
     let (enforced_at, polls) = polled?;
-    let enforced_ms = enforced_at.saturating_duration_since(start).as_secs_f64() * 1e3;
-    Ok((apply_ms, enforced_ms, polls))
+    Ok(Update {
+        state,
+        compile_ms,
+        apply_ms,
+        entries_written: report.changes,
+        to_enforced_ms: enforced_at.saturating_duration_since(start).as_secs_f64() * 1e3,
+        polls,
+    })
 }
