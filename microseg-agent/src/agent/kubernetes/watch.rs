@@ -98,7 +98,8 @@ fn key_of<K: Resource>(kind: &str, object: &K) -> ObjectKey {
 }
 
 /// The object as the policy loader reads it: with `apiVersion` and `kind` (list
-/// items come without them) and without `managedFields` (large, never read).
+/// items come without them) and without `managedFields` (large, never read). Pods
+/// keep only what the agent reads ([`slim_pod`]).
 fn keyed<K: Resource<DynamicType = ()> + Serialize>(
     kind: &str,
     object: &K,
@@ -111,7 +112,45 @@ fn keyed<K: Resource<DynamicType = ()> + Serialize>(
             metadata.remove("managedFields");
         }
     }
+    if kind == "Pod" {
+        slim_pod(&mut value);
+    }
     (key_of(kind, object), value)
+}
+
+/// Of a Pod, only what the agent reads: its name, namespace and labels, the named
+/// ports of its containers, `hostNetwork`, `nodeName`, its phase and addresses. A
+/// pod as the API server sends it is mostly container specs and status conditions
+/// (kilobytes each); the agent holds every pod of the cluster, so it keeps these
+/// few fields only. A status-only update then compares equal to the stored pod.
+pub fn slim_pod(value: &mut serde_json::Value) {
+    use serde_json::{Map, Value};
+    fn keep(from: &Value, fields: &[&str]) -> Value {
+        let mut kept = Map::new();
+        for field in fields {
+            if let Some(value) = from.get(field) {
+                kept.insert((*field).to_owned(), value.clone());
+            }
+        }
+        Value::Object(kept)
+    }
+    let mut slim = keep(value, &["apiVersion", "kind"]);
+    slim["metadata"] = keep(&value["metadata"], &["name", "namespace", "labels"]);
+    if value.get("spec").is_some() {
+        let mut spec = keep(&value["spec"], &["hostNetwork", "nodeName"]);
+        let containers: Vec<Value> = value["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|container| keep(container, &["name", "ports"]))
+            .collect();
+        spec["containers"] = Value::Array(containers);
+        slim["spec"] = spec;
+    }
+    if value.get("status").is_some() {
+        slim["status"] = keep(&value["status"], &["phase", "podIP", "podIPs"]);
+    }
+    *value = slim;
 }
 
 /// Retries a failed watch after 200 ms, doubling up to 5 s: the agent should catch up
@@ -305,4 +344,70 @@ pub fn pod_addresses(pod: &serde_json::Value) -> Vec<IpAddr> {
         addresses.push(ip);
     }
     addresses
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slim_pod;
+    use crate::policy::{PolicySetBuilder, Source};
+
+    /// A pod as the API server sends it (abridged, but with the fields that make
+    /// real pods large).
+    fn full_pod() -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "web-7d4b9c", "namespace": "prod", "uid": "0b1c",
+                "resourceVersion": "123", "labels": {"app": "web", "pod-template-hash": "7d4b9c"},
+                "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-11-01T00:00:00Z"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d4b9c", "uid": "9f"}]
+            },
+            "spec": {
+                "nodeName": "node-a",
+                "containers": [{
+                    "name": "web", "image": "nginx:1.27",
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                    "env": [{"name": "A", "value": "1"}],
+                    "resources": {"limits": {"cpu": "1"}},
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]
+                }],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+                "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists"}]
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.1.0.5", "podIPs": [{"ip": "10.1.0.5"}, {"ip": "fd00::5"}],
+                "hostIP": "192.168.1.10",
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"name": "web", "ready": true, "restartCount": 0, "image": "nginx:1.27", "imageID": "x", "state": {"running": {}}, "lastState": {}}]
+            }
+        })
+    }
+
+    fn workloads(pod: &serde_json::Value) -> String {
+        let mut builder = PolicySetBuilder::new();
+        builder.add_api_server_document(&Source::memory("api"), pod);
+        let set = builder.finish().expect("a valid pod");
+        format!("{:?}", set.workloads)
+    }
+
+    #[test]
+    fn a_slim_pod_is_read_as_the_full_one_and_is_much_smaller() {
+        let full = full_pod();
+        let mut slim = full.clone();
+        slim_pod(&mut slim);
+        assert_eq!(workloads(&slim), workloads(&full));
+        assert_eq!(slim["spec"]["nodeName"], "node-a");
+        let size = |value: &serde_json::Value| serde_json::to_vec(value).unwrap().len();
+        assert!(
+            size(&slim) * 2 < size(&full),
+            "{} bytes of {}",
+            size(&slim),
+            size(&full)
+        );
+        // Slimming twice changes nothing: what the reconciler compares is stable.
+        let mut again = slim.clone();
+        slim_pod(&mut again);
+        assert_eq!(again, slim);
+    }
 }
