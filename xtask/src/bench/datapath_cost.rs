@@ -26,6 +26,9 @@
 //! Every figure is given twice: as measured (harness included) and minus the harness
 //! floor measured the same way (the trivial program with the same `repeat` for a
 //! repeated packet; the trivial program per call, repeat = 1, for per-call figures).
+//! The hot deny and established packets are also run the way spread is, one call
+//! each (`hot_per_call`, `new_flows` calls), so hot and spread can be compared on
+//! the same harness.
 //!
 //! Deny events: every row says how many of its packets sent an event (the data
 //! path's EventsSent / EventsLostRateLimit / EventsLostRingFull counter deltas over
@@ -167,6 +170,11 @@ pub struct CostRow {
     /// Hot: one packet (deny, established: one frame repeated; new_allow: distinct
     /// flows of one client, one call each), with and without the harness floor.
     pub hot: Figure,
+    /// Hot taken the way spread is: the same packet(s) as `hot`, one call each
+    /// (repeat = 1), with and without the per-call harness floor. For new_allow
+    /// this is `hot` itself. hot_per_call vs spread differs only in the sources.
+    pub hot_per_call: Figure,
+    pub hot_per_call_packets: usize,
     /// Spread: sources over the whole rule set, one call each, with and without the
     /// per-call harness floor.
     pub spread: Figure,
@@ -742,6 +750,19 @@ fn measure(
     let deny = frame(family, hot_client, 999, DENIED_PORT);
     let (hot_deny, hot_deny_events) =
         loaded.hot_events(program, &deny, config.hot_repeat, false, "hot deny")?;
+    // The same packets one call each, as the spread figures are taken.
+    let hot_established_per_call = loaded.per_call_mean(
+        program,
+        &vec![established.clone(); flows],
+        true,
+        "hot established, per call",
+    )?;
+    let hot_deny_per_call = loaded.per_call_mean(
+        program,
+        &vec![deny.clone(); flows],
+        false,
+        "hot deny, per call",
+    )?;
 
     // The event path, hot: deny again with events rate-limited to a minimum, then
     // with every packet writing an event.
@@ -816,7 +837,7 @@ fn measure(
     };
 
     let row = |case: Case,
-               hot: Figure,
+               (hot, hot_per_call): (Figure, Figure),
                spread: Figure,
                method: String,
                hot_events: EventCounts,
@@ -832,6 +853,8 @@ fn measure(
         },
         spread_ns_per_packet: spread.without_floor_ns,
         hot,
+        hot_per_call,
+        hot_per_call_packets: flows,
         spread,
         hot_method: method,
         spread_packets,
@@ -842,7 +865,7 @@ fn measure(
         vec![
             row(
                 Case::NewAllow,
-                per_call(hot_new),
+                (per_call(hot_new), per_call(hot_new)),
                 per_call(spread_new),
                 format!("{flows} flows x repeat 1 (per call)"),
                 hot_new_events,
@@ -850,7 +873,10 @@ fn measure(
             ),
             row(
                 Case::Established,
-                repeated(hot_established),
+                (
+                    repeated(hot_established),
+                    per_call(hot_established_per_call),
+                ),
                 per_call(spread_established),
                 repeat.clone(),
                 hot_established_events,
@@ -858,7 +884,7 @@ fn measure(
             ),
             row(
                 Case::Deny,
-                repeated(hot_deny),
+                (repeated(hot_deny), per_call(hot_deny_per_call)),
                 per_call(spread_deny),
                 repeat,
                 hot_deny_events,

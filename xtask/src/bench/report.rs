@@ -88,7 +88,7 @@ pub fn methods() -> BTreeMap<&'static str, &'static str> {
         ),
         (
             "hot",
-            "one packet: deny and established repeat one frame in one BPF_PROG_TEST_RUN call (median of 3), whose harness floor is the trivial program with the same repeat (floors.xdp_hot_ns / tc_hot_ns); new_allow runs distinct flows of one client (source ports differ) with repeat = 1 each, because a repeated flow hits conntrack from its second run, and its floor is the per-call one (floors.*_per_call_ns). Every figure is reported with the floor (as measured) and without it (`hot.with_floor_ns`, `hot.without_floor_ns`); `ns_per_packet` keeps the earlier reports' mix (with the floor for deny and established, without it for new_allow)",
+            "one packet: `hot` = deny and established repeat one frame in one BPF_PROG_TEST_RUN call (median of 3), whose harness floor is the trivial program with the same repeat (floors.xdp_hot_ns / tc_hot_ns); new_allow runs distinct flows of one client (source ports differ) with repeat = 1 each, because a repeated flow hits conntrack from its second run, and its floor is the per-call one (floors.*_per_call_ns). Every figure is reported with the floor (as measured) and without it (`hot.with_floor_ns`, `hot.without_floor_ns`); `ns_per_packet` keeps the earlier reports' mix (with the floor for deny and established, without it for new_allow). `hot_per_call` runs the same deny and established frame new_flows times with repeat = 1, the way spread is taken (trimmed mean, with and without the per-call floor), so that hot and spread compare on the same harness",
         ),
         (
             "spread",
@@ -627,25 +627,27 @@ pub fn tables(report: &Report) -> String {
         md.push_str("### Per-packet cost (BPF_PROG_TEST_RUN), ns per packet\n\n");
         let _ = writeln!(
             md,
-            "Each figure as measured (harness floor included) and minus the floor measured the same way: hot deny and established repeat one frame (floor: the trivial program with the same repeat, XDP {:.1} / TC {:.1} ns); hot new_allow and every spread figure run one call per packet (floor: the trivial program per call, XDP {:.1} / TC {:.1} ns). Events: share of the packets that wrote a deny event (shipped settings).\n",
+            "Each figure as measured (harness floor included) and minus the floor measured the same way. hot: deny and established repeat one frame in one call (floor: the trivial program with the same repeat, XDP {:.1} / TC {:.1} ns); new_allow runs distinct flows of one client, one call each. hot per call: the same packet(s), one call each, as spread is taken: hot per call and spread differ only in the sources. Every per-call figure's floor is the trivial program per call (XDP {:.1} / TC {:.1} ns). Events: share of the packets of the hot (repeat) and spread figures that wrote a deny event (shipped settings).\n",
             report.floors.xdp_hot_ns,
             report.floors.tc_hot_ns,
             report.floors.xdp_per_call_ns,
             report.floors.tc_per_call_ns
         );
         md.push_str(
-            "| program | family | case | rules | hot, as measured | hot - floor | spread, as measured | spread - floor | events sent, hot | events sent, spread |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| program | family | case | rules | hot, as measured | hot - floor | hot per call, as measured | hot per call - floor | spread, as measured | spread - floor | events sent, hot | events sent, spread |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for row in &report.datapath {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
                 row.program,
                 row.family,
                 row.case,
                 human(u64::from(row.rules)),
                 row.hot.with_floor_ns,
                 row.hot.without_floor_ns,
+                row.hot_per_call.with_floor_ns,
+                row.hot_per_call.without_floor_ns,
                 row.spread.with_floor_ns,
                 row.spread.without_floor_ns,
                 events_cell(&row.hot_events),
