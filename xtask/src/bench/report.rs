@@ -657,7 +657,7 @@ pub fn tables(report: &Report) -> String {
         md.push('\n');
     }
     if !report.event_path.is_empty() {
-        md.push_str("### Deny event path, ns per packet without the floor\n\nshipped: 100,000 events/s per CPU, burst 10,000; minimal: 1 event/s, burst 1 (the closest to events off the programs allow: the rate-limit check still runs for every packet); every packet: rate limit off, ring drained between calls. One event written = every packet - minimal.\n\n| program | family | rules | hot: shipped | minimal | every packet | spread: shipped | minimal | every packet | one event written, hot / spread | shipped - minimal, hot / spread |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("### Deny event path, ns per packet without the floor\n\nshipped: 100,000 events/s per CPU, burst 10,000; minimal: 1 event/s, burst 1 (the closest to events off the programs allow: the rate-limit check still runs for every packet); every packet: rate limit off, ring drained between calls. In brackets: the share of the packets that wrote an event (counts in report.json, event_path). One event written = every packet - minimal.\n\n| program | family | rules | hot: shipped | minimal | every packet | spread: shipped | minimal | every packet | one event written, hot / spread | shipped - minimal, hot / spread |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for row in &report.event_path {
             let variant = |name: &str| row.variants.iter().find(|variant| variant.variant == name);
             let cell = |name: &str, hot: bool| {
@@ -669,7 +669,11 @@ pub fn tables(report: &Report) -> String {
                         } else {
                             (variant.spread, &variant.spread_events)
                         };
-                        format!("{:.1} ({})", figure.without_floor_ns, events_cell(events))
+                        format!(
+                            "{:.1} ({:.1}% sent)",
+                            figure.without_floor_ns,
+                            events.sent_share() * 100.0
+                        )
                     },
                 )
             };
