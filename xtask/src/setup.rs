@@ -9,14 +9,16 @@ use anyhow::{Context, bail};
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
 /// Debian packages the tests and benchmarks use: `ip`, packet filters to compare
-/// against, `bpftool`, a packet generator, `ping`, `sysctl` and `nsenter`; and a C++
-/// compiler for libFuzzer (built from source by libfuzzer-sys).
+/// against (iptables, its ipset sets, nftables), `bpftool`, a packet generator,
+/// `ping`, `sysctl` and `nsenter`; and a C++ compiler for libFuzzer (built from
+/// source by libfuzzer-sys).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "g++",
     "procps",
     "util-linux",
     "iptables",
+    "ipset",
     "nftables",
     "bpftool",
     "iputils-ping",

@@ -23,6 +23,22 @@
 //! Per-call figures are trimmed means (the slowest 1% of calls, interrupted by the
 //! host, left out), for microseg and the harness floor alike.
 //!
+//! Every figure is given twice: as measured (harness included) and minus the harness
+//! floor measured the same way (the trivial program with the same `repeat` for a
+//! repeated packet; the trivial program per call, repeat = 1, for per-call figures).
+//! The hot deny and established packets are also run the way spread is, one call
+//! each (`hot_per_call`, `new_flows` calls), so hot and spread can be compared on
+//! the same harness.
+//!
+//! Deny events: every row says how many of its packets sent an event (the data
+//! path's EventsSent / EventsLostRateLimit / EventsLostRingFull counter deltas over
+//! the measurement). The event path is measured on its own (`EventPathRow`): deny hot
+//! and spread with the shipped settings, with events rate-limited to a minimum (1
+//! event/s per CPU, burst 1: every packet still runs the rate limiter, almost none
+//! writes an event; the programs have no switch that turns deny events off), and with
+//! the rate limit off and the ring drained between calls (every packet writes one).
+//! The spread figures of the three settings are taken interleaved, chunk by chunk.
+//!
 //! Every verdict is checked: a wrong one fails the benchmark.
 
 use std::time::Instant;
@@ -33,7 +49,9 @@ use microseg::datapath::{
     AttachPoint, Datapath, DatapathState, LoadOptions, ProgramVerdict, XdpAttachMode, probe::Probe,
 };
 use microseg_common::{
+    config::Settings,
     conntrack::{FlowKey, FlowState},
+    counters::Counter,
     maps,
 };
 use serde::Serialize;
@@ -99,6 +117,43 @@ impl Case {
     }
 }
 
+/// What the data path did with deny events over a measurement (counter deltas).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct EventCounts {
+    /// Packets run through the program.
+    pub packets: u64,
+    /// Events written to the ring buffer.
+    pub sent: u64,
+    pub lost_rate_limit: u64,
+    pub lost_ring_full: u64,
+}
+
+impl EventCounts {
+    /// Share of the packets that wrote an event.
+    pub fn sent_share(&self) -> f64 {
+        self.sent as f64 / (self.packets as f64).max(1.0)
+    }
+}
+
+/// A figure as measured (harness included) and minus the harness floor measured
+/// the same way.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Figure {
+    pub with_floor_ns: f64,
+    pub floor_ns: f64,
+    pub without_floor_ns: f64,
+}
+
+impl Figure {
+    fn new(measured: f64, floor: f64) -> Self {
+        Self {
+            with_floor_ns: measured,
+            floor_ns: floor,
+            without_floor_ns: (measured - floor).max(0.0),
+        }
+    }
+}
+
 /// One row of the `datapath` table.
 #[derive(Clone, Debug, Serialize)]
 pub struct CostRow {
@@ -106,14 +161,61 @@ pub struct CostRow {
     pub family: &'static str,
     pub case: &'static str,
     pub rules: u32,
-    /// Hot figure (see the module documentation).
+    /// Hot figure as earlier reports gave it: `hot.with_floor_ns` for deny and
+    /// established (repeat N, harness not subtracted), `hot.without_floor_ns` for
+    /// new_allow (per call, harness subtracted). Prefer `hot`.
     pub ns_per_packet: f64,
-    /// Spread figure: sources over the whole rule set, harness subtracted.
+    /// Spread figure, per-call harness subtracted (= `spread.without_floor_ns`).
     pub spread_ns_per_packet: f64,
+    /// Hot: one packet (deny, established: one frame repeated; new_allow: distinct
+    /// flows of one client, one call each), with and without the harness floor.
+    pub hot: Figure,
+    /// Hot taken the way spread is: the same packet(s) as `hot`, one call each
+    /// (repeat = 1), with and without the per-call harness floor. For new_allow
+    /// this is `hot` itself. hot_per_call vs spread differs only in the sources.
+    pub hot_per_call: Figure,
+    pub hot_per_call_packets: usize,
+    /// Spread: sources over the whole rule set, one call each, with and without the
+    /// per-call harness floor.
+    pub spread: Figure,
     /// How the hot figure was taken: "repeat N" or "N flows x repeat 1".
     pub hot_method: String,
     /// Packets in the spread figure.
     pub spread_packets: usize,
+    /// Events over the hot and spread measurements (shipped settings).
+    pub hot_events: EventCounts,
+    pub spread_events: EventCounts,
+}
+
+/// Deny under one event setting.
+#[derive(Clone, Debug, Serialize)]
+pub struct DenyEventVariant {
+    /// "shipped", "minimal" or "every_packet".
+    pub variant: &'static str,
+    pub events_per_second: u32,
+    pub events_burst: u32,
+    pub hot_method: String,
+    pub hot: Figure,
+    pub hot_events: EventCounts,
+    pub spread: Figure,
+    pub spread_events: EventCounts,
+}
+
+/// The event path of the deny case at one scale, program and family.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventPathRow {
+    pub program: &'static str,
+    pub family: &'static str,
+    pub rules: u32,
+    pub variants: Vec<DenyEventVariant>,
+    /// Cost of writing one event: every_packet minus minimal, without floor (hot,
+    /// spread). The rate-limit check that every deny runs is in both and not here.
+    pub event_write_hot_ns: f64,
+    pub event_write_spread_ns: f64,
+    /// The deny path with events on as shipped minus the deny path with events
+    /// rate-limited to a minimum (hot, spread).
+    pub shipped_minus_minimal_hot_ns: f64,
+    pub shipped_minus_minimal_spread_ns: f64,
 }
 
 /// Loading and applying at one scale.
@@ -132,6 +234,7 @@ pub struct ScaleSetup {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CostResults {
     pub rows: Vec<CostRow>,
+    pub event_path: Vec<EventPathRow>,
     pub setups: Vec<ScaleSetup>,
     pub memory: Vec<ScaleMemory>,
     pub memory_floor: Vec<MemoryFloorRow>,
@@ -218,6 +321,20 @@ impl Loaded {
         what: &str,
     ) -> anyhow::Result<f64> {
         let mut samples = Vec::with_capacity(frames.len());
+        self.per_call_samples(program, frames, pass, what, &mut samples)?;
+        Ok(floor::trimmed_mean(&mut samples))
+    }
+
+    /// Runs each frame once (ring drained every 1,024 calls and at the end),
+    /// appending the kernel-measured ns per call to `samples`.
+    fn per_call_samples(
+        &mut self,
+        program: Program,
+        frames: &[Vec<u8>],
+        pass: bool,
+        what: &str,
+        samples: &mut Vec<f64>,
+    ) -> anyhow::Result<()> {
         for (index, frame) in frames.iter().enumerate() {
             let (passed, ns) = self.run(program, frame, 1)?;
             if passed != pass {
@@ -234,7 +351,47 @@ impl Loaded {
             }
         }
         self.drain();
-        Ok(floor::trimmed_mean(&mut samples))
+        Ok(())
+    }
+
+    /// The spread figure under several event settings, interleaved so that each
+    /// sees the same share of the machine's noise and of cold caches: the frames go
+    /// in chunks, and every chunk runs under each setting in turn (the first
+    /// setting rotating).
+    /// Trimmed mean ns per call and the events, per setting; the shipped settings
+    /// are restored at the end.
+    fn per_call_settings(
+        &mut self,
+        program: Program,
+        frames: &[Vec<u8>],
+        settings: &[Settings],
+        what: &str,
+    ) -> anyhow::Result<Vec<(f64, EventCounts)>> {
+        let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(frames.len()); settings.len()];
+        let mut events = vec![EventCounts::default(); settings.len()];
+        // Four chunks per setting: each setting comes first (on sources no setting
+        // has touched yet in this pass) as often as the others.
+        let chunk = frames.len().div_ceil(4 * settings.len()).max(1);
+        for (round, frames) in frames.chunks(chunk).enumerate() {
+            for turn in 0..settings.len() {
+                let index = (round + turn) % settings.len();
+                self.set_settings(&settings[index])?;
+                let before = self.event_counters()?;
+                self.per_call_samples(program, frames, false, what, &mut samples[index])?;
+                let counts = self.events_since(before, frames.len() as u64)?;
+                let total = &mut events[index];
+                total.packets += counts.packets;
+                total.sent += counts.sent;
+                total.lost_rate_limit += counts.lost_rate_limit;
+                total.lost_ring_full += counts.lost_ring_full;
+            }
+        }
+        self.set_settings(&Settings::default())?;
+        Ok(samples
+            .iter_mut()
+            .zip(events)
+            .map(|(samples, events)| (floor::trimmed_mean(samples), events))
+            .collect())
     }
 
     /// One frame `repeat` times, median of three calls.
@@ -262,6 +419,92 @@ impl Loaded {
         }
         self.drain();
         Ok(floor::median(&mut samples))
+    }
+
+    /// The event counters now: (sent, lost to the rate limit, lost to a full ring).
+    fn event_counters(&mut self) -> anyhow::Result<[u64; 3]> {
+        let counters = self.datapath.maps()?.counters()?;
+        Ok([
+            counters.get(Counter::EventsSent),
+            counters.get(Counter::EventsLostRateLimit),
+            counters.get(Counter::EventsLostRingFull),
+        ])
+    }
+
+    fn events_since(&mut self, before: [u64; 3], packets: u64) -> anyhow::Result<EventCounts> {
+        let after = self.event_counters()?;
+        Ok(EventCounts {
+            packets,
+            sent: after[0].saturating_sub(before[0]),
+            lost_rate_limit: after[1].saturating_sub(before[1]),
+            lost_ring_full: after[2].saturating_sub(before[2]),
+        })
+    }
+
+    /// `per_call_mean` with the events it caused.
+    fn per_call_events(
+        &mut self,
+        program: Program,
+        frames: &[Vec<u8>],
+        pass: bool,
+        what: &str,
+    ) -> anyhow::Result<(f64, EventCounts)> {
+        let before = self.event_counters()?;
+        let ns = self.per_call_mean(program, frames, pass, what)?;
+        Ok((ns, self.events_since(before, frames.len() as u64)?))
+    }
+
+    /// `hot` with the events it caused.
+    fn hot_events(
+        &mut self,
+        program: Program,
+        frame: &[u8],
+        repeat: u32,
+        pass: bool,
+        what: &str,
+    ) -> anyhow::Result<(f64, EventCounts)> {
+        self.drain();
+        let before = self.event_counters()?;
+        let ns = self.hot(program, frame, repeat, pass, what)?;
+        Ok((ns, self.events_since(before, 3 * u64::from(repeat))?))
+    }
+
+    /// One frame in `calls` calls of `repeat` runs each, the ring drained between
+    /// calls (so with a ring that holds `repeat` events, none is lost to a full
+    /// ring): median of the calls' means, and the events.
+    fn hot_drained(
+        &mut self,
+        program: Program,
+        frame: &[u8],
+        repeat: u32,
+        calls: usize,
+        pass: bool,
+        what: &str,
+    ) -> anyhow::Result<(f64, EventCounts)> {
+        self.drain();
+        let before = self.event_counters()?;
+        let mut samples = Vec::with_capacity(calls);
+        for _ in 0..calls.max(1) {
+            let (passed, ns) = self.run(program, frame, repeat)?;
+            if passed != pass {
+                bail!(
+                    "{} {what}: verdict {}, expected {}",
+                    program.name(),
+                    verdict_name(passed),
+                    verdict_name(pass)
+                );
+            }
+            samples.push(ns);
+            self.drain();
+        }
+        let ns = floor::median(&mut samples);
+        let packets = samples.len() as u64 * u64::from(repeat);
+        Ok((ns, self.events_since(before, packets)?))
+    }
+
+    fn set_settings(&mut self, settings: &Settings) -> anyhow::Result<()> {
+        self.datapath.maps()?.set_settings(settings)?;
+        Ok(())
     }
 
     /// Empties the conntrack table, so the next program's flows are new again.
@@ -363,7 +606,7 @@ pub fn run(
                     "datapath cost: {} {label}",
                     program.name().to_uppercase()
                 ));
-                let rows = measure(
+                let (rows, events) = measure(
                     &mut loaded,
                     program,
                     family,
@@ -375,11 +618,34 @@ pub fn run(
                 .with_context(|| format!("{} at {label}", program.name()))?;
                 for row in &rows {
                     progress.line(format!(
-                        "  {label:>10} {:>3} {:<11} hot {:>8.1} ns   spread {:>8.1} ns",
-                        row.program, row.case, row.ns_per_packet, row.spread_ns_per_packet
+                        "  {label:>10} {:>3} {:<11} hot {:>8.1} ns ({:>7.1} - floor)   spread {:>8.1} ns ({:>7.1} - floor){}",
+                        row.program,
+                        row.case,
+                        row.hot.with_floor_ns,
+                        row.hot.without_floor_ns,
+                        row.spread.with_floor_ns,
+                        row.spread.without_floor_ns,
+                        if row.case == Case::Deny.name() {
+                            format!(
+                                "; events sent by {:.1}% hot, {:.1}% spread",
+                                row.hot_events.sent_share() * 100.0,
+                                row.spread_events.sent_share() * 100.0
+                            )
+                        } else {
+                            String::new()
+                        }
                     ));
                 }
+                progress.line(format!(
+                    "  {label:>10} {:>3} deny events: one event written {:>6.1} ns hot, {:>6.1} ns spread; shipped - minimal {:>6.1} / {:>6.1} ns",
+                    events.program,
+                    events.event_write_hot_ns,
+                    events.event_write_spread_ns,
+                    events.shipped_minus_minimal_hot_ns,
+                    events.shipped_minus_minimal_spread_ns
+                ));
                 results.rows.extend(rows);
+                results.event_path.push(events);
             }
         }
         progress.step(format!(
@@ -406,9 +672,11 @@ fn measure(
     config: &CostConfig,
     floor: HarnessFloor,
     rng: &mut Rng,
-) -> anyhow::Result<Vec<CostRow>> {
+) -> anyhow::Result<(Vec<CostRow>, EventPathRow)> {
+    loaded.set_settings(&Settings::default())?;
     loaded.clear_conntrack()?;
-    let net = |ns: f64| (ns - floor.per_call_ns).max(0.0);
+    let per_call = |ns: f64| Figure::new(ns, floor.per_call_ns);
+    let repeated = |ns: f64| Figure::new(ns, floor.hot_ns);
 
     // Spread: clients over the whole rule set in random order, each flow distinct.
     // A scale smaller than the sample is cycled through, with other source ports.
@@ -426,19 +694,39 @@ fn measure(
         .iter()
         .map(|&(client, port)| frame(family, client, port, ALLOWED_PORT))
         .collect();
-    let spread_new = net(loaded.per_call_mean(program, &allowed, true, "spread new_allow")?);
+    let (spread_new, spread_new_events) =
+        loaded.per_call_events(program, &allowed, true, "spread new_allow")?;
     let mut again = allowed;
     rng.shuffle(&mut again);
-    let spread_established =
-        net(loaded.per_call_mean(program, &again, true, "spread established")?);
+    let (spread_established, spread_established_events) =
+        loaded.per_call_events(program, &again, true, "spread established")?;
     drop(again);
     let denied: Vec<Vec<u8>> = flows
         .iter()
         .map(|&(client, port)| frame(family, client, port, DENIED_PORT))
         .collect();
-    let spread_deny = net(loaded.per_call_mean(program, &denied, false, "spread deny")?);
-    let spread_packets = flows.len();
+    // Deny under the shipped event settings, events rate-limited to a minimum, and
+    // the rate limit off (every packet writes an event; the ring is drained every
+    // 1,024 calls and holds 13,107), interleaved.
+    let shipped = Settings::default();
+    let minimal = Settings::new(1, 1, 0);
+    let unlimited = Settings::new(0, shipped.events_burst, 0);
+    let spreads = loaded.per_call_settings(
+        program,
+        &denied,
+        &[shipped, minimal, unlimited],
+        "spread deny",
+    )?;
     drop(denied);
+    let [
+        (spread_deny, spread_deny_events),
+        (minimal_spread, minimal_spread_events),
+        (every_spread, every_spread_events),
+    ] = spreads[..]
+    else {
+        bail!("three spread figures expected");
+    };
+    let spread_packets = flows.len();
 
     // Hot: one client in the middle of the rule set.
     loaded.clear_conntrack()?;
@@ -447,11 +735,12 @@ fn measure(
     let new_frames: Vec<Vec<u8>> = (0..flows)
         .map(|index| frame(family, hot_client, 1024 + index as u16, ALLOWED_PORT))
         .collect();
-    let hot_new = net(loaded.per_call_mean(program, &new_frames, true, "hot new_allow")?);
+    let (hot_new, hot_new_events) =
+        loaded.per_call_events(program, &new_frames, true, "hot new_allow")?;
     drop(new_frames);
     let established = frame(family, hot_client, 999, ALLOWED_PORT);
     loaded.run(program, &established, 1)?;
-    let hot_established = loaded.hot(
+    let (hot_established, hot_established_events) = loaded.hot_events(
         program,
         &established,
         config.hot_repeat,
@@ -459,32 +748,149 @@ fn measure(
         "hot established",
     )?;
     let deny = frame(family, hot_client, 999, DENIED_PORT);
-    let hot_deny = loaded.hot(program, &deny, config.hot_repeat, false, "hot deny")?;
+    let (hot_deny, hot_deny_events) =
+        loaded.hot_events(program, &deny, config.hot_repeat, false, "hot deny")?;
+    // The same packets one call each, as the spread figures are taken.
+    let hot_established_per_call = loaded.per_call_mean(
+        program,
+        &vec![established.clone(); flows],
+        true,
+        "hot established, per call",
+    )?;
+    let hot_deny_per_call = loaded.per_call_mean(
+        program,
+        &vec![deny.clone(); flows],
+        false,
+        "hot deny, per call",
+    )?;
 
-    let row = |case: Case, hot: f64, spread: f64, method: String| CostRow {
+    // The event path, hot: deny again with events rate-limited to a minimum, then
+    // with every packet writing an event.
+    let repeat = format!("repeat {}, median of 3 calls", config.hot_repeat);
+    let shipped_variant = DenyEventVariant {
+        variant: "shipped",
+        events_per_second: shipped.events_per_second,
+        events_burst: shipped.events_burst,
+        hot_method: repeat.clone(),
+        hot: repeated(hot_deny),
+        hot_events: hot_deny_events,
+        spread: per_call(spread_deny),
+        spread_events: spread_deny_events,
+    };
+    loaded.set_settings(&minimal)?;
+    let (minimal_hot, minimal_hot_events) = loaded.hot_events(
+        program,
+        &deny,
+        config.hot_repeat,
+        false,
+        "hot deny, events minimal",
+    )?;
+    let minimal_variant = DenyEventVariant {
+        variant: "minimal",
+        events_per_second: minimal.events_per_second,
+        events_burst: minimal.events_burst,
+        hot_method: repeat.clone(),
+        hot: repeated(minimal_hot),
+        hot_events: minimal_hot_events,
+        spread: per_call(minimal_spread),
+        spread_events: minimal_spread_events,
+    };
+    // Rate limit off; the ring (1 MiB, 13,107 events of 80 bytes) is drained
+    // between calls of 10,000 runs.
+    loaded.set_settings(&unlimited)?;
+    let every_repeat = config.hot_repeat.min(10_000);
+    let every_calls = (config.hot_repeat / every_repeat).clamp(3, 200) as usize;
+    let (every_hot, every_hot_events) = loaded.hot_drained(
+        program,
+        &deny,
+        every_repeat,
+        every_calls,
+        false,
+        "hot deny, every packet an event",
+    )?;
+    loaded.set_settings(&shipped)?;
+    let every_variant = DenyEventVariant {
+        variant: "every_packet",
+        events_per_second: unlimited.events_per_second,
+        events_burst: unlimited.events_burst,
+        hot_method: format!(
+            "repeat {every_repeat}, median of {every_calls} calls, ring drained between calls"
+        ),
+        hot: repeated(every_hot),
+        hot_events: every_hot_events,
+        spread: per_call(every_spread),
+        spread_events: every_spread_events,
+    };
+    let events = EventPathRow {
+        program: program.name(),
+        family: family.name(),
+        rules,
+        event_write_hot_ns: every_variant.hot.without_floor_ns
+            - minimal_variant.hot.without_floor_ns,
+        event_write_spread_ns: every_variant.spread.without_floor_ns
+            - minimal_variant.spread.without_floor_ns,
+        shipped_minus_minimal_hot_ns: shipped_variant.hot.without_floor_ns
+            - minimal_variant.hot.without_floor_ns,
+        shipped_minus_minimal_spread_ns: shipped_variant.spread.without_floor_ns
+            - minimal_variant.spread.without_floor_ns,
+        variants: vec![shipped_variant, minimal_variant, every_variant],
+    };
+
+    let row = |case: Case,
+               (hot, hot_per_call): (Figure, Figure),
+               spread: Figure,
+               method: String,
+               hot_events: EventCounts,
+               spread_events: EventCounts| CostRow {
         program: program.name(),
         family: family.name(),
         case: case.name(),
         rules,
-        ns_per_packet: hot,
-        spread_ns_per_packet: spread,
+        ns_per_packet: if case == Case::NewAllow {
+            hot.without_floor_ns
+        } else {
+            hot.with_floor_ns
+        },
+        spread_ns_per_packet: spread.without_floor_ns,
+        hot,
+        hot_per_call,
+        hot_per_call_packets: flows,
+        spread,
         hot_method: method,
         spread_packets,
+        hot_events,
+        spread_events,
     };
-    let repeat = format!("repeat {}", config.hot_repeat);
-    Ok(vec![
-        row(
-            Case::NewAllow,
-            hot_new,
-            spread_new,
-            format!("{flows} flows x repeat 1, harness subtracted"),
-        ),
-        row(
-            Case::Established,
-            hot_established,
-            spread_established,
-            repeat.clone(),
-        ),
-        row(Case::Deny, hot_deny, spread_deny, repeat),
-    ])
+    Ok((
+        vec![
+            row(
+                Case::NewAllow,
+                (per_call(hot_new), per_call(hot_new)),
+                per_call(spread_new),
+                format!("{flows} flows x repeat 1 (per call)"),
+                hot_new_events,
+                spread_new_events,
+            ),
+            row(
+                Case::Established,
+                (
+                    repeated(hot_established),
+                    per_call(hot_established_per_call),
+                ),
+                per_call(spread_established),
+                repeat.clone(),
+                hot_established_events,
+                spread_established_events,
+            ),
+            row(
+                Case::Deny,
+                (repeated(hot_deny), per_call(hot_deny_per_call)),
+                per_call(spread_deny),
+                repeat,
+                hot_deny_events,
+                spread_deny_events,
+            ),
+        ],
+        events,
+    ))
 }

@@ -17,6 +17,7 @@ pub struct Machine {
     pub build_profile: &'static str,
     pub trafgen: String,
     pub iptables: String,
+    pub ipset: String,
     pub nft: String,
 }
 
@@ -79,6 +80,7 @@ pub fn describe() -> Machine {
         },
         trafgen: first_line("trafgen", &["-v"]),
         iptables: first_line("iptables", &["-V"]),
+        ipset: first_line("ipset", &["version"]),
         nft: first_line("nft", &["-v"]),
     }
 }
@@ -91,6 +93,7 @@ pub fn check_tools() -> anyhow::Result<()> {
         "trafgen",
         "iptables",
         "iptables-restore",
+        "ipset",
         "nft",
     ]
     .into_iter()

@@ -134,7 +134,7 @@ pub fn write(
                     dashed: false,
                     points: rows
                         .iter()
-                        .map(|row| (f64::from(row.rules), row.spread_ns_per_packet.max(0.1)))
+                        .map(|row| (f64::from(row.rules), row.spread.without_floor_ns.max(0.1)))
                         .collect(),
                 });
                 series.push(Series {
@@ -143,7 +143,7 @@ pub fn write(
                     dashed: true,
                     points: rows
                         .iter()
-                        .map(|row| (f64::from(row.rules), row.ns_per_packet.max(0.1)))
+                        .map(|row| (f64::from(row.rules), row.hot.without_floor_ns.max(0.1)))
                         .collect(),
                 });
             }
@@ -155,7 +155,7 @@ pub fn write(
         chart(
             &dir.join(&name),
             &format!(
-                "microseg {} program: cost per packet (BPF_PROG_TEST_RUN; thick = spread, thin = hot)",
+                "microseg {} program: ns per packet minus the harness floor (BPF_PROG_TEST_RUN; thick = spread, thin = hot)",
                 program.to_uppercase()
             ),
             "ns per packet",
@@ -166,13 +166,7 @@ pub fn write(
         written.push(name);
     }
     if !traffic.is_empty() {
-        let engines = [
-            "microseg-xdp",
-            "microseg-tc",
-            "iptables",
-            "nftables",
-            "none",
-        ];
+        let engines = crate::traffic::Engine::ALL.map(crate::traffic::Engine::name);
         let per_engine = |value: &dyn Fn(&TrafficRow) -> f64, dashed: bool, suffix: &str| {
             engines
                 .iter()
@@ -199,17 +193,17 @@ pub fn write(
         ));
         chart(
             &dir.join("traffic_pps.png"),
-            "Packets per second over veth by engine (thick = dropped, thin = delivered)",
+            "Packets per second over veth by engine, medians (thick = dropped, thin = delivered)",
             "packets/s",
             SeriesLabelPosition::LowerLeft,
             &pps,
         )
         .context("drawing traffic_pps.png")?;
         written.push("traffic_pps.png".to_owned());
-        let cost = per_engine(&|row| row.denied.ns_per_packet, false, "");
+        let cost = per_engine(&|row| row.denied_ns_per_packet.median, false, "");
         chart(
             &dir.join("traffic_ns_per_packet.png"),
-            "Whole receive path per packet over veth, denied sources (1e9 / processed pps)",
+            "Whole receive path per packet over veth, denied sources (1e9 / processed pps, median)",
             "ns per packet",
             SeriesLabelPosition::UpperLeft,
             &cost,

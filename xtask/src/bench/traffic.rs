@@ -22,8 +22,18 @@
 //! `dev_get_stats` figures as /sys/class/net/IF/statistics, which the root
 //! namespace's sysfs cannot show for another namespace's interfaces.
 //!
-//! iptables and nftables rules are created inside the receiver namespace only; the
-//! namespaces, the veth pair and every rule go when the guards drop.
+//! Engines: microseg XDP (native) and TC, iptables (one rule per client, then DROP),
+//! iptables with one ipset hash:ip of the clients, nftables with a set at the input
+//! hook (family ip), nftables with a set at the netdev ingress hook of the receiver's
+//! interface (the earliest nftables can drop), and no filter. Every engine runs
+//! `rounds` times per scale, interleaved: round r installs the engines one after the
+//! other (starting at engine r, so no engine always runs first or last after a
+//! compile), each measured with allowed then denied sources and removed before the
+//! next. Rows report the median over rounds, with min and max; ratios use medians.
+//!
+//! iptables rules, ipsets and nftables tables are created inside the receiver
+//! namespace only; the namespaces, the veth pair and every rule and set go when the
+//! guards drop (and with the namespace, should a removal fail).
 
 use std::{
     collections::BTreeMap,
@@ -56,16 +66,20 @@ pub enum Engine {
     MicrosegXdp,
     MicrosegTc,
     Iptables,
+    IptablesIpset,
     Nftables,
+    NftablesNetdev,
     None,
 }
 
 impl Engine {
-    pub const ALL: [Engine; 5] = [
+    pub const ALL: [Engine; 7] = [
         Engine::MicrosegXdp,
         Engine::MicrosegTc,
         Engine::Iptables,
+        Engine::IptablesIpset,
         Engine::Nftables,
+        Engine::NftablesNetdev,
         Engine::None,
     ];
 
@@ -74,17 +88,26 @@ impl Engine {
             Engine::MicrosegXdp => "microseg-xdp",
             Engine::MicrosegTc => "microseg-tc",
             Engine::Iptables => "iptables",
+            Engine::IptablesIpset => "iptables-ipset",
             Engine::Nftables => "nftables",
+            Engine::NftablesNetdev => "nftables-netdev",
             Engine::None => "none",
         }
     }
 }
+
+/// The ipset of allowed clients (iptables-ipset), in the receiver namespace.
+const IPSET_NAME: &str = "msbench-allowed";
+/// The nftables table name (family ip for `nftables`, netdev for `nftables-netdev`).
+const NFT_TABLE: &str = "msbench";
 
 #[derive(Clone, Debug)]
 pub struct TrafficConfig {
     pub scales: Vec<u32>,
     pub window: Duration,
     pub warmup: Duration,
+    /// Rounds over every engine per scale (interleaved).
+    pub rounds: usize,
 }
 
 /// One window of traffic.
@@ -105,17 +128,106 @@ pub struct RunCounts {
     pub ns_per_packet: f64,
 }
 
+/// One round of one engine at one scale: installed, both windows, removed.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrafficRun {
+    /// Round number (0-based) and the engine's position in that round's order.
+    pub round: usize,
+    pub position: usize,
+    pub setup_ms: f64,
+    pub allowed: RunCounts,
+    pub denied: RunCounts,
+}
+
+/// Median, min and max of one figure over the rounds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// The median of an even count is the mean of the middle two.
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Self {
+        let mut values: Vec<f64> = values.into_iter().collect();
+        if values.is_empty() {
+            return Self::default();
+        }
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            f64::midpoint(values[n / 2 - 1], values[n / 2])
+        };
+        Self {
+            median,
+            min: values[0],
+            max: values[n - 1],
+        }
+    }
+}
+
+/// One engine at one scale over every round. The headline `pps_*` fields are the
+/// medians over the rounds; every ratio the report draws uses them.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrafficRow {
     pub engine: &'static str,
     pub rules: u32,
-    /// Delivered packets/s with allowed sources.
+    pub rounds: usize,
+    /// Delivered packets/s with allowed sources: median over the rounds.
     pub pps_delivered: f64,
-    /// Dropped packets/s with denied sources.
+    pub pps_delivered_min: f64,
+    pub pps_delivered_max: f64,
+    /// Dropped packets/s with denied sources: median over the rounds (0 for `none`).
     pub pps_dropped: f64,
+    pub pps_dropped_min: f64,
+    pub pps_dropped_max: f64,
+    /// Packets/s the receiver processed (sender veth tx) in each window: medians.
+    pub processed_allowed_pps: Spread,
+    pub processed_denied_pps: Spread,
+    /// The engine's own drop counter in the denied window, per second (None for
+    /// `none`): median over the rounds.
+    pub engine_dropped_pps: Option<Spread>,
+    /// Whole receive path per packet in the denied window, 1e9 / processed pps.
+    pub denied_ns_per_packet: Spread,
+    /// Rule set-up, install to ready: median over the rounds.
     pub setup_ms: f64,
-    pub allowed: RunCounts,
-    pub denied: RunCounts,
+    /// Every round, in the order measured.
+    pub runs: Vec<TrafficRun>,
+}
+
+impl TrafficRow {
+    fn new(engine: Engine, rules: u32, runs: Vec<TrafficRun>) -> Self {
+        let delivered = Spread::of(runs.iter().map(|run| run.allowed.delivered_pps));
+        let dropped = if engine == Engine::None {
+            Spread::default()
+        } else {
+            Spread::of(runs.iter().map(|run| run.denied.dropped_pps))
+        };
+        let engine_dropped: Vec<f64> = runs
+            .iter()
+            .filter_map(|run| run.denied.engine_dropped_pps)
+            .collect();
+        Self {
+            engine: engine.name(),
+            rules,
+            rounds: runs.len(),
+            pps_delivered: delivered.median,
+            pps_delivered_min: delivered.min,
+            pps_delivered_max: delivered.max,
+            pps_dropped: dropped.median,
+            pps_dropped_min: dropped.min,
+            pps_dropped_max: dropped.max,
+            processed_allowed_pps: Spread::of(runs.iter().map(|run| run.allowed.processed_pps)),
+            processed_denied_pps: Spread::of(runs.iter().map(|run| run.denied.processed_pps)),
+            engine_dropped_pps: (!engine_dropped.is_empty()).then(|| Spread::of(engine_dropped)),
+            denied_ns_per_packet: Spread::of(runs.iter().map(|run| run.denied.ns_per_packet)),
+            setup_ms: Spread::of(runs.iter().map(|run| run.setup_ms)).median,
+            runs,
+        }
+    }
 }
 
 /// The two namespaces and the veth between them. Fields drop in order: the link,
@@ -333,8 +445,18 @@ impl std::error::Error for TrafgenDied {}
 /// An engine installed on the receiver, removed when dropped.
 enum Installed {
     None,
-    Iptables { namespace: String, rules: u32 },
-    Nftables { namespace: String },
+    /// An INPUT chain in the receiver namespace whose last rule (number `drop_rule`)
+    /// is the DROP; with `ipset`, the set it matches is destroyed after the flush.
+    Iptables {
+        namespace: String,
+        drop_rule: u32,
+        ipset: bool,
+    },
+    /// Table `msbench` of `family` ("ip" or "netdev").
+    Nftables {
+        namespace: String,
+        family: &'static str,
+    },
     Microseg(Box<MicrosegEngine>),
 }
 
@@ -357,15 +479,23 @@ impl Drop for Installed {
     fn drop(&mut self) {
         match self {
             Installed::None | Installed::Microseg(_) => {}
-            Installed::Iptables { namespace, .. } => {
+            Installed::Iptables {
+                namespace, ipset, ..
+            } => {
                 let _ = Command::new("ip")
-                    .args(["netns", "exec", namespace, "iptables", "-F", "INPUT"])
+                    .args(["netns", "exec", namespace, "iptables", "-w", "-F", "INPUT"])
                     .output();
+                if *ipset {
+                    // The rule referring to the set is gone: the set can go.
+                    let _ = Command::new("ip")
+                        .args(["netns", "exec", namespace, "ipset", "destroy", IPSET_NAME])
+                        .output();
+                }
             }
-            Installed::Nftables { namespace } => {
+            Installed::Nftables { namespace, family } => {
                 let _ = Command::new("ip")
                     .args([
-                        "netns", "exec", namespace, "nft", "delete", "table", "ip", "msbench",
+                        "netns", "exec", namespace, "nft", "delete", "table", family, NFT_TABLE,
                     ])
                     .output();
             }
@@ -386,7 +516,8 @@ impl Installed {
             Engine::Iptables => {
                 let installed = Installed::Iptables {
                     namespace: bed.receiver.name.clone(),
-                    rules,
+                    drop_rule: rules + 1,
+                    ipset: false,
                 };
                 let mut input = String::from("*filter\n:INPUT ACCEPT [0:0]\n");
                 for client in clients() {
@@ -394,21 +525,59 @@ impl Installed {
                 }
                 input.push_str("-A INPUT -j DROP\nCOMMIT\n");
                 bed.receiver
-                    .exec_with_input(&["iptables-restore"], &input)?;
+                    .exec_with_input(&["iptables-restore", "-w"], &input)?;
                 Ok(installed)
             }
-            Engine::Nftables => {
+            Engine::IptablesIpset => {
+                // The guard first: should iptables-restore fail, the set still goes.
+                let installed = Installed::Iptables {
+                    namespace: bed.receiver.name.clone(),
+                    drop_rule: 2,
+                    ipset: true,
+                };
+                let mut set = format!(
+                    "create {IPSET_NAME} hash:ip family inet hashsize {} maxelem {}\n",
+                    rules.max(64).next_power_of_two(),
+                    rules.max(65_536)
+                );
+                for client in clients() {
+                    let _ = writeln!(set, "add {IPSET_NAME} {client}");
+                }
+                bed.receiver
+                    .exec_with_input(&["ipset", "restore", "-exist"], &set)?;
+                let input = format!(
+                    "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -m set --match-set {IPSET_NAME} src -j ACCEPT\n-A INPUT -j DROP\nCOMMIT\n"
+                );
+                bed.receiver
+                    .exec_with_input(&["iptables-restore", "-w"], &input)?;
+                Ok(installed)
+            }
+            Engine::Nftables | Engine::NftablesNetdev => {
+                let netdev = engine == Engine::NftablesNetdev;
+                let family = if netdev { "netdev" } else { "ip" };
                 let installed = Installed::Nftables {
                     namespace: bed.receiver.name.clone(),
+                    family,
                 };
-                let mut input = String::from(
-                    "table ip msbench {\n  set allowed { type ipv4_addr; }\n  counter dropped { }\n  chain input {\n    type filter hook input priority filter; policy drop;\n    ip saddr @allowed accept\n    counter name \"dropped\"\n  }\n}\n",
+                // The netdev chain sees every frame: only IPv4 from outside the set
+                // is dropped (ARP and the rest pass), as the ip family's input hook
+                // only ever sees IPv4.
+                let chain = if netdev {
+                    format!(
+                        "  chain ingress {{\n    type filter hook ingress device \"{device}\" priority -500; policy accept;\n    ip saddr @allowed accept\n    meta protocol ip counter name \"dropped\" drop\n  }}\n",
+                        device = bed.veth.b_name
+                    )
+                } else {
+                    "  chain input {\n    type filter hook input priority filter; policy drop;\n    ip saddr @allowed accept\n    counter name \"dropped\"\n  }\n".to_owned()
+                };
+                let mut input = format!(
+                    "table {family} {NFT_TABLE} {{\n  set allowed {{ type ipv4_addr; }}\n  counter dropped {{ }}\n{chain}}}\n"
                 );
                 let all: Vec<String> = clients().map(|client| client.to_string()).collect();
                 for chunk in all.chunks(10_000) {
                     let _ = writeln!(
                         input,
-                        "add element ip msbench allowed {{ {} }}",
+                        "add element {family} {NFT_TABLE} allowed {{ {} }}",
                         chunk.join(", ")
                     );
                 }
@@ -463,9 +632,13 @@ impl Installed {
                     counters.get(Counter::DeniedIngress) + counters.get(Counter::DeniedEgress),
                 ))
             }
-            Installed::Iptables { namespace, rules } => {
+            Installed::Iptables {
+                namespace,
+                drop_rule,
+                ..
+            } => {
                 // The DROP rule is the last one: list it alone.
-                let number = (*rules + 1).to_string();
+                let number = drop_rule.to_string();
                 let output = netns::run(
                     "ip",
                     &[
@@ -480,11 +653,11 @@ impl Installed {
                     .context("reading the iptables DROP rule's counter")?;
                 Ok(Some(packets))
             }
-            Installed::Nftables { namespace } => {
+            Installed::Nftables { namespace, family } => {
                 let output = netns::run(
                     "ip",
                     &[
-                        "netns", "exec", namespace, "nft", "list", "counter", "ip", "msbench",
+                        "netns", "exec", namespace, "nft", "list", "counter", family, NFT_TABLE,
                         "dropped",
                     ],
                 )?;
@@ -566,6 +739,7 @@ fn window_once(
 pub fn run(config: &TrafficConfig, progress: &Progress) -> anyhow::Result<Vec<TrafficRow>> {
     progress.step("traffic: creating the namespaces and veth pair");
     let mut bed = Testbed::new().context("setting up the traffic test bed")?;
+    let rounds = config.rounds.max(1);
     let mut rows = Vec::new();
     for &rules in &config.scales {
         progress.step(format!(
@@ -573,64 +747,103 @@ pub fn run(config: &TrafficConfig, progress: &Progress) -> anyhow::Result<Vec<Tr
             scenario::human(u64::from(rules))
         ));
         let scenario = Scenario::build(Family::V4, rules)?;
-        for engine in Engine::ALL {
-            let what = format!(
-                "{} at {} rules",
-                engine.name(),
-                scenario::human(u64::from(rules))
-            );
-            progress.step(format!("traffic: installing {what}"));
-            let start = Instant::now();
-            let mut installed = Installed::install(engine, &bed, rules, &scenario.state)
-                .with_context(|| format!("installing {what}"))?;
-            let setup_ms = start.elapsed().as_secs_f64() * 1e3;
-            progress.step(format!("traffic: {what}, allowed sources"));
-            let allowed = window(
-                &mut bed,
-                &mut installed,
-                scenario::v4_client_range(rules),
-                "allowed",
-                config,
-            )
-            .with_context(|| format!("{what}, allowed sources"))?;
-            progress.step(format!("traffic: {what}, denied sources"));
-            let denied = window(
-                &mut bed,
-                &mut installed,
-                scenario::v4_stranger_range(rules),
-                "denied",
-                config,
-            )
-            .with_context(|| format!("{what}, denied sources"))?;
-            drop(installed);
-            check_engine(engine, &allowed, &denied).with_context(|| what.clone())?;
-            let row = TrafficRow {
-                engine: engine.name(),
-                rules,
-                pps_delivered: allowed.delivered_pps,
-                pps_dropped: if engine == Engine::None {
-                    0.0
-                } else {
-                    denied.dropped_pps
-                },
-                setup_ms,
-                allowed,
-                denied,
-            };
-            progress.line(format!(
-                "  {:<13} {:>7} rules: delivered {:>10.0} pps (of {:>10.0}), dropped {:>10.0} pps (of {:>10.0})",
-                row.engine,
-                scenario::human(u64::from(rules)),
-                row.pps_delivered,
-                row.allowed.processed_pps,
-                row.pps_dropped,
-                row.denied.processed_pps,
-            ));
+        let mut runs: Vec<Vec<TrafficRun>> = vec![Vec::new(); Engine::ALL.len()];
+        for round in 0..rounds {
+            // Round-robin, each round starting one engine further on.
+            for position in 0..Engine::ALL.len() {
+                let index = (round + position) % Engine::ALL.len();
+                let engine = Engine::ALL[index];
+                let what = format!(
+                    "{} at {} rules, round {}/{rounds}",
+                    engine.name(),
+                    scenario::human(u64::from(rules)),
+                    round + 1
+                );
+                let run = one_run(&mut bed, engine, rules, &scenario, config, progress, &what)
+                    .with_context(|| what.clone())?;
+                progress.line(format!(
+                    "  {:<15} {:>5} rules, round {}/{rounds}: delivered {:>10.0} pps (of {:>10.0}), dropped {:>10.0} pps (of {:>10.0})",
+                    engine.name(),
+                    scenario::human(u64::from(rules)),
+                    round + 1,
+                    run.allowed.delivered_pps,
+                    run.allowed.processed_pps,
+                    if engine == Engine::None { 0.0 } else { run.denied.dropped_pps },
+                    run.denied.processed_pps,
+                ));
+                runs[index].push(TrafficRun {
+                    round,
+                    position,
+                    ..run
+                });
+            }
+        }
+        for (engine, runs) in Engine::ALL.into_iter().zip(runs) {
+            let row = TrafficRow::new(engine, rules, runs);
+            if rounds > 1 {
+                progress.line(format!(
+                    "  {:<15} {:>5} rules, median of {}: delivered {:>10.0} pps [{:.0}..{:.0}], dropped {:>10.0} pps [{:.0}..{:.0}]",
+                    row.engine,
+                    scenario::human(u64::from(rules)),
+                    row.rounds,
+                    row.pps_delivered,
+                    row.pps_delivered_min,
+                    row.pps_delivered_max,
+                    row.pps_dropped,
+                    row.pps_dropped_min,
+                    row.pps_dropped_max,
+                ));
+            }
             rows.push(row);
         }
     }
     drop(bed);
     Ok(rows)
+}
+
+/// Installs `engine`, measures allowed then denied sources, removes it, and checks
+/// its verdicts.
+fn one_run(
+    bed: &mut Testbed,
+    engine: Engine,
+    rules: u32,
+    scenario: &Scenario,
+    config: &TrafficConfig,
+    progress: &Progress,
+    what: &str,
+) -> anyhow::Result<TrafficRun> {
+    progress.step(format!("traffic: installing {what}"));
+    let start = Instant::now();
+    let mut installed =
+        Installed::install(engine, bed, rules, &scenario.state).context("installing")?;
+    let setup_ms = start.elapsed().as_secs_f64() * 1e3;
+    progress.step(format!("traffic: {what}, allowed sources"));
+    let allowed = window(
+        bed,
+        &mut installed,
+        scenario::v4_client_range(rules),
+        "allowed",
+        config,
+    )
+    .context("allowed sources")?;
+    progress.step(format!("traffic: {what}, denied sources"));
+    let denied = window(
+        bed,
+        &mut installed,
+        scenario::v4_stranger_range(rules),
+        "denied",
+        config,
+    )
+    .context("denied sources")?;
+    drop(installed);
+    check_engine(engine, &allowed, &denied)?;
+    Ok(TrafficRun {
+        round: 0,
+        position: 0,
+        setup_ms,
+        allowed,
+        denied,
+    })
 }
 
 /// An engine that lets denied sources through, or drops allowed ones, is broken:
