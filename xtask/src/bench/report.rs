@@ -218,8 +218,8 @@ pub fn targets(
             targets.push(Target {
                 target: "one changed policy enforced within 50 ms".to_owned(),
                 measured: format!(
-                    "{:.2} ms from the start of apply to the first packet judged by it (recompiling the whole set before it: {:.0} ms)",
-                    control.update_to_enforced_ms, control.update_compile_ms
+                    "{:.2} ms from the start of the compile to the first packet judged by it",
+                    control.update_to_enforced_ms
                 ),
                 met: Some(control.update_to_enforced_ms < 50.0),
             });
@@ -486,21 +486,33 @@ pub fn issue_11(report: &Report) -> Vec<IssueRow> {
         }),
         None => rows.push(not_measured(measure, "ms", wording, "control part skipped")),
     }
-    let measure = "one policy changed at that scale, compile + apply";
+    let measure = "one pod added or one policy changed at that scale, compile + apply";
     let wording = "<= 20 ms, writing only the entries that changed";
-    match control {
+    match control.filter(|control| !control.changes.is_empty()) {
         Some(control) => {
-            let value = control.update_compile_ms + control.update_apply_ms;
+            // The slowest change type decides; each writes only its own entries
+            // (the control plane asserts the policy change writes exactly one).
+            let slowest = control
+                .changes
+                .iter()
+                .max_by(|a, b| (a.compile_ms + a.apply_ms).total_cmp(&(b.compile_ms + b.apply_ms)))
+                .expect("changes measured");
+            let value = slowest.compile_ms + slowest.apply_ms;
+            let each: Vec<String> = control
+                .changes
+                .iter()
+                .map(|change| {
+                    format!(
+                        "{} {:.1} + {:.1} ms, {} entries",
+                        change.change, change.compile_ms, change.apply_ms, change.entries_written
+                    )
+                })
+                .collect();
             rows.push(IssueRow {
                 measure,
                 value: Some(value),
                 unit: "ms",
-                measured: format!(
-                    "{value:.1} ms = recompile {:.1} + apply {:.1} ms (first packet judged by it {:.2} ms after apply began); entries written: see the control plane section",
-                    control.update_compile_ms,
-                    control.update_apply_ms,
-                    control.update_to_enforced_ms
-                ),
+                measured: format!("{value:.1} ms at most ({})", each.join("; ")),
                 target: wording.to_owned(),
                 target_value: Some(20.0),
                 met: Some(value <= 20.0),
@@ -758,6 +770,23 @@ pub fn tables(report: &Report) -> String {
             control.restart_adopt_ms,
             control.restart_ready_ms
         );
+        if !control.changes.is_empty() {
+            md.push_str("One change of each type, through the agent's path (ids kept by one `Compiler`); times from the start of the compile, and from the start of the rebuild of the set from its objects:\n\n| change | rebuild ms | compile ms | apply ms | entries written | first packet judged ms | from rebuild ms |\n|---|---:|---:|---:|---:|---:|---:|\n");
+            for change in &control.changes {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} |",
+                    change.change,
+                    change.build_ms,
+                    change.compile_ms,
+                    change.apply_ms,
+                    change.entries_written,
+                    change.to_enforced_ms,
+                    change.from_rebuild_ms
+                );
+            }
+            md.push('\n');
+        }
     }
     if let Some(events) = &report.events {
         md.push_str("### Deny events under a flood\n\n| settings | denied packets/s | events delivered/s | lost (rate limit) | lost (ring full) |\n|---|---:|---:|---:|---:|\n");
