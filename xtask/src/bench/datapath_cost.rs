@@ -579,6 +579,7 @@ pub fn run(
                 policy_entries: counts.policy,
                 peer_hosts: counts.peer_hosts,
             });
+            memory::return_free_memory();
             let (rss, peak) = memory::rss_kib();
             let (bpf_map_bytes, mut bpf_maps) =
                 memory::new_map_bytes(&maps_before, &memory::bpf_maps());
