@@ -323,9 +323,11 @@ items:
             .is_empty(),
         "host network"
     );
-    assert_eq!(set.namespace_labels("shop")["team"], "retail");
+    assert_eq!(set.namespace_labels("shop").get("team").unwrap(), "retail");
     assert_eq!(
-        set.namespace_labels("shop")["kubernetes.io/metadata.name"],
+        set.namespace_labels("shop")
+            .get("kubernetes.io/metadata.name")
+            .unwrap(),
         "shop"
     );
     assert_eq!(

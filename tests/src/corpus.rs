@@ -158,7 +158,7 @@ impl Step {
             builder.add_workload(Workload {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
-                labels: pod.labels.clone(),
+                labels: (&pod.labels).into(),
                 addresses: vec![pod.ip],
                 ports: pod
                     .containers

@@ -288,7 +288,9 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
 
     // Workload identities: addresses grouped by what the identity stands for.
     let mut workload_identities: Vec<WorkloadIdentity<'_>> = Vec::new();
-    let mut identity_by_view: HashMap<IdentityView<'_>, usize> = HashMap::new();
+    let mut identity_by_view: HashMap<IdentityView<'_>, usize> =
+        HashMap::with_capacity(set.workloads.len());
+    let mut namespace_names: HashMap<&str, Arc<str>> = HashMap::new();
     for (workload_index, workload) in set.workloads.iter().enumerate() {
         let named_ports: Vec<&NamedPort> = if egress_named.is_empty() {
             Vec::new()
@@ -313,8 +315,12 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
                 Some(&index) => index,
                 None => {
                     let (namespace, labels, address_blocks, named_ports) = view.clone();
+                    let namespace_name = namespace_names
+                        .entry(namespace)
+                        .or_insert_with(|| Arc::from(namespace))
+                        .clone();
                     let (id, key) = numbering.workload_identity(WorkloadIdentityKey {
-                        namespace: namespace.to_owned(),
+                        namespace: namespace_name,
                         labels: labels.clone(),
                         ip_blocks: address_blocks.iter().map(|&i| blocks[i].clone()).collect(),
                         named_ports: named_ports.iter().map(|&port| port.clone()).collect(),

@@ -13,7 +13,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::error::{LoadErrors, PolicyError, Source};
 use super::files::{documents, policy_files};
-use super::model::{NamespaceInfo, Policy, PolicySet, Workload};
+use super::model::{Labels, NamespaceInfo, Policy, PolicySet, Workload};
 use super::validate::{
     Checker, convert_namespace, convert_network_policy, convert_pod, convert_workload_document,
     namespace_labels,
@@ -305,7 +305,7 @@ impl PolicySetBuilder {
     ) {
         self.namespaces.push(NamespaceInfo {
             name: name.to_string(),
-            labels: namespace_labels(name, Some(labels)),
+            labels: namespace_labels(name, labels.into()),
             source: Some(source.clone()),
         });
     }
@@ -415,7 +415,7 @@ impl PolicySetBuilder {
                 .entry(workload.namespace.clone())
                 .or_insert_with(|| NamespaceInfo {
                     name: workload.namespace.clone(),
-                    labels: namespace_labels(&workload.namespace, None),
+                    labels: namespace_labels(&workload.namespace, Labels::new()),
                     source: None,
                 });
         }

@@ -16,6 +16,7 @@ mod evaluate;
 mod expected;
 mod files;
 mod inventory;
+mod labels;
 mod load;
 mod map_eval;
 mod model;

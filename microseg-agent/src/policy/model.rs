@@ -16,7 +16,7 @@ use super::error::Source;
 /// Label the API server sets on every namespace; microseg implies it too.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-pub type Labels = BTreeMap<String, String>;
+pub use super::labels::Labels;
 
 /// Transport protocols a NetworkPolicy port may name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,10 +99,11 @@ pub struct SelectorRequirement {
 impl SelectorRequirement {
     pub fn matches(&self, labels: &Labels) -> bool {
         let value = labels.get(&self.key);
+        let listed = |value: &str| self.values.iter().any(|listed| listed == value);
         match self.operator {
-            SelectorOperator::In => value.is_some_and(|value| self.values.contains(value)),
+            SelectorOperator::In => value.is_some_and(listed),
             // As in Kubernetes: a missing key satisfies NotIn.
-            SelectorOperator::NotIn => value.is_none_or(|value| !self.values.contains(value)),
+            SelectorOperator::NotIn => value.is_none_or(|value| !listed(value)),
             SelectorOperator::Exists => value.is_some(),
             SelectorOperator::DoesNotExist => value.is_none(),
         }

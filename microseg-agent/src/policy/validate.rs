@@ -126,7 +126,11 @@ fn convert_selector(
     field: &str,
     selector: &K8sLabelSelector,
 ) -> LabelSelector {
-    let match_labels = selector.match_labels.clone().unwrap_or_default();
+    let match_labels: Labels = selector
+        .match_labels
+        .as_ref()
+        .map(Labels::from)
+        .unwrap_or_default();
     check_labels(checker, &format!("{field}.matchLabels"), &match_labels);
     let mut match_expressions = Vec::new();
     for (index, expression) in selector.match_expressions.iter().flatten().enumerate() {
@@ -505,9 +509,8 @@ pub(crate) fn convert_network_policy(
 }
 
 /// Labels of a namespace with the implied `kubernetes.io/metadata.name`.
-pub(crate) fn namespace_labels(name: &str, labels: Option<&Labels>) -> Labels {
-    let mut labels = labels.cloned().unwrap_or_default();
-    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
+pub(crate) fn namespace_labels(name: &str, mut labels: Labels) -> Labels {
+    labels.insert(NAMESPACE_NAME_LABEL, name);
     labels
 }
 
@@ -516,7 +519,15 @@ pub(crate) fn convert_namespace(
     namespace: &K8sNamespace,
 ) -> Option<NamespaceInfo> {
     let name = required_name(checker, "metadata.name", namespace.metadata.name.as_ref())?;
-    let labels = namespace_labels(&name, namespace.metadata.labels.as_ref());
+    let labels = namespace_labels(
+        &name,
+        namespace
+            .metadata
+            .labels
+            .as_ref()
+            .map(Labels::from)
+            .unwrap_or_default(),
+    );
     let errors_before = checker.errors.len();
     check_labels(checker, "metadata.labels", &labels);
     (checker.errors.len() == errors_before).then(|| NamespaceInfo {
@@ -569,7 +580,12 @@ pub(crate) fn convert_pod(checker: &mut Checker<'_>, pod: &Pod) -> Option<Worklo
         "metadata.namespace",
         pod.metadata.namespace.as_ref(),
     );
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let labels: Labels = pod
+        .metadata
+        .labels
+        .as_ref()
+        .map(Labels::from)
+        .unwrap_or_default();
     check_labels(checker, "metadata.labels", &labels);
 
     let host_network = pod

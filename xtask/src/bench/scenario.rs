@@ -12,7 +12,6 @@
 //! outside the inventory (`stranger`) resolve to `world` and are denied as well.
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Instant,
 };
@@ -20,7 +19,7 @@ use std::{
 use anyhow::ensure;
 use microseg::{
     datapath::DatapathState,
-    policy::{Compiled, PolicySet, PolicySetBuilder, Source, Workload, compile},
+    policy::{Compiled, Labels, PolicySet, PolicySetBuilder, Source, Workload, compile},
 };
 
 pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -101,14 +100,14 @@ pub struct Scenario {
     pub compile_ms: f64,
 }
 
-fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+fn labels(pairs: &[(&str, String)]) -> Labels {
     pairs
         .iter()
-        .map(|(key, value)| ((*key).to_owned(), value.clone()))
+        .map(|(key, value)| (*key, value.as_str()))
         .collect()
 }
 
-pub fn workload(name: String, labels: BTreeMap<String, String>, address: IpAddr) -> Workload {
+pub fn workload(name: String, labels: Labels, address: IpAddr) -> Workload {
     Workload {
         namespace: NAMESPACE.to_owned(),
         name,

@@ -19,9 +19,9 @@ impl<'a> LabelIndex<'a> {
         self.all.push(item);
         for (key, value) in labels {
             self.by_label
-                .entry(key.as_str())
+                .entry(key)
                 .or_default()
-                .entry(value.as_str())
+                .entry(value)
                 .or_default()
                 .push(item);
         }
@@ -35,8 +35,8 @@ impl<'a> LabelIndex<'a> {
             .iter()
             .map(|(key, value)| {
                 self.by_label
-                    .get(key.as_str())
-                    .and_then(|values| values.get(value.as_str()))
+                    .get(key)
+                    .and_then(|values| values.get(value))
                     .map_or(&[][..], Vec::as_slice)
             })
             .min_by_key(|items| items.len())

@@ -27,7 +27,8 @@ const RENUMBER_AFTER: u32 = u32::MAX / 2;
 /// What a workload identity stands for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct WorkloadIdentityKey {
-    pub namespace: String,
+    /// Shared by the identities of one namespace.
+    pub namespace: Arc<str>,
     pub labels: Labels,
     pub ip_blocks: Vec<IpBlock>,
     pub named_ports: Vec<NamedPort>,
@@ -77,6 +78,8 @@ impl Numbering {
         };
         NumberingPass {
             next: Numbering {
+                workload_identities: HashMap::with_capacity(previous.workload_identities.len()),
+                rules: HashMap::with_capacity(previous.rules.len()),
                 next_identity: previous.next_identity,
                 next_endpoint: previous.next_endpoint,
                 next_rule: previous.next_rule,
