@@ -286,6 +286,75 @@ fn tcp_stages_have_their_own_lifetimes() {
     assert_eq!(h.verdict(&query.reply()), DROP);
 }
 
+/// `last_seen_ns` of the one tracked flow with `port` on either side.
+fn last_seen(h: &mut Harness, port: u16) -> u64 {
+    let maps = h.datapath.maps().expect("maps");
+    let seen: Vec<u64> = maps
+        .conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, _)| key.port_a == port || key.port_b == port)
+        .map(|(_, state)| state.last_seen_ns)
+        .collect();
+    assert_eq!(seen.len(), 1, "tracked flows on port {port}");
+    seen[0]
+}
+
+/// Conntrack's clock is the kernel's coarse monotonic clock (one timer tick, at most
+/// 10 ms at HZ=100, behind the precise one): lifetimes still hold to within a tick,
+/// and an idle flow's packet still refreshes its entry to "now".
+#[test]
+fn lifetimes_and_refreshes_hold_to_the_coarse_clocks_tick() {
+    const TICK_MARGIN: u64 = 20_000_000;
+    let builder = StateBuilder::default()
+        .endpoint(WORKLOAD, 1, true, true, false)
+        .host(SERVER, 300)
+        .allow(1, 300, Direction::Egress, TCP, Some((80, 80)), 1);
+    let Some(mut h) = harness(
+        "lifetimes_and_refreshes_hold_to_the_coarse_clocks_tick",
+        builder,
+    ) else {
+        return;
+    };
+    h.datapath
+        .maps()
+        .unwrap()
+        .set_settings(&Settings::default().with_lifetimes(TEST_LIFETIMES))
+        .unwrap();
+    let established = Probe::tcp(ip(WORKLOAD), 44001, ip(SERVER), 80);
+    assert_eq!(h.verdict(&established), PASS);
+    assert_eq!(h.verdict(&established.reply()), PASS);
+    let recorded = last_seen(&mut h, 44001);
+    let now = monotonic_ns();
+    assert!(
+        recorded <= now && recorded + TICK_MARGIN >= now,
+        "recorded at {recorded}, now {now}"
+    );
+
+    // Idle for most of its 20 s lifetime: the packet passes and refreshes the entry.
+    age_flows(&mut h, 44001, 15 * SECOND, FLOW_SEEN_REPLY);
+    let before = monotonic_ns();
+    assert_eq!(h.verdict(&established.established()), PASS);
+    let after = monotonic_ns();
+    let refreshed = last_seen(&mut h, 44001);
+    assert!(
+        refreshed + TICK_MARGIN >= before && refreshed <= after,
+        "refreshed to {refreshed}, packet sent between {before} and {after}"
+    );
+    // Refreshed, it lives another lifetime: just short of it, it passes...
+    age_flows(&mut h, 44001, 20 * SECOND - SECOND / 10, FLOW_SEEN_REPLY);
+    assert_eq!(h.verdict(&established.reply().established()), PASS);
+    // ...and just past it (by more than a tick), it is forgotten: the server's
+    // packet is a new flow the policy denies.
+    age_flows(
+        &mut h,
+        44001,
+        20 * SECOND + 2 * TICK_MARGIN,
+        FLOW_SEEN_REPLY,
+    );
+    assert_eq!(h.verdict(&established.reply().established()), DROP);
+}
+
 #[test]
 fn echo_requests_open_flows_and_stale_echo_replies_are_judged_as_requests() {
     // The workload may send echo requests (ICMP type 8, any code) to the server, and
