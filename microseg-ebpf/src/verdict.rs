@@ -77,8 +77,9 @@ enum Judgement {
 
 #[inline(always)]
 pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> Verdict {
-    let info = match parse::parse(packet, link) {
-        Ok(Parsed::Ip(info)) => info,
+    let mut info = PacketInfo::EMPTY;
+    match parse::parse(packet, link, &mut info) {
+        Ok(Parsed::Ip) => {}
         Ok(Parsed::NotPolicyTraffic) => {
             counters::count(Counter::NotPolicyTraffic);
             return Verdict::Pass;
@@ -87,7 +88,7 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
             counters::count(Counter::ParseFailure);
             return deny_unparsed(hook, ifindex, reason);
         }
-    };
+    }
 
     let generation = config::live_generation();
     let slot = slot_of(generation);
