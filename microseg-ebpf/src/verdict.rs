@@ -320,7 +320,11 @@ fn check_direction(
         protocol,
         port,
     );
-    let entry = policy::lookup(&key, endpoint.has_prefix_rules());
+    let entry = policy::lookup(
+        &key,
+        endpoint.has_prefix_rules(),
+        endpoint.has_any_peer_rules(),
+    );
     match entry {
         entry if entry.is_none() => Err(Denial {
             reason: DropReason::PolicyDenied,

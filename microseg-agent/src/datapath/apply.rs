@@ -23,7 +23,11 @@ use ipnet::IpNet;
 use microseg_common::{
     AddrKey,
     config::slot_of,
-    endpoint::{ENDPOINT_FLAG_PREFIX_RULES, EndpointInfo},
+    endpoint::{
+        ENDPOINT_DERIVED_FLAGS, ENDPOINT_FLAG_ANY_PEER_RULES, ENDPOINT_FLAG_PREFIX_RULES,
+        EndpointInfo,
+    },
+    identity::IDENTITY_ANY,
     identity::PeerIdentity,
     interface::{InterfaceBinding, InterfaceKey},
     maps,
@@ -159,8 +163,9 @@ pub fn apply_state(
 }
 
 /// The state as the maps hold it: endpoints with range or wildcard rules (entries in
-/// the prefix trie) carry `ENDPOINT_FLAG_PREFIX_RULES`, the others skip the trie.
-/// Idempotent; `read_slot` strips the flag again.
+/// the prefix trie) carry `ENDPOINT_FLAG_PREFIX_RULES`, the others skip the trie;
+/// endpoints with rules for any peer carry `ENDPOINT_FLAG_ANY_PEER_RULES`, the others
+/// skip the any-peer lookup. Idempotent; `read_slot` strips the flags again.
 fn with_prefix_flags(state: &DatapathState) -> DatapathState {
     let with_prefix_rules: std::collections::BTreeSet<u32> = state
         .policy
@@ -168,12 +173,20 @@ fn with_prefix_flags(state: &DatapathState) -> DatapathState {
         .filter(|rule| !rule.is_exact_port())
         .map(|rule| rule.endpoint_id)
         .collect();
+    let with_any_peer_rules: std::collections::BTreeSet<u32> = state
+        .policy
+        .keys()
+        .filter(|rule| rule.identity == IDENTITY_ANY)
+        .map(|rule| rule.endpoint_id)
+        .collect();
     let mut state = state.clone();
     for info in state.endpoints.values_mut() {
+        info.flags &= !ENDPOINT_DERIVED_FLAGS;
         if with_prefix_rules.contains(&info.endpoint_id) {
             info.flags |= ENDPOINT_FLAG_PREFIX_RULES;
-        } else {
-            info.flags &= !ENDPOINT_FLAG_PREFIX_RULES;
+        }
+        if with_any_peer_rules.contains(&info.endpoint_id) {
+            info.flags |= ENDPOINT_FLAG_ANY_PEER_RULES;
         }
     }
     state
@@ -408,8 +421,7 @@ pub fn read_slot(maps: &DatapathMaps<'_>, slot: u8) -> Result<DatapathState, Dat
     for item in maps.endpoints.iter() {
         let (key, info) = item.map_err(err(maps::ENDPOINTS))?;
         if key.slot() == slot {
-            let info =
-                EndpointInfo::new(info.endpoint_id, info.flags & !ENDPOINT_FLAG_PREFIX_RULES);
+            let info = EndpointInfo::new(info.endpoint_id, info.flags & !ENDPOINT_DERIVED_FLAGS);
             state.endpoints.insert(from_mapped(key.addr()), info);
         }
     }
@@ -488,7 +500,12 @@ pub fn resync_standby(maps: &mut DatapathMaps<'_>) -> Result<DatapathState, Data
     let live_state = read_slot(maps, slot_of(live))?;
     let standby = slot_of(live.wrapping_add(1));
     let standby_state = read_slot(maps, standby)?;
-    let repair = StateDiff::between(&standby_state, &live_state);
+    // Compared and written as the maps hold them, derived flags included (read_slot
+    // strips them: written without, an endpoint would skip its prefix rules).
+    let repair = StateDiff::between(
+        &with_prefix_flags(&standby_state),
+        &with_prefix_flags(&live_state),
+    );
     write_diff(maps, standby, &repair)?;
     Ok(live_state)
 }
