@@ -93,7 +93,10 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
 
     let generation = config::live_generation();
     let slot = slot_of(generation);
+    // Where the live slot binds no interface (hosts enforced on their own NICs), the
+    // lookup is skipped.
     if is_ingress_hook(hook)
+        && config::slot_binds_interfaces(slot)
         && let Err(reason) = interface::check_sent_by_workload(slot, ifindex, &info)
     {
         let denial = Denial {

@@ -396,6 +396,49 @@ fn echo_requests_open_flows_and_stale_echo_replies_are_judged_as_requests() {
     assert_eq!(h.verdict(&pong), DROP);
 }
 
+/// Packets skip the binding lookup where the live generation binds no interface (a
+/// mark per generation slot): a binding an update adds is enforced at once, in
+/// whichever slot, and one an update removes is no longer.
+#[test]
+fn interface_bindings_added_and_removed_by_updates_are_honoured() {
+    let builder = || {
+        StateBuilder::default()
+            .endpoint(WORKLOAD, 1, false, true, false)
+            .host(SERVER, 300)
+            .allow(1, 300, Direction::Egress, UDP, Some((53, 53)), 1)
+    };
+    let Some(mut h) = harness(
+        "interface_bindings_added_and_removed_by_updates_are_honoured",
+        builder(),
+    ) else {
+        return;
+    };
+    // Another address than the workload's, to the server: nothing enforced.
+    let spoofed = Probe::udp(ip(OTHER_WORKLOAD), 45001, ip(SERVER), 80);
+    assert_eq!(h.verdict_at(XDP, &spoofed), PASS);
+    assert_eq!(h.verdict_at(TC_INGRESS, &spoofed), PASS);
+    for round in 0..2 {
+        // Bound (in one slot, then in the other).
+        h.apply(builder().binding(TEST_RUN_IFINDEX, &[WORKLOAD]).build())
+            .expect("apply");
+        assert_eq!(h.verdict_at(XDP, &spoofed), DROP, "round {round}");
+        assert_eq!(h.verdict_at(TC_INGRESS, &spoofed), DROP, "round {round}");
+        // Still bound in a new generation.
+        h.apply(
+            builder()
+                .host(OTHER_WORKLOAD, 301)
+                .binding(TEST_RUN_IFINDEX, &[WORKLOAD])
+                .build(),
+        )
+        .expect("apply");
+        assert_eq!(h.verdict_at(XDP, &spoofed), DROP, "round {round}");
+        // Unbound.
+        h.apply(builder().build()).expect("apply");
+        assert_eq!(h.verdict_at(XDP, &spoofed), PASS, "round {round}");
+        assert_eq!(h.verdict_at(TC_INGRESS, &spoofed), PASS, "round {round}");
+    }
+}
+
 #[test]
 fn a_workload_interface_only_carries_the_workloads_own_addresses() {
     // The workload is behind the test-run interface; its egress is default deny

@@ -138,6 +138,9 @@ pub fn apply_state(
         return Err(error);
     }
     crate::fault::crash_at("after-standby-write");
+    // Only the live slot's interface mark is read: each slot's is set here, before
+    // the slot goes live.
+    maps.set_slot_binds_interfaces(standby, !new.interfaces.is_empty())?;
     maps.set_live_generation(next)?;
     crate::fault::crash_at("after-switch");
     // From here on the new generation is live: failures only leave the standby slot
