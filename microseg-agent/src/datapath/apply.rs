@@ -170,18 +170,17 @@ pub fn apply_state(
 /// endpoints with rules for any peer carry `ENDPOINT_FLAG_ANY_PEER_RULES`, the others
 /// skip the any-peer lookup. Idempotent; `read_slot` strips the flags again.
 fn with_prefix_flags(state: &DatapathState) -> DatapathState {
-    let with_prefix_rules: std::collections::BTreeSet<u32> = state
-        .policy
-        .keys()
-        .filter(|rule| !rule.is_exact_port())
-        .map(|rule| rule.endpoint_id)
-        .collect();
-    let with_any_peer_rules: std::collections::BTreeSet<u32> = state
-        .policy
-        .keys()
-        .filter(|rule| rule.identity == IDENTITY_ANY)
-        .map(|rule| rule.endpoint_id)
-        .collect();
+    // One pass over the rules for both flags.
+    let mut with_prefix_rules = std::collections::BTreeSet::new();
+    let mut with_any_peer_rules = std::collections::BTreeSet::new();
+    for rule in state.policy.keys() {
+        if !rule.is_exact_port() {
+            with_prefix_rules.insert(rule.endpoint_id);
+        }
+        if rule.identity == IDENTITY_ANY {
+            with_any_peer_rules.insert(rule.endpoint_id);
+        }
+    }
     let mut state = state.clone();
     for info in state.endpoints.values_mut() {
         info.flags &= !ENDPOINT_DERIVED_FLAGS;
