@@ -7,6 +7,19 @@
 //! (one aligned 4-byte store), waits for in-flight programs to finish, then deletes the
 //! old slot's entries. A packet reads the generation once and so sees one generation
 //! whole, never a mix.
+//!
+//! `GENERATION` also says, per slot, whether the slot binds any interface
+//! (`GENERATION_INDEX_BOUND + slot`: non-zero if so), so that packets skip the
+//! `INTERFACES` lookup where no interface is bound. The agent sets a slot's mark before
+//! switching to it; a live slot is never written, so its mark stays true. A map
+//! pinned by an older agent has no such entries: the programs then always look up.
+
+/// Index of the live generation number in `GENERATION`.
+pub const GENERATION_INDEX_LIVE: u32 = 0;
+/// Index of slot 0's "binds interfaces" mark in `GENERATION` (slot 1's follows).
+pub const GENERATION_INDEX_BOUND: u32 = 1;
+/// Entries of `GENERATION`.
+pub const GENERATION_ENTRIES: u32 = 3;
 
 /// Slot of a generation number.
 pub const fn slot_of(generation: u32) -> u8 {

@@ -48,7 +48,8 @@ pub struct FlowState {
     /// `FLOW_SEEN_*` bits.
     pub seen: u8,
     _pad: [u8; 2],
-    /// Last time a packet refreshed the entry (bpf_ktime_get_ns).
+    /// Last time a packet refreshed the entry: CLOCK_MONOTONIC at timer-tick
+    /// granularity (bpf_ktime_get_coarse_ns, up to 1/HZ behind the precise clock).
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<FlowState>() == 16);

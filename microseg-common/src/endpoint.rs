@@ -21,6 +21,12 @@ pub const ENDPOINT_FLAG_AUDIT: u32 = 4;
 /// this flag its lookups are the exact-port hash alone: two per direction. Set by the
 /// data path layer from the policy entries, not by the compiler.
 pub const ENDPOINT_FLAG_PREFIX_RULES: u32 = 8;
+/// Some of the endpoint's rules name any peer (`IDENTITY_ANY`); without this flag the
+/// second lookup of each direction (with `IDENTITY_ANY`) is skipped. Set by the data
+/// path layer from the policy entries, not by the compiler.
+pub const ENDPOINT_FLAG_ANY_PEER_RULES: u32 = 16;
+/// The flags the data path layer derives from the policy entries.
+pub const ENDPOINT_DERIVED_FLAGS: u32 = ENDPOINT_FLAG_PREFIX_RULES | ENDPOINT_FLAG_ANY_PEER_RULES;
 
 impl EndpointInfo {
     pub const fn new(endpoint_id: u32, flags: u32) -> Self {
@@ -42,6 +48,9 @@ impl EndpointInfo {
     }
     pub const fn has_prefix_rules(&self) -> bool {
         self.flags & ENDPOINT_FLAG_PREFIX_RULES != 0
+    }
+    pub const fn has_any_peer_rules(&self) -> bool {
+        self.flags & ENDPOINT_FLAG_ANY_PEER_RULES != 0
     }
 }
 

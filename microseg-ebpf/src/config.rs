@@ -1,11 +1,14 @@
 //! The live policy generation and the programs' settings.
 
 use aya_ebpf::{macros::map, maps::Array};
-use microseg_common::config::Settings;
+use microseg_common::config::{
+    GENERATION_ENTRIES, GENERATION_INDEX_BOUND, GENERATION_INDEX_LIVE, Settings,
+};
 
-/// One element: the live policy generation (see `microseg_common::config`).
+/// The live policy generation, and per slot whether it binds interfaces (see
+/// `microseg_common::config`).
 #[map]
-static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+static GENERATION: Array<u32> = Array::with_max_entries(GENERATION_ENTRIES, 0);
 
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -13,12 +16,22 @@ static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 /// Reads the live generation once; a packet uses this value for every lookup.
 #[inline(always)]
 pub fn live_generation() -> u32 {
-    match GENERATION.get_ptr(0) {
+    match GENERATION.get_ptr(GENERATION_INDEX_LIVE) {
         // SAFETY: the pointer comes from a successful lookup in an array map, so it
         // points to a valid, aligned u32 for the duration of the program. The volatile
         // read keeps the compiler from reading it twice.
         Some(ptr) => unsafe { core::ptr::read_volatile(ptr) },
         None => 0,
+    }
+}
+
+/// Whether `slot` binds any interface (true if unknown: a map pinned by an older
+/// agent has no marks).
+#[inline(always)]
+pub fn slot_binds_interfaces(slot: u8) -> bool {
+    match GENERATION.get(GENERATION_INDEX_BOUND + slot as u32) {
+        Some(mark) => *mark != 0,
+        None => true,
     }
 }
 

@@ -2,6 +2,7 @@
 //! buffer, rate limited per CPU by a token bucket; what is not sent is counted.
 
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
@@ -45,7 +46,10 @@ pub struct EventFields {
 /// frame should not add to the hot path's.
 #[inline(never)]
 pub fn send(info: Option<&PacketInfo>, fields: &EventFields) {
-    let now = crate::conntrack::now_ns();
+    // The precise clock: events are ordered and timed by it (conntrack's coarse clock
+    // would give every event of one tick the same time).
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     if !take_token(now) {
         counters::count(Counter::EventsLostRateLimit);
         return;

@@ -13,7 +13,8 @@ use crate::parse::PacketInfo;
 static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
     LruHashMap::with_max_entries(FRAGMENTS_CAPACITY, 0);
 
-#[inline(always)]
+/// Out of line: its key would otherwise take stack in the decision's frame.
+#[inline(never)]
 pub fn remember(info: &PacketInfo, id: u32) {
     let key = FragmentKey::new(info.src, info.dst, id, info.protocol);
     let ports = FragmentPorts {

@@ -40,6 +40,27 @@ impl PacketView {
         Ok(unsafe { core::ptr::read_unaligned(at as *const T) })
     }
 
+    /// Copies the `N` bytes at `offset` into `out`, straight from packet to
+    /// destination (a `read` would stage them in registers and on the stack).
+    #[inline(always)]
+    pub fn copy_into<const N: usize>(
+        &self,
+        offset: usize,
+        out: &mut [u8; N],
+    ) -> Result<(), OutOfBounds> {
+        if offset > MAX_HEADER_OFFSET {
+            return Err(OutOfBounds);
+        }
+        let at = self.start + offset;
+        if at + N > self.end {
+            return Err(OutOfBounds);
+        }
+        // SAFETY: `[at, at + N)` lies inside the packet (checked above), `out` is a
+        // distinct, writable N-byte array, and byte copies need no alignment.
+        unsafe { core::ptr::copy_nonoverlapping(at as *const u8, out.as_mut_ptr(), N) };
+        Ok(())
+    }
+
     #[inline(always)]
     pub fn u8_at(&self, offset: usize) -> Result<u8, OutOfBounds> {
         self.read::<u8>(offset)

@@ -85,6 +85,23 @@ pub struct PacketInfo {
 }
 
 impl PacketInfo {
+    /// What `parse` starts from: no addresses, no ports, transport known.
+    pub const EMPTY: Self = Self {
+        family: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        protocol: 0,
+        src_port: 0,
+        dst_port: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        tcp_flags: 0,
+        hop_limit: 0,
+        transport: Transport::Known,
+        fragment: Fragment::None,
+        l4_offset: 0,
+    };
+
     /// The port a policy rule matched when this packet's flow was opened by the other
     /// side: the opener's destination port (`src_port` here), or for an ICMP echo
     /// reply the request's type and code.
@@ -129,7 +146,8 @@ impl PacketInfo {
 pub enum Parsed {
     /// Not subject to policy: not IP.
     NotPolicyTraffic,
-    Ip(PacketInfo),
+    /// IP: the caller's `PacketInfo` holds its fields.
+    Ip,
 }
 
 /// What precedes the IP header.
@@ -143,8 +161,14 @@ pub enum LinkLayer {
     None { skb_protocol: u16 },
 }
 
+/// Parses into `info` (which starts as `PacketInfo::EMPTY`): written in place, so the
+/// decision's stack frame holds one `PacketInfo` and nothing is copied.
 #[inline(always)]
-pub fn parse(packet: &PacketView, link: LinkLayer) -> Result<Parsed, DropReason> {
+pub fn parse(
+    packet: &PacketView,
+    link: LinkLayer,
+    info: &mut PacketInfo,
+) -> Result<Parsed, DropReason> {
     let (ethertype, l3) = match link {
         LinkLayer::Ethernet { skb_protocol } => {
             let kernel_says_ip = skb_protocol == ETHERTYPE_IPV4 || skb_protocol == ETHERTYPE_IPV6;
@@ -170,12 +194,12 @@ pub fn parse(packet: &PacketView, link: LinkLayer) -> Result<Parsed, DropReason>
         }
         LinkLayer::None { skb_protocol } => (skb_protocol, 0),
     };
-    let info = match ethertype {
-        ETHERTYPE_IPV4 => parse_ipv4(packet, l3)?,
-        ETHERTYPE_IPV6 => parse_ipv6(packet, l3)?,
+    match ethertype {
+        ETHERTYPE_IPV4 => parse_ipv4(packet, l3, info)?,
+        ETHERTYPE_IPV6 => parse_ipv6(packet, l3, info)?,
         _ => return Ok(Parsed::NotPolicyTraffic),
-    };
-    Ok(Parsed::Ip(info))
+    }
+    Ok(Parsed::Ip)
 }
 
 /// Returns the ethertype after any VLAN tags and the offset of the L3 header; the
@@ -198,7 +222,7 @@ fn parse_ethernet(packet: &PacketView) -> Option<(u16, usize)> {
 /// Out of line (as is `parse_ipv6`): keeps the scratch of header parsing out of the
 /// decision's stack frame, which the BPF stack limit (512 bytes) makes scarce.
 #[inline(never)]
-fn parse_ipv4(packet: &PacketView, l3: usize) -> Result<PacketInfo, DropReason> {
+fn parse_ipv4(packet: &PacketView, l3: usize, info: &mut PacketInfo) -> Result<(), DropReason> {
     // One read per header: separate reads at variable offsets let LLVM merge their
     // bounds checks and then use a pointer the verifier has not range-checked.
     let header = packet
@@ -230,19 +254,22 @@ fn parse_ipv4(packet: &PacketView, l3: usize) -> Result<PacketInfo, DropReason> 
         Fragment::None
     };
 
-    let mut info = new_info(FAMILY_IPV4, ipv4_mapped(src), ipv4_mapped(dst), protocol);
+    info.family = FAMILY_IPV4;
+    info.src = ipv4_mapped(src);
+    info.dst = ipv4_mapped(dst);
+    info.protocol = protocol;
     info.hop_limit = ttl;
     info.fragment = fragment;
     if let Fragment::Later { .. } = fragment {
         info.transport = Transport::LaterFragment;
     } else {
-        parse_transport(packet, l3 + header_len, &mut info);
+        parse_transport(packet, l3 + header_len, info);
     }
-    Ok(info)
+    Ok(())
 }
 
 #[inline(never)]
-fn parse_ipv6(packet: &PacketView, l3: usize) -> Result<PacketInfo, DropReason> {
+fn parse_ipv6(packet: &PacketView, l3: usize, info: &mut PacketInfo) -> Result<(), DropReason> {
     let header = packet
         .read::<[u8; IPV6_HEADER_LEN]>(l3)
         .map_err(|_| DropReason::MalformedIp)?;
@@ -250,7 +277,8 @@ fn parse_ipv6(packet: &PacketView, l3: usize) -> Result<PacketInfo, DropReason> 
         return Err(DropReason::MalformedIp);
     }
     let mut next_header = header[6];
-    let mut info = new_info(FAMILY_IPV6, [0; 16], [0; 16], next_header);
+    info.family = FAMILY_IPV6;
+    info.protocol = next_header;
     info.hop_limit = header[7];
     info.src.copy_from_slice(&header[8..24]);
     info.dst.copy_from_slice(&header[24..40]);
@@ -265,7 +293,7 @@ fn parse_ipv6(packet: &PacketView, l3: usize) -> Result<PacketInfo, DropReason> 
         // fragment header's offset, flags and identification.
         let Ok(ext) = packet.read::<[u8; 8]>(offset) else {
             info.transport = Transport::Unknown(DropReason::MalformedL4);
-            return Ok(info);
+            return Ok(());
         };
         let header_len = match next_header {
             44 => {
@@ -289,40 +317,21 @@ fn parse_ipv6(packet: &PacketView, l3: usize) -> Result<PacketInfo, DropReason> 
         if let Fragment::Later { .. } = info.fragment {
             info.protocol = next_header;
             info.transport = Transport::LaterFragment;
-            return Ok(info);
+            return Ok(());
         }
     }
     info.protocol = next_header;
     if !walked_all && is_extension_header(next_header) {
         info.transport = Transport::Unknown(DropReason::Ipv6HeaderChainTooLong);
-        return Ok(info);
+        return Ok(());
     }
-    parse_transport(packet, offset, &mut info);
-    Ok(info)
+    parse_transport(packet, offset, info);
+    Ok(())
 }
 
 #[inline(always)]
 fn is_extension_header(next_header: u8) -> bool {
     matches!(next_header, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140)
-}
-
-#[inline(always)]
-fn new_info(family: u8, src: [u8; 16], dst: [u8; 16], protocol: u8) -> PacketInfo {
-    PacketInfo {
-        family,
-        src,
-        dst,
-        protocol,
-        src_port: 0,
-        dst_port: 0,
-        icmp_type: 0,
-        icmp_code: 0,
-        tcp_flags: 0,
-        hop_limit: 0,
-        transport: Transport::Known,
-        fragment: Fragment::None,
-        l4_offset: 0,
-    }
 }
 
 /// Reads ports or ICMP type/code at `l4`; marks the transport unknown if truncated.

@@ -25,13 +25,18 @@ static POLICY_EXACT: HashMap<PolicyKeyData, PolicyEntry> =
     HashMap::with_max_entries(POLICY_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// The entry for `key` (with the peer's identity), or `PolicyEntry::NONE`. The trie
-/// is consulted only for endpoints that have range or wildcard rules, so an endpoint
-/// whose rules all name single ports costs two hash lookups. Out of line: its keys
+/// is consulted only for endpoints that have range or wildcard rules, and the
+/// any-peer key only for endpoints that have rules for any peer, so an endpoint whose
+/// rules all name single ports and peers costs one hash lookup. Out of line: its keys
 /// stay out of the decision's stack frame.
 #[inline(never)]
-pub fn lookup(key: &PolicyKeyData, has_prefix_rules: bool) -> PolicyEntry {
+pub fn lookup(
+    key: &PolicyKeyData,
+    has_prefix_rules: bool,
+    has_any_peer_rules: bool,
+) -> PolicyEntry {
     let entry = lookup_identity(key, has_prefix_rules);
-    if !entry.is_none() {
+    if !entry.is_none() || !has_any_peer_rules {
         return entry;
     }
     lookup_identity(&key.with_identity(IDENTITY_ANY), has_prefix_rules)

@@ -54,14 +54,11 @@ pub fn icmp_error_is_related(packet: &PacketView, info: &PacketInfo, generation:
             return false;
         }
         key.protocol = fixed[6];
-        let (Ok(src), Ok(dst)) = (
-            packet.read::<[u8; 16]>(quoted + 8),
-            packet.read::<[u8; 16]>(quoted + 24),
-        ) else {
+        if packet.copy_into(quoted + 8, &mut key.addr_a).is_err()
+            || packet.copy_into(quoted + 24, &mut key.addr_b).is_err()
+        {
             return false;
-        };
-        key.addr_a = src;
-        key.addr_b = dst;
+        }
         // Quoted extension headers are not walked: such errors are judged by policy.
         quoted + 40
     } else {

@@ -5,16 +5,17 @@
 //! 3. a packet a workload's own interface received (XDP, TC ingress) must come from
 //!    one of the workload's addresses and may not be a router advertisement or
 //!    redirect (`interface`); neighbour discovery then passes without policy;
-//! 4. endpoints: the source and the destination. A packet involving no endpoint with
-//!    an enforced direction passes. Otherwise every allowed packet is tracked, even
-//!    when no enforced direction judges it, so that its replies are recognised;
-//! 5. transport: ports of later fragments from their first fragment; a packet whose
-//!    transport cannot be known drops (it involves an enforced endpoint);
-//! 6. conntrack: a flow allowed under the live generation passes, replies included,
-//!    and so do ICMP errors quoting one of its packets (`related`); a packet that
-//!    opens a connection (bare TCP SYN, ICMP echo request) is always judged; a flow
-//!    allowed under an older generation is judged again in its first packet's
-//!    direction;
+//! 4. transport: ports of later fragments from their first fragment;
+//! 5. conntrack, before the endpoints: a flow allowed under the live generation
+//!    passes, replies included, on this one lookup (its entry proves that an
+//!    enforced endpoint is involved); a packet that opens a connection (bare TCP SYN,
+//!    ICMP echo request) is always judged; a flow allowed under an older generation
+//!    is judged again in its first packet's direction;
+//! 6. endpoints: the source and the destination. A packet involving no endpoint with
+//!    an enforced direction passes. Otherwise a packet whose transport cannot be
+//!    known drops; ICMP errors quoting a packet of a flow allowed under the live
+//!    generation pass (`related`); every allowed packet is tracked, even when no
+//!    enforced direction judges it, so that its replies are recognised;
 //! 7. policy, for the destination's ingress if enforced and the source's egress if
 //!    enforced: peer identity, then (endpoint, identity, direction, protocol, port)
 //!    in the exact-port hash and the prefix trie, then the same for (endpoint, any,
@@ -77,8 +78,9 @@ enum Judgement {
 
 #[inline(always)]
 pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> Verdict {
-    let info = match parse::parse(packet, link) {
-        Ok(Parsed::Ip(info)) => info,
+    let mut info = PacketInfo::EMPTY;
+    match parse::parse(packet, link, &mut info) {
+        Ok(Parsed::Ip) => {}
         Ok(Parsed::NotPolicyTraffic) => {
             counters::count(Counter::NotPolicyTraffic);
             return Verdict::Pass;
@@ -87,11 +89,14 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
             counters::count(Counter::ParseFailure);
             return deny_unparsed(hook, ifindex, reason);
         }
-    };
+    }
 
     let generation = config::live_generation();
     let slot = slot_of(generation);
+    // Where the live slot binds no interface (hosts enforced on their own NICs), the
+    // lookup is skipped.
     if is_ingress_hook(hook)
+        && config::slot_binds_interfaces(slot)
         && let Err(reason) = interface::check_sent_by_workload(slot, ifindex, &info)
     {
         let denial = Denial {
@@ -106,6 +111,37 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
         return Verdict::Pass;
     }
 
+    // Conntrack first: an established flow's packet passes on this one lookup. An
+    // entry of the live generation was recorded by a packet with the same two
+    // addresses that involved an enforced endpoint, and the live generation's slot is
+    // never written (see `microseg_common::config`), so the endpoint lookups below
+    // could only agree. ICMP errors are matched to the flow they quote first
+    // (`related`), and a packet whose ports are unknown is not looked up.
+    let ports = transport_ports(&info);
+    let (src_port, dst_port) = match ports {
+        Ok(ports) => ports,
+        Err(_) => (0, 0),
+    };
+    let settings = config::settings();
+    let now = conntrack::now_ns();
+    let flow = conntrack::flow_of(&info, src_port, dst_port);
+    let opens =
+        conntrack::opens_tcp(&info) || parse::is_echo_request(info.protocol, info.icmp_type);
+    let is_icmp_error = parse::is_icmp_error(info.protocol, info.icmp_type);
+    let mut tracked = if ports.is_err() || is_icmp_error {
+        Tracked::New
+    } else {
+        conntrack::lookup(&flow, &info, opens, generation, &settings.lifetimes, now)
+    };
+    if let Tracked::Current = tracked {
+        if let Fragment::First { id } = info.fragment {
+            fragment::remember(&info, id);
+        }
+        counters::count(Counter::ConntrackHit);
+        count_allowed(hook);
+        return Verdict::Pass;
+    }
+
     let src_endpoint = endpoint::lookup(slot, &info.src);
     let dst_endpoint = endpoint::lookup(slot, &info.dst);
     if !src_endpoint.any_enforced() && !dst_endpoint.any_enforced() {
@@ -113,42 +149,33 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
         return Verdict::Pass;
     }
 
-    let (src_port, dst_port) = match transport_ports(&info) {
-        Ok(ports) => ports,
-        Err(reason) => {
-            counters::count(Counter::ParseFailure);
-            let endpoint_id = if dst_endpoint.any_enforced() {
-                dst_endpoint.endpoint_id
-            } else {
-                src_endpoint.endpoint_id
-            };
-            let denial = Denial {
-                reason,
-                endpoint_id,
-                ..Denial::NONE
-            };
-            return finish_denied(&info, hook, ifindex, denial, 0, 0);
-        }
-    };
+    if let Err(reason) = ports {
+        counters::count(Counter::ParseFailure);
+        let endpoint_id = if dst_endpoint.any_enforced() {
+            dst_endpoint.endpoint_id
+        } else {
+            src_endpoint.endpoint_id
+        };
+        let denial = Denial {
+            reason,
+            endpoint_id,
+            ..Denial::NONE
+        };
+        return finish_denied(&info, hook, ifindex, denial, 0, 0);
+    }
     if let Fragment::First { id } = info.fragment {
         fragment::remember(&info, id);
     }
 
-    // An ICMP error about a flow allowed under the live generation is part of it.
-    if parse::is_icmp_error(info.protocol, info.icmp_type)
-        && related::icmp_error_is_related(packet, &info, generation)
-    {
-        counters::count(Counter::ConntrackHit);
-        count_allowed(hook);
-        return Verdict::Pass;
+    if is_icmp_error {
+        // An ICMP error about a flow allowed under the live generation is part of it.
+        if related::icmp_error_is_related(packet, &info, generation) {
+            counters::count(Counter::ConntrackHit);
+            count_allowed(hook);
+            return Verdict::Pass;
+        }
+        tracked = conntrack::lookup(&flow, &info, opens, generation, &settings.lifetimes, now);
     }
-
-    let settings = config::settings();
-    let now = conntrack::now_ns();
-    let flow = conntrack::flow_of(&info, src_port, dst_port);
-    let opens =
-        conntrack::opens_tcp(&info) || parse::is_echo_request(info.protocol, info.icmp_type);
-    let tracked = conntrack::lookup(&flow, &info, opens, generation, &settings.lifetimes, now);
     let judgement = match tracked {
         Tracked::Current => {
             counters::count(Counter::ConntrackHit);
@@ -296,7 +323,11 @@ fn check_direction(
         protocol,
         port,
     );
-    let entry = policy::lookup(&key, endpoint.has_prefix_rules());
+    let entry = policy::lookup(
+        &key,
+        endpoint.has_prefix_rules(),
+        endpoint.has_any_peer_rules(),
+    );
     match entry {
         entry if entry.is_none() => Err(Denial {
             reason: DropReason::PolicyDenied,

@@ -286,6 +286,75 @@ fn tcp_stages_have_their_own_lifetimes() {
     assert_eq!(h.verdict(&query.reply()), DROP);
 }
 
+/// `last_seen_ns` of the one tracked flow with `port` on either side.
+fn last_seen(h: &mut Harness, port: u16) -> u64 {
+    let maps = h.datapath.maps().expect("maps");
+    let seen: Vec<u64> = maps
+        .conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, _)| key.port_a == port || key.port_b == port)
+        .map(|(_, state)| state.last_seen_ns)
+        .collect();
+    assert_eq!(seen.len(), 1, "tracked flows on port {port}");
+    seen[0]
+}
+
+/// Conntrack's clock is the kernel's coarse monotonic clock (one timer tick, at most
+/// 10 ms at HZ=100, behind the precise one): lifetimes still hold to within a tick,
+/// and an idle flow's packet still refreshes its entry to "now".
+#[test]
+fn lifetimes_and_refreshes_hold_to_the_coarse_clocks_tick() {
+    const TICK_MARGIN: u64 = 20_000_000;
+    let builder = StateBuilder::default()
+        .endpoint(WORKLOAD, 1, true, true, false)
+        .host(SERVER, 300)
+        .allow(1, 300, Direction::Egress, TCP, Some((80, 80)), 1);
+    let Some(mut h) = harness(
+        "lifetimes_and_refreshes_hold_to_the_coarse_clocks_tick",
+        builder,
+    ) else {
+        return;
+    };
+    h.datapath
+        .maps()
+        .unwrap()
+        .set_settings(&Settings::default().with_lifetimes(TEST_LIFETIMES))
+        .unwrap();
+    let established = Probe::tcp(ip(WORKLOAD), 44001, ip(SERVER), 80);
+    assert_eq!(h.verdict(&established), PASS);
+    assert_eq!(h.verdict(&established.reply()), PASS);
+    let recorded = last_seen(&mut h, 44001);
+    let now = monotonic_ns();
+    assert!(
+        recorded <= now && recorded + TICK_MARGIN >= now,
+        "recorded at {recorded}, now {now}"
+    );
+
+    // Idle for most of its 20 s lifetime: the packet passes and refreshes the entry.
+    age_flows(&mut h, 44001, 15 * SECOND, FLOW_SEEN_REPLY);
+    let before = monotonic_ns();
+    assert_eq!(h.verdict(&established.established()), PASS);
+    let after = monotonic_ns();
+    let refreshed = last_seen(&mut h, 44001);
+    assert!(
+        refreshed + TICK_MARGIN >= before && refreshed <= after,
+        "refreshed to {refreshed}, packet sent between {before} and {after}"
+    );
+    // Refreshed, it lives another lifetime: just short of it, it passes...
+    age_flows(&mut h, 44001, 20 * SECOND - SECOND / 10, FLOW_SEEN_REPLY);
+    assert_eq!(h.verdict(&established.reply().established()), PASS);
+    // ...and just past it (by more than a tick), it is forgotten: the server's
+    // packet is a new flow the policy denies.
+    age_flows(
+        &mut h,
+        44001,
+        20 * SECOND + 2 * TICK_MARGIN,
+        FLOW_SEEN_REPLY,
+    );
+    assert_eq!(h.verdict(&established.reply().established()), DROP);
+}
+
 #[test]
 fn echo_requests_open_flows_and_stale_echo_replies_are_judged_as_requests() {
     // The workload may send echo requests (ICMP type 8, any code) to the server, and
@@ -325,6 +394,49 @@ fn echo_requests_open_flows_and_stale_echo_replies_are_judged_as_requests() {
     )
     .expect("apply");
     assert_eq!(h.verdict(&pong), DROP);
+}
+
+/// Packets skip the binding lookup where the live generation binds no interface (a
+/// mark per generation slot): a binding an update adds is enforced at once, in
+/// whichever slot, and one an update removes is no longer.
+#[test]
+fn interface_bindings_added_and_removed_by_updates_are_honoured() {
+    let builder = || {
+        StateBuilder::default()
+            .endpoint(WORKLOAD, 1, false, true, false)
+            .host(SERVER, 300)
+            .allow(1, 300, Direction::Egress, UDP, Some((53, 53)), 1)
+    };
+    let Some(mut h) = harness(
+        "interface_bindings_added_and_removed_by_updates_are_honoured",
+        builder(),
+    ) else {
+        return;
+    };
+    // Another address than the workload's, to the server: nothing enforced.
+    let spoofed = Probe::udp(ip(OTHER_WORKLOAD), 45001, ip(SERVER), 80);
+    assert_eq!(h.verdict_at(XDP, &spoofed), PASS);
+    assert_eq!(h.verdict_at(TC_INGRESS, &spoofed), PASS);
+    for round in 0..2 {
+        // Bound (in one slot, then in the other).
+        h.apply(builder().binding(TEST_RUN_IFINDEX, &[WORKLOAD]).build())
+            .expect("apply");
+        assert_eq!(h.verdict_at(XDP, &spoofed), DROP, "round {round}");
+        assert_eq!(h.verdict_at(TC_INGRESS, &spoofed), DROP, "round {round}");
+        // Still bound in a new generation.
+        h.apply(
+            builder()
+                .host(OTHER_WORKLOAD, 301)
+                .binding(TEST_RUN_IFINDEX, &[WORKLOAD])
+                .build(),
+        )
+        .expect("apply");
+        assert_eq!(h.verdict_at(XDP, &spoofed), DROP, "round {round}");
+        // Unbound.
+        h.apply(builder().build()).expect("apply");
+        assert_eq!(h.verdict_at(XDP, &spoofed), PASS, "round {round}");
+        assert_eq!(h.verdict_at(TC_INGRESS, &spoofed), PASS, "round {round}");
+    }
 }
 
 #[test]

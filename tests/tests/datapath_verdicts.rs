@@ -234,6 +234,74 @@ fn conntrack_passes_replies_and_revocation_stops_established_flows() {
     assert_eq!(h.verdict(&reply), PASS);
 }
 
+/// Conntrack comes before the endpoint lookups: a tracked flow's packet passes on its
+/// entry alone (counted as a conntrack hit and allowed, never as unenforced), but
+/// only once its ports are known: a truncated segment of the same flow still drops.
+#[test]
+fn tracked_flows_pass_on_conntrack_first_but_not_without_ports() {
+    let builder = StateBuilder::default()
+        .endpoint(SERVER, 1, true, false, false)
+        .host(CLIENT, 300)
+        .allow(1, 300, Direction::Ingress, TCP, Some((80, 80)), 1);
+    let Some(mut h) = harness_with(builder) else {
+        return;
+    };
+    let request = Probe::tcp(ip(CLIENT), 40100, ip(SERVER), 80);
+    assert_eq!(h.verdict(&request), PASS);
+    let before = h.datapath.maps().unwrap().counters().unwrap();
+    assert_eq!(h.verdict(&request.established()), PASS);
+    assert_eq!(h.verdict(&request.reply().established()), PASS);
+    let after = h.datapath.maps().unwrap().counters().unwrap();
+    let delta = |counter| after.get(counter) - before.get(counter);
+    // Every program judged both packets.
+    assert!(delta(Counter::ConntrackHit) >= 2, "conntrack hits");
+    assert_eq!(
+        delta(Counter::AllowedIngress) + delta(Counter::AllowedEgress),
+        delta(Counter::ConntrackHit),
+        "each hit counted as allowed"
+    );
+    assert_eq!(delta(Counter::NotEnforced), 0);
+
+    let mut truncated = request.established().to_frame();
+    // Ethernet, the IPv4 header, half of the TCP header.
+    truncated.truncate(14 + 20 + 10);
+    assert_eq!(h.xdp_verdict_of_frame(&truncated), DROP);
+}
+
+/// The any-peer lookup is skipped for endpoints without any-peer rules (a flag the data
+/// path layer derives): an update that gives an endpoint its first such rule, or
+/// takes its last away, changes the verdict at once.
+#[test]
+fn any_peer_rules_added_and_removed_by_updates_are_honoured() {
+    let named_peer_only = || {
+        StateBuilder::default()
+            .endpoint(SERVER, 1, true, false, false)
+            .host(CLIENT, 300)
+            .host(OTHER, 301)
+            .allow(1, 300, Direction::Ingress, UDP, Some((53, 53)), 1)
+    };
+    let Some(mut h) = harness_with(named_peer_only()) else {
+        return;
+    };
+    let from_other = Probe::udp(ip(OTHER), 5353, ip(SERVER), 53);
+    assert_eq!(h.verdict(&from_other), DROP);
+    h.apply(
+        named_peer_only()
+            .allow(1, IDENTITY_ANY, Direction::Ingress, UDP, Some((53, 53)), 2)
+            .build(),
+    )
+    .unwrap();
+    assert_eq!(
+        h.verdict(&Probe::udp(ip(OTHER), 5354, ip(SERVER), 53)),
+        PASS
+    );
+    h.apply(named_peer_only().build()).unwrap();
+    assert_eq!(
+        h.verdict(&Probe::udp(ip(OTHER), 5355, ip(SERVER), 53)),
+        DROP
+    );
+}
+
 #[test]
 fn audit_mode_passes_would_be_denies_with_audit_events() {
     let builder = StateBuilder::default()

@@ -23,7 +23,11 @@ use ipnet::IpNet;
 use microseg_common::{
     AddrKey,
     config::slot_of,
-    endpoint::{ENDPOINT_FLAG_PREFIX_RULES, EndpointInfo},
+    endpoint::{
+        ENDPOINT_DERIVED_FLAGS, ENDPOINT_FLAG_ANY_PEER_RULES, ENDPOINT_FLAG_PREFIX_RULES,
+        EndpointInfo,
+    },
+    identity::IDENTITY_ANY,
     identity::PeerIdentity,
     interface::{InterfaceBinding, InterfaceKey},
     maps,
@@ -52,12 +56,12 @@ pub struct StateDiff {
 
 impl StateDiff {
     /// What to write to a slot holding `old` to make it hold `new`, endpoints with
-    /// the flags the maps carry (`ENDPOINT_FLAG_PREFIX_RULES`).
+    /// the flags the maps carry (`endpoints_with_derived_flags`).
     pub fn for_maps(old: &DatapathState, new: &DatapathState) -> Self {
         Self {
             endpoints: diff_maps(
-                &endpoints_with_prefix_flags(old),
-                &endpoints_with_prefix_flags(new),
+                &endpoints_with_derived_flags(old),
+                &endpoints_with_derived_flags(new),
             ),
             peer_hosts: diff_maps(&old.peer_hosts, &new.peer_hosts),
             peer_prefixes: diff_maps(&old.peer_prefixes, &new.peer_prefixes),
@@ -165,6 +169,9 @@ pub fn apply_state(
         return Err(error);
     }
     crate::fault::crash_at("after-standby-write");
+    // Only the live slot's interface mark is read: each slot's is set here, before
+    // the slot goes live.
+    maps.set_slot_binds_interfaces(standby, !new.interfaces.is_empty())?;
     maps.set_live_generation(next)?;
     crate::fault::crash_at("after-switch");
     // From here on the new generation is live: failures only leave the standby slot
@@ -190,24 +197,32 @@ pub fn apply_state(
 }
 
 /// Endpoints as the maps hold them: those with range or wildcard rules (entries in
-/// the prefix trie) carry `ENDPOINT_FLAG_PREFIX_RULES`, the others skip the trie.
-/// Idempotent; `read_slot` strips the flag again.
-fn endpoints_with_prefix_flags(state: &DatapathState) -> BTreeMap<IpAddr, EndpointInfo> {
-    let with_prefix_rules: std::collections::BTreeSet<u32> = state
-        .policy
-        .keys()
-        .filter(|rule| !rule.is_exact_port())
-        .map(|rule| rule.endpoint_id)
-        .collect();
+/// the prefix trie) carry `ENDPOINT_FLAG_PREFIX_RULES`, the others skip the trie;
+/// those with rules for any peer carry `ENDPOINT_FLAG_ANY_PEER_RULES`, the others
+/// skip the any-peer lookup. Idempotent; `read_slot` strips the flags again.
+fn endpoints_with_derived_flags(state: &DatapathState) -> BTreeMap<IpAddr, EndpointInfo> {
+    // One pass over the rules for both flags.
+    let mut with_prefix_rules = std::collections::BTreeSet::new();
+    let mut with_any_peer_rules = std::collections::BTreeSet::new();
+    for rule in state.policy.keys() {
+        if !rule.is_exact_port() {
+            with_prefix_rules.insert(rule.endpoint_id);
+        }
+        if rule.identity == IDENTITY_ANY {
+            with_any_peer_rules.insert(rule.endpoint_id);
+        }
+    }
     state
         .endpoints
         .iter()
         .map(|(address, info)| {
             let mut info = *info;
+            info.flags &= !ENDPOINT_DERIVED_FLAGS;
             if with_prefix_rules.contains(&info.endpoint_id) {
                 info.flags |= ENDPOINT_FLAG_PREFIX_RULES;
-            } else {
-                info.flags &= !ENDPOINT_FLAG_PREFIX_RULES;
+            }
+            if with_any_peer_rules.contains(&info.endpoint_id) {
+                info.flags |= ENDPOINT_FLAG_ANY_PEER_RULES;
             }
             (*address, info)
         })
@@ -443,8 +458,7 @@ pub fn read_slot(maps: &DatapathMaps<'_>, slot: u8) -> Result<DatapathState, Dat
     for item in maps.endpoints.iter() {
         let (key, info) = item.map_err(err(maps::ENDPOINTS))?;
         if key.slot() == slot {
-            let info =
-                EndpointInfo::new(info.endpoint_id, info.flags & !ENDPOINT_FLAG_PREFIX_RULES);
+            let info = EndpointInfo::new(info.endpoint_id, info.flags & !ENDPOINT_DERIVED_FLAGS);
             state.endpoints.insert(from_mapped(key.addr()), info);
         }
     }
@@ -523,6 +537,8 @@ pub fn resync_standby(maps: &mut DatapathMaps<'_>) -> Result<DatapathState, Data
     let live_state = read_slot(maps, slot_of(live))?;
     let standby = slot_of(live.wrapping_add(1));
     let standby_state = read_slot(maps, standby)?;
+    // Compared and written as the maps hold them, derived flags included (read_slot
+    // strips them: written without, an endpoint would skip its prefix rules).
     let repair = StateDiff::for_maps(&standby_state, &live_state);
     write_diff(maps, standby, &repair)?;
     Ok(live_state)

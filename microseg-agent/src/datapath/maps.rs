@@ -7,7 +7,7 @@ use aya::{
 };
 use microseg_common::{
     AddrKey,
-    config::Settings,
+    config::{GENERATION_INDEX_BOUND, Settings},
     conntrack::{FlowKey, FlowState},
     counters::{COUNTER_SLOTS, Counter},
     drop_reason::{DROP_REASON_SLOTS, DropReason},
@@ -119,6 +119,24 @@ impl<'a> DatapathMaps<'a> {
         self.generation
             .set(0, generation, 0)
             .map_err(map_err(maps::GENERATION))
+    }
+
+    /// Marks whether generation slot `slot` binds any interface (see
+    /// `microseg_common::config`); a no-op on a map pinned by an older agent, which
+    /// has no marks (the programs then always look bindings up).
+    pub fn set_slot_binds_interfaces(
+        &mut self,
+        slot: u8,
+        binds: bool,
+    ) -> Result<(), DatapathError> {
+        match self.generation.set(
+            GENERATION_INDEX_BOUND + u32::from(slot),
+            u32::from(binds),
+            0,
+        ) {
+            Err(aya::maps::MapError::OutOfBounds { .. }) => Ok(()),
+            other => other.map_err(map_err(maps::GENERATION)),
+        }
     }
 
     pub fn settings(&self) -> Result<Settings, DatapathError> {
