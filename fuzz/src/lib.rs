@@ -111,7 +111,7 @@ pub fn check_agent_objects(data: &[u8]) {
         );
         assert!(!key.name.is_empty(), "object {key} has no name");
     }
-    match build_policy_set(objects.values()) {
+    match build_policy_set(objects.iter()) {
         Ok(set) => check_loaded(name, last, &set),
         Err(errors) => {
             assert!(!errors.is_empty(), "{name}: build failed without an error");

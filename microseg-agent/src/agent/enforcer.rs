@@ -14,7 +14,9 @@ use microseg_common::{
 };
 
 use super::interfaces::InterfaceFacts;
-use super::objects::{ObjectKey, ObjectMap, StoredObject, build_policy_set};
+use super::objects::{
+    ConversionCache, ObjectKey, ObjectMap, StoredObject, build_policy_set_cached,
+};
 use crate::{
     datapath::{ApplyReport, Datapath, DatapathState, addr::to_mapped},
     event_view::EventNames,
@@ -46,6 +48,9 @@ pub struct Enforcer {
     /// Keeps identity, endpoint and rule ids from one compile to the next, so that
     /// an update writes only the entries its change affects.
     compiler: Compiler,
+    /// Each object's conversion from the last build: only changed objects are read
+    /// again.
+    conversions: ConversionCache,
     /// What the agent knows of its interfaces (`agent::interfaces`), from which
     /// every generation's bindings are derived with its policy set.
     interface_facts: InterfaceFacts,
@@ -93,6 +98,7 @@ impl Enforcer {
             datapath,
             current,
             compiler: Compiler::default(),
+            conversions: ConversionCache::default(),
             interface_facts: InterfaceFacts::default(),
             bindings: BTreeMap::new(),
             standby_error: None,
@@ -113,7 +119,7 @@ impl Enforcer {
         audit: &BTreeMap<String, bool>,
     ) -> Result<ApplyReport, ApplyRefused> {
         let started = Instant::now();
-        let result = self.try_apply(objects.values(), audit);
+        let result = self.try_apply(objects.iter(), audit);
         match &result {
             Ok(_) => {
                 return_free_memory();
@@ -129,10 +135,10 @@ impl Enforcer {
 
     fn try_apply<'a>(
         &mut self,
-        objects: impl IntoIterator<Item = &'a StoredObject>,
+        objects: impl IntoIterator<Item = (&'a ObjectKey, &'a StoredObject)>,
         audit: &BTreeMap<String, bool>,
     ) -> Result<ApplyReport, ApplyRefused> {
-        let set = build_policy_set(objects).map_err(|errors| ApplyRefused {
+        let set = build_policy_set_cached(objects, &mut self.conversions).map_err(|errors| ApplyRefused {
             summary: format!(
                 "the policy set is invalid ({} error{}); nothing was applied and the previous policy stays enforced",
                 errors.errors.len(),

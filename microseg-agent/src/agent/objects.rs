@@ -3,15 +3,18 @@
 //! persisted atomically so a restart finds them.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io::Write,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{LoadErrors, PolicySet, PolicySetBuilder, Source, documents, policy_files};
+use crate::policy::{
+    ConvertedDocument, LoadErrors, PolicySet, PolicySetBuilder, Source, documents, policy_files,
+};
 
 /// Identity of an object: applying an object with the same key replaces it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -32,12 +35,14 @@ impl std::fmt::Display for ObjectKey {
     }
 }
 
-/// One object and where it came from (for error messages).
+/// One object and where it came from (for error messages). The value is shared: a
+/// changed object gets a new one, so an unchanged one is recognised by its
+/// allocation ([`ConversionCache`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoredObject {
     pub file: String,
     pub document: usize,
-    pub value: serde_json::Value,
+    pub value: Arc<serde_json::Value>,
 }
 
 pub type ObjectMap = BTreeMap<ObjectKey, StoredObject>;
@@ -66,7 +71,7 @@ pub fn parse_objects(file: &str, text: &str) -> Result<ObjectMap, Vec<String>> {
                         StoredObject {
                             file: file.to_owned(),
                             document: number,
-                            value: item,
+                            value: Arc::new(item),
                         },
                     );
                 }
@@ -140,16 +145,54 @@ pub const API_SERVER_SOURCE: &str = "api-server:";
 
 /// Builds and validates a policy set from objects: every error, or the whole set.
 pub fn build_policy_set<'a>(
-    objects: impl IntoIterator<Item = &'a StoredObject>,
+    objects: impl IntoIterator<Item = (&'a ObjectKey, &'a StoredObject)>,
 ) -> Result<PolicySet, LoadErrors> {
+    build_policy_set_cached(objects, &mut ConversionCache::default())
+}
+
+/// Each object's conversion ([`PolicySetBuilder::convert_document`]) from the last
+/// build: an object still holding the same value (the same `Arc`, from the same
+/// file and document) is not read and validated again, so a change costs what
+/// changed plus the cross-document checks, not every object of the cluster.
+#[derive(Default)]
+pub struct ConversionCache {
+    entries: HashMap<ObjectKey, CachedConversion>,
+}
+
+struct CachedConversion {
+    /// Held, so that the allocation cannot be reused for another value.
+    value: Arc<serde_json::Value>,
+    file: String,
+    document: usize,
+    converted: ConvertedDocument,
+}
+
+/// As [`build_policy_set`], converting only objects that changed since the last
+/// build with `cache` (which then holds this build's conversions).
+pub fn build_policy_set_cached<'a>(
+    objects: impl IntoIterator<Item = (&'a ObjectKey, &'a StoredObject)>,
+    cache: &mut ConversionCache,
+) -> Result<PolicySet, LoadErrors> {
+    let mut previous = std::mem::take(&mut cache.entries);
     let mut builder = PolicySetBuilder::new();
-    for object in objects {
-        let source = Source::new(&object.file, object.document);
-        if object.file.starts_with(API_SERVER_SOURCE) {
-            builder.add_api_server_document(&source, &object.value);
-        } else {
-            builder.add_document(&source, &object.value);
-        }
+    for (key, object) in objects {
+        let cached = previous.remove(key).filter(|cached| {
+            Arc::ptr_eq(&cached.value, &object.value)
+                && cached.file == object.file
+                && cached.document == object.document
+        });
+        let cached = cached.unwrap_or_else(|| CachedConversion {
+            value: object.value.clone(),
+            file: object.file.clone(),
+            document: object.document,
+            converted: PolicySetBuilder::convert_document(
+                &Source::new(&object.file, object.document),
+                &object.value,
+                object.file.starts_with(API_SERVER_SOURCE),
+            ),
+        });
+        builder.add_converted(&cached.converted);
+        cache.entries.insert(key.clone(), cached);
     }
     builder.finish()
 }
@@ -291,5 +334,61 @@ spec: {podSelector: {}}
             PersistedState::load(&dir).unwrap(),
             PersistedState::default()
         );
+    }
+
+    #[test]
+    fn a_cached_build_converts_only_changed_objects_and_equals_a_fresh_one() {
+        let text = |port: u16, bad: bool| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: prod, labels: {{app: web}}}}\nstatus: {{phase: Running, podIP: 10.1.0.1}}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web, namespace: prod}}\nspec: {{podSelector: {{}}, ingress: [{{ports: [{{port: {port}}}]}}]{}}}\n",
+                if bad { ", bogus: 1" } else { "" }
+            )
+        };
+        let mut cache = ConversionCache::default();
+        let mut objects = parse_objects("a.yaml", &text(80, false)).unwrap();
+        let first = build_policy_set_cached(objects.iter(), &mut cache).unwrap();
+        assert_eq!(cache.entries.len(), 2);
+        // Unchanged: the same set, from the cache.
+        let again = build_policy_set_cached(objects.iter(), &mut cache).unwrap();
+        assert_eq!(format!("{again:?}"), format!("{first:?}"));
+        // One object replaced: its new content is read, the other is reused.
+        let changed = parse_objects("a.yaml", &text(8080, false)).unwrap();
+        let pod_value = objects
+            .values()
+            .find(|o| o.value["kind"] == "Pod")
+            .unwrap()
+            .value
+            .clone();
+        for (key, object) in changed {
+            if key.kind == "NetworkPolicy" {
+                objects.insert(key, object);
+            }
+        }
+        let updated = build_policy_set_cached(objects.iter(), &mut cache).unwrap();
+        assert_eq!(
+            format!("{updated:?}"),
+            format!("{:?}", build_policy_set(objects.iter()).unwrap())
+        );
+        assert!(format!("{updated:?}").contains("8080"));
+        assert!(std::sync::Arc::ptr_eq(
+            &cache
+                .entries
+                .values()
+                .find(|c| c.value["kind"] == "Pod")
+                .unwrap()
+                .value,
+            &pod_value
+        ));
+        // An invalid object is refused from the cache as from a fresh read.
+        let invalid = parse_objects("a.yaml", &text(80, true)).unwrap();
+        assert!(build_policy_set_cached(invalid.iter(), &mut cache).is_err());
+        assert!(build_policy_set_cached(invalid.iter(), &mut cache).is_err());
+        // Objects gone are forgotten.
+        let only_pod: ObjectMap = objects
+            .into_iter()
+            .filter(|(k, _)| k.kind == "Pod")
+            .collect();
+        build_policy_set_cached(only_pod.iter(), &mut cache).unwrap();
+        assert_eq!(cache.entries.len(), 1);
     }
 }

@@ -78,7 +78,9 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    #[tokio::test]
+    // Paused time: the restart pauses (100 ms, 200 ms) pass as the runtime idles,
+    // however loaded the machine is.
+    #[tokio::test(start_paused = true)]
     async fn a_failing_or_panicking_task_is_restarted_and_counted() {
         let restarts = Arc::new(TaskRestarts::default());
         let runs = Arc::new(AtomicU32::new(0));

@@ -4,6 +4,8 @@
 //! addresses) when it builds the [`PolicySet`].
 
 use std::collections::{BTreeMap, btree_map::Entry};
+
+use foldhash::{HashMap, HashMapExt};
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,16 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, LoadErrors> {
         builder.add_path(path);
     }
     builder.finish()
+}
+
+/// What one document converts to on its own (see
+/// [`PolicySetBuilder::convert_document`]).
+#[derive(Clone, Debug, Default)]
+pub struct ConvertedDocument {
+    namespaces: Vec<NamespaceInfo>,
+    workloads: Vec<Workload>,
+    policies: Vec<Policy>,
+    errors: Vec<PolicyError>,
 }
 
 /// Accumulates documents and errors; [`PolicySetBuilder::finish`] validates the whole.
@@ -284,6 +296,34 @@ impl PolicySetBuilder {
         }
     }
 
+    /// Converts one document on its own, as `add_document` (or, with
+    /// `from_api_server`, `add_api_server_document`) would: a document's conversion
+    /// depends on nothing else, so the agent keeps it per object and adds it again
+    /// with [`PolicySetBuilder::add_converted`] while the object is unchanged.
+    pub fn convert_document(
+        source: &Source,
+        value: &serde_json::Value,
+        from_api_server: bool,
+    ) -> ConvertedDocument {
+        let mut builder = PolicySetBuilder::new();
+        builder.from_api_server = from_api_server;
+        builder.add_object(source, String::new(), value);
+        ConvertedDocument {
+            namespaces: builder.namespaces,
+            workloads: builder.workloads,
+            policies: builder.policies,
+            errors: builder.errors,
+        }
+    }
+
+    /// Adds what [`PolicySetBuilder::convert_document`] made of a document.
+    pub fn add_converted(&mut self, converted: &ConvertedDocument) {
+        self.namespaces.extend(converted.namespaces.iter().cloned());
+        self.workloads.extend(converted.workloads.iter().cloned());
+        self.policies.extend(converted.policies.iter().cloned());
+        self.errors.extend(converted.errors.iter().cloned());
+    }
+
     /// Adds an already deserialized NetworkPolicy (validated like a file's).
     pub fn add_network_policy(&mut self, source: &Source, policy: &NetworkPolicy) {
         let mut checker = Checker {
@@ -351,73 +391,90 @@ impl PolicySetBuilder {
             }
         }
 
-        let mut seen_workloads: BTreeMap<(String, String), Source> = BTreeMap::new();
-        let mut address_owner: BTreeMap<IpAddr, (String, Source)> = BTreeMap::new();
-        let mut interface_owner: BTreeMap<String, (String, Source)> = BTreeMap::new();
-        let mut kept = Vec::with_capacity(workloads.len());
-        for workload in workloads.drain(..) {
-            let key = (workload.namespace.clone(), workload.name.clone());
-            if let Some(first) = seen_workloads.get(&key) {
-                errors.push(PolicyError::new(
-                    &workload.source,
-                    "metadata.name",
-                    format!(
-                        "duplicate workload name {} (first defined at {first})",
-                        workload.key()
-                    ),
-                ));
-                continue;
-            }
-            seen_workloads.insert(key, workload.source.clone());
-            let mut clash = false;
-            for address in &workload.addresses {
-                if let Some((owner, owner_source)) = address_owner.get(address) {
+        // Duplicate names, addresses and interfaces, by index into `workloads`: nothing
+        // is copied unless it is reported. The first definition wins.
+        let mut keep = vec![true; workloads.len()];
+        {
+            let mut seen_workloads: HashMap<(&str, &str), usize> =
+                HashMap::with_capacity(workloads.len());
+            let mut address_owner: HashMap<IpAddr, usize> = HashMap::with_capacity(workloads.len());
+            let mut interface_owner: HashMap<&str, usize> = HashMap::new();
+            for (index, workload) in workloads.iter().enumerate() {
+                let key = (workload.namespace.as_str(), workload.name.as_str());
+                if let Some(&first) = seen_workloads.get(&key) {
                     errors.push(PolicyError::new(
                         &workload.source,
-                        "",
+                        "metadata.name",
                         format!(
-                            "duplicate workload address {address}: {} has it and so does {owner} ({owner_source})",
-                            workload.key()
+                            "duplicate workload name {} (first defined at {})",
+                            workload.key(),
+                            workloads[first].source
                         ),
                     ));
-                    clash = true;
+                    keep[index] = false;
+                    continue;
+                }
+                seen_workloads.insert(key, index);
+                let mut clash = false;
+                for address in &workload.addresses {
+                    if let Some(&owner) = address_owner.get(address) {
+                        errors.push(PolicyError::new(
+                            &workload.source,
+                            "",
+                            format!(
+                                "duplicate workload address {address}: {} has it and so does {} ({})",
+                                workload.key(),
+                                workloads[owner].key(),
+                                workloads[owner].source
+                            ),
+                        ));
+                        clash = true;
+                    }
+                }
+                if let Some(interface) = &workload.interface {
+                    if let Some(&owner) = interface_owner.get(interface.as_str()) {
+                        errors.push(PolicyError::new(
+                            &workload.source,
+                            "spec.interface",
+                            format!(
+                                "interface {interface} is already the interface of {} ({}): an interface belongs to one workload",
+                                workloads[owner].key(),
+                                workloads[owner].source
+                            ),
+                        ));
+                        clash = true;
+                    } else {
+                        interface_owner.insert(interface, index);
+                    }
+                }
+                if clash {
+                    keep[index] = false;
+                    continue;
+                }
+                for address in &workload.addresses {
+                    address_owner.insert(*address, index);
                 }
             }
-            if let Some(interface) = &workload.interface {
-                if let Some((owner, owner_source)) = interface_owner.get(interface) {
-                    errors.push(PolicyError::new(
-                        &workload.source,
-                        "spec.interface",
-                        format!(
-                            "interface {interface} is already the interface of {owner} ({owner_source}): an interface belongs to one workload"
-                        ),
-                    ));
-                    clash = true;
-                } else {
-                    interface_owner
-                        .insert(interface.clone(), (workload.key(), workload.source.clone()));
-                }
-            }
-            if clash {
-                continue;
-            }
-            for address in &workload.addresses {
-                address_owner.insert(*address, (workload.key(), workload.source.clone()));
-            }
-            kept.push(workload);
         }
-        workloads = kept;
+        let mut index = 0;
+        workloads.retain(|_| {
+            index += 1;
+            keep[index - 1]
+        });
 
         // Workloads in namespaces nobody described get a namespace with only the name
         // label, so that namespaceSelectors on kubernetes.io/metadata.name still work.
         for workload in &workloads {
-            namespaces
-                .entry(workload.namespace.clone())
-                .or_insert_with(|| NamespaceInfo {
-                    name: workload.namespace.clone(),
-                    labels: namespace_labels(&workload.namespace, Labels::new()),
-                    source: None,
-                });
+            if !namespaces.contains_key(&workload.namespace) {
+                namespaces.insert(
+                    workload.namespace.clone(),
+                    NamespaceInfo {
+                        name: workload.namespace.clone(),
+                        labels: namespace_labels(&workload.namespace, Labels::new()),
+                        source: None,
+                    },
+                );
+            }
         }
 
         policies.sort_by(|left, right| {

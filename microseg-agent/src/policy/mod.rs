@@ -37,7 +37,7 @@ pub use expected::{
 };
 pub use files::{documents, is_policy_file, policy_files};
 pub use inventory::EndpointRef;
-pub use load::{MICROSEG_API_VERSION, PolicySetBuilder, load_paths};
+pub use load::{ConvertedDocument, MICROSEG_API_VERSION, PolicySetBuilder, load_paths};
 pub use map_eval::{MapDirectionVerdict, MapEvaluator, MapVerdict, evaluate_state};
 pub use model::{
     IpBlock, LabelSelector, Labels, NAMESPACE_NAME_LABEL, NamedPort, NamespaceInfo, NamespaceScope,

@@ -9,7 +9,8 @@
 //!   generation slots written, then the switch); the compile time is reported beside
 //!   it (`compile_10k_ms`).
 //! - `changes`: one change of each type, in turn, through the agent's own path: the
-//!   policy set rebuilt from its objects (`build_ms`), compiled by the same
+//!   policy set rebuilt from its objects (`build_ms`: Pod and NetworkPolicy objects
+//!   as the agent holds them, only the changed ones read again), compiled by the same
 //!   `Compiler` as every earlier state (ids kept: `compile_ms`), applied
 //!   (`apply_ms`, `entries_written` per generation slot). A second instance of the
 //!   programs, sharing the pinned maps, runs a probe whose verdict the change flips
@@ -33,15 +34,18 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use microseg::{
+    agent::objects::{
+        ConversionCache, ObjectKey, ObjectMap, StoredObject, build_policy_set_cached,
+    },
     datapath::{
         AttachPoint, Capacities, Datapath, DatapathState, LoadOptions, ProgramVerdict,
         detach_pinned, probe::Probe,
     },
-    policy::{Compiler, PolicySet, PolicySetBuilder, Source},
+    policy::{Compiler, PolicySet},
 };
 use serde::Serialize;
 
-use crate::{progress::Progress, scenario};
+use crate::progress::Progress;
 
 const FIRST_ADDRESS: u32 = u32::from_be_bytes([10, 96, 0, 0]);
 const PER_NAMESPACE: u32 = 100;
@@ -136,41 +140,77 @@ fn policy_document(index: u32, extra_udp: bool) -> serde_json::Value {
     })
 }
 
-/// The policy set of `count` policies over `count` workloads, varied by `variation`,
-/// built as the agent builds it from its objects; and how long that took.
-fn build_set(count: u32, variation: Variation) -> anyhow::Result<(PolicySet, f64)> {
-    let start = Instant::now();
-    let mut builder = PolicySetBuilder::new();
-    let source = Source::memory("microseg-bench");
+fn pod_document(name: &str, namespace: &str, app: &str, address: IpAddr) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name, "namespace": namespace, "labels": { "app": app } },
+        "status": { "phase": "Running", "podIP": address.to_string() }
+    })
+}
+
+/// The objects of `count` policies over `count` pods, varied by `variation`, as the
+/// agent holds them: an object equal to one in `previous` is that object (the
+/// agent's watch keeps an unchanged object's value, and so its conversion).
+fn objects_for(
+    count: u32,
+    variation: Variation,
+    previous: &ObjectMap,
+) -> anyhow::Result<ObjectMap> {
+    let mut documents = Vec::new();
     for index in 0..count {
         let app = if index == 1 && variation.w1_relabelled {
             "w1-relabelled".to_owned()
         } else {
             format!("w{index}")
         };
-        let mut workload = scenario::workload(
-            format!("w{index}"),
-            [("app".to_owned(), app)].into(),
+        documents.push(pod_document(
+            &format!("w{index}"),
+            &namespace_of(index),
+            &app,
             address(index),
-        );
-        workload.namespace = namespace_of(index);
-        builder.add_workload(workload);
-        builder.add_document(
-            &source,
-            &policy_document(index, variation.extra_udp && index == 0),
-        );
+        ));
+        documents.push(policy_document(index, variation.extra_udp && index == 0));
     }
     if variation.extra_pod {
-        let mut extra = scenario::workload(
-            "extra".to_owned(),
-            [("app".to_owned(), "w1".to_owned())].into(),
+        documents.push(pod_document(
+            "extra",
+            &namespace_of(0),
+            "w1",
             extra_address(),
-        );
-        extra.namespace = namespace_of(0);
-        builder.add_workload(extra);
+        ));
     }
-    let set = builder
-        .finish()
+    let mut objects = ObjectMap::new();
+    for value in documents {
+        let key = ObjectKey {
+            kind: value["kind"].as_str().unwrap_or_default().to_owned(),
+            namespace: value["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            name: value["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        let object = match previous.get(&key) {
+            Some(known) if *known.value == value => known.clone(),
+            _ => StoredObject {
+                file: "microseg-bench.yaml".to_owned(),
+                document: 1,
+                value: Arc::new(value),
+            },
+        };
+        ensure!(objects.insert(key, object).is_none(), "duplicate object");
+    }
+    Ok(objects)
+}
+
+/// The policy set of `objects`, built as the agent builds it (objects unchanged since
+/// the last build with `cache` are not read again); and how long that took.
+fn build_set(objects: &ObjectMap, cache: &mut ConversionCache) -> anyhow::Result<(PolicySet, f64)> {
+    let start = Instant::now();
+    let set = build_policy_set_cached(objects.iter(), cache)
         .map_err(|errors| anyhow::anyhow!("the control-plane policy set is invalid: {errors:?}"))?;
     Ok((set, start.elapsed().as_secs_f64() * 1e3))
 }
@@ -220,7 +260,9 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
     );
     progress.step(format!("control plane: compiling {count} policies"));
     let mut compiler = Compiler::default();
-    let (set, _) = build_set(count, Variation::default())?;
+    let mut cache = ConversionCache::default();
+    let mut objects = objects_for(count, Variation::default(), &ObjectMap::new())?;
+    let (set, _) = build_set(&objects, &mut cache)?;
     let (state, compile_ms) = compile_timed(&mut compiler, &set);
     drop(set);
     let counts = state.counts();
@@ -295,7 +337,8 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
     let mut changes = Vec::new();
     for (change, variation, probe, wanted) in steps {
         progress.step(format!("control plane: {change}"));
-        let (set, build_ms) = build_set(count, variation)?;
+        objects = objects_for(count, variation, &objects)?;
+        let (set, build_ms) = build_set(&objects, &mut cache)?;
         let measured = update_latency(
             &pin.0,
             &mut datapath,

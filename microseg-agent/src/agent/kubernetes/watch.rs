@@ -118,8 +118,9 @@ fn keyed<K: Resource<DynamicType = ()> + Serialize>(
     (key_of(kind, object), value)
 }
 
-/// Of a Pod, only what the agent reads: its name, namespace and labels, the named
-/// ports of its containers, `hostNetwork`, `nodeName`, its phase and addresses. A
+/// Of a Pod, only what the agent reads: its name, namespace, labels and creation
+/// time (the newer of two pods claiming one address keeps it), the named ports of
+/// its containers, `hostNetwork`, `nodeName`, its phase and addresses. A
 /// pod as the API server sends it is mostly container specs and status conditions
 /// (kilobytes each); the agent holds every pod of the cluster, so it keeps these
 /// few fields only. A status-only update then compares equal to the stored pod.
@@ -135,7 +136,10 @@ pub fn slim_pod(value: &mut serde_json::Value) {
         Value::Object(kept)
     }
     let mut slim = keep(value, &["apiVersion", "kind"]);
-    slim["metadata"] = keep(&value["metadata"], &["name", "namespace", "labels"]);
+    slim["metadata"] = keep(
+        &value["metadata"],
+        &["name", "namespace", "labels", "creationTimestamp"],
+    );
     if value.get("spec").is_some() {
         let mut spec = keep(&value["spec"], &["hostNetwork", "nodeName"]);
         let containers: Vec<Value> = value["spec"]["containers"]
@@ -222,7 +226,13 @@ impl ClusterView {
             }
             Change::Listed(key, value) => {
                 if let Some(buffer) = self.relisting.get_mut(key.kind.as_str()) {
-                    buffer.insert(key.clone(), stored(&key, value));
+                    // An unchanged object keeps its stored value (and so its
+                    // conversion: `ConversionCache`).
+                    let object = match self.objects.get(&key) {
+                        Some(known) if *known.value == value => known.clone(),
+                        _ => stored(&key, value),
+                    };
+                    buffer.insert(key, object);
                 }
                 false
             }
@@ -234,6 +244,15 @@ impl ClusterView {
                 true
             }
             Change::Applied(key, value) => {
+                // A pod's status updates (conditions, container states) arrive as
+                // modifications; slimmed, most leave the stored pod as it was.
+                if self
+                    .objects
+                    .get(&key)
+                    .is_some_and(|known| *known.value == value)
+                {
+                    return false;
+                }
                 let object = stored(&key, value);
                 self.objects.insert(key, object);
                 true
@@ -284,8 +303,7 @@ impl ClusterView {
         }
         for key in losers {
             if let Some(object) = objects.get_mut(&key)
-                && let Some(status) = object
-                    .value
+                && let Some(status) = std::sync::Arc::make_mut(&mut object.value)
                     .get_mut("status")
                     .and_then(|s| s.as_object_mut())
             {
@@ -302,7 +320,7 @@ fn stored(key: &ObjectKey, value: serde_json::Value) -> StoredObject {
     StoredObject {
         file: source_name(key),
         document: 1,
-        value,
+        value: std::sync::Arc::new(value),
     }
 }
 
@@ -348,8 +366,53 @@ pub fn pod_addresses(pod: &serde_json::Value) -> Vec<IpAddr> {
 
 #[cfg(test)]
 mod tests {
-    use super::slim_pod;
+    use super::{Change, ClusterView, slim_pod};
+    use crate::agent::objects::ObjectKey;
     use crate::policy::{PolicySetBuilder, Source};
+
+    fn pod_key(name: &str) -> ObjectKey {
+        ObjectKey {
+            kind: "Pod".to_owned(),
+            namespace: "prod".to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    fn pod_at(name: &str, created: &str, ip: &str, phase: &str) -> serde_json::Value {
+        let mut pod = full_pod();
+        pod["metadata"]["name"] = name.into();
+        pod["metadata"]["creationTimestamp"] = created.into();
+        pod["status"]["podIP"] = ip.into();
+        pod["status"]["podIPs"] = serde_json::json!([{ "ip": ip }]);
+        pod["status"]["phase"] = phase.into();
+        slim_pod(&mut pod);
+        pod
+    }
+
+    #[test]
+    fn the_newer_pod_keeps_a_contested_address_and_status_noise_changes_nothing() {
+        let mut view = ClusterView::default();
+        let older = pod_at("old", "2026-11-01T00:00:00Z", "10.1.0.9", "Running");
+        let newer = pod_at("new", "2026-11-02T00:00:00Z", "10.1.0.9", "Running");
+        assert!(view.apply(Change::Applied(pod_key("new"), newer)));
+        assert!(view.apply(Change::Applied(pod_key("old"), older)));
+        let enforceable = view.enforceable();
+        let ip = |name: &str| enforceable[&pod_key(name)].value["status"]["podIP"].clone();
+        assert_eq!(ip("new"), "10.1.0.9");
+        assert!(ip("old").is_null(), "the older pod gives the address up");
+
+        // A status update that slimming reduces to the same pod is no change.
+        let mut noisy = full_pod();
+        noisy["metadata"]["name"] = "new".into();
+        noisy["metadata"]["creationTimestamp"] = "2026-11-02T00:00:00Z".into();
+        noisy["status"]["podIP"] = "10.1.0.9".into();
+        noisy["status"]["podIPs"] = serde_json::json!([{ "ip": "10.1.0.9" }]);
+        noisy["status"]["conditions"] = serde_json::json!([{ "type": "Ready", "status": "False" }]);
+        slim_pod(&mut noisy);
+        assert!(!view.apply(Change::Applied(pod_key("new"), noisy)));
+        let moved = pod_at("new", "2026-11-02T00:00:00Z", "10.1.0.10", "Running");
+        assert!(view.apply(Change::Applied(pod_key("new"), moved)));
+    }
 
     /// A pod as the API server sends it (abridged, but with the fields that make
     /// real pods large).
@@ -359,6 +422,7 @@ mod tests {
             "kind": "Pod",
             "metadata": {
                 "name": "web-7d4b9c", "namespace": "prod", "uid": "0b1c",
+                "creationTimestamp": "2026-11-01T00:00:00Z",
                 "resourceVersion": "123", "labels": {"app": "web", "pod-template-hash": "7d4b9c"},
                 "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-11-01T00:00:00Z"},
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d4b9c", "uid": "9f"}]
@@ -398,6 +462,11 @@ mod tests {
         slim_pod(&mut slim);
         assert_eq!(workloads(&slim), workloads(&full));
         assert_eq!(slim["spec"]["nodeName"], "node-a");
+        // `enforceable` gives a contested address to the newer pod.
+        assert_eq!(
+            slim["metadata"]["creationTimestamp"],
+            "2026-11-01T00:00:00Z"
+        );
         let size = |value: &serde_json::Value| serde_json::to_vec(value).unwrap().len();
         assert!(
             size(&slim) * 2 < size(&full),
