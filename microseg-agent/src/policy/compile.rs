@@ -440,7 +440,7 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
     // Namespaces a namespaceSelector matches, worked out once per distinct selector.
     let mut namespaces_selected: HashMap<&'a LabelSelector, Vec<&'a str>> = HashMap::new();
     // Identities of one namespace that `pods` selects.
-    let selected_in = |index: &LabelIndex<'_>, pods: &LabelSelector, out: &mut BTreeSet<u32>| {
+    let selected_in = |index: &LabelIndex<'_>, pods: &LabelSelector, out: &mut Vec<u32>| {
         out.extend(
             index
                 .candidates(pods)
@@ -450,7 +450,7 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
                 .map(|identity| identity.id),
         );
     };
-    let mut peer_identities = |peer: &'a Peer, out: &mut BTreeSet<u32>| match peer {
+    let mut peer_identities = |peer: &'a Peer, out: &mut Vec<u32>| match peer {
         Peer::Workloads {
             namespaces: NamespaceScope::Named(name),
             pods,
@@ -497,14 +497,18 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
                 let identities: Vec<u32> = match &rule.peers {
                     None => vec![IDENTITY_ANY],
                     Some(peers) => {
-                        let mut set = BTreeSet::new();
+                        // Sorted and deduplicated once, not kept sorted per insert:
+                        // a rule may name a million identities.
+                        let mut identities = Vec::new();
                         for peer in peers {
-                            peer_identities(peer, &mut set);
+                            peer_identities(peer, &mut identities);
                         }
-                        set.into_iter().collect()
+                        identities.sort_unstable();
+                        identities.dedup();
+                        identities
                     }
                 };
-                let mut entries: BTreeSet<EntryTail> = BTreeSet::new();
+                let mut entries: Vec<EntryTail> = Vec::new();
                 let mut endpoint_named_ports = Vec::new();
                 match &rule.ports {
                     None => {
@@ -536,8 +540,10 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
                                         // Resolved on each destination identity; a rule
                                         // without peers reaches every workload identity.
                                         for identity in &named_port_identities {
-                                            let peer_ok = identities.contains(&identity.id)
-                                                || identities.contains(&IDENTITY_ANY);
+                                            let peer_ok = identities
+                                                .binary_search(&identity.id)
+                                                .is_ok()
+                                                || identities.binary_search(&IDENTITY_ANY).is_ok();
                                             if !peer_ok {
                                                 continue;
                                             }
@@ -545,7 +551,7 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
                                                 if named.name == *name
                                                     && named.protocol == port.protocol
                                                 {
-                                                    entries.insert((
+                                                    entries.push((
                                                         identity.id,
                                                         protocol,
                                                         Some((named.port, 16)),
@@ -561,7 +567,11 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
                 }
                 reduced.push(CompiledRule {
                     rule_id,
-                    entries: entries.into_iter().collect(),
+                    entries: {
+                        entries.sort_unstable();
+                        entries.dedup();
+                        entries
+                    },
                     endpoint_named_ports,
                     peer_identities: identities,
                 });
