@@ -7,7 +7,10 @@ use aya_ebpf::{
     maps::{PerCpuArray, RingBuf},
 };
 use microseg_common::{
-    config::EventRateState, counters::Counter, event::PolicyEvent, maps::EVENTS_BYTES,
+    config::{EventRateState, SETTINGS_FLAG_NO_DENY_EVENTS},
+    counters::Counter,
+    event::PolicyEvent,
+    maps::EVENTS_BYTES,
 };
 
 use crate::{
@@ -39,6 +42,16 @@ pub struct EventFields {
     pub rule_id: u32,
     pub src_port: u16,
     pub dst_port: u16,
+}
+
+/// Sends a deny event unless deny events are off. The switch is read here, before
+/// the call and any clock read, so a deny with events off costs one settings load.
+#[inline(always)]
+pub fn send_denial(info: Option<&PacketInfo>, fields: &EventFields) {
+    if config::settings().flags & SETTINGS_FLAG_NO_DENY_EVENTS != 0 {
+        return;
+    }
+    send(info, fields);
 }
 
 /// Sends an event for `info` (None: the IP header was unreadable), written in place
