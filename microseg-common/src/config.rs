@@ -43,6 +43,10 @@ const _: () = assert!(core::mem::size_of::<Settings>() == 40);
 
 /// Emit an event for every allowed packet too (debugging; off by default).
 pub const SETTINGS_FLAG_TRACE_ALLOWED: u32 = 1;
+/// Send no deny events (audit and trace events are still sent). A bit that turns
+/// events off, not on, so zeroed settings and a map pinned by an older agent keep
+/// them on. Denied packets are still counted; nothing is counted as lost.
+pub const SETTINGS_FLAG_NO_DENY_EVENTS: u32 = 2;
 
 impl Settings {
     pub const fn new(events_per_second: u32, events_burst: u32, flags: u32) -> Self {

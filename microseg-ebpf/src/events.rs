@@ -2,12 +2,15 @@
 //! buffer, rate limited per CPU by a token bucket; what is not sent is counted.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
 use microseg_common::{
-    config::EventRateState, counters::Counter, event::PolicyEvent, maps::EVENTS_BYTES,
+    config::{EventRateState, SETTINGS_FLAG_NO_DENY_EVENTS},
+    counters::Counter,
+    event::PolicyEvent,
+    maps::EVENTS_BYTES,
 };
 
 use crate::{
@@ -41,19 +44,33 @@ pub struct EventFields {
     pub dst_port: u16,
 }
 
+/// Sends a deny event unless deny events are off. The switch is read here, before
+/// the call and any clock read, so a deny with events off costs one settings load.
+#[inline(always)]
+pub fn send_denial(info: Option<&PacketInfo>, fields: &EventFields) {
+    if config::settings().flags & SETTINGS_FLAG_NO_DENY_EVENTS != 0 {
+        return;
+    }
+    send(info, fields);
+}
+
 /// Sends an event for `info` (None: the IP header was unreadable), written in place
 /// in the ring buffer. Kept out of line: it is off the allow path and its stack
 /// frame should not add to the hot path's.
 #[inline(never)]
 pub fn send(info: Option<&PacketInfo>, fields: &EventFields) {
-    // The precise clock: events are ordered and timed by it (conntrack's coarse clock
-    // would give every event of one tick the same time).
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !take_token(now) {
+    // The bucket runs on the coarse clock (one jiffy, 4 ms at HZ=250): a packet the
+    // limit refuses never pays for the precise one. See `take_token` for why a tick
+    // that coarse keeps the rate.
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    if !take_token(unsafe { bpf_ktime_get_coarse_ns() }) {
         counters::count(Counter::EventsLostRateLimit);
         return;
     }
+    // The precise clock only for an event that is sent: events are ordered and timed
+    // by it (the coarse clock would give every event of one tick the same time).
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let Some(mut slot) = EVENTS.reserve::<PolicyEvent>(0) else {
         counters::count(Counter::EventsLostRingFull);
         return;
@@ -86,6 +103,14 @@ pub fn send(info: Option<&PacketInfo>, fields: &EventFields) {
     counters::count(Counter::EventsSent);
 }
 
+/// Takes one token from this CPU's bucket at `now_ns` of the coarse clock.
+///
+/// That clock moves in steps of one jiffy (1-10 ms, CONFIG_HZ 1000-100), so tokens
+/// arrive in lumps of `rate * tick`: the refill is the whole elapsed time times the
+/// rate, so the long-run rate is exact, and within a tick the burst is what may be
+/// spent. The rate holds while `rate * tick <= burst` (a lump is capped at the burst);
+/// the defaults (100,000/s, burst 10,000) give 400 tokens a tick at HZ=250 and 1,000
+/// at HZ=100, far below the cap. Above it the rate is at most `burst / tick`.
 #[inline(always)]
 fn take_token(now_ns: u64) -> bool {
     let settings = config::settings();

@@ -383,7 +383,7 @@ fn finish_denied(
         src_port,
         dst_port,
     );
-    events::send(Some(info), &fields);
+    events::send_denial(Some(info), &fields);
     Verdict::Drop
 }
 
@@ -399,7 +399,7 @@ fn deny_unparsed(hook: Hook, ifindex: u32, reason: DropReason) -> Verdict {
         rule_id: RULE_ID_DEFAULT_DENY,
     };
     let fields = denial_fields(hook, ifindex, EventVerdict::Dropped, &denial, 0, 0);
-    events::send(None, &fields);
+    events::send_denial(None, &fields);
     Verdict::Drop
 }
 

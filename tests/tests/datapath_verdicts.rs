@@ -403,6 +403,49 @@ fn events_are_rate_limited_in_the_kernel_and_losses_counted() {
     );
 }
 
+#[test]
+fn deny_events_off_sends_none_and_drops_are_still_counted() {
+    let Some(mut h) = harness_with(server_policy()) else {
+        return;
+    };
+    {
+        let mut maps = h.datapath.maps().unwrap();
+        maps.set_settings(&microseg_common::config::Settings::new(
+            0,
+            5,
+            microseg_common::config::SETTINGS_FLAG_NO_DENY_EVENTS,
+        ))
+        .unwrap();
+    }
+    h.events();
+    let before = h.datapath.maps().unwrap().counters().unwrap();
+    let frame = Probe::tcp(ip(OTHER), 1, ip(SERVER), 80).to_frame();
+    for _ in 0..10 {
+        assert_eq!(
+            h.datapath
+                .test_run(microseg::datapath::AttachPoint::TcIngress, &frame)
+                .unwrap(),
+            DROP
+        );
+    }
+    assert_eq!(h.events(), [], "deny events are off");
+    let after = h.datapath.maps().unwrap().counters().unwrap();
+    assert_eq!(
+        after.get(Counter::DeniedIngress) - before.get(Counter::DeniedIngress),
+        10
+    );
+    assert_eq!(
+        after.drops(DropReason::PolicyDenied) - before.drops(DropReason::PolicyDenied),
+        10
+    );
+    // Not sent by choice is not lost.
+    assert_eq!(after.events_lost(), before.events_lost());
+    assert_eq!(
+        after.get(Counter::EventsSent),
+        before.get(Counter::EventsSent)
+    );
+}
+
 // ---- Hand-built frames: header options, extension headers, fragments, truncation.
 
 const SRC_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];

@@ -104,6 +104,12 @@ pub struct AgentConfig {
     /// In-kernel event rate limit per CPU, and burst.
     pub events_per_second: u32,
     pub events_burst: u32,
+    /// Deny events on (the default) or off (`denyEvents: false`): off, the programs
+    /// send no deny event and skip the rate limiter and its clock reads; denied
+    /// packets are still counted (metrics `denied_*` and drops by reason) and nothing
+    /// is counted as lost. Audit events are not affected. For hosts where the
+    /// counters are enough and the event path's cost per denied packet is not wanted.
+    pub deny_events: bool,
     /// Events each subscriber may fall behind before it loses events.
     pub subscriber_buffer: usize,
     /// Node name reported in events (defaults to the host name).
@@ -210,6 +216,7 @@ impl Default for AgentConfig {
             api_max_request_bytes: 64 * 1024 * 1024,
             events_per_second: microseg_common::config::DEFAULT_EVENTS_PER_SECOND,
             events_burst: microseg_common::config::DEFAULT_EVENTS_BURST,
+            deny_events: true,
             subscriber_buffer: 4096,
             node_name: None,
             watch_interval_ms: 500,
@@ -313,5 +320,12 @@ mod tests {
         assert_eq!(AgentConfig::default().socket_mode_bits().unwrap(), 0o600);
         let unknown: Result<AgentConfig, _> = serde_norway::from_str("interfacez: []\n");
         assert!(unknown.is_err(), "unknown keys are errors");
+    }
+
+    #[test]
+    fn deny_events_are_on_unless_turned_off() {
+        assert!(AgentConfig::default().deny_events);
+        let off: AgentConfig = serde_norway::from_str("denyEvents: false\n").unwrap();
+        assert!(!off.deny_events);
     }
 }

@@ -205,8 +205,16 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     {
         let mut maps = datapath.maps()?;
         maps.set_settings(
-            &Settings::new(config.events_per_second, config.events_burst, 0)
-                .with_lifetimes(config.conntrack.lifetimes()),
+            &Settings::new(
+                config.events_per_second,
+                config.events_burst,
+                if config.deny_events {
+                    0
+                } else {
+                    microseg_common::config::SETTINGS_FLAG_NO_DENY_EVENTS
+                },
+            )
+            .with_lifetimes(config.conntrack.lifetimes()),
         )?;
     }
     // Adopt what the pinned maps hold (empty on a first start).

@@ -35,9 +35,10 @@
 //! the measurement). The event path is measured on its own (`EventPathRow`): deny hot
 //! and spread with the shipped settings, with events rate-limited to a minimum (1
 //! event/s per CPU, burst 1: every packet still runs the rate limiter, almost none
-//! writes an event; the programs have no switch that turns deny events off), and with
-//! the rate limit off and the ring drained between calls (every packet writes one).
-//! The spread figures of the three settings are taken interleaved, chunk by chunk.
+//! writes an event), with deny events off (`SETTINGS_FLAG_NO_DENY_EVENTS`: no rate
+//! limiter, no clock read), and with the rate limit off and the ring drained between
+//! calls (every packet writes one). The spread figures of the four settings are
+//! taken interleaved, chunk by chunk.
 //!
 //! Every verdict is checked: a wrong one fails the benchmark.
 
@@ -49,7 +50,7 @@ use microseg::datapath::{
     AttachPoint, Datapath, DatapathState, LoadOptions, ProgramVerdict, XdpAttachMode, probe::Probe,
 };
 use microseg_common::{
-    config::Settings,
+    config::{SETTINGS_FLAG_NO_DENY_EVENTS, Settings},
     conntrack::{FlowKey, FlowState},
     counters::Counter,
     maps,
@@ -190,7 +191,7 @@ pub struct CostRow {
 /// Deny under one event setting.
 #[derive(Clone, Debug, Serialize)]
 pub struct DenyEventVariant {
-    /// "shipped", "minimal" or "every_packet".
+    /// "shipped", "minimal", "off" or "every_packet".
     pub variant: &'static str,
     pub events_per_second: u32,
     pub events_burst: u32,
@@ -216,6 +217,9 @@ pub struct EventPathRow {
     /// rate-limited to a minimum (hot, spread).
     pub shipped_minus_minimal_hot_ns: f64,
     pub shipped_minus_minimal_spread_ns: f64,
+    /// The whole event path as shipped: shipped minus deny events off (hot, spread).
+    pub shipped_minus_off_hot_ns: f64,
+    pub shipped_minus_off_spread_ns: f64,
 }
 
 /// Loading and applying at one scale.
@@ -706,26 +710,33 @@ fn measure(
         .iter()
         .map(|&(client, port)| frame(family, client, port, DENIED_PORT))
         .collect();
-    // Deny under the shipped event settings, events rate-limited to a minimum, and
-    // the rate limit off (every packet writes an event; the ring is drained every
-    // 1,024 calls and holds 13,107), interleaved.
+    // Deny under the shipped event settings, events rate-limited to a minimum, deny
+    // events off (the kernel-side switch), and the rate limit off (every packet
+    // writes an event; the ring is drained every 1,024 calls and holds 13,107),
+    // interleaved.
     let shipped = Settings::default();
     let minimal = Settings::new(1, 1, 0);
+    let off = Settings::new(
+        shipped.events_per_second,
+        shipped.events_burst,
+        SETTINGS_FLAG_NO_DENY_EVENTS,
+    );
     let unlimited = Settings::new(0, shipped.events_burst, 0);
     let spreads = loaded.per_call_settings(
         program,
         &denied,
-        &[shipped, minimal, unlimited],
+        &[shipped, minimal, off, unlimited],
         "spread deny",
     )?;
     drop(denied);
     let [
         (spread_deny, spread_deny_events),
         (minimal_spread, minimal_spread_events),
+        (off_spread, off_spread_events),
         (every_spread, every_spread_events),
     ] = spreads[..]
     else {
-        bail!("three spread figures expected");
+        bail!("four spread figures expected");
     };
     let spread_packets = flows.len();
 
@@ -765,8 +776,8 @@ fn measure(
         "hot deny, per call",
     )?;
 
-    // The event path, hot: deny again with events rate-limited to a minimum, then
-    // with every packet writing an event.
+    // The event path, hot: deny again with events rate-limited to a minimum, with
+    // deny events off, then with every packet writing an event.
     let repeat = format!("repeat {}, median of 3 calls", config.hot_repeat);
     let shipped_variant = DenyEventVariant {
         variant: "shipped",
@@ -795,6 +806,24 @@ fn measure(
         hot_events: minimal_hot_events,
         spread: per_call(minimal_spread),
         spread_events: minimal_spread_events,
+    };
+    loaded.set_settings(&off)?;
+    let (off_hot, off_hot_events) = loaded.hot_events(
+        program,
+        &deny,
+        config.hot_repeat,
+        false,
+        "hot deny, deny events off",
+    )?;
+    let off_variant = DenyEventVariant {
+        variant: "off",
+        events_per_second: off.events_per_second,
+        events_burst: off.events_burst,
+        hot_method: repeat.clone(),
+        hot: repeated(off_hot),
+        hot_events: off_hot_events,
+        spread: per_call(off_spread),
+        spread_events: off_spread_events,
     };
     // Rate limit off; the ring (1 MiB, 13,107 events of 80 bytes) is drained
     // between calls of 10,000 runs.
@@ -834,7 +863,11 @@ fn measure(
             - minimal_variant.hot.without_floor_ns,
         shipped_minus_minimal_spread_ns: shipped_variant.spread.without_floor_ns
             - minimal_variant.spread.without_floor_ns,
-        variants: vec![shipped_variant, minimal_variant, every_variant],
+        shipped_minus_off_hot_ns: shipped_variant.hot.without_floor_ns
+            - off_variant.hot.without_floor_ns,
+        shipped_minus_off_spread_ns: shipped_variant.spread.without_floor_ns
+            - off_variant.spread.without_floor_ns,
+        variants: vec![shipped_variant, minimal_variant, off_variant, every_variant],
     };
 
     let row = |case: Case,

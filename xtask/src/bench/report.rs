@@ -53,7 +53,8 @@ pub struct Report {
     pub floor_ns: f64,
     pub floors: FloorFigures,
     pub datapath: Vec<CostRow>,
-    /// The deny case's event path: shipped settings, events minimal, every packet.
+    /// The deny case's event path: shipped settings, events minimal, deny events off,
+    /// every packet.
     pub event_path: Vec<EventPathRow>,
     pub datapath_setup: Vec<crate::datapath_cost::ScaleSetup>,
     pub memory_floor: Vec<crate::datapath_cost::MemoryFloorRow>,
@@ -96,7 +97,7 @@ pub fn methods() -> BTreeMap<&'static str, &'static str> {
         ),
         (
             "event_path",
-            "the deny case's events, from the data path's counters (EventsSent, EventsLostRateLimit, EventsLostRingFull deltas over each measurement; every datapath row carries them as hot_events and spread_events). The deny case is measured under three settings on the same loaded programs: shipped (100,000 events/s per CPU, burst 10,000: a repeated hot packet soon exhausts the bucket, so most of its packets take the rate-limited branch), minimal (1 event/s, burst 1: every packet still reads the clock, the per-CPU bucket and bumps the lost counter, almost none writes an event; the programs have no setting that skips the event path, so this is the closest to events off without changing them), and every_packet (rate limit off, ring drained between calls of at most 10,000 runs, so every packet writes an event). The three spread figures run interleaved (the sources in 12 chunks, each chunk under each setting in turn, the first setting rotating) and the shipped one is the deny row's spread figure; the hot ones run one after the other (shipped, minimal, every_packet). event_write_*_ns = every_packet - minimal: the cost of writing one event; shipped_minus_minimal_*_ns: what the shipped settings cost above the minimum",
+            "the deny case's events, from the data path's counters (EventsSent, EventsLostRateLimit, EventsLostRingFull deltas over each measurement; every datapath row carries them as hot_events and spread_events). The deny case is measured under four settings on the same loaded programs: shipped (100,000 events/s per CPU, burst 10,000: a repeated hot packet soon exhausts the bucket, so most of its packets take the rate-limited branch), minimal (1 event/s, burst 1: every packet still reads the coarse clock, the per-CPU bucket and bumps the lost counter, almost none writes an event), off (deny events turned off in the kernel, SETTINGS_FLAG_NO_DENY_EVENTS, the agent's denyEvents: false: no clock read, no bucket, no event, drops still counted), and every_packet (rate limit off, ring drained between calls of at most 10,000 runs, so every packet writes an event). The four spread figures run interleaved (the sources in 16 chunks, each chunk under each setting in turn, the first setting rotating) and the shipped one is the deny row's spread figure; the hot ones run one after the other (shipped, minimal, off, every_packet). event_write_*_ns = every_packet - minimal: the cost of writing one event; shipped_minus_minimal_*_ns: what the shipped settings cost above the minimum; shipped_minus_off_*_ns: what the event path costs a denied packet as shipped",
         ),
         (
             "memory_floor",
@@ -669,7 +670,7 @@ pub fn tables(report: &Report) -> String {
         md.push('\n');
     }
     if !report.event_path.is_empty() {
-        md.push_str("### Deny event path, ns per packet without the floor\n\nshipped: 100,000 events/s per CPU, burst 10,000; minimal: 1 event/s, burst 1 (the closest to events off the programs allow: the rate-limit check still runs for every packet); every packet: rate limit off, ring drained between calls. In brackets: the share of the packets that wrote an event (counts in report.json, event_path). One event written = every packet - minimal.\n\n| program | family | rules | hot: shipped | minimal | every packet | spread: shipped | minimal | every packet | one event written, hot / spread | shipped - minimal, hot / spread |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("### Deny event path, ns per packet without the floor\n\nshipped: 100,000 events/s per CPU, burst 10,000; minimal: 1 event/s, burst 1 (the rate-limit check still runs for every packet); off: deny events off in the kernel (`denyEvents: false`: no clock read, no rate limiter, drops still counted); every packet: rate limit off, ring drained between calls. In brackets: the share of the packets that wrote an event (counts in report.json, event_path). One event written = every packet - minimal; the event path as shipped = shipped - off.\n\n| program | family | rules | hot: shipped | minimal | off | every packet | spread: shipped | minimal | off | every packet | one event written, hot / spread | shipped - minimal, hot / spread | shipped - off, hot / spread |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for row in &report.event_path {
             let variant = |name: &str| row.variants.iter().find(|variant| variant.variant == name);
             let cell = |name: &str, hot: bool| {
@@ -691,20 +692,24 @@ pub fn tables(report: &Report) -> String {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} |",
                 row.program,
                 row.family,
                 human(u64::from(row.rules)),
                 cell("shipped", true),
                 cell("minimal", true),
+                cell("off", true),
                 cell("every_packet", true),
                 cell("shipped", false),
                 cell("minimal", false),
+                cell("off", false),
                 cell("every_packet", false),
                 row.event_write_hot_ns,
                 row.event_write_spread_ns,
                 row.shipped_minus_minimal_hot_ns,
-                row.shipped_minus_minimal_spread_ns
+                row.shipped_minus_minimal_spread_ns,
+                row.shipped_minus_off_hot_ns,
+                row.shipped_minus_off_spread_ns
             );
         }
         md.push('\n');
