@@ -123,7 +123,7 @@ spec: {adresses: [10.0.0.9]}
         "inventory.yaml: document 3: metadata.name: duplicate workload name prod/db2 (first defined at inventory.yaml: document 2)",
         "inventory.yaml: document 4: duplicate workload address 10.0.0.6: prod/db3 has it and so does prod/db2 (inventory.yaml: document 2)",
         "inventory.yaml: document 5: metadata.namespace: is required",
-        "inventory.yaml: document 6: unknown kind \"ConfigMap\" of apiVersion \"v1\" (expected networking.k8s.io/v1 NetworkPolicy, v1 Namespace, v1 Pod, microseg.dev/v1 Workload, or a List of them)",
+        "inventory.yaml: document 6: unknown kind \"ConfigMap\" of apiVersion \"v1\" (expected networking.k8s.io/v1 NetworkPolicy, policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy, v1 Namespace, v1 Pod, v1 Node, microseg.dev/v1 Workload, or a List of them)",
     ];
     for line in expected {
         assert!(

@@ -25,6 +25,12 @@ pub const ENDPOINT_FLAG_PREFIX_RULES: u32 = 8;
 /// second lookup of each direction (with `IDENTITY_ANY`) is skipped. Set by the data
 /// path layer from the policy entries, not by the compiler.
 pub const ENDPOINT_FLAG_ANY_PEER_RULES: u32 = 16;
+/// Ingress is enforced only by ClusterNetworkPolicy (no NetworkPolicy selects the
+/// endpoint): where no entry matches, no tier decided, and the packet is allowed
+/// rather than denied by default. Set by the compiler.
+pub const ENDPOINT_FLAG_INGRESS_DEFAULT_ALLOW: u32 = 32;
+/// The same for egress.
+pub const ENDPOINT_FLAG_EGRESS_DEFAULT_ALLOW: u32 = 64;
 /// The flags the data path layer derives from the policy entries.
 pub const ENDPOINT_DERIVED_FLAGS: u32 = ENDPOINT_FLAG_PREFIX_RULES | ENDPOINT_FLAG_ANY_PEER_RULES;
 
@@ -37,6 +43,16 @@ impl EndpointInfo {
     }
     pub const fn egress_enforced(&self) -> bool {
         self.flags & ENDPOINT_FLAG_EGRESS_ENFORCED != 0
+    }
+    /// Whether a lookup that finds no entry allows (see
+    /// `ENDPOINT_FLAG_INGRESS_DEFAULT_ALLOW`); `ingress` selects the direction.
+    pub const fn default_allows(&self, ingress: bool) -> bool {
+        let flag = if ingress {
+            ENDPOINT_FLAG_INGRESS_DEFAULT_ALLOW
+        } else {
+            ENDPOINT_FLAG_EGRESS_DEFAULT_ALLOW
+        };
+        self.flags & flag != 0
     }
     /// A policy selects this endpoint in some direction: packets to or from it are
     /// tracked, so that replies pass whichever end enforces what.

@@ -145,7 +145,9 @@ impl PolicyEntry {
     }
 }
 
-/// Rule id of "no rule": the default deny of a selected endpoint.
+/// Rule id of "no rule": the default deny of an endpoint a NetworkPolicy selects, or,
+/// in an allow entry, a flow no ClusterNetworkPolicy tier decided and no
+/// NetworkPolicy isolates.
 pub const RULE_ID_DEFAULT_DENY: u32 = 0;
 
 /// Splits the inclusive port range `first..=last` into aligned power-of-two blocks,

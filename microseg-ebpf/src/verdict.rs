@@ -19,7 +19,11 @@
 //! 7. policy, for the destination's ingress if enforced and the source's egress if
 //!    enforced: peer identity, then (endpoint, identity, direction, protocol, port)
 //!    in the exact-port hash and the prefix trie, then the same for (endpoint, any,
-//!    ...). Allowed only if every enforced direction allows (none enforced: allowed);
+//!    ...). The entry found is the verdict the compiler resolved from every tier
+//!    (ClusterNetworkPolicy Admin, NetworkPolicy, Baseline: `policy::compile::tiers`
+//!    in the agent); no entry is the endpoint's default (deny, or allow where only
+//!    ClusterNetworkPolicies enforce the direction). Allowed only if every enforced
+//!    direction allows (none enforced: allowed);
 //! 8. a deny from an endpoint in audit mode passes with an audit event; any other
 //!    deny drops with a deny event. Allowed flows are recorded in conntrack.
 
@@ -329,14 +333,29 @@ fn check_direction(
         endpoint.has_any_peer_rules(),
     );
     match entry {
-        entry if entry.is_none() => Err(Denial {
+        // No entry: no tier decided. Denied by default where a NetworkPolicy selects
+        // the endpoint, allowed where only ClusterNetworkPolicies do.
+        entry if entry.is_none() => {
+            if endpoint.default_allows(matches!(direction, Direction::Ingress)) {
+                return Ok((RULE_ID_DEFAULT_DENY, peer_identity));
+            }
+            Err(Denial {
+                reason: DropReason::PolicyDenied,
+                direction: direction as u8,
+                endpoint_id: endpoint.endpoint_id,
+                peer_identity,
+                rule_id: RULE_ID_DEFAULT_DENY,
+            })
+        }
+        entry if !entry.is_deny() => Ok((entry.rule_id, peer_identity)),
+        // A resolved default deny (rule 0) is reported as the default deny it is.
+        entry if entry.rule_id == RULE_ID_DEFAULT_DENY => Err(Denial {
             reason: DropReason::PolicyDenied,
             direction: direction as u8,
             endpoint_id: endpoint.endpoint_id,
             peer_identity,
             rule_id: RULE_ID_DEFAULT_DENY,
         }),
-        entry if !entry.is_deny() => Ok((entry.rule_id, peer_identity)),
         entry => Err(Denial {
             reason: DropReason::PolicyDeny,
             direction: direction as u8,

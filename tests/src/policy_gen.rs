@@ -458,6 +458,8 @@ impl RuleCoverage {
         match reason {
             VerdictReason::NotEnforced => {}
             VerdictReason::DeniedByDefault { .. } => self.enforced_denied += 1,
+            // Generated sets hold NetworkPolicies only.
+            VerdictReason::DecidedBy(_) => {}
             VerdictReason::AllowedBy(rules) => {
                 self.enforced_allowed += 1;
                 let mut features = BTreeSet::new();
@@ -496,6 +498,7 @@ fn rule_features(set: &PolicySet, rules: &[RuleRef], features: &mut BTreeSet<&'s
                     features.insert(match peer {
                         Peer::IpBlock(block) if !block.except.is_empty() => "ipBlock with except",
                         Peer::IpBlock(_) => "ipBlock",
+                        Peer::Nodes(_) => "nodes",
                         Peer::Workloads {
                             namespaces: NamespaceScope::Named(_),
                             ..

@@ -156,14 +156,29 @@ fn direction_json(verdict: &crate::policy::DirectionVerdict) -> Value {
             Vec::new(),
         ),
         VerdictReason::DeniedByDefault { selected_by } => (true, Vec::new(), selected_by.clone()),
+        VerdictReason::DecidedBy(_) => (true, Vec::new(), Vec::new()),
     };
-    json!({
+    let mut direction = json!({
         "verdict": if verdict.allowed { "allow" } else { "deny" },
         "enforced": enforced,
         "allowedBy": rules,
         "selectedBy": selected_by,
         "explanation": verdict.explanation,
-    })
+    });
+    if let VerdictReason::DecidedBy(rule) = &verdict.reason
+        && let Some(info) = &rule.cluster
+    {
+        direction["decidedBy"] = json!({
+            "kind": "ClusterNetworkPolicy",
+            "policy": rule.policy_name,
+            "tier": info.tier.name(),
+            "priority": info.priority,
+            "rule": rule.rule_index,
+            "ruleName": info.name,
+            "action": info.action.name(),
+        });
+    }
+    direction
 }
 
 fn resolve(set: &PolicySet, text: &str) -> anyhow::Result<EndpointRef> {

@@ -19,6 +19,7 @@
 
 mod label_index;
 mod numbering;
+mod tiers;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -28,7 +29,8 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use microseg_common::endpoint::{
-    ENDPOINT_FLAG_EGRESS_ENFORCED, ENDPOINT_FLAG_INGRESS_ENFORCED, EndpointInfo,
+    ENDPOINT_FLAG_EGRESS_DEFAULT_ALLOW, ENDPOINT_FLAG_EGRESS_ENFORCED,
+    ENDPOINT_FLAG_INGRESS_DEFAULT_ALLOW, ENDPOINT_FLAG_INGRESS_ENFORCED, EndpointInfo,
 };
 use microseg_common::identity::{IDENTITY_ANY, IDENTITY_WORLD};
 use microseg_common::policy::{PolicyEntry, port_range_blocks};
@@ -36,7 +38,7 @@ use microseg_common::policy::{PolicyEntry, port_range_blocks};
 use super::evaluate::RuleRef;
 use super::model::{
     IpBlock, LabelSelector, Labels, NamedPort, NamespaceScope, Peer, PolicyDirection, PolicySet,
-    PortSpec, Protocol, Workload,
+    PortRule, PortSpec, Protocol, RuleAction, Workload,
 };
 use crate::datapath::state::{DatapathState, PolicyMatch, StateCounts};
 use label_index::LabelIndex;
@@ -284,6 +286,34 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
             }
         }
     }
+    let mut uses_node_peers = false;
+    for policy in &set.cluster_policies {
+        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
+            for rule in policy.rules(direction) {
+                for peer in rule.peers.iter().flatten() {
+                    match peer {
+                        Peer::IpBlock(block) => {
+                            block_set.insert(block);
+                        }
+                        Peer::Nodes(_) => uses_node_peers = true,
+                        Peer::Workloads { .. } => {}
+                    }
+                }
+                if direction == PolicyDirection::Egress {
+                    for port in rule.ports.iter().flatten() {
+                        if let PortSpec::Named(name) = &port.port {
+                            egress_named.insert((name.as_str(), port.protocol));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Node addresses are single-address blocks, so that they get identities as
+    // ipBlocks do (a node peer is the identities of its nodes' blocks).
+    if uses_node_peers {
+        block_set.extend(set.nodes.iter().flat_map(|node| &node.address_blocks));
+    }
     let blocks: Vec<&IpBlock> = block_set.into_iter().collect();
 
     // Workload identities: addresses grouped by what the identity stands for.
@@ -477,6 +507,102 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
         Peer::IpBlock(block) => {
             out.extend(block_identities[block_index[block]].iter().copied());
         }
+        Peer::Nodes(selector) => {
+            for node in set
+                .nodes
+                .iter()
+                .filter(|node| selector.matches(&node.labels))
+            {
+                for block in &node.address_blocks {
+                    out.extend(block_identities[block_index[block]].iter().copied());
+                }
+            }
+        }
+    };
+
+    // A rule reduced to entries that do not depend on the endpoint it applies to.
+    let mut reduce = |peers: Option<&'a Vec<Peer>>,
+                      ports: Option<&'a Vec<PortRule>>,
+                      direction: PolicyDirection,
+                      rule_id: u32|
+     -> CompiledRule {
+        let identities: Vec<u32> = match peers {
+            None => vec![IDENTITY_ANY],
+            Some(peers) => {
+                // Sorted and deduplicated once, not kept sorted per insert: a rule may
+                // name a million identities.
+                let mut identities = Vec::new();
+                for peer in peers {
+                    peer_identities(peer, &mut identities);
+                }
+                identities.sort_unstable();
+                identities.dedup();
+                identities
+            }
+        };
+        let mut entries: Vec<EntryTail> = Vec::new();
+        let mut endpoint_named_ports = Vec::new();
+        match ports {
+            None => {
+                entries.extend(identities.iter().map(|&identity| (identity, None, None)));
+            }
+            Some(ports) => {
+                for port in ports {
+                    let protocol = Some(port.protocol.number());
+                    match &port.port {
+                        PortSpec::Any => {
+                            entries.extend(
+                                identities
+                                    .iter()
+                                    .map(|&identity| (identity, protocol, None)),
+                            );
+                        }
+                        PortSpec::Range { first, last } => {
+                            port_range_blocks(*first, *last, |start, bits| {
+                                entries.extend(
+                                    identities
+                                        .iter()
+                                        .map(|&identity| (identity, protocol, Some((start, bits)))),
+                                );
+                            });
+                        }
+                        PortSpec::Named(name) => match direction {
+                            PolicyDirection::Ingress => {
+                                endpoint_named_ports.push((name.clone(), port.protocol));
+                            }
+                            PolicyDirection::Egress => {
+                                // Resolved on each destination identity; a rule without
+                                // peers reaches every workload identity.
+                                for identity in &named_port_identities {
+                                    let peer_ok = identities.binary_search(&identity.id).is_ok()
+                                        || identities.binary_search(&IDENTITY_ANY).is_ok();
+                                    if !peer_ok {
+                                        continue;
+                                    }
+                                    for named in &identity.named_ports {
+                                        if named.name == *name && named.protocol == port.protocol {
+                                            entries.push((
+                                                identity.id,
+                                                protocol,
+                                                Some((named.port, 16)),
+                                            ));
+                                        }
+                                    }
+                                }
+                            }
+                        },
+                    }
+                }
+            }
+        }
+        entries.sort_unstable();
+        entries.dedup();
+        CompiledRule {
+            rule_id,
+            entries,
+            endpoint_named_ports,
+            peer_identities: identities,
+        }
     };
 
     // Rules, reduced once each: index 2 x policy + direction.
@@ -486,99 +612,39 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
             let rules = policy.rules(direction).unwrap_or_default();
             let mut reduced = Vec::with_capacity(rules.len());
             for (rule_index, rule) in rules.iter().enumerate() {
-                let rule_ref = RuleRef {
-                    policy_namespace: policy.namespace.clone(),
-                    policy_name: policy.name.clone(),
-                    direction,
-                    rule_index,
-                };
+                let rule_ref = RuleRef::network_policy(policy, direction, rule_index);
                 let rule_id = numbering.rule(&rule_ref);
                 compiled.rules.rules.insert(rule_id, rule_ref);
-                let identities: Vec<u32> = match &rule.peers {
-                    None => vec![IDENTITY_ANY],
-                    Some(peers) => {
-                        // Sorted and deduplicated once, not kept sorted per insert:
-                        // a rule may name a million identities.
-                        let mut identities = Vec::new();
-                        for peer in peers {
-                            peer_identities(peer, &mut identities);
-                        }
-                        identities.sort_unstable();
-                        identities.dedup();
-                        identities
-                    }
-                };
-                let mut entries: Vec<EntryTail> = Vec::new();
-                let mut endpoint_named_ports = Vec::new();
-                match &rule.ports {
-                    None => {
-                        entries.extend(identities.iter().map(|&identity| (identity, None, None)));
-                    }
-                    Some(ports) => {
-                        for port in ports {
-                            let protocol = Some(port.protocol.number());
-                            match &port.port {
-                                PortSpec::Any => {
-                                    entries.extend(
-                                        identities
-                                            .iter()
-                                            .map(|&identity| (identity, protocol, None)),
-                                    );
-                                }
-                                PortSpec::Range { first, last } => {
-                                    port_range_blocks(*first, *last, |start, bits| {
-                                        entries.extend(identities.iter().map(|&identity| {
-                                            (identity, protocol, Some((start, bits)))
-                                        }));
-                                    });
-                                }
-                                PortSpec::Named(name) => match direction {
-                                    PolicyDirection::Ingress => {
-                                        endpoint_named_ports.push((name.clone(), port.protocol));
-                                    }
-                                    PolicyDirection::Egress => {
-                                        // Resolved on each destination identity; a rule
-                                        // without peers reaches every workload identity.
-                                        for identity in &named_port_identities {
-                                            let peer_ok = identities
-                                                .binary_search(&identity.id)
-                                                .is_ok()
-                                                || identities.binary_search(&IDENTITY_ANY).is_ok();
-                                            if !peer_ok {
-                                                continue;
-                                            }
-                                            for named in &identity.named_ports {
-                                                if named.name == *name
-                                                    && named.protocol == port.protocol
-                                                {
-                                                    entries.push((
-                                                        identity.id,
-                                                        protocol,
-                                                        Some((named.port, 16)),
-                                                    ));
-                                                }
-                                            }
-                                        }
-                                    }
-                                },
-                            }
-                        }
-                    }
-                }
-                reduced.push(CompiledRule {
+                reduced.push(reduce(
+                    rule.peers.as_ref(),
+                    rule.ports.as_ref(),
+                    direction,
                     rule_id,
-                    entries: {
-                        entries.sort_unstable();
-                        entries.dedup();
-                        entries
-                    },
-                    endpoint_named_ports,
-                    peer_identities: identities,
-                });
+                ));
             }
             compiled_rules.push(reduced);
         }
     }
+    // ClusterNetworkPolicy rules likewise, with their actions; same indexing.
+    let mut compiled_cluster_rules: Vec<Vec<(RuleAction, CompiledRule)>> =
+        Vec::with_capacity(2 * set.cluster_policies.len());
+    for policy in &set.cluster_policies {
+        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
+            let rules = policy.rules(direction);
+            let mut reduced = Vec::with_capacity(rules.len());
+            for (rule_index, rule) in rules.iter().enumerate() {
+                let rule_ref = RuleRef::cluster_policy(policy, direction, rule_index);
+                let rule_id = numbering.rule(&rule_ref);
+                compiled.rules.rules.insert(rule_id, rule_ref);
+                reduced.push((
+                    rule.action,
+                    reduce(rule.peers.as_ref(), rule.ports.as_ref(), direction, rule_id),
+                ));
+            }
+            compiled_cluster_rules.push(reduced);
+        }
+    }
+    drop(reduce);
     let rules_of = |policy_index: usize, direction: PolicyDirection| {
         &compiled_rules[2 * policy_index + usize::from(direction == PolicyDirection::Egress)]
     };
@@ -594,7 +660,9 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
                 .add(index, &workload.labels);
         }
     }
-    let mut selections: Vec<(usize, PolicyDirection, usize)> = Vec::new();
+    // (workload, direction, which kind, policy index): NetworkPolicies, then
+    // ClusterNetworkPolicies in evaluation order.
+    let mut selections: Vec<(usize, PolicyDirection, SelectedBy, usize)> = Vec::new();
     for (policy_index, policy) in set.policies.iter().enumerate() {
         let Some(index) = workloads_by_namespace.get(policy.namespace.as_str()) else {
             continue;
@@ -607,27 +675,109 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
             .collect();
         for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
             if policy.rules(direction).is_some() {
-                selections.extend(selected.iter().map(|&w| (w, direction, policy_index)));
+                selections.extend(
+                    selected
+                        .iter()
+                        .map(|&w| (w, direction, SelectedBy::NetworkPolicy, policy_index)),
+                );
             }
         }
     }
-    // Stable: policy order is kept within each workload and direction.
-    selections.sort_by_key(|&(workload, direction, _)| (workload, direction));
+    for (policy_index, policy) in set.cluster_policies.iter().enumerate() {
+        let subject = &policy.subject;
+        let mut selected: Vec<usize> = Vec::new();
+        for (namespace, index) in &workloads_by_namespace {
+            if !subject.namespaces.matches(set.namespace_labels(namespace)) {
+                continue;
+            }
+            selected.extend(
+                index
+                    .candidates(&subject.pods)
+                    .iter()
+                    .copied()
+                    .filter(|&w| subject.pods.matches(&set.workloads[w].labels)),
+            );
+        }
+        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
+            if !policy.rules(direction).is_empty() {
+                selections.extend(
+                    selected
+                        .iter()
+                        .map(|&w| (w, direction, SelectedBy::ClusterPolicy, policy_index)),
+                );
+            }
+        }
+    }
+    // Stable: policy order is kept within each workload, direction and kind.
+    selections.sort_by_key(|&(workload, direction, by, _)| (workload, direction, by));
 
     // Endpoints and their entries.
     for per_workload in selections.chunk_by(|a, b| a.0 == b.0) {
         let workload_index = per_workload[0].0;
         let workload = &set.workloads[workload_index];
-        let ingress_enforced = per_workload.iter().any(|s| s.1 == PolicyDirection::Ingress);
-        let egress_enforced = per_workload.iter().any(|s| s.1 == PolicyDirection::Egress);
         let endpoint_id = numbering.endpoint(&workload.namespace, &workload.name);
         let mut flags = 0;
-        if ingress_enforced {
-            flags |= ENDPOINT_FLAG_INGRESS_ENFORCED;
+        for per_direction in per_workload.chunk_by(|a, b| a.1 == b.1) {
+            let direction = per_direction[0].1;
+            let network_policies: Vec<usize> = per_direction
+                .iter()
+                .filter(|s| s.2 == SelectedBy::NetworkPolicy)
+                .map(|s| s.3)
+                .collect();
+            let cluster_policies: Vec<usize> = per_direction
+                .iter()
+                .filter(|s| s.2 == SelectedBy::ClusterPolicy)
+                .map(|s| s.3)
+                .collect();
+            flags |= match direction {
+                PolicyDirection::Ingress => ENDPOINT_FLAG_INGRESS_ENFORCED,
+                PolicyDirection::Egress => ENDPOINT_FLAG_EGRESS_ENFORCED,
+            };
+            if network_policies.is_empty() {
+                // Only cluster policies: what no tier decides is allowed.
+                flags |= match direction {
+                    PolicyDirection::Ingress => ENDPOINT_FLAG_INGRESS_DEFAULT_ALLOW,
+                    PolicyDirection::Egress => ENDPOINT_FLAG_EGRESS_DEFAULT_ALLOW,
+                };
+            }
+            if cluster_policies.is_empty() {
+                // NetworkPolicy alone: every entry allows, so any matching entry says
+                // the same, and a miss is the default deny.
+                for &policy_index in &network_policies {
+                    for rule in rules_of(policy_index, direction) {
+                        insert_rule_entries(
+                            &mut compiled.state,
+                            endpoint_id,
+                            direction,
+                            rule,
+                            workload,
+                        );
+                    }
+                }
+                continue;
+            }
+            let cluster_rules = cluster_policies.iter().flat_map(|&policy_index| {
+                let tier = set.cluster_policies[policy_index].tier;
+                compiled_cluster_rules
+                    [2 * policy_index + usize::from(direction == PolicyDirection::Egress)]
+                .iter()
+                .map(move |(action, rule)| (tier, *action, rule))
+            });
+            let network_rules = network_policies
+                .iter()
+                .flat_map(|&policy_index| rules_of(policy_index, direction));
+            tiers::insert_resolved_entries(
+                &mut compiled.state,
+                endpoint_id,
+                direction,
+                workload,
+                cluster_rules,
+                network_rules,
+                !network_policies.is_empty(),
+            );
         }
-        if egress_enforced {
-            flags |= ENDPOINT_FLAG_EGRESS_ENFORCED;
-        }
+        let ingress_enforced = flags & ENDPOINT_FLAG_INGRESS_ENFORCED != 0;
+        let egress_enforced = flags & ENDPOINT_FLAG_EGRESS_ENFORCED != 0;
         for address in &workload.addresses {
             compiled
                 .state
@@ -643,13 +793,30 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
                 egress_enforced,
             },
         );
-        for &(_, direction, policy_index) in per_workload {
-            for rule in rules_of(policy_index, direction) {
-                insert_rule_entries(&mut compiled.state, endpoint_id, direction, rule, workload);
+    }
+    compiled
+}
+
+/// Which kind of policy selects a workload (NetworkPolicies sort first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SelectedBy {
+    NetworkPolicy,
+    ClusterPolicy,
+}
+
+/// Calls `emit` with each entry tail of `rule` for the endpoint `workload`: the rule's
+/// own entries and its ingress named ports resolved on the workload.
+fn rule_entry_tails(rule: &CompiledRule, workload: &Workload, mut emit: impl FnMut(EntryTail)) {
+    for entry in &rule.entries {
+        emit(*entry);
+    }
+    for (name, protocol) in &rule.endpoint_named_ports {
+        for port in workload.resolve_named_port(name, *protocol) {
+            for identity in &rule.peer_identities {
+                emit((*identity, Some(protocol.number()), Some((port, 16))));
             }
         }
     }
-    compiled
 }
 
 fn insert_rule_entries(
@@ -659,7 +826,7 @@ fn insert_rule_entries(
     rule: &CompiledRule,
     workload: &Workload,
 ) {
-    let mut insert = |(identity, protocol, port_block): EntryTail| {
+    rule_entry_tails(rule, workload, |(identity, protocol, port_block)| {
         state
             .policy
             .entry(PolicyMatch {
@@ -670,15 +837,5 @@ fn insert_rule_entries(
                 port_block,
             })
             .or_insert(PolicyEntry::allow(rule.rule_id));
-    };
-    for entry in &rule.entries {
-        insert(*entry);
-    }
-    for (name, protocol) in &rule.endpoint_named_ports {
-        for port in workload.resolve_named_port(name, *protocol) {
-            for identity in &rule.peer_identities {
-                insert((*identity, Some(protocol.number()), Some((port, 16))));
-            }
-        }
-    }
+    });
 }

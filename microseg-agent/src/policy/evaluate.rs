@@ -7,7 +7,8 @@ use std::net::IpAddr;
 
 use super::inventory::EndpointRef;
 use super::model::{
-    Peer, Policy, PolicyDirection, PolicySet, PortRule, PortSpec, Protocol, Rule, Workload,
+    ClusterPolicy, ClusterRule, Peer, Policy, PolicyDirection, PolicySet, PortRule, PortSpec,
+    Protocol, Rule, RuleAction, Tier, Workload,
 };
 
 /// One packet's worth of question: may `src` send to `dst` on `protocol`/`port`?
@@ -50,21 +51,91 @@ impl fmt::Display for Flow {
 }
 
 /// A rule of a policy: which policy, which direction, which index in its list.
+/// ClusterNetworkPolicy rules have no namespace and carry their tier, priority and
+/// action.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RuleRef {
+    /// Empty for a ClusterNetworkPolicy.
     pub policy_namespace: String,
     pub policy_name: String,
     pub direction: PolicyDirection,
     pub rule_index: usize,
+    pub cluster: Option<ClusterRuleInfo>,
+}
+
+/// What a ClusterNetworkPolicy rule is, beside where it is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterRuleInfo {
+    pub tier: Tier,
+    pub priority: u16,
+    pub action: RuleAction,
+    /// The rule's `name`.
+    pub name: Option<String>,
+}
+
+impl RuleRef {
+    /// A NetworkPolicy rule.
+    pub fn network_policy(policy: &Policy, direction: PolicyDirection, rule_index: usize) -> Self {
+        Self {
+            policy_namespace: policy.namespace.clone(),
+            policy_name: policy.name.clone(),
+            direction,
+            rule_index,
+            cluster: None,
+        }
+    }
+
+    /// A ClusterNetworkPolicy rule.
+    pub fn cluster_policy(
+        policy: &ClusterPolicy,
+        direction: PolicyDirection,
+        rule_index: usize,
+    ) -> Self {
+        let rule = &policy.rules(direction)[rule_index];
+        Self {
+            policy_namespace: String::new(),
+            policy_name: policy.name.clone(),
+            direction,
+            rule_index,
+            cluster: Some(ClusterRuleInfo {
+                tier: policy.tier,
+                priority: policy.priority,
+                action: rule.action,
+                name: rule.name.clone(),
+            }),
+        }
+    }
+
+    /// The policy as users name it: `namespace/name`, or
+    /// `ClusterNetworkPolicy/name` for a cluster policy.
+    pub fn policy_key(&self) -> String {
+        match self.cluster {
+            Some(_) => format!("ClusterNetworkPolicy/{}", self.policy_name),
+            None => format!("{}/{}", self.policy_namespace, self.policy_name),
+        }
+    }
 }
 
 impl fmt::Display for RuleRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{} {} rule {}",
-            self.policy_namespace, self.policy_name, self.direction, self.rule_index
-        )
+        match &self.cluster {
+            None => write!(
+                f,
+                "{}/{} {} rule {}",
+                self.policy_namespace, self.policy_name, self.direction, self.rule_index
+            ),
+            Some(info) => {
+                write!(
+                    f,
+                    "ClusterNetworkPolicy/{} ({} tier, priority {}) {} rule {}",
+                    self.policy_name, info.tier, info.priority, self.direction, self.rule_index
+                )?;
+                if let Some(name) = &info.name {
+                    write!(f, " {name:?}")?;
+                }
+                write!(f, " ({})", info.action)
+            }
+        }
     }
 }
 
@@ -77,6 +148,8 @@ pub enum VerdictReason {
     AllowedBy(Vec<RuleRef>),
     /// Selected by these policies (`namespace/name`), none of whose rules matches.
     DeniedByDefault { selected_by: Vec<String> },
+    /// A ClusterNetworkPolicy rule decided: Accept (allowed) or Deny (denied).
+    DecidedBy(RuleRef),
 }
 
 /// The verdict for one direction, with a one-line explanation for humans.
@@ -143,6 +216,91 @@ fn rule_matches(
     peer_ok && ports_match(rule.ports.as_deref(), flow.protocol, flow.port, destination)
 }
 
+fn cluster_rule_matches(
+    set: &PolicySet,
+    rule: &ClusterRule,
+    peer_address: IpAddr,
+    peer: Option<&Workload>,
+    destination: Option<&Workload>,
+    flow: &Flow,
+) -> bool {
+    let peer_ok = match &rule.peers {
+        None => true,
+        Some(peers) => peers
+            .iter()
+            .any(|candidate| set.peer_matches(candidate, peer_address, peer)),
+    };
+    peer_ok && ports_match(rule.ports.as_deref(), flow.protocol, flow.port, destination)
+}
+
+/// What one ClusterNetworkPolicy tier says about a direction.
+enum TierOutcome {
+    /// Accept or Deny by this rule.
+    Decided(RuleRef, bool),
+    /// A Pass rule sent the flow to the next tier.
+    Passed(RuleRef),
+    /// No rule of the tier matched.
+    NoMatch,
+}
+
+/// The first matching rule of `tier`, in evaluation order (priority, name, rule
+/// order).
+fn evaluate_tier(
+    set: &PolicySet,
+    tier: Tier,
+    local: &Workload,
+    direction: PolicyDirection,
+    peer_address: IpAddr,
+    peer: Option<&Workload>,
+    destination: Option<&Workload>,
+    flow: &Flow,
+) -> TierOutcome {
+    for policy in set
+        .cluster_policies_selecting(local, direction)
+        .filter(|policy| policy.tier == tier)
+    {
+        for (rule_index, rule) in policy.rules(direction).iter().enumerate() {
+            if cluster_rule_matches(set, rule, peer_address, peer, destination, flow) {
+                let rule_ref = RuleRef::cluster_policy(policy, direction, rule_index);
+                return match rule.action {
+                    RuleAction::Accept => TierOutcome::Decided(rule_ref, true),
+                    RuleAction::Deny => TierOutcome::Decided(rule_ref, false),
+                    RuleAction::Pass => TierOutcome::Passed(rule_ref),
+                };
+            }
+        }
+    }
+    TierOutcome::NoMatch
+}
+
+/// The verdict of a ClusterNetworkPolicy rule that decided.
+fn decided_by(
+    rule: RuleRef,
+    allowed: bool,
+    direction: PolicyDirection,
+    peer_text: &str,
+    flow: &Flow,
+    passed: &str,
+) -> DirectionVerdict {
+    let preposition = match direction {
+        PolicyDirection::Ingress => "from",
+        PolicyDirection::Egress => "to",
+    };
+    DirectionVerdict {
+        allowed,
+        explanation: format!(
+            "{direction} {} by {rule} ({}/{} {preposition} {peer_text}){passed}",
+            if allowed { "allowed" } else { "denied" },
+            flow.protocol,
+            flow.port
+        ),
+        reason: VerdictReason::DecidedBy(rule),
+    }
+}
+
+/// Evaluation order: Admin tier, NetworkPolicy, Baseline tier, allow. A tier's first
+/// matching rule decides (Accept, Deny) or passes to the next tier (Pass);
+/// NetworkPolicy decides for every workload it selects.
 fn evaluate_direction(
     set: &PolicySet,
     flow: &Flow,
@@ -161,15 +319,63 @@ fn evaluate_direction(
             explanation: format!("{direction} not enforced: {local_address} is not a workload"),
         };
     };
+    let peer_text = describe(peer_address, peer);
+    // Pass rules met on the way, for the explanation.
+    let mut passed = String::new();
+    match evaluate_tier(
+        set,
+        Tier::Admin,
+        local,
+        direction,
+        peer_address,
+        peer,
+        destination,
+        flow,
+    ) {
+        TierOutcome::Decided(rule, allowed) => {
+            return decided_by(rule, allowed, direction, &peer_text, flow, "");
+        }
+        TierOutcome::Passed(rule) => passed = format!("; passed on by {rule}"),
+        TierOutcome::NoMatch => {}
+    }
     let selecting: Vec<&Policy> = set.policies_selecting(local, direction).collect();
     if selecting.is_empty() {
+        match evaluate_tier(
+            set,
+            Tier::Baseline,
+            local,
+            direction,
+            peer_address,
+            peer,
+            destination,
+            flow,
+        ) {
+            TierOutcome::Decided(rule, allowed) => {
+                return decided_by(rule, allowed, direction, &peer_text, flow, &passed);
+            }
+            TierOutcome::Passed(rule) => {
+                passed = format!("{passed}; passed on by {rule}");
+            }
+            TierOutcome::NoMatch => {}
+        }
+        let cluster_selected = set
+            .cluster_policies_selecting(local, direction)
+            .next()
+            .is_some();
         return DirectionVerdict {
             allowed: true,
             reason: VerdictReason::NotEnforced,
-            explanation: format!(
-                "{direction} not enforced: no {direction} policy selects {}",
-                local.key()
-            ),
+            explanation: if cluster_selected {
+                format!(
+                    "{direction} allowed: no NetworkPolicy selects {} and no ClusterNetworkPolicy rule decides{passed}",
+                    local.key()
+                )
+            } else {
+                format!(
+                    "{direction} not enforced: no {direction} policy selects {}",
+                    local.key()
+                )
+            },
         };
     }
     let mut allowed_by = Vec::new();
@@ -181,16 +387,10 @@ fn evaluate_direction(
             .enumerate()
         {
             if rule_matches(set, rule, peer_address, peer, destination, flow) {
-                allowed_by.push(RuleRef {
-                    policy_namespace: policy.namespace.clone(),
-                    policy_name: policy.name.clone(),
-                    direction,
-                    rule_index,
-                });
+                allowed_by.push(RuleRef::network_policy(policy, direction, rule_index));
             }
         }
     }
-    let peer_text = describe(peer_address, peer);
     let preposition = match direction {
         PolicyDirection::Ingress => "from",
         PolicyDirection::Egress => "to",
@@ -200,7 +400,7 @@ fn evaluate_direction(
         DirectionVerdict {
             allowed: false,
             explanation: format!(
-                "{direction} denied by default: {} is selected by {} and no rule allows {}/{} {preposition} {peer_text}",
+                "{direction} denied by default: {} is selected by {} and no rule allows {}/{} {preposition} {peer_text}{passed}",
                 local.key(),
                 selected_by.join(", "),
                 flow.protocol,
@@ -213,7 +413,7 @@ fn evaluate_direction(
         DirectionVerdict {
             allowed: true,
             explanation: format!(
-                "{direction} allowed by {} ({}/{} {preposition} {peer_text})",
+                "{direction} allowed by {} ({}/{} {preposition} {peer_text}){passed}",
                 rules.join(", "),
                 flow.protocol,
                 flow.port

@@ -5,7 +5,10 @@
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use super::model::{Labels, NamespaceScope, Peer, Policy, PolicyDirection, PolicySet, Workload};
+use super::model::{
+    ClusterPolicy, LabelSelector, Labels, NamespaceScope, Peer, Policy, PolicyDirection, PolicySet,
+    Workload,
+};
 
 /// A flow endpoint as a user names it: `namespace/name` or a bare IP address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -87,6 +90,41 @@ impl PolicySet {
             && policy.pod_selector.matches(&workload.labels)
     }
 
+    /// Whether a ClusterNetworkPolicy's subject is `workload` and the policy has rules
+    /// for `direction` (a policy without rules for a direction does not affect it).
+    pub fn cluster_policy_selects(
+        &self,
+        policy: &ClusterPolicy,
+        workload: &Workload,
+        direction: PolicyDirection,
+    ) -> bool {
+        !policy.rules(direction).is_empty()
+            && policy
+                .subject
+                .namespaces
+                .matches(self.namespace_labels(&workload.namespace))
+            && policy.subject.pods.matches(&workload.labels)
+    }
+
+    /// ClusterNetworkPolicies selecting `workload` for `direction`, in evaluation
+    /// order (tier, priority, name).
+    pub fn cluster_policies_selecting<'a>(
+        &'a self,
+        workload: &'a Workload,
+        direction: PolicyDirection,
+    ) -> impl Iterator<Item = &'a ClusterPolicy> + 'a {
+        self.cluster_policies
+            .iter()
+            .filter(move |policy| self.cluster_policy_selects(policy, workload, direction))
+    }
+
+    /// Whether `address` is an address of a Node whose labels `selector` matches.
+    pub fn node_matches(&self, selector: &LabelSelector, address: IpAddr) -> bool {
+        self.nodes
+            .iter()
+            .any(|node| node.addresses.contains(&address) && selector.matches(&node.labels))
+    }
+
     /// Policies selecting `workload` for `direction`, in set order.
     pub fn policies_selecting<'a>(
         &'a self,
@@ -133,6 +171,7 @@ impl PolicySet {
     pub fn peer_matches(&self, peer: &Peer, address: IpAddr, workload: Option<&Workload>) -> bool {
         match peer {
             Peer::IpBlock(block) => block.contains(address),
+            Peer::Nodes(selector) => self.node_matches(selector, address),
             Peer::Workloads { namespaces, pods } => workload
                 .is_some_and(|workload| self.workload_peer_matches(namespaces, pods, workload)),
         }

@@ -10,12 +10,16 @@ use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
+use super::cluster_policy::{
+    CLUSTER_NETWORK_POLICY_API_VERSION, ClusterNetworkPolicyDocument,
+    convert_cluster_network_policy, convert_node,
+};
 use super::error::{LoadErrors, PolicyError, Source};
 use super::files::{documents, policy_files};
-use super::model::{Labels, NamespaceInfo, Policy, PolicySet, Workload};
+use super::model::{ClusterPolicy, Labels, NamespaceInfo, NodeInfo, Policy, PolicySet, Workload};
 use super::validate::{
     Checker, convert_namespace, convert_network_policy, convert_pod, convert_workload_document,
     namespace_labels,
@@ -41,6 +45,8 @@ pub struct ConvertedDocument {
     namespaces: Vec<NamespaceInfo>,
     workloads: Vec<Workload>,
     policies: Vec<Policy>,
+    cluster_policies: Vec<ClusterPolicy>,
+    nodes: Vec<NodeInfo>,
     errors: Vec<PolicyError>,
 }
 
@@ -50,6 +56,8 @@ pub struct PolicySetBuilder {
     namespaces: Vec<NamespaceInfo>,
     workloads: Vec<Workload>,
     policies: Vec<Policy>,
+    cluster_policies: Vec<ClusterPolicy>,
+    nodes: Vec<NodeInfo>,
     errors: Vec<PolicyError>,
     /// The document being added comes from the Kubernetes API server (see
     /// [`PolicySetBuilder::add_api_server_document`]).
@@ -244,6 +252,30 @@ impl PolicySetBuilder {
                     self.policies.push(policy);
                 }
             }
+            (CLUSTER_NETWORK_POLICY_API_VERSION, "ClusterNetworkPolicy") => {
+                // As for NetworkPolicy, every field counts.
+                let unknown = match unknown {
+                    UnknownFields::Ignored => UnknownFields::Ignored,
+                    _ => UnknownFields::Refused,
+                };
+                if let Some(document) = read_object::<ClusterNetworkPolicyDocument>(
+                    &mut checker,
+                    "ClusterNetworkPolicy",
+                    value,
+                    unknown,
+                ) && let Some(policy) =
+                    convert_cluster_network_policy(&mut checker, &document, self.from_api_server)
+                {
+                    self.cluster_policies.push(policy);
+                }
+            }
+            ("v1", "Node") => {
+                if let Some(node) = read_object::<Node>(&mut checker, "Node", value, unknown)
+                    && let Some(node) = convert_node(&mut checker, &node)
+                {
+                    self.nodes.push(node);
+                }
+            }
             ("v1", "Namespace") => {
                 if let Some(namespace) =
                     read_object::<K8sNamespace>(&mut checker, "Namespace", value, unknown)
@@ -266,7 +298,8 @@ impl PolicySetBuilder {
             }
             ("v1", "List")
             | ("networking.k8s.io/v1", "NetworkPolicyList")
-            | ("v1", "PodList" | "NamespaceList")
+            | ("v1", "PodList" | "NamespaceList" | "NodeList")
+            | (CLUSTER_NETWORK_POLICY_API_VERSION, "ClusterNetworkPolicyList")
             | (MICROSEG_API_VERSION, "List" | "WorkloadList") => {
                 let prefix = checker.prefix.clone();
                 match object.get("items") {
@@ -289,7 +322,7 @@ impl PolicySetBuilder {
                 checker.error(
                     field,
                     format!(
-                        "unknown kind {kind:?} of apiVersion {api_version:?} (expected networking.k8s.io/v1 NetworkPolicy, v1 Namespace, v1 Pod, {MICROSEG_API_VERSION} Workload, or a List of them)"
+                        "unknown kind {kind:?} of apiVersion {api_version:?} (expected networking.k8s.io/v1 NetworkPolicy, {CLUSTER_NETWORK_POLICY_API_VERSION} ClusterNetworkPolicy, v1 Namespace, v1 Pod, v1 Node, {MICROSEG_API_VERSION} Workload, or a List of them)"
                     ),
                 );
             }
@@ -312,6 +345,8 @@ impl PolicySetBuilder {
             namespaces: builder.namespaces,
             workloads: builder.workloads,
             policies: builder.policies,
+            cluster_policies: builder.cluster_policies,
+            nodes: builder.nodes,
             errors: builder.errors,
         }
     }
@@ -321,6 +356,9 @@ impl PolicySetBuilder {
         self.namespaces.extend(converted.namespaces.iter().cloned());
         self.workloads.extend(converted.workloads.iter().cloned());
         self.policies.extend(converted.policies.iter().cloned());
+        self.cluster_policies
+            .extend(converted.cluster_policies.iter().cloned());
+        self.nodes.extend(converted.nodes.iter().cloned());
         self.errors.extend(converted.errors.iter().cloned());
     }
 
@@ -366,6 +404,8 @@ impl PolicySetBuilder {
             namespaces: namespace_list,
             mut workloads,
             mut policies,
+            mut cluster_policies,
+            mut nodes,
             mut errors,
             from_api_server: _,
         } = self;
@@ -494,6 +534,34 @@ impl PolicySetBuilder {
             }
         }
 
+        cluster_policies.sort_by(|left, right| left.name.cmp(&right.name));
+        for pair in cluster_policies.windows(2) {
+            if pair[0].name == pair[1].name {
+                errors.push(PolicyError::new(
+                    &pair[1].source,
+                    "metadata.name",
+                    format!(
+                        "duplicate ClusterNetworkPolicy {} (first defined at {})",
+                        pair[1].name, pair[0].source
+                    ),
+                ));
+            }
+        }
+        cluster_policies.sort_by(|left, right| left.precedence().cmp(&right.precedence()));
+        nodes.sort_by(|left, right| left.name.cmp(&right.name));
+        for pair in nodes.windows(2) {
+            if pair[0].name == pair[1].name {
+                errors.push(PolicyError::new(
+                    &pair[1].source,
+                    "metadata.name",
+                    format!(
+                        "duplicate Node {} (first defined at {})",
+                        pair[1].name, pair[0].source
+                    ),
+                ));
+            }
+        }
+
         if !errors.is_empty() {
             errors.sort_by(|left, right| left.source.cmp(&right.source));
             return Err(LoadErrors::from(errors));
@@ -516,6 +584,8 @@ impl PolicySetBuilder {
             namespaces,
             workloads,
             policies,
+            cluster_policies,
+            nodes,
             address_index,
         })
     }

@@ -181,7 +181,11 @@ impl<'a> MapEvaluator<'a> {
             .or_else(|| {
                 self.policy_lookup(endpoint_id, IDENTITY_ANY, direction, protocol, flow.port)
             });
-        let allowed = entry.is_some_and(|entry| !entry.is_deny());
+        // No entry: the endpoint's default (deny, unless only ClusterNetworkPolicies
+        // select it in this direction).
+        let default_allows =
+            endpoint.is_some_and(|info| info.default_allows(direction == Direction::Ingress));
+        let allowed = entry.map_or(default_allows, |entry| !entry.is_deny());
         MapDirectionVerdict {
             enforced,
             endpoint_id,

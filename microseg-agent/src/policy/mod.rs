@@ -10,6 +10,7 @@
 //!   lookup algorithm, so compiler and kernel can both be checked against [`evaluate`];
 //! - [`load_expected`] / [`check_expected`]: expected verdicts of the examples.
 
+mod cluster_policy;
 mod compile;
 mod error;
 mod evaluate;
@@ -22,6 +23,7 @@ mod map_eval;
 mod model;
 mod validate;
 
+pub use cluster_policy::CLUSTER_NETWORK_POLICY_API_VERSION;
 pub use compile::{
     CompileStats, Compiled, CompiledEndpoint, Compiler, IdentityInfo, IdentityTable, Numbering,
     RuleTable, WorkloadIdentityKey, compile,
@@ -40,9 +42,10 @@ pub use inventory::EndpointRef;
 pub use load::{ConvertedDocument, MICROSEG_API_VERSION, PolicySetBuilder, load_paths};
 pub use map_eval::{MapDirectionVerdict, MapEvaluator, MapVerdict, evaluate_state};
 pub use model::{
-    IpBlock, LabelSelector, Labels, NAMESPACE_NAME_LABEL, NamedPort, NamespaceInfo, NamespaceScope,
-    Peer, Policy, PolicyDirection, PolicySet, PortRule, PortSpec, Protocol, Rule, SelectorOperator,
-    SelectorRequirement, Workload,
+    ClusterPolicy, ClusterRule, ClusterSubject, IpBlock, LabelSelector, Labels,
+    NAMESPACE_NAME_LABEL, NamedPort, NamespaceInfo, NamespaceScope, NodeInfo, Peer, Policy,
+    PolicyDirection, PolicySet, PortRule, PortSpec, Protocol, Rule, RuleAction, SelectorOperator,
+    SelectorRequirement, Tier, Workload,
 };
 
 #[cfg(test)]

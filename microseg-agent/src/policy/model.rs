@@ -213,6 +213,9 @@ pub enum Peer {
         pods: LabelSelector,
     },
     IpBlock(IpBlock),
+    /// The addresses of the Nodes whose labels match (ClusterNetworkPolicy egress
+    /// `nodes`).
+    Nodes(LabelSelector),
 }
 
 /// Which destination ports a policy port entry allows.
@@ -362,6 +365,121 @@ impl Workload {
     }
 }
 
+/// ClusterNetworkPolicy tier: Admin before NetworkPolicy, Baseline after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    Admin,
+    Baseline,
+}
+
+impl Tier {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Tier::Admin => "Admin",
+            Tier::Baseline => "Baseline",
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a ClusterNetworkPolicy rule does with the traffic it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RuleAction {
+    /// Allowed for this direction; no later rule of any tier is consulted.
+    Accept,
+    /// Dropped; no later rule of any tier is consulted.
+    Deny,
+    /// The rest of this tier is skipped: the next tier decides.
+    Pass,
+}
+
+impl RuleAction {
+    pub const fn name(self) -> &'static str {
+        match self {
+            RuleAction::Accept => "Accept",
+            RuleAction::Deny => "Deny",
+            RuleAction::Pass => "Pass",
+        }
+    }
+}
+
+impl fmt::Display for RuleAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A ClusterNetworkPolicy subject: the workloads of the namespaces `namespaces`
+/// matches whose labels `pods` matches (`subject.namespaces` is `pods` = everything).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClusterSubject {
+    pub namespaces: LabelSelector,
+    pub pods: LabelSelector,
+}
+
+/// One ClusterNetworkPolicy rule. `peers: None` matches every peer: only a Deny or
+/// Pass rule with a peer microseg cannot read becomes that ("fail closed": the API
+/// says such a rule denies all), and its action is then Deny. `ports: None` matches
+/// every protocol and port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClusterRule {
+    /// The rule's `name`, if it has one.
+    pub name: Option<String>,
+    pub action: RuleAction,
+    pub peers: Option<Vec<Peer>>,
+    pub ports: Option<Vec<PortRule>>,
+    /// Why a peer of this rule failed closed (it matches nothing in an Accept rule,
+    /// everything in a Deny or Pass rule).
+    pub fail_closed: Option<String>,
+}
+
+/// A validated ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterPolicy {
+    pub name: String,
+    pub source: Source,
+    pub tier: Tier,
+    /// 0-1000, lower first.
+    pub priority: u16,
+    pub subject: ClusterSubject,
+    pub ingress: Vec<ClusterRule>,
+    pub egress: Vec<ClusterRule>,
+}
+
+impl ClusterPolicy {
+    pub fn rules(&self, direction: PolicyDirection) -> &[ClusterRule] {
+        match direction {
+            PolicyDirection::Ingress => &self.ingress,
+            PolicyDirection::Egress => &self.egress,
+        }
+    }
+
+    /// The order of evaluation: tier, then priority, then (for equal priorities, which
+    /// the API leaves to the implementation) name.
+    pub fn precedence(&self) -> (Tier, u16, &str) {
+        (self.tier, self.priority, &self.name)
+    }
+}
+
+/// A Kubernetes Node: labels and addresses, which ClusterNetworkPolicy `nodes` peers
+/// select. Never a subject.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: Labels,
+    /// `status.addresses` of type InternalIP and ExternalIP.
+    pub addresses: Vec<IpAddr>,
+    /// The same addresses as single-address blocks: the compiler gives a Node's
+    /// addresses identities as it does ipBlocks.
+    pub address_blocks: Vec<IpBlock>,
+    pub source: Source,
+}
+
 /// Policies plus inventory, validated and indexed. Build one with
 /// [`super::load_paths`] or [`super::PolicySetBuilder`].
 #[derive(Clone, Debug, Default)]
@@ -372,6 +490,10 @@ pub struct PolicySet {
     pub workloads: Vec<Workload>,
     /// Sorted by (namespace, name).
     pub policies: Vec<Policy>,
+    /// ClusterNetworkPolicies in evaluation order ([`ClusterPolicy::precedence`]).
+    pub cluster_policies: Vec<ClusterPolicy>,
+    /// Sorted by name.
+    pub nodes: Vec<NodeInfo>,
     /// Address -> index into `workloads`.
     pub(crate) address_index: BTreeMap<IpAddr, usize>,
 }

@@ -46,6 +46,21 @@ impl Checker<'_> {
     }
 }
 
+/// Records an error unless `name` is a valid named port.
+pub(crate) fn check_named_port_name(
+    checker: &mut Checker<'_>,
+    field: &str,
+    name: &str,
+) -> Option<()> {
+    match named_port_problem(name) {
+        Some(problem) => {
+            checker.error(field, format!("invalid port name {name:?}: {problem}"));
+            None
+        }
+        None => Some(()),
+    }
+}
+
 /// Whether `name` is a valid named port (an IANA service name, as Kubernetes checks).
 fn named_port_problem(name: &str) -> Option<&'static str> {
     if name.is_empty() || name.len() > 15 {
@@ -107,7 +122,7 @@ fn label_key_problem(key: &str) -> Option<String> {
     None
 }
 
-fn check_labels(checker: &mut Checker<'_>, field: &str, labels: &Labels) {
+pub(crate) fn check_labels(checker: &mut Checker<'_>, field: &str, labels: &Labels) {
     for (key, value) in labels {
         if let Some(problem) = label_key_problem(key) {
             checker.error(field, problem);
@@ -121,7 +136,7 @@ fn check_labels(checker: &mut Checker<'_>, field: &str, labels: &Labels) {
     }
 }
 
-fn convert_selector(
+pub(crate) fn convert_selector(
     checker: &mut Checker<'_>,
     field: &str,
     selector: &K8sLabelSelector,
@@ -199,7 +214,7 @@ fn is_ipv4_mapped_range(net: &IpNet) -> bool {
     mapped.contains(net)
 }
 
-fn parse_cidr(checker: &mut Checker<'_>, field: &str, text: &str) -> Option<IpNet> {
+pub(crate) fn parse_cidr(checker: &mut Checker<'_>, field: &str, text: &str) -> Option<IpNet> {
     match IpNet::from_str(text) {
         Ok(net) if is_ipv4_mapped_range(&net) => {
             checker.error(
@@ -406,7 +421,11 @@ fn convert_rule(
     Rule { peers, ports }
 }
 
-fn required_name(checker: &mut Checker<'_>, field: &str, value: Option<&String>) -> Option<String> {
+pub(crate) fn required_name(
+    checker: &mut Checker<'_>,
+    field: &str,
+    value: Option<&String>,
+) -> Option<String> {
     match value {
         Some(value) if !value.is_empty() => Some(value.clone()),
         _ => {
@@ -537,7 +556,7 @@ pub(crate) fn convert_namespace(
     })
 }
 
-fn parse_address(checker: &mut Checker<'_>, field: &str, text: &str) -> Option<IpAddr> {
+pub(crate) fn parse_address(checker: &mut Checker<'_>, field: &str, text: &str) -> Option<IpAddr> {
     match IpAddr::from_str(text) {
         Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => {
             checker.error(
