@@ -3,6 +3,7 @@
 //! are always removed, even when a test fails.
 
 pub mod client_server;
+pub mod cluster_conformance;
 pub mod corpus;
 pub mod fake_apiserver;
 pub mod fuzz;

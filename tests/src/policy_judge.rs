@@ -30,6 +30,7 @@ const FIRST_SOURCE_PORT: u16 = 32768;
 pub struct KernelJudge {
     datapath: Datapath,
     state: DatapathState,
+    first_source_port: u16,
     next_source_port: u16,
     probes: u64,
     applies: u64,
@@ -38,11 +39,18 @@ pub struct KernelJudge {
 impl KernelJudge {
     /// Loads the programs (no pinning: the maps are private to this process).
     pub fn load() -> Self {
+        Self::load_with_source_ports_from(FIRST_SOURCE_PORT)
+    }
+
+    /// Loads the programs with probe source ports `first..=65535`: flows' destination
+    /// ports must stay below `first`.
+    pub fn load_with_source_ports_from(first: u16) -> Self {
         let datapath = Datapath::load(&LoadOptions::default()).expect("loading the programs");
         Self {
             datapath,
             state: DatapathState::default(),
-            next_source_port: FIRST_SOURCE_PORT,
+            first_source_port: first,
+            next_source_port: first,
             probes: 0,
             applies: 0,
         }
@@ -62,14 +70,15 @@ impl KernelJudge {
     /// or SCTP to the flow's port).
     pub fn verdict(&mut self, point: AttachPoint, flow: &Flow) -> ProgramVerdict {
         assert!(
-            flow.port < FIRST_SOURCE_PORT,
-            "{flow}: destination ports from {FIRST_SOURCE_PORT} up are the probes' source ports"
+            flow.port < self.first_source_port,
+            "{flow}: destination ports from {} up are the probes' source ports",
+            self.first_source_port
         );
         let source_port = self.next_source_port;
         self.next_source_port = self
             .next_source_port
             .checked_add(1)
-            .unwrap_or(FIRST_SOURCE_PORT);
+            .unwrap_or(self.first_source_port);
         self.probes += 1;
         let probe = match flow.protocol {
             Protocol::Tcp => Probe::tcp(flow.src, source_port, flow.dst, flow.port),
@@ -112,12 +121,12 @@ impl KernelJudge {
         reply: AttachPoint,
         flow: &Flow,
     ) -> ([bool; 3], u16) {
-        assert!(flow.port < FIRST_SOURCE_PORT);
+        assert!(flow.port < self.first_source_port);
         let source_port = self.next_source_port;
         self.next_source_port = self
             .next_source_port
             .checked_add(1)
-            .unwrap_or(FIRST_SOURCE_PORT);
+            .unwrap_or(self.first_source_port);
         let opening = match flow.protocol {
             Protocol::Tcp => Probe::tcp(flow.src, source_port, flow.dst, flow.port),
             Protocol::Udp => Probe::udp(flow.src, source_port, flow.dst, flow.port),
