@@ -200,6 +200,120 @@ fn policy_strategy() -> impl Strategy<Value = (usize, Value)> {
         })
 }
 
+/// CIDRs for ClusterNetworkPolicy `networks` peers.
+const NETWORKS: [&str; 6] = [
+    "10.0.0.0/16",
+    "10.0.1.0/24",
+    "10.0.0.1/32",
+    "0.0.0.0/0",
+    "fd00::/16",
+    "::/0",
+];
+
+/// A ClusterNetworkPolicy peer: namespaces, pods, networks or (egress) nodes.
+fn cluster_peer_strategy(egress: bool) -> impl Strategy<Value = Value> {
+    let workloads = prop_oneof![
+        selector_strategy().prop_map(|namespaces| json!({"namespaces": namespaces})),
+        (selector_strategy(), selector_strategy()).prop_map(|(namespaces, pods)| {
+            json!({"pods": {"namespaceSelector": namespaces, "podSelector": pods}})
+        }),
+    ];
+    let outside = prop_oneof![
+        prop::sample::subsequence(NETWORKS.to_vec(), 1..3)
+            .prop_map(|networks| json!({"networks": networks})),
+        prop::sample::select(vec![json!({}), json!({"matchLabels": {"role": "gateway"}})])
+            .prop_map(|nodes| json!({"nodes": nodes})),
+    ];
+    if egress {
+        prop_oneof![3 => workloads, 2 => outside].boxed()
+    } else {
+        workloads.boxed()
+    }
+}
+
+/// A ClusterNetworkPolicy `protocols` entry.
+fn cluster_protocol_strategy(named_ports: bool) -> impl Strategy<Value = Value> {
+    let numbered = (
+        prop::sample::select(vec!["tcp", "udp", "sctp"]),
+        prop_oneof![
+            3 => prop::sample::select(vec![53, 80, 81]).prop_map(|port| json!({"number": port})),
+            1 => Just(json!({"range": {"start": 79, "end": 81}})),
+            1 => Just(json!({"range": {"start": 80, "end": 81}})),
+        ],
+    )
+        .prop_map(|(protocol, port)| json!({ protocol: {"destinationPort": port} }));
+    if named_ports {
+        prop_oneof![
+            3 => numbered,
+            1 => prop::sample::select(vec!["http", "dns", "alt", "missing"])
+                .prop_map(|name| json!({"destinationNamedPort": name})),
+        ]
+        .boxed()
+    } else {
+        numbered.boxed()
+    }
+}
+
+fn cluster_rule_strategy(egress: bool) -> impl Strategy<Value = Value> {
+    (
+        prop::sample::select(vec!["Accept", "Deny", "Pass"]),
+        prop::collection::vec(cluster_peer_strategy(egress), 1..=2),
+        prop::option::weighted(
+            0.6,
+            prop::collection::vec(cluster_protocol_strategy(true), 1..=2),
+        ),
+    )
+        .prop_map(move |(action, peers, protocols)| {
+            let mut rule = serde_json::Map::new();
+            rule.insert("action".into(), json!(action));
+            // Named ports cannot sit beside networks or nodes peers.
+            let outside = peers
+                .iter()
+                .any(|peer| peer.get("networks").is_some() || peer.get("nodes").is_some());
+            rule.insert((if egress { "to" } else { "from" }).into(), json!(peers));
+            if let Some(protocols) = protocols {
+                let protocols: Vec<Value> = protocols
+                    .into_iter()
+                    .filter(|protocol| !outside || protocol.get("destinationNamedPort").is_none())
+                    .collect();
+                if !protocols.is_empty() {
+                    rule.insert("protocols".into(), json!(protocols));
+                }
+            }
+            Value::Object(rule)
+        })
+}
+
+/// A ClusterNetworkPolicy spec: tier, priority (few values, so ties happen), subject
+/// and up to 3 rules per direction.
+fn cluster_policy_strategy() -> impl Strategy<Value = Value> {
+    (
+        prop::sample::select(vec!["Admin", "Baseline"]),
+        prop::sample::select(vec![0, 5, 10]),
+        prop_oneof![
+            selector_strategy().prop_map(|namespaces| json!({"namespaces": namespaces})),
+            (selector_strategy(), selector_strategy()).prop_map(|(namespaces, pods)| {
+                json!({"pods": {"namespaceSelector": namespaces, "podSelector": pods}})
+            }),
+        ],
+        prop::collection::vec(cluster_rule_strategy(false), 0..=3),
+        prop::collection::vec(cluster_rule_strategy(true), 0..=3),
+    )
+        .prop_map(|(tier, priority, subject, ingress, egress)| {
+            let mut spec = serde_json::Map::new();
+            spec.insert("tier".into(), json!(tier));
+            spec.insert("priority".into(), json!(priority));
+            spec.insert("subject".into(), subject);
+            if !ingress.is_empty() {
+                spec.insert("ingress".into(), json!(ingress));
+            }
+            if !egress.is_empty() {
+                spec.insert("egress".into(), json!(egress));
+            }
+            Value::Object(spec)
+        })
+}
+
 #[derive(Debug, Clone)]
 struct WorkloadSpec {
     namespace: usize,
@@ -241,6 +355,9 @@ pub struct Scenario {
     namespace_teams: Vec<Option<&'static str>>,
     workloads: Vec<WorkloadSpec>,
     policies: Vec<(usize, Value)>,
+    /// ClusterNetworkPolicy specs (none in a third of the cases, so that
+    /// NetworkPolicy alone stays well covered).
+    cluster_policies: Vec<Value>,
     pub flows: Vec<GeneratedFlow>,
 }
 
@@ -278,6 +395,10 @@ pub fn scenario_strategy() -> impl Strategy<Value = Scenario> {
         prop::collection::vec(prop::option::of(prop::sample::select(vec!["x", "y"])), 3),
         prop::collection::vec(workload_strategy(), 2..=6),
         prop::collection::vec(policy_strategy(), 0..=4),
+        prop_oneof![
+            1 => Just(Vec::new()),
+            2 => prop::collection::vec(cluster_policy_strategy(), 1..=3),
+        ],
         prop::collection::vec(
             (
                 flow_end_strategy(),
@@ -303,12 +424,15 @@ pub fn scenario_strategy() -> impl Strategy<Value = Scenario> {
             1..=24,
         ),
     )
-        .prop_map(|(namespace_teams, workloads, policies, flows)| Scenario {
-            namespace_teams,
-            workloads,
-            policies,
-            flows,
-        })
+        .prop_map(
+            |(namespace_teams, workloads, policies, cluster_policies, flows)| Scenario {
+                namespace_teams,
+                workloads,
+                policies,
+                cluster_policies,
+                flows,
+            },
+        )
 }
 
 impl Scenario {
@@ -364,6 +488,28 @@ impl Scenario {
                 json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                        "metadata": {"name": format!("p{index}"), "namespace": NAMESPACES[*namespace]},
                        "spec": spec}),
+            );
+        }
+        for (index, spec) in self.cluster_policies.iter().enumerate() {
+            add(
+                &mut builder,
+                json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
+                       "kind": "ClusterNetworkPolicy",
+                       "metadata": {"name": format!("c{index}")},
+                       "spec": spec}),
+            );
+        }
+        // Two Nodes for `nodes` peers: one at an external address, one at a workload's
+        // (a host workload on its own node).
+        for (name, address, labels) in [
+            ("n1", "10.0.1.200", json!({"role": "gateway"})),
+            ("n2", "10.0.0.1", json!({})),
+        ] {
+            add(
+                &mut builder,
+                json!({"apiVersion": "v1", "kind": "Node",
+                       "metadata": {"name": name, "labels": labels},
+                       "status": {"addresses": [{"type": "InternalIP", "address": address}]}}),
             );
         }
         builder
@@ -450,16 +596,27 @@ pub struct RuleCoverage {
     pub enforced_denied: usize,
     /// Features of the rules that allowed an enforced direction.
     pub by_feature: BTreeMap<&'static str, usize>,
+    /// Directions a ClusterNetworkPolicy rule decided, by "tier action".
+    pub cluster_decided: BTreeMap<String, usize>,
+    /// Directions a Pass rule sent on to the next tier.
+    pub passed: usize,
 }
 
 impl RuleCoverage {
     /// Counts one direction's verdict by the reference evaluator under `set`.
-    pub fn record(&mut self, set: &PolicySet, reason: &VerdictReason) {
+    pub fn record(&mut self, set: &PolicySet, reason: &VerdictReason, explanation: &str) {
+        self.passed += usize::from(explanation.contains("passed on by"));
         match reason {
             VerdictReason::NotEnforced => {}
             VerdictReason::DeniedByDefault { .. } => self.enforced_denied += 1,
-            // Generated sets hold NetworkPolicies only.
-            VerdictReason::DecidedBy(_) => {}
+            VerdictReason::DecidedBy(rule) => {
+                if let Some(info) = &rule.cluster {
+                    *self
+                        .cluster_decided
+                        .entry(format!("{} {}", info.tier, info.action))
+                        .or_default() += 1;
+                }
+            }
             VerdictReason::AllowedBy(rules) => {
                 self.enforced_allowed += 1;
                 let mut features = BTreeSet::new();
@@ -469,6 +626,14 @@ impl RuleCoverage {
                 }
             }
         }
+    }
+
+    /// How many directions ClusterNetworkPolicy rules of `tier` with `action` decided.
+    pub fn cluster_count(&self, tier: &str, action: &str) -> usize {
+        self.cluster_decided
+            .get(&format!("{tier} {action}"))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// How many allowed directions a rule with `feature` allowed.

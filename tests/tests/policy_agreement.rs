@@ -55,10 +55,16 @@ fn check_scenario(scenario: &Scenario, coverage: &mut Coverage) -> Result<(), Te
             (&reference.ingress, &map.ingress),
             (&reference.egress, &map.egress),
         ] {
-            prop_assert_eq!(
-                map_verdict.enforced,
-                !matches!(verdict.reason, VerdictReason::NotEnforced)
-            );
+            // A direction only ClusterNetworkPolicies enforce, where no rule decides,
+            // is enforced in the maps and "not enforced" (allowed) by the reference.
+            if !matches!(verdict.reason, VerdictReason::NotEnforced) {
+                prop_assert!(map_verdict.enforced);
+            }
+            if let VerdictReason::DecidedBy(rule) = &verdict.reason {
+                // The maps name the ClusterNetworkPolicy rule that decided.
+                let found = compiled.rules.get(map_verdict.rule_id);
+                prop_assert_eq!(found, Some(rule), "{}: {}", flow, verdict.explanation);
+            }
             if let VerdictReason::AllowedBy(rules) = &verdict.reason {
                 // The rule id the maps report names a rule the reference credits.
                 let rule = compiled
@@ -73,7 +79,9 @@ fn check_scenario(scenario: &Scenario, coverage: &mut Coverage) -> Result<(), Te
                     rules
                 );
             }
-            coverage.rules.record(&set, &verdict.reason);
+            coverage
+                .rules
+                .record(&set, &verdict.reason, &verdict.explanation);
         }
     }
     Ok(())
@@ -101,6 +109,16 @@ fn map_level_evaluator_agrees_with_reference() {
         coverage.rules.enforced_allowed > 100 && coverage.rules.enforced_denied > 100,
         "{coverage:?}"
     );
+    // ClusterNetworkPolicy: each tier's Accept and Deny decide, and Pass rules pass.
+    for tier in ["Admin", "Baseline"] {
+        for action in ["Accept", "Deny"] {
+            assert!(
+                coverage.rules.cluster_count(tier, action) >= 5,
+                "{tier} {action} decided too few directions: {coverage:#?}"
+            );
+        }
+    }
+    assert!(coverage.rules.passed >= 5, "{coverage:#?}");
     for feature in FEATURES {
         assert!(
             coverage.rules.feature_count(feature) >= 5,
