@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::{
     datapath::events::{DecodedEvent, monotonic_to_unix_ns},
-    policy::{Compiled, PolicyDirection, PolicySet},
+    policy::{Compiled, PolicyDirection, PolicySet, RuleRef},
 };
 use microseg_common::{event::EventVerdict, identity::IDENTITY_WORLD, policy::Direction};
 
@@ -21,8 +21,8 @@ pub struct EventNames {
     pub workloads: HashMap<IpAddr, WorkloadName>,
     /// Endpoint id -> `namespace/name`.
     pub endpoints: BTreeMap<u32, String>,
-    /// Rule id -> (policy namespace, policy name).
-    pub rules: BTreeMap<u32, (String, String)>,
+    /// Rule id -> the rule (NetworkPolicy or ClusterNetworkPolicy).
+    pub rules: BTreeMap<u32, RuleRef>,
     /// (endpoint id, direction) -> policies selecting it, for default denies.
     pub selecting: BTreeMap<(u32, PolicyDirection), Vec<(String, String)>>,
 }
@@ -70,10 +70,7 @@ impl EventNames {
             }
         }
         for (id, rule) in compiled.rules.iter() {
-            names.rules.insert(
-                id,
-                (rule.policy_namespace.clone(), rule.policy_name.clone()),
-            );
+            names.rules.insert(id, rule.clone());
         }
         names
     }
@@ -188,8 +185,8 @@ fn l4_json(event: &DecodedEvent) -> Value {
 /// every policy that selected the endpoint in that direction.
 fn denied_by(event: &DecodedEvent, names: &EventNames, direction: Direction) -> Value {
     let policy = |namespace: &str, name: &str| json!({"name": name, "namespace": namespace, "kind": "NetworkPolicy"});
-    if let Some((namespace, name)) = names.rules.get(&event.rule_id) {
-        return json!([policy(namespace, name)]);
+    if let Some(rule) = names.rules.get(&event.rule_id) {
+        return json!([rule_policy_json(rule)]);
     }
     let direction = match direction {
         Direction::Ingress => PolicyDirection::Ingress,
@@ -201,6 +198,33 @@ fn denied_by(event: &DecodedEvent, names: &EventNames, direction: Direction) -> 
         .map(|list| list.iter().map(|(ns, n)| policy(ns, n)).collect::<Vec<_>>())
         .unwrap_or_default();
     Value::Array(selecting)
+}
+
+/// The policy of a rule, as Hubble's `Policy` (name, namespace, kind), plus for a
+/// ClusterNetworkPolicy what decided: tier, priority, rule index and name, action.
+pub fn rule_policy_json(rule: &RuleRef) -> Value {
+    match &rule.cluster {
+        None => json!({
+            "name": rule.policy_name,
+            "namespace": rule.policy_namespace,
+            "kind": "NetworkPolicy",
+        }),
+        Some(info) => {
+            let mut policy = json!({
+                "name": rule.policy_name,
+                "namespace": "",
+                "kind": "ClusterNetworkPolicy",
+                "tier": info.tier.name(),
+                "priority": info.priority,
+                "rule": rule.rule_index,
+                "action": info.action.name(),
+            });
+            if let Some(name) = &info.name {
+                policy["rule_name"] = json!(name);
+            }
+            policy
+        }
+    }
 }
 
 /// The compact line, as `hubble observe` prints it:

@@ -20,7 +20,7 @@ use crate::policy::{
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectKey {
     pub kind: String,
-    /// Empty for cluster-scoped kinds (Namespace).
+    /// Empty for cluster-scoped kinds (Namespace, ClusterNetworkPolicy, Node).
     pub namespace: String,
     pub name: String,
 }
@@ -87,6 +87,11 @@ pub fn parse_objects(file: &str, text: &str) -> Result<ObjectMap, Vec<String>> {
     }
 }
 
+/// Kinds without a namespace: their key's namespace is empty.
+pub fn is_cluster_scoped(kind: &str) -> bool {
+    matches!(kind, "Namespace" | "ClusterNetworkPolicy" | "Node")
+}
+
 fn key_of(value: &serde_json::Value) -> Result<ObjectKey, String> {
     let kind = value
         .get("kind")
@@ -98,7 +103,7 @@ fn key_of(value: &serde_json::Value) -> Result<ObjectKey, String> {
         .and_then(|n| n.as_str())
         .filter(|n| !n.is_empty())
         .ok_or("metadata.name: missing")?;
-    let namespace = if kind == "Namespace" {
+    let namespace = if is_cluster_scoped(kind) {
         String::new()
     } else {
         metadata

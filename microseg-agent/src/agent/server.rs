@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     api::{ObjectKind, Request, Response, SourceText},
-    policy::{PolicyDirection, PolicySet},
+    policy::{NamespaceScope, Peer, PolicyDirection, PolicySet, Tier},
 };
 use microseg_common::counters::Counter;
 
@@ -291,6 +291,8 @@ fn canonical_kind(kind: &str) -> Option<&'static str> {
         "workload" | "workloads" => "Workload",
         "pod" | "pods" => "Pod",
         "namespace" | "namespaces" | "ns" => "Namespace",
+        "clusternetworkpolicy" | "clusternetworkpolicies" | "cnp" => "ClusterNetworkPolicy",
+        "node" | "nodes" => "Node",
         _ => return None,
     })
 }
@@ -301,7 +303,7 @@ fn delete_object(core: &mut AgentCore, kind: &str, namespace: &str, name: &str) 
     };
     let key = ObjectKey {
         kind: kind.to_owned(),
-        namespace: if kind == "Namespace" {
+        namespace: if super::objects::is_cluster_scoped(kind) {
             String::new()
         } else {
             namespace.to_owned()
@@ -398,6 +400,51 @@ fn get(core: &AgentCore, kind: ObjectKind) -> Value {
                 })
                 .collect(),
         ),
+        ObjectKind::ClusterPolicies => Value::Array(
+            set.cluster_policies
+                .iter()
+                .map(|p| {
+                    let subject = if p.subject.pods.is_everything() {
+                        format!("namespaces {}", p.subject.namespaces)
+                    } else {
+                        format!("pods {} in namespaces {}", p.subject.pods, p.subject.namespaces)
+                    };
+                    let selected: Vec<String> = set
+                        .workloads
+                        .iter()
+                        .filter(|w| {
+                            [PolicyDirection::Ingress, PolicyDirection::Egress]
+                                .into_iter()
+                                .any(|d| set.cluster_policy_selects(p, w, d))
+                        })
+                        .map(|w| w.key())
+                        .collect();
+                    json!({
+                        "kind": "ClusterNetworkPolicy",
+                        "name": p.name,
+                        "tier": p.tier.name(),
+                        "priority": p.priority,
+                        "subject": subject,
+                        "ingressRules": p.ingress.len(),
+                        "egressRules": p.egress.len(),
+                        "selectedWorkloads": selected.len(),
+                        "source": p.source.to_string(),
+                    })
+                })
+                .collect(),
+        ),
+        ObjectKind::Nodes => Value::Array(
+            set.nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "name": n.name,
+                        "addresses": n.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "labels": n.labels,
+                    })
+                })
+                .collect(),
+        ),
         ObjectKind::Namespaces => Value::Array(
             set.namespaces
                 .values()
@@ -418,14 +465,23 @@ fn get(core: &AgentCore, kind: ObjectKind) -> Value {
                 .iter()
                 .map(|(id, e)| {
                     let workload = set.workloads.get(e.workload_index);
+                    // In evaluation order: Admin tier, NetworkPolicies, Baseline tier.
                     let selecting = |direction| -> Vec<String> {
-                        workload
-                            .map(|w| {
+                        let Some(w) = workload else {
+                            return Vec::new();
+                        };
+                        let cluster = |tier| {
+                            set.cluster_policies_selecting(w, direction)
+                                .filter(move |p| p.tier == tier)
+                                .map(|p| format!("ClusterNetworkPolicy/{} ({} {})", p.name, p.tier, p.priority))
+                        };
+                        cluster(Tier::Admin)
+                            .chain(
                                 set.policies_selecting(w, direction)
-                                    .map(|p| format!("{}/{}", p.namespace, p.name))
-                                    .collect()
-                            })
-                            .unwrap_or_default()
+                                    .map(|p| format!("{}/{}", p.namespace, p.name)),
+                            )
+                            .chain(cluster(Tier::Baseline))
+                            .collect()
                     };
                     let audit = core.audit.get(&e.workload).copied().unwrap_or(core.enforcer.default_audit);
                     json!({
@@ -454,7 +510,9 @@ fn describe(core: &AgentCore, kind: ObjectKind, namespace: &str, name: &str) -> 
             let item_name = item["name"].as_str().or_else(|| item["workload"].as_str());
             match kind {
                 ObjectKind::Endpoints => item_name == Some(&format!("{namespace}/{name}")),
-                ObjectKind::Namespaces => item_name == Some(name),
+                ObjectKind::Namespaces | ObjectKind::ClusterPolicies | ObjectKind::Nodes => {
+                    item_name == Some(name)
+                }
                 ObjectKind::Identities => {
                     item["identity"].as_u64().map(|i| i.to_string()) == Some(name.to_owned())
                 }
@@ -493,7 +551,76 @@ fn describe(core: &AgentCore, kind: ObjectKind, namespace: &str, name: &str) -> 
             .collect();
         detail["selectedWorkloads"] = json!(selected);
     }
+    if kind == ObjectKind::ClusterPolicies
+        && let Some(policy) = set.cluster_policies.iter().find(|p| p.name == name)
+    {
+        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
+            let rules: Vec<String> = policy
+                .rules(direction)
+                .iter()
+                .enumerate()
+                .map(|(index, rule)| cluster_rule_text(index, rule))
+                .collect();
+            detail[direction.name()] = json!(rules);
+        }
+        let selected: Vec<String> = set
+            .workloads
+            .iter()
+            .filter(|w| {
+                [PolicyDirection::Ingress, PolicyDirection::Egress]
+                    .into_iter()
+                    .any(|d| set.cluster_policy_selects(policy, w, d))
+            })
+            .map(|w| w.key())
+            .collect();
+        detail["selectedWorkloads"] = json!(selected);
+    }
     Response::ok(detail)
+}
+
+/// One ClusterNetworkPolicy rule as `describe` shows it:
+/// `0 "name": Deny from namespaces {..}; ports TCP/80` .
+fn cluster_rule_text(index: usize, rule: &crate::policy::ClusterRule) -> String {
+    let mut text = format!("{index}");
+    if let Some(name) = &rule.name {
+        text.push_str(&format!(" {name:?}"));
+    }
+    let peers = match &rule.peers {
+        None => "every peer".to_owned(),
+        Some(peers) if peers.is_empty() => "no peer".to_owned(),
+        Some(peers) => peers
+            .iter()
+            .map(|peer| match peer {
+                Peer::Workloads { namespaces, pods } => {
+                    let namespaces = match namespaces {
+                        NamespaceScope::Named(name) => name.clone(),
+                        NamespaceScope::Selected(selector) => selector.to_string(),
+                    };
+                    if pods.is_everything() {
+                        format!("namespaces {namespaces}")
+                    } else {
+                        format!("pods {pods} in namespaces {namespaces}")
+                    }
+                }
+                Peer::IpBlock(block) => format!("network {block}"),
+                Peer::Nodes(selector) => format!("nodes {selector}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let ports = match &rule.ports {
+        None => "any port".to_owned(),
+        Some(ports) => ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    text.push_str(&format!(": {} {peers}; {ports}", rule.action));
+    if let Some(reason) = &rule.fail_closed {
+        text.push_str(&format!(" (fail closed: {reason})"));
+    }
+    text
 }
 
 fn counters_json(core: &AgentCore, agent: &Agent) -> Value {

@@ -18,6 +18,9 @@ pub enum ObjectKind {
     Namespaces,
     Identities,
     Endpoints,
+    /// ClusterNetworkPolicies.
+    ClusterPolicies,
+    Nodes,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

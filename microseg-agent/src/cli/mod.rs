@@ -55,7 +55,8 @@ enum Command {
         #[arg(short, long, default_value = "default")]
         namespace: String,
     },
-    /// List policies, workloads, namespaces, identities or endpoints.
+    /// List policies, cluster policies, workloads, namespaces, nodes, identities or
+    /// endpoints.
     Get {
         kind: KindArg,
         /// Only this object.
@@ -202,6 +203,14 @@ enum KindArg {
     Identities,
     #[value(alias = "endpoint", alias = "ep")]
     Endpoints,
+    #[value(
+        name = "clusternetworkpolicies",
+        alias = "clusternetworkpolicy",
+        alias = "cnp"
+    )]
+    ClusterPolicies,
+    #[value(alias = "node")]
+    Nodes,
 }
 
 impl KindArg {
@@ -212,6 +221,8 @@ impl KindArg {
             Self::Namespaces => ObjectKind::Namespaces,
             Self::Identities => ObjectKind::Identities,
             Self::Endpoints => ObjectKind::Endpoints,
+            Self::ClusterPolicies => ObjectKind::ClusterPolicies,
+            Self::Nodes => ObjectKind::Nodes,
         }
     }
 }

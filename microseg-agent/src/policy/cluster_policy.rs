@@ -376,17 +376,28 @@ fn convert_protocol(
     Some(())
 }
 
-/// One rule of either direction; `peers` is `from` or `to`.
+/// A rule of either direction, by reference: `peers` is `from` or `to`.
+struct RuleFields<'a> {
+    name: Option<&'a String>,
+    action: Option<&'a String>,
+    peers: Option<&'a Vec<PeerDocument>>,
+    protocols: Option<&'a Vec<ProtocolDocument>>,
+    ingress: bool,
+}
+
 fn convert_rule(
     checker: &mut Checker<'_>,
     field: &str,
-    name: Option<&String>,
-    action: Option<&String>,
-    peers: Option<&Vec<PeerDocument>>,
-    protocols: Option<&Vec<ProtocolDocument>>,
-    ingress: bool,
+    rule: RuleFields<'_>,
     from_api_server: bool,
 ) -> Option<ClusterRule> {
+    let RuleFields {
+        name,
+        action,
+        peers,
+        protocols,
+        ingress,
+    } = rule;
     let errors_before = checker.errors.len();
     if let Some(name) = name
         && name.chars().count() > MAX_RULE_NAME
@@ -590,11 +601,13 @@ pub(crate) fn convert_cluster_network_policy(
             ingress.extend(convert_rule(
                 checker,
                 &format!("spec.ingress[{index}]"),
-                rule.name.as_ref(),
-                rule.action.as_ref(),
-                rule.from.as_ref(),
-                rule.protocols.as_ref(),
-                true,
+                RuleFields {
+                    name: rule.name.as_ref(),
+                    action: rule.action.as_ref(),
+                    peers: rule.from.as_ref(),
+                    protocols: rule.protocols.as_ref(),
+                    ingress: true,
+                },
                 from_api_server,
             ));
         }
@@ -611,11 +624,13 @@ pub(crate) fn convert_cluster_network_policy(
             egress.extend(convert_rule(
                 checker,
                 &format!("spec.egress[{index}]"),
-                rule.name.as_ref(),
-                rule.action.as_ref(),
-                rule.to.as_ref(),
-                rule.protocols.as_ref(),
-                false,
+                RuleFields {
+                    name: rule.name.as_ref(),
+                    action: rule.action.as_ref(),
+                    peers: rule.to.as_ref(),
+                    protocols: rule.protocols.as_ref(),
+                    ingress: false,
+                },
                 from_api_server,
             ));
         }

@@ -644,7 +644,6 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
             compiled_cluster_rules.push(reduced);
         }
     }
-    drop(reduce);
     let rules_of = |policy_index: usize, direction: PolicyDirection| {
         &compiled_rules[2 * policy_index + usize::from(direction == PolicyDirection::Egress)]
     };

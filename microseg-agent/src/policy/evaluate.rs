@@ -243,24 +243,34 @@ enum TierOutcome {
     NoMatch,
 }
 
+/// One direction of a flow, seen from the workload whose policies judge it.
+struct Sides<'a> {
+    direction: PolicyDirection,
+    local: &'a Workload,
+    peer_address: IpAddr,
+    peer: Option<&'a Workload>,
+    /// Where named ports resolve.
+    destination: Option<&'a Workload>,
+    flow: &'a Flow,
+}
+
 /// The first matching rule of `tier`, in evaluation order (priority, name, rule
 /// order).
-fn evaluate_tier(
-    set: &PolicySet,
-    tier: Tier,
-    local: &Workload,
-    direction: PolicyDirection,
-    peer_address: IpAddr,
-    peer: Option<&Workload>,
-    destination: Option<&Workload>,
-    flow: &Flow,
-) -> TierOutcome {
+fn evaluate_tier(set: &PolicySet, tier: Tier, sides: &Sides<'_>) -> TierOutcome {
+    let direction = sides.direction;
     for policy in set
-        .cluster_policies_selecting(local, direction)
+        .cluster_policies_selecting(sides.local, direction)
         .filter(|policy| policy.tier == tier)
     {
         for (rule_index, rule) in policy.rules(direction).iter().enumerate() {
-            if cluster_rule_matches(set, rule, peer_address, peer, destination, flow) {
+            if cluster_rule_matches(
+                set,
+                rule,
+                sides.peer_address,
+                sides.peer,
+                sides.destination,
+                sides.flow,
+            ) {
                 let rule_ref = RuleRef::cluster_policy(policy, direction, rule_index);
                 return match rule.action {
                     RuleAction::Accept => TierOutcome::Decided(rule_ref, true),
@@ -322,16 +332,15 @@ fn evaluate_direction(
     let peer_text = describe(peer_address, peer);
     // Pass rules met on the way, for the explanation.
     let mut passed = String::new();
-    match evaluate_tier(
-        set,
-        Tier::Admin,
-        local,
+    let sides = Sides {
         direction,
+        local,
         peer_address,
         peer,
         destination,
         flow,
-    ) {
+    };
+    match evaluate_tier(set, Tier::Admin, &sides) {
         TierOutcome::Decided(rule, allowed) => {
             return decided_by(rule, allowed, direction, &peer_text, flow, "");
         }
@@ -340,16 +349,7 @@ fn evaluate_direction(
     }
     let selecting: Vec<&Policy> = set.policies_selecting(local, direction).collect();
     if selecting.is_empty() {
-        match evaluate_tier(
-            set,
-            Tier::Baseline,
-            local,
-            direction,
-            peer_address,
-            peer,
-            destination,
-            flow,
-        ) {
+        match evaluate_tier(set, Tier::Baseline, &sides) {
             TierOutcome::Decided(rule, allowed) => {
                 return decided_by(rule, allowed, direction, &peer_text, flow, &passed);
             }
