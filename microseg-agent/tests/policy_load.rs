@@ -509,3 +509,169 @@ fn a_workloads_interface_is_checked_and_owned_once() {
     let found = errors("vms.yaml", &workload("vm-10", "tap10", &many.join(", ")));
     assert!(found[0].contains("at most 8 addresses"), "{found:?}");
 }
+
+/// A ClusterNetworkPolicy around `spec` (YAML flow style).
+fn cluster_policy(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+    )
+}
+
+#[test]
+fn cluster_network_policy_limits_are_errors_with_their_field() {
+    let peers = (0..26)
+        .map(|i| format!("{{networks: [10.{i}.0.0/16]}}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rules = (0..26)
+        .map(|_| "{action: Deny, to: [{networks: [10.0.0.0/8]}]}".to_owned())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let long_name = "x".repeat(101);
+    let documents = [
+        cluster_policy("a", "{tier: Middle, priority: 1001, subject: {namespaces: {}}}"),
+        cluster_policy("b", "{tier: Admin, subject: {namespaces: {}, pods: {podSelector: {}}}}"),
+        cluster_policy(
+            "c",
+            &format!("{{tier: Admin, priority: 1, subject: {{namespaces: {{}}}}, egress: [{{action: Deny, to: [{peers}]}}]}}"),
+        ),
+        cluster_policy(
+            "d",
+            &format!("{{tier: Baseline, priority: 1, subject: {{namespaces: {{}}}}, egress: [{rules}]}}"),
+        ),
+        cluster_policy(
+            "e",
+            &format!(
+                "{{tier: Admin, priority: 1, subject: {{pods: {{namespaceSelector: {{}}}}}}, ingress: [{{name: {long_name}, action: Allow, from: []}}, {{action: Accept, from: [{{networks: [10.0.0.0/8]}}]}}]}}"
+            ),
+        ),
+        cluster_policy(
+            "f",
+            "{tier: Admin, priority: 1, subject: {namespaces: {}}, egress: [{action: Accept, to: [{networks: [10.0.0.0/8]}], protocols: [{destinationNamedPort: web}]}, {action: Deny, to: [{namespaces: {}, nodes: {}}]}, {action: Pass, to: [{}], protocols: [{tcp: {destinationPort: {range: {start: 90, end: 80}}}}, {udp: {destinationPort: {number: 0}}}, {tcp: {}}, {tcp: {destinationPort: {number: 1}}, udp: {destinationPort: {number: 1}}}]}]}",
+        ),
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: g, namespace: default}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}, egress: [{action: Deny, to: [{networks: [10.0.0.0/8]}], port: 80}]}\n".to_owned(),
+        cluster_policy("h", "{tier: Admin, priority: 1, subject: {namespaces: {}}}"),
+        cluster_policy("h", "{tier: Admin, priority: 2, subject: {namespaces: {}}}"),
+    ];
+    let errors = errors("cnp.yaml", &documents.join("---\n"));
+    let expected = [
+        "cnp.yaml: document 1: spec.tier: unknown tier \"Middle\" (expected Admin or Baseline)",
+        "cnp.yaml: document 1: spec.priority: 1001 is out of range 0-1000",
+        "cnp.yaml: document 2: spec.priority: is required",
+        "cnp.yaml: document 2: spec.subject: must set exactly one of namespaces or pods",
+        "cnp.yaml: document 3: spec.egress[0].to: must list 1 to 25 peers, not 26",
+        "cnp.yaml: document 4: spec.egress: at most 25 rules, not 26",
+        "cnp.yaml: document 5: spec.subject.pods.podSelector: is required",
+        "cnp.yaml: document 5: spec.ingress[0].name: is longer than 100 characters",
+        "cnp.yaml: document 5: spec.ingress[0].action: unknown action \"Allow\" (expected Accept, Deny or Pass)",
+        "cnp.yaml: document 5: spec.ingress[0].from: must list 1 to 25 peers, not 0",
+        "cnp.yaml: document 5: spec.ingress[1].from[0].networks: an ingress peer selects namespaces or pods only",
+        "cnp.yaml: document 6: spec.egress[0].protocols[0].destinationNamedPort: a rule with networks, nodes or domainNames peers cannot use named ports (those peers have none)",
+        "cnp.yaml: document 6: spec.egress[1].to[0]: a peer must set exactly one field, not namespaces and nodes",
+        "cnp.yaml: document 6: spec.egress[2].to[0]: a peer must set exactly one of namespaces, pods, nodes or networks",
+        "cnp.yaml: document 6: spec.egress[2].protocols[0].tcp.destinationPort.range: start (90) must be less than end (80)",
+        "cnp.yaml: document 6: spec.egress[2].protocols[1].udp.destinationPort.number: 0 is out of range 1-65535",
+        "cnp.yaml: document 6: spec.egress[2].protocols[2].tcp.destinationPort: is required",
+        "cnp.yaml: document 6: spec.egress[2].protocols[3]: must set exactly one of tcp, udp, sctp or destinationNamedPort (found tcp, udp)",
+        "cnp.yaml: document 7: spec.egress[0].port: unknown field of a ClusterNetworkPolicy (misspelt?)",
+        "cnp.yaml: document 9: metadata.name: duplicate ClusterNetworkPolicy h (first defined at cnp.yaml: document 8)",
+    ];
+    for line in expected {
+        assert!(
+            errors.iter().any(|error| error == line),
+            "missing {line:?} in\n{}",
+            errors.join("\n")
+        );
+    }
+    // A cluster-scoped policy has no namespace.
+    let namespaced = cluster_policy(
+        "ns",
+        "{tier: Admin, priority: 1, subject: {namespaces: {}}}",
+    )
+    .replace(
+        "metadata: {name: ns}",
+        "metadata: {name: ns, namespace: default}",
+    );
+    assert_eq!(
+        self::errors("ns.yaml", &namespaced),
+        [
+            "ns.yaml: document 1: metadata.namespace: a ClusterNetworkPolicy is cluster-scoped: it has no namespace"
+        ]
+    );
+}
+
+#[test]
+fn cluster_network_policy_peers_fail_closed() {
+    use microseg::policy::{RuleAction, Tier};
+    let text = cluster_policy(
+        "fc",
+        "{tier: Admin, priority: 3, subject: {namespaces: {}}, egress: [{action: Accept, to: [{domainNames: [example.com]}, {networks: [10.0.0.0/8]}]}, {action: Pass, to: [{domainNames: [example.com]}], protocols: [{tcp: {destinationPort: {number: 80}}}]}]}",
+    );
+    let set = load("fc.yaml", &text).expect("loads");
+    let policy = &set.cluster_policies[0];
+    assert_eq!((policy.tier, policy.priority), (Tier::Admin, 3));
+    // Accept: the unreadable peer matches nothing, the others still match.
+    let accept = &policy.egress[0];
+    assert_eq!(accept.action, RuleAction::Accept);
+    assert_eq!(accept.peers.as_ref().map(Vec::len), Some(1));
+    assert!(accept.fail_closed.is_some());
+    // Pass (or Deny): the whole rule denies everything.
+    let pass = &policy.egress[1];
+    assert_eq!(pass.action, RuleAction::Deny);
+    assert_eq!((pass.peers.clone(), pass.ports.clone()), (None, None));
+    assert!(pass.fail_closed.as_deref().unwrap().contains("domainNames"));
+
+    // From the API server a peer with only fields this version does not know fails
+    // closed rather than failing the whole set.
+    let value = serde_json::json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": "newer"},
+        "spec": {"tier": "Baseline", "priority": 0, "subject": {"namespaces": {}},
+                 "ingress": [{"action": "Pass", "from": [{"futurePeer": {}}]}]}
+    });
+    let mut builder = PolicySetBuilder::new();
+    builder.add_api_server_document(&microseg::policy::Source::memory("api"), &value);
+    let set = builder.finish().expect("an API server object loads");
+    let rule = &set.cluster_policies[0].ingress[0];
+    assert_eq!(
+        (rule.action, rule.peers.is_none()),
+        (RuleAction::Deny, true)
+    );
+    // The same object in a file is refused, naming the field.
+    let mut builder = PolicySetBuilder::new();
+    builder.add_document(&microseg::policy::Source::memory("file"), &value);
+    let errors = builder.finish().expect_err("refused");
+    assert!(
+        errors
+            .to_string()
+            .contains("spec.ingress[0].from[0].futurePeer"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn cluster_policies_sort_into_evaluation_order_and_nodes_load() {
+    let text = [
+        cluster_policy("b-baseline", "{tier: Baseline, priority: 0, subject: {namespaces: {}}}"),
+        cluster_policy("z-admin", "{tier: Admin, priority: 5, subject: {namespaces: {}}}"),
+        cluster_policy("a-admin", "{tier: Admin, priority: 5, subject: {namespaces: {}}}"),
+        cluster_policy("first", "{tier: Admin, priority: 0, subject: {namespaces: {}}}"),
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {zone: a}}\nstatus: {addresses: [{type: InternalIP, address: 172.18.0.2}, {type: Hostname, address: n1}, {type: ExternalIP, address: \"2001:db8::2\"}]}\n".to_owned(),
+    ]
+    .join("---\n");
+    let set = load("order.yaml", &text).expect("loads");
+    let names: Vec<&str> = set
+        .cluster_policies
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(names, ["first", "a-admin", "z-admin", "b-baseline"]);
+    assert_eq!(set.nodes.len(), 1);
+    assert_eq!(
+        set.nodes[0].addresses,
+        [
+            "172.18.0.2".parse::<std::net::IpAddr>().unwrap(),
+            "2001:db8::2".parse().unwrap()
+        ]
+    );
+}
