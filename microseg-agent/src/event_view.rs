@@ -316,7 +316,39 @@ fn l4_summary(l4: &Value) -> (Option<u64>, Option<u64>, String) {
 mod tests {
     use serde_json::json;
 
-    use super::compact_line;
+    use super::{compact_line, rule_policy_json};
+    use crate::policy::{ClusterRuleInfo, PolicyDirection, RuleAction, RuleRef, Tier};
+
+    #[test]
+    fn a_cluster_policy_rule_is_named_with_its_tier_priority_and_action() {
+        let rule = RuleRef {
+            policy_namespace: String::new(),
+            policy_name: "pci-isolation".into(),
+            direction: PolicyDirection::Ingress,
+            rule_index: 1,
+            cluster: Some(ClusterRuleInfo {
+                tier: Tier::Admin,
+                priority: 10,
+                action: RuleAction::Deny,
+                name: Some("no-dev".into()),
+            }),
+        };
+        assert_eq!(
+            rule_policy_json(&rule),
+            json!({"name": "pci-isolation", "namespace": "", "kind": "ClusterNetworkPolicy",
+                   "tier": "Admin", "priority": 10, "rule": 1, "rule_name": "no-dev",
+                   "action": "Deny"})
+        );
+        let network_policy = RuleRef {
+            policy_namespace: "prod".into(),
+            cluster: None,
+            ..rule
+        };
+        assert_eq!(
+            rule_policy_json(&network_policy),
+            json!({"name": "pci-isolation", "namespace": "prod", "kind": "NetworkPolicy"})
+        );
+    }
 
     #[test]
     fn compact_line_reads_like_hubble_observe() {

@@ -30,8 +30,8 @@ pub use compile::{
 };
 pub use error::{LoadErrors, PolicyError, Source};
 pub use evaluate::{
-    DirectionVerdict, Flow, FlowVerdict, ReachabilityMatrix, RuleRef, VerdictReason, evaluate,
-    reachability_matrix,
+    ClusterRuleInfo, DirectionVerdict, Flow, FlowVerdict, ReachabilityMatrix, RuleRef,
+    VerdictReason, evaluate, reachability_matrix,
 };
 pub use expected::{
     ExpectationFailure, ExpectedFlow, ExpectedVerdict, check_expected, load_expected,
