@@ -710,6 +710,8 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
     // Stable: policy order is kept within each workload, direction and kind.
     selections.sort_by_key(|&(workload, direction, by, _)| (workload, direction, by));
 
+    // Every identity (built when a cluster policy first needs it).
+    let mut universe: Vec<u32> = Vec::new();
     // Endpoints and their entries.
     for per_workload in selections.chunk_by(|a, b| a.0 == b.0) {
         let workload_index = per_workload[0].0;
@@ -765,14 +767,22 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
             let network_rules = network_policies
                 .iter()
                 .flat_map(|&policy_index| rules_of(policy_index, direction));
+            if universe.is_empty() {
+                universe = compiled.identities.identities.keys().copied().collect();
+                universe.push(IDENTITY_WORLD);
+                universe.sort_unstable();
+            }
             tiers::insert_resolved_entries(
                 &mut compiled.state,
-                endpoint_id,
-                direction,
-                workload,
+                &tiers::Resolution {
+                    endpoint_id,
+                    direction,
+                    workload,
+                    universe: &universe,
+                    network_policy_selects: !network_policies.is_empty(),
+                },
                 cluster_rules,
                 network_rules,
-                !network_policies.is_empty(),
             );
         }
         let ingress_enforced = flags & ENDPOINT_FLAG_INGRESS_ENFORCED != 0;

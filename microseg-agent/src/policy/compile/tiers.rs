@@ -18,7 +18,11 @@
 //!
 //! An identity's entries shadow ANY's (the identity is looked up first), so an ANY
 //! block nested inside one of the identity's blocks is copied into the identity's
-//! entries, evaluated with both. A miss in both falls to the endpoint's default, which
+//! entries, evaluated with both. A rule naming most identities ("every namespace",
+//! the usual baseline deny) becomes ANY entries that exclude the rest, and each
+//! excluded identity (world, CIDRs, the few workloads not named) gets entries of its
+//! own evaluated without that rule: the rule costs its blocks, not identities x
+//! blocks. A miss in both falls to the endpoint's default, which
 //! the compiler sets to what evaluating no rule gives (`ENDPOINT_FLAG_*_DEFAULT_ALLOW`
 //! where no NetworkPolicy selects).
 
@@ -50,6 +54,8 @@ struct RankedEntry {
     order: u32,
     action: RuleAction,
     rule_id: u32,
+    /// For an ANY entry: 1 + index of the identities it does not cover (0: none).
+    exclusion: u32,
 }
 
 /// Whether every (protocol, port) of `inner` is in `outer`.
@@ -102,32 +108,104 @@ fn resolve(matching: &[&RankedEntry], network_policy_selects: bool) -> PolicyEnt
     }
 }
 
+/// One endpoint and direction to resolve.
+pub(super) struct Resolution<'a> {
+    pub endpoint_id: u32,
+    pub direction: PolicyDirection,
+    pub workload: &'a Workload,
+    /// Every identity of the compile (workload, CIDR and world), sorted.
+    pub universe: &'a [u32],
+    /// At least one NetworkPolicy selects the endpoint in this direction (even one
+    /// without rules).
+    pub network_policy_selects: bool,
+}
+
+/// The rule's entries for the endpoint, as (identity, block) pairs; a rule naming
+/// most of the universe with the same blocks for each identity ("every namespace")
+/// becomes ANY entries that exclude the identities it does not name, so that it
+/// costs its blocks, not identities x blocks.
+fn rule_entries(
+    rule: &CompiledRule,
+    workload: &Workload,
+    universe: &[u32],
+    exclusions: &mut Vec<Vec<u32>>,
+    mut emit: impl FnMut(u32, Block, u32),
+) {
+    let mut entries: Vec<EntryTail> = Vec::new();
+    rule_entry_tails(rule, workload, |entry| entries.push(entry));
+    entries.sort_unstable();
+    entries.dedup();
+    let identities = &rule.peer_identities;
+    let named_in_universe = identities
+        .iter()
+        .filter(|id| universe.binary_search(id).is_ok())
+        .count();
+    if identities.len() >= 4
+        && named_in_universe == identities.len()
+        && 2 * identities.len() > universe.len()
+    {
+        // Uniform: each named identity has the same blocks (egress named ports resolve
+        // per destination and are not).
+        let first: Vec<Block> = entries
+            .iter()
+            .filter(|entry| entry.0 == identities[0])
+            .map(|entry| (entry.1, entry.2))
+            .collect();
+        let uniform = entries.len() == first.len() * identities.len()
+            && entries.chunk_by(|a, b| a.0 == b.0).all(|chunk| {
+                chunk.len() == first.len()
+                    && chunk
+                        .iter()
+                        .zip(&first)
+                        .all(|(entry, block)| (entry.1, entry.2) == *block)
+            });
+        if uniform && !first.is_empty() {
+            let excluded: Vec<u32> = universe
+                .iter()
+                .copied()
+                .filter(|id| identities.binary_search(id).is_err())
+                .collect();
+            exclusions.push(excluded);
+            let exclusion = u32::try_from(exclusions.len()).expect("few rules");
+            for block in first {
+                emit(IDENTITY_ANY, block, exclusion);
+            }
+            return;
+        }
+    }
+    for (identity, protocol, port_block) in entries {
+        emit(identity, (protocol, port_block), 0);
+    }
+}
+
 /// Inserts the resolved entries of one endpoint and direction. `cluster_rules` are in
 /// evaluation order (Admin tier first); `network_rules` are the rules of the
-/// NetworkPolicies selecting the endpoint (`network_policy_selects` when there is
-/// at least one such policy, even without rules).
+/// NetworkPolicies selecting the endpoint.
 pub(super) fn insert_resolved_entries<'r>(
     state: &mut DatapathState,
-    endpoint_id: u32,
-    direction: PolicyDirection,
-    workload: &Workload,
+    resolution: &Resolution<'_>,
     cluster_rules: impl Iterator<Item = (Tier, RuleAction, &'r CompiledRule)>,
     network_rules: impl Iterator<Item = &'r CompiledRule>,
-    network_policy_selects: bool,
 ) {
+    let network_policy_selects = resolution.network_policy_selects;
+    // Exclusion lists of ANY entries; an entry's `exclusion` is an index + 1 (0: none).
+    let mut exclusions: Vec<Vec<u32>> = Vec::new();
     let mut ranked: Vec<RankedEntry> = Vec::new();
     let mut push = |rule: &CompiledRule, stage: Stage, order: u32, action: RuleAction| {
-        rule_entry_tails(
+        rule_entries(
             rule,
-            workload,
-            |(identity, protocol, port_block): EntryTail| {
+            resolution.workload,
+            resolution.universe,
+            &mut exclusions,
+            |identity, block, exclusion| {
                 ranked.push(RankedEntry {
                     identity,
-                    block: (protocol, port_block),
+                    block,
                     stage,
                     order,
                     action,
                     rule_id: rule.rule_id,
+                    exclusion,
                 });
             },
         );
@@ -158,37 +236,56 @@ pub(super) fn insert_resolved_entries<'r>(
         .iter()
         .filter(|entry| entry.identity == IDENTITY_ANY)
         .collect();
+    let excludes = |entry: &RankedEntry, identity: u32| {
+        entry.exclusion != 0
+            && exclusions[entry.exclusion as usize - 1]
+                .binary_search(&identity)
+                .is_ok()
+    };
+    // Identities an ANY entry excludes need entries of their own wherever ANY has
+    // one, or their lookups would fall through to it.
+    let mut excluded: Vec<u32> = exclusions.iter().flatten().copied().collect();
+    excluded.sort_unstable();
+    excluded.dedup();
+    let mut identities: Vec<u32> = ranked.iter().map(|entry| entry.identity).collect();
+    identities.extend(&excluded);
+    identities.sort_unstable();
+    identities.dedup();
+
     let mut matching: Vec<&RankedEntry> = Vec::new();
-    for group in ranked.chunk_by(|a, b| a.identity == b.identity) {
-        let identity = group[0].identity;
-        let mut blocks: Vec<Block> = group.iter().map(|entry| entry.block).collect();
+    for identity in identities {
+        let own: &[RankedEntry] = {
+            let start = ranked.partition_point(|entry| entry.identity < identity);
+            let end = ranked.partition_point(|entry| entry.identity <= identity);
+            &ranked[start..end]
+        };
+        let mut blocks: Vec<Block> = own.iter().map(|entry| entry.block).collect();
         if identity != IDENTITY_ANY {
-            // ANY blocks nested in this identity's blocks: the identity's entry would
-            // shadow them.
-            blocks.extend(
-                any.iter()
-                    .map(|entry| entry.block)
-                    .filter(|&inner| group.iter().any(|entry| contains(entry.block, inner))),
-            );
+            let excluded_somewhere = excluded.binary_search(&identity).is_ok();
+            // ANY blocks this identity's entries would shadow (all of them where an ANY
+            // entry excludes it).
+            blocks.extend(any.iter().map(|entry| entry.block).filter(|&inner| {
+                excluded_somewhere || own.iter().any(|entry| contains(entry.block, inner))
+            }));
         }
         blocks.sort_unstable();
         blocks.dedup();
         for block in blocks {
             matching.clear();
-            matching.extend(group.iter().filter(|entry| contains(entry.block, block)));
+            matching.extend(own.iter().filter(|entry| contains(entry.block, block)));
             if identity != IDENTITY_ANY {
                 matching.extend(
                     any.iter()
                         .copied()
-                        .filter(|entry| contains(entry.block, block)),
+                        .filter(|entry| contains(entry.block, block) && !excludes(entry, identity)),
                 );
                 matching.sort_by_key(|entry| (entry.stage, entry.order));
             }
             state.policy.insert(
                 PolicyMatch {
-                    endpoint_id,
+                    endpoint_id: resolution.endpoint_id,
                     identity,
-                    direction: direction.datapath(),
+                    direction: resolution.direction.datapath(),
                     protocol: block.0,
                     port_block: block.1,
                 },
