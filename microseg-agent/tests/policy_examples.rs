@@ -21,6 +21,9 @@ const EXAMPLES: &[&str] = &[
     "pci-zone",
     "service-identity-ipblock-except",
     "host-firewall",
+    "cluster-pci-zone",
+    "cluster-baseline-default-deny",
+    "host-firewall-deny-list",
 ];
 
 fn check_example(directory: &Path) -> Vec<String> {
