@@ -27,7 +27,7 @@ use microseg_tests::{
     lab::Lab,
     topology::{EchoServers, PROBE_TIMEOUT, tcp_exchange, udp_exchange},
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const HOSTS: [(&str, &str); 5] = [
     ("dev/shell", "10.80.0.11"),
@@ -429,12 +429,30 @@ fn check_deny_events(lab: &Lab) {
     assert_eq!(admin["destination"]["pod_name"], "vault", "{admin:#}");
     assert_eq!(denied_by(&admin), ["secure-zone"], "{admin:#}");
     assert!(admin["rule_id"].as_u64().is_some(), "{admin:#}");
+    // The deciding rule, as `check` names it: kind, tier, priority, rule, action.
+    let policy = &admin["ingress_denied_by"][0];
+    assert_eq!(policy["kind"], "ClusterNetworkPolicy", "{admin:#}");
+    assert_eq!(policy["tier"], "Admin", "{admin:#}");
+    assert_eq!(policy["priority"], 10, "{admin:#}");
+    assert_eq!(policy["rule"], 2, "{admin:#}");
+    assert_eq!(policy["rule_name"], "deny-dev", "{admin:#}");
+    assert_eq!(policy["action"], "Deny", "{admin:#}");
 
     let baseline = deny_event(lab, shell.address, plain, 80);
     println!("a Baseline-tier deny event: {baseline}");
     assert_eq!(baseline["drop_reason_desc"], "POLICY_DENY", "{baseline:#}");
     assert_eq!(denied_by(&baseline), ["open-default-deny"], "{baseline:#}");
     assert!(baseline["rule_id"].as_u64().is_some(), "{baseline:#}");
+    let policy = &baseline["ingress_denied_by"][0];
+    assert_eq!(
+        (&policy["kind"], &policy["tier"], &policy["rule_name"]),
+        (
+            &json!("ClusterNetworkPolicy"),
+            &json!("Baseline"),
+            &json!("deny-all-ingress")
+        ),
+        "{baseline:#}"
+    );
 
     // Passed on by the Admin tier, denied by the NetworkPolicy's isolation.
     let passed = deny_event(lab, tool.address, vault, 81);
@@ -507,6 +525,11 @@ fn cluster_policies_are_enforced_across_a_restart(mode: &str) {
     assert_eq!(
         first["directoryObjects"], 13,
         "4 namespaces, 5 workloads, 2 ClusterNetworkPolicies, 2 NetworkPolicies: {first:#}"
+    );
+    assert_eq!(
+        (&first["clusterPolicies"], &first["policies"]),
+        (&json!(2), &json!(2)),
+        "{first:#}"
     );
     let (allowed, denied) = check_matrix(&lab, &set, &format!("{mode}: first start"));
     println!("{mode}: {allowed} allowed and {denied} denied connections as the API says");

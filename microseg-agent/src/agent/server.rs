@@ -656,13 +656,15 @@ fn stats(core: &AgentCore, agent: &Agent) -> Response {
 
 fn status(core: &mut AgentCore, agent: &Agent) -> Response {
     let generation = agent.kernel.live_generation();
-    let (policies, workloads, enforced) = core.enforcer.enforced.as_ref().map_or((0, 0, 0), |e| {
-        (
-            e.set.policies.len(),
-            e.set.workloads.len(),
-            e.compiled.endpoints.len(),
-        )
-    });
+    let (policies, cluster_policies, workloads, enforced) =
+        core.enforcer.enforced.as_ref().map_or((0, 0, 0, 0), |e| {
+            (
+                e.set.policies.len(),
+                e.set.cluster_policies.len(),
+                e.set.workloads.len(),
+                e.compiled.endpoints.len(),
+            )
+        });
     let uptime = core.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
     let problems = core.problems();
     let interfaces: Vec<&super::interfaces::InterfaceStatus> =
@@ -672,6 +674,7 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "problems": problems,
         "generation": generation,
         "policies": policies,
+        "clusterPolicies": cluster_policies,
         "workloads": workloads,
         "enforcedWorkloads": enforced,
         "apiObjects": core.api_objects.len(),
