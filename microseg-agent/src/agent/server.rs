@@ -540,7 +540,7 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
     let problems = core.problems();
     let interfaces: Vec<&super::interfaces::InterfaceStatus> =
         core.interfaces.status.values().collect();
-    Response::ok(json!({
+    let mut status = json!({
         "healthy": problems.is_empty(),
         "problems": problems,
         "generation": generation,
@@ -562,5 +562,9 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "taskRestarts": agent.restarts.snapshot(),
         "eventsReceived": agent.hub.received.load(std::sync::atomic::Ordering::Relaxed),
         "eventsLostBySubscribers": agent.hub.subscriber_lost.load(std::sync::atomic::Ordering::Relaxed),
-    }))
+    });
+    if let Some(kubernetes) = &core.kubernetes {
+        status["kubernetes"] = json!(kubernetes);
+    }
+    Response::ok(status)
 }
