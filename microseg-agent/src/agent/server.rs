@@ -529,13 +529,19 @@ fn stats(core: &AgentCore, agent: &Agent) -> Response {
 
 fn status(core: &mut AgentCore, agent: &Agent) -> Response {
     let generation = agent.kernel.live_generation();
-    let (policies, workloads, enforced) = core.enforcer.enforced.as_ref().map_or((0, 0, 0), |e| {
-        (
-            e.set.policies.len(),
-            e.set.workloads.len(),
-            e.compiled.endpoints.len(),
-        )
-    });
+    let (policies, cluster_policies, nodes, workloads, enforced) = core
+        .enforcer
+        .enforced
+        .as_ref()
+        .map_or((0, 0, 0, 0, 0), |e| {
+            (
+                e.set.policies.len(),
+                e.set.cluster_policies.len(),
+                e.set.nodes.len(),
+                e.set.workloads.len(),
+                e.compiled.endpoints.len(),
+            )
+        });
     let uptime = core.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
     let problems = core.problems();
     let interfaces: Vec<&super::interfaces::InterfaceStatus> =
@@ -545,6 +551,8 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "problems": problems,
         "generation": generation,
         "policies": policies,
+        "clusterPolicies": cluster_policies,
+        "nodes": nodes,
         "workloads": workloads,
         "enforcedWorkloads": enforced,
         "apiObjects": core.api_objects.len(),
