@@ -324,7 +324,7 @@ impl FakeApiServer {
     pub fn set_crd_installed(&self, installed: bool) {
         {
             let mut state = self.shared.state.lock().unwrap();
-            if state.crd_absent == !installed {
+            if state.crd_absent != installed {
                 return;
             }
             if !installed {
