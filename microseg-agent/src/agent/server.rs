@@ -291,6 +291,8 @@ fn canonical_kind(kind: &str) -> Option<&'static str> {
         "workload" | "workloads" => "Workload",
         "pod" | "pods" => "Pod",
         "namespace" | "namespaces" | "ns" => "Namespace",
+        "clusternetworkpolicy" | "clusternetworkpolicies" | "cnp" => "ClusterNetworkPolicy",
+        "node" | "nodes" | "no" => "Node",
         _ => return None,
     })
 }
@@ -301,7 +303,7 @@ fn delete_object(core: &mut AgentCore, kind: &str, namespace: &str, name: &str) 
     };
     let key = ObjectKey {
         kind: kind.to_owned(),
-        namespace: if kind == "Namespace" {
+        namespace: if super::objects::cluster_scoped(kind) {
             String::new()
         } else {
             namespace.to_owned()
