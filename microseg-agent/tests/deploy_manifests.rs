@@ -4,12 +4,15 @@
 
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::{ConfigMap, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{ConfigMap, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
-use microseg::agent::config::AgentConfig;
+use microseg::agent::{config::AgentConfig, kubernetes::watch};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 fn deploy_dir() -> PathBuf {
@@ -36,6 +39,7 @@ fn kubernetes_manifests_parse_with_the_kubernetes_types() {
     let mut kinds = Vec::new();
     let mut daemonset = None;
     let mut configmap = None;
+    let mut role = None;
     let dir = deploy_dir().join("kubernetes");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("deploy/kubernetes")
@@ -51,7 +55,7 @@ fn kubernetes_manifests_parse_with_the_kubernetes_types() {
                 "DaemonSet" => daemonset = Some(round_trip::<DaemonSet>(&file, &value)),
                 "ConfigMap" => configmap = Some(round_trip::<ConfigMap>(&file, &value)),
                 "ServiceAccount" => drop(round_trip::<ServiceAccount>(&file, &value)),
-                "ClusterRole" => drop(round_trip::<ClusterRole>(&file, &value)),
+                "ClusterRole" => role = Some(round_trip::<ClusterRole>(&file, &value)),
                 "ClusterRoleBinding" => drop(round_trip::<ClusterRoleBinding>(&file, &value)),
                 other => panic!("{}: unexpected kind {other}", file.display()),
             }
@@ -98,10 +102,66 @@ fn kubernetes_manifests_parse_with_the_kubernetes_types() {
         "the config file is mounted"
     );
 
+    // The agent may list and watch every kind it watches.
+    let rules = role.unwrap().rules.unwrap();
+    for (group, resource) in [
+        ("", "namespaces"),
+        ("", "pods"),
+        ("", "nodes"),
+        ("networking.k8s.io", "networkpolicies"),
+        (watch::CNP_GROUP, watch::CNP_PLURAL),
+    ] {
+        for verb in ["get", "list", "watch"] {
+            assert!(
+                rules.iter().any(|rule| {
+                    rule.api_groups.iter().flatten().any(|g| g == group)
+                        && rule.resources.iter().flatten().any(|r| r == resource)
+                        && rule.verbs.iter().any(|v| v == verb)
+                }),
+                "rbac.yaml: no {verb} on {resource} ({group:?})"
+            );
+        }
+    }
+
     // The ConfigMap's agent configuration is valid.
     let data = configmap.unwrap().data.unwrap();
     let config: AgentConfig = serde_norway::from_str(&data["agent.yaml"]).expect("agent.yaml");
     config.validate().unwrap();
+}
+
+/// The ClusterNetworkPolicy CRD shipped (upstream's, with its licence) defines the
+/// resource the agent watches.
+#[test]
+fn the_cluster_network_policy_crd_is_what_the_agent_watches() {
+    let dir = deploy_dir().join("crds");
+    let file = dir.join("policy.networking.k8s.io_clusternetworkpolicies.yaml");
+    let text = std::fs::read_to_string(&file).expect("the CRD");
+    let crd: CustomResourceDefinition = serde_norway::from_str(&text).expect("a CRD");
+    let resource = watch::cluster_network_policy_resource();
+    assert_eq!(crd.spec.group, resource.group);
+    assert_eq!(crd.spec.names.plural, resource.plural);
+    assert_eq!(crd.spec.names.kind, resource.kind);
+    assert_eq!(crd.spec.scope, "Cluster");
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some(format!("{}.{}", resource.plural, resource.group).as_str())
+    );
+    assert!(
+        crd.spec
+            .versions
+            .iter()
+            .any(|v| v.name == resource.version && v.served),
+        "{} is not served",
+        resource.version
+    );
+    assert_eq!(
+        resource.api_version,
+        microseg::policy::CLUSTER_NETWORK_POLICY_API_VERSION
+    );
+    let licence = std::fs::read_to_string(dir.join("LICENSE")).expect("deploy/crds/LICENSE");
+    assert!(licence.contains("Apache License"));
+    let notice = std::fs::read_to_string(dir.join("README.md")).expect("deploy/crds/README.md");
+    assert!(notice.contains("kubernetes-sigs/network-policy-api") && notice.contains("0eec1b0"));
 }
 
 #[test]

@@ -2,8 +2,10 @@
 //! list/watch protocol over HTTP/1.1 on 127.0.0.1, so the agent's kube-rs client is
 //! exercised as it would be against a cluster (no mock of the client library).
 //!
-//! It serves Namespaces (`/api/v1/namespaces`), Pods (`/api/v1/pods`) and
-//! NetworkPolicies (`/apis/networking.k8s.io/v1/networkpolicies`):
+//! It serves Namespaces (`/api/v1/namespaces`), Pods (`/api/v1/pods`),
+//! NetworkPolicies (`/apis/networking.k8s.io/v1/networkpolicies`), Nodes
+//! (`/api/v1/nodes`) and ClusterNetworkPolicies
+//! (`/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies`):
 //! - list: `{"kind":"PodList","metadata":{"resourceVersion":..},"items":[..]}`;
 //! - watch (`?watch=true&resourceVersion=N`): a chunked stream of JSON lines
 //!   (`ADDED`, `MODIFIED`, `DELETED` with the object at its new resource version,
@@ -17,6 +19,11 @@
 //! without the final chunk), [`FakeApiServer::expire_history`] (compaction: the next
 //! watch gets 410 Gone), [`FakeApiServer::stop`] / [`FakeApiServer::start_again`]
 //! (the server goes away and returns on the same port with its state).
+//!
+//! The ClusterNetworkPolicy CRD is installed unless [`FakeApiServer::set_crd_installed`]
+//! says otherwise: without it, its path gets what a real API server answers for a
+//! resource it does not serve, a plain-text `404 page not found`; uninstalling it
+//! deletes its objects, as deleting a CRD does.
 
 use std::{
     collections::BTreeMap,
@@ -42,6 +49,8 @@ pub enum Collection {
     Namespaces,
     Pods,
     NetworkPolicies,
+    ClusterNetworkPolicies,
+    Nodes,
 }
 
 impl Collection {
@@ -50,6 +59,10 @@ impl Collection {
             "/api/v1/namespaces" => Some(Self::Namespaces),
             "/api/v1/pods" => Some(Self::Pods),
             "/apis/networking.k8s.io/v1/networkpolicies" => Some(Self::NetworkPolicies),
+            "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies" => {
+                Some(Self::ClusterNetworkPolicies)
+            }
+            "/api/v1/nodes" => Some(Self::Nodes),
             _ => None,
         }
     }
@@ -59,6 +72,8 @@ impl Collection {
             "Namespace" => Self::Namespaces,
             "Pod" => Self::Pods,
             "NetworkPolicy" => Self::NetworkPolicies,
+            "ClusterNetworkPolicy" => Self::ClusterNetworkPolicies,
+            "Node" => Self::Nodes,
             other => panic!("the fake API server does not serve {other}"),
         }
     }
@@ -68,7 +83,20 @@ impl Collection {
             Self::Namespaces => ("v1", "NamespaceList"),
             Self::Pods => ("v1", "PodList"),
             Self::NetworkPolicies => ("networking.k8s.io/v1", "NetworkPolicyList"),
+            Self::ClusterNetworkPolicies => (
+                "policy.networking.k8s.io/v1alpha2",
+                "ClusterNetworkPolicyList",
+            ),
+            Self::Nodes => ("v1", "NodeList"),
         }
+    }
+
+    /// Cluster-scoped kinds have no namespace.
+    fn cluster_scoped(self) -> bool {
+        matches!(
+            self,
+            Self::Namespaces | Self::ClusterNetworkPolicies | Self::Nodes
+        )
     }
 }
 
@@ -92,6 +120,8 @@ struct State {
     epoch: u64,
     posted_events: Vec<Value>,
     requests: Vec<String>,
+    /// The ClusterNetworkPolicy CRD is not installed.
+    crd_absent: bool,
 }
 
 struct Shared {
@@ -218,6 +248,10 @@ impl FakeApiServer {
         for mut object in objects {
             let kind = kind_of(&object);
             let key = key_of(&object);
+            assert!(
+                !(key.0 == Collection::ClusterNetworkPolicies && state.crd_absent),
+                "a ClusterNetworkPolicy applied while its CRD is not installed"
+            );
             state.resource_version += 1;
             let version = state.resource_version;
             let created = state
@@ -284,6 +318,40 @@ impl FakeApiServer {
         Instant::now()
     }
 
+    /// Installs or uninstalls the ClusterNetworkPolicy CRD. Uninstalling deletes
+    /// every ClusterNetworkPolicy (DELETED to watchers) and ends the open watches, as
+    /// a real API server does; from then on its path answers `404`.
+    pub fn set_crd_installed(&self, installed: bool) {
+        {
+            let mut state = self.shared.state.lock().unwrap();
+            if state.crd_absent != installed {
+                return;
+            }
+            if !installed {
+                let keys: Vec<Key> = state
+                    .objects
+                    .keys()
+                    .filter(|key| key.0 == Collection::ClusterNetworkPolicies)
+                    .cloned()
+                    .collect();
+                for key in keys {
+                    let mut object = state.objects.remove(&key).expect("listed");
+                    state.resource_version += 1;
+                    let version = state.resource_version;
+                    object["metadata"]["resourceVersion"] = version.to_string().into();
+                    state.history.push(Entry {
+                        resource_version: version,
+                        collection: key.0,
+                        kind: "DELETED",
+                        object,
+                    });
+                }
+            }
+            state.crd_absent = !installed;
+        }
+        self.cut_connections();
+    }
+
     /// Cuts every open connection mid-stream (no final chunk): the client sees a
     /// dropped watch and resumes from the last version it saw.
     pub fn drop_watches(&self) {
@@ -331,13 +399,15 @@ fn kind_of(object: &Value) -> &'static str {
         Some("Namespace") => "Namespace",
         Some("Pod") => "Pod",
         Some("NetworkPolicy") => "NetworkPolicy",
+        Some("ClusterNetworkPolicy") => "ClusterNetworkPolicy",
+        Some("Node") => "Node",
         other => panic!("the fake API server does not serve {other:?}"),
     }
 }
 
 fn key_of(object: &Value) -> Key {
     let kind = kind_of(object);
-    let namespace = if kind == "Namespace" {
+    let namespace = if Collection::of_kind(kind).cluster_scoped() {
         String::new()
     } else {
         object["metadata"]["namespace"]
@@ -415,7 +485,13 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
             query_text.join("&")
         ));
         let collection = Collection::from_path(&request.path);
+        let unserved = collection == Some(Collection::ClusterNetworkPolicies)
+            && shared.state.lock().unwrap().crd_absent;
         let outcome = match (request.method.as_str(), collection) {
+            // What a real API server answers for a resource no CRD defines.
+            ("GET", Some(_)) if unserved => {
+                respond_raw(&mut writer, 404, "text/plain", b"404 page not found\n")
+            }
             ("GET", Some(collection))
                 if request
                     .query
@@ -466,17 +542,26 @@ fn status_object(code: u16, reason: &str, message: &str) -> Value {
 
 fn respond(writer: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
     let body = serde_json::to_vec(body).expect("json");
+    respond_raw(writer, code, "application/json", &body)
+}
+
+fn respond_raw(
+    writer: &mut TcpStream,
+    code: u16,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         201 => "Created",
         _ => "Not Found",
     };
     let mut response = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .into_bytes();
-    response.extend_from_slice(&body);
+    response.extend_from_slice(body);
     writer.write_all(&response)?;
     writer.flush()
 }

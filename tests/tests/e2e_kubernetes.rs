@@ -2,11 +2,14 @@
 //! at an API server run by the test that speaks the real list/watch protocol), pods
 //! as network namespaces on a bridge in the node namespace, real connections.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use microseg_tests::{
     fake_apiserver::FakeApiServer,
-    lab::Lab,
+    lab::{Lab, lab_address6},
     topology::{EchoServers, tcp_exchange},
 };
 use serde_json::{Value, json};
@@ -14,6 +17,8 @@ use serde_json::{Value, json};
 const NODE: &str = "test-node";
 const CLIENT: &str = "10.80.0.11";
 const SERVER: &str = "10.80.0.21";
+/// Another node's address (a network namespace that is no pod), for `nodes` peers.
+const PEER_NODE: &str = "10.80.0.31";
 
 fn namespace(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace",
@@ -21,10 +26,51 @@ fn namespace(name: &str) -> Value {
 }
 
 fn pod(namespace: &str, name: &str, labels: Value, node: &str, ip: &str) -> Value {
+    dual_stack_pod(namespace, name, labels, node, &[ip])
+}
+
+/// A pod with several addresses (`status.podIPs`, the first also `podIP`).
+fn dual_stack_pod(namespace: &str, name: &str, labels: Value, node: &str, ips: &[&str]) -> Value {
+    let pod_ips: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "namespace": namespace, "labels": labels},
            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]},
-           "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+           "status": {"phase": "Running", "podIP": ips[0], "podIPs": pod_ips}})
+}
+
+/// The IPv6 address the lab gives the host with IPv4 address `v4`.
+fn v6(v4: &str) -> String {
+    lab_address6(v4.parse().expect("address")).to_string()
+}
+
+/// A Node (as `kubectl get node -o json` shows one, abridged).
+fn node(name: &str, labels: Value, addresses: &[&str]) -> Value {
+    let mut listed: Vec<Value> = addresses
+        .iter()
+        .map(|a| json!({"type": "InternalIP", "address": a}))
+        .collect();
+    listed.push(json!({"type": "Hostname", "address": name}));
+    json!({"apiVersion": "v1", "kind": "Node",
+           "metadata": {"name": name, "labels": labels},
+           "status": {"addresses": listed,
+                      "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
+/// An Admin-tier ClusterNetworkPolicy denying `ingress` or `egress` rules (the
+/// `spec` fields given as they are).
+fn admin_deny(name: &str, priority: u32, subject: Value, rules: Value) -> Value {
+    let mut spec = json!({"tier": "Admin", "priority": priority, "subject": subject});
+    for (direction, list) in rules.as_object().expect("rules by direction") {
+        spec[direction] = list.clone();
+    }
+    json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+           "metadata": {"name": name}, "spec": spec})
+}
+
+/// app pods labelled `role`.
+fn app_pods(role: &str) -> Value {
+    json!({"pods": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "app"}},
+                    "podSelector": {"matchLabels": {"role": role}}}})
 }
 
 /// app/server accepts TCP on `port` from app pods labelled role=client.
@@ -40,20 +86,71 @@ fn server_policy(port: u16) -> Value {
 struct KubeLab {
     lab: Lab,
     api: FakeApiServer,
-    _servers: EchoServers,
+    _servers: Vec<EchoServers>,
+}
+
+/// How a lab is set up.
+#[derive(Clone, Copy)]
+struct Setup {
+    /// The ClusterNetworkPolicy CRD is installed in the API server.
+    crd: bool,
+    /// The pods have an IPv6 address too, and a third network namespace
+    /// (`PEER_NODE`, no pod) stands for another node.
+    dual_stack: bool,
 }
 
 /// Two pods (app/client, app/server) on this node, backed by network namespaces,
 /// the server's policy allowing TCP 80, and the agent in Kubernetes mode.
 fn kube_lab() -> KubeLab {
-    let lab = Lab::new(&[("app/client", CLIENT), ("app/server", SERVER)]);
-    let servers = EchoServers::start(&lab.host("app/server").ns, &[80, 81, 9999]);
+    kube_lab_with(Setup {
+        crd: true,
+        dual_stack: false,
+    })
+}
+
+fn kube_lab_with(setup: Setup) -> KubeLab {
+    let mut hosts = vec![("app/client", CLIENT), ("app/server", SERVER)];
+    if setup.dual_stack {
+        hosts.push(("peer-node", PEER_NODE));
+    }
+    let lab = Lab::new(&hosts);
+    let mut servers = vec![EchoServers::start(
+        &lab.host("app/server").ns,
+        &[80, 81, 9999],
+    )];
+    if setup.dual_stack {
+        servers.push(EchoServers::start(&lab.host("peer-node").ns, &[80]));
+    }
     // On the node namespace's loopback, where the agent runs.
     let api = FakeApiServer::start_in(&lab.node.name);
+    api.set_crd_installed(setup.crd);
+    let ips = |v4: &'static str| -> Vec<String> {
+        if setup.dual_stack {
+            vec![v4.to_owned(), v6(v4)]
+        } else {
+            vec![v4.to_owned()]
+        }
+    };
+    let (client_ips, server_ips) = (ips(CLIENT), ips(SERVER));
+    fn refs(ips: &[String]) -> Vec<&str> {
+        ips.iter().map(String::as_str).collect()
+    }
     api.apply_all(vec![
         namespace("app"),
-        pod("app", "client", json!({"role": "client"}), NODE, CLIENT),
-        pod("app", "server", json!({"role": "server"}), NODE, SERVER),
+        dual_stack_pod(
+            "app",
+            "client",
+            json!({"role": "client"}),
+            NODE,
+            &refs(&client_ips),
+        ),
+        dual_stack_pod(
+            "app",
+            "server",
+            json!({"role": "server"}),
+            NODE,
+            &refs(&server_ips),
+        ),
         // A pod of another node: a peer, never attached here.
         pod(
             "app",
@@ -82,9 +179,13 @@ fn kube_lab() -> KubeLab {
         _servers: servers,
     };
     // Synced, and TC on both pods' host-side veths (found by the agent).
-    let wanted: Vec<String> = kube
+    let pods: Vec<&microseg_tests::lab::LabHost> = kube
         .lab
         .hosts
+        .iter()
+        .filter(|h| h.name.starts_with("app/"))
+        .collect();
+    let wanted: Vec<String> = pods
         .iter()
         .flat_map(|h| {
             [
@@ -112,7 +213,7 @@ fn kube_lab() -> KubeLab {
         Duration::from_secs(15),
         |s| {
             s["healthy"] == true
-                && kube.lab.hosts.iter().all(|h| {
+                && pods.iter().all(|h| {
                     s["interfaces"].as_array().is_some_and(|interfaces| {
                         interfaces.iter().any(|i| {
                             i["name"] == h.node_if.as_str()
@@ -168,6 +269,37 @@ impl KubeLab {
             SERVER.parse().unwrap(),
             port,
         )
+    }
+
+    /// Whether client -> `address`:`port` connects.
+    fn connects_to(&self, address: &str, port: u16) -> bool {
+        let address: IpAddr = address.parse().expect("address");
+        tcp_exchange(&self.lab.host("app/client").ns, address, port)
+    }
+
+    /// Asserts client -> `address`:`port` is allowed or blocked.
+    fn assert_reaches(&self, address: &str, port: u16, allowed: bool) {
+        assert_eq!(
+            self.connects_to(address, port),
+            allowed,
+            "client -> {address}:{port} should be {}\nstatus: {:#}\nagent log:\n{}",
+            if allowed { "allowed" } else { "blocked" },
+            self.status(),
+            self.lab.agent_log()
+        );
+    }
+
+    /// Waits until an event with `reason` was posted.
+    fn wait_event(&self, reason: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.event_reasons().iter().any(|r| r == reason) {
+            assert!(
+                Instant::now() < deadline,
+                "no {reason} event posted: {:?}",
+                self.event_reasons()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits until client -> server:`port` has the expected outcome (a policy change
@@ -423,4 +555,220 @@ fn pod_churn_reaches_the_maps_quickly() {
         p(0.95),
         p(1.0),
     );
+}
+
+/// Admin-tier Deny from the API server beats a NetworkPolicy allowing the same
+/// traffic, for a pod peer and for a `nodes` peer (a Node's InternalIPs), IPv4 and
+/// IPv6; deleting the ClusterNetworkPolicies restores the connections.
+#[test]
+fn an_admin_cluster_network_policy_deny_wins_over_network_policies_until_deleted() {
+    if !microseg_tests::kernel_available("kubernetes_cluster_network_policy") {
+        return;
+    }
+    let kube = kube_lab_with(Setup {
+        crd: true,
+        dual_stack: true,
+    });
+    let (server6, peer6) = (v6(SERVER), v6(PEER_NODE));
+    let server_addresses = [SERVER, server6.as_str()];
+    let peer_addresses = [PEER_NODE, peer6.as_str()];
+    // The client's egress allowed to the whole lab by a NetworkPolicy, and the other
+    // node as a Node object.
+    kube.api.apply_all(vec![
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": "client-egress", "namespace": "app"},
+               "spec": {"podSelector": {"matchLabels": {"role": "client"}},
+                        "policyTypes": ["Egress"],
+                        "egress": [{"to": [{"ipBlock": {"cidr": "10.80.0.0/24"}},
+                                           {"ipBlock": {"cidr": "fd80::/64"}}]}]}}),
+        node(
+            "peer-node",
+            json!({"kubernetes.io/hostname": "peer-node", "role": "peer"}),
+            &peer_addresses,
+        ),
+    ]);
+    kube.wait(
+        "the egress policy and the Node",
+        Duration::from_secs(10),
+        |s| s["policies"] == 2 && s["nodes"] == 1 && s["kubernetes"]["synced"] == true,
+    );
+    for address in server_addresses {
+        kube.assert_reaches(address, 80, true);
+        kube.assert_reaches(address, 81, false);
+    }
+    for address in peer_addresses {
+        kube.assert_reaches(address, 80, true);
+    }
+
+    let before = kube.generation();
+    let sent = kube.api.apply_all(vec![
+        admin_deny(
+            "deny-client-to-server",
+            10,
+            app_pods("server"),
+            json!({"ingress": [{"name": "no-client-80", "action": "Deny",
+                                "from": [app_pods("client")],
+                                "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}]}),
+        ),
+        admin_deny(
+            "deny-client-to-peer-nodes",
+            20,
+            app_pods("client"),
+            json!({"egress": [{"name": "no-peer-nodes", "action": "Deny",
+                               "to": [{"nodes": {"matchLabels": {"role": "peer"}}}]}]}),
+        ),
+    ]);
+    let latency = kube.wait_generation_after(before, sent, "the cluster network policies");
+    println!(
+        "watch event -> enforced (ADDED ClusterNetworkPolicy): {:.1} ms",
+        latency.as_secs_f64() * 1000.0
+    );
+    kube.wait(
+        "both cluster network policies enforced",
+        Duration::from_secs(10),
+        |s| s["clusterPolicies"] == 2,
+    );
+    for address in server_addresses {
+        kube.assert_reaches(address, 80, false);
+        kube.assert_reaches(address, 81, false);
+    }
+    for address in peer_addresses {
+        kube.assert_reaches(address, 80, false);
+    }
+
+    // Another NetworkPolicy allowing the client everything on the server does not
+    // open what the Admin tier denies.
+    let before = kube.generation();
+    kube.api.apply(
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "server-allow-all", "namespace": "app"},
+        "spec": {"podSelector": {"matchLabels": {"role": "server"}},
+                 "ingress": [{"from": [{"podSelector": {}}]}]}}),
+    );
+    kube.wait_generation_after(before, Instant::now(), "the allow-all NetworkPolicy");
+    for address in server_addresses {
+        kube.assert_reaches(address, 80, false);
+        kube.assert_reaches(address, 81, true);
+    }
+
+    // Deleted: the NetworkPolicies decide again.
+    let before = kube.generation();
+    kube.api
+        .delete("ClusterNetworkPolicy", "", "deny-client-to-server");
+    kube.wait_generation_after(before, Instant::now(), "the deleted server deny");
+    for address in server_addresses {
+        kube.assert_reaches(address, 80, true);
+    }
+    for address in peer_addresses {
+        kube.assert_reaches(address, 80, false);
+    }
+    let before = kube.generation();
+    kube.api
+        .delete("ClusterNetworkPolicy", "", "deny-client-to-peer-nodes");
+    kube.wait_generation_after(before, Instant::now(), "the deleted node deny");
+    kube.wait("no cluster policies", Duration::from_secs(10), |s| {
+        s["clusterPolicies"] == 0
+    });
+    for address in peer_addresses {
+        kube.assert_reaches(address, 80, true);
+    }
+    assert!(kube.status()["kubernetes"]["crdsAbsent"] == json!([]));
+}
+
+/// Without the ClusterNetworkPolicy CRD (the API server answers 404) the agent syncs
+/// and enforces NetworkPolicies, says so once (event, log, status), and picks the
+/// CRD up when it is installed; uninstalling it removes the cluster policies.
+#[test]
+fn without_the_cluster_network_policy_crd_network_policies_are_enforced() {
+    if !microseg_tests::kernel_available("kubernetes_no_cnp_crd") {
+        return;
+    }
+    let kube = kube_lab_with(Setup {
+        crd: false,
+        dual_stack: false,
+    });
+    kube.assert_port(80, true);
+    kube.assert_port(81, false);
+    let status = kube.status();
+    assert_eq!(status["healthy"], true, "{status:#}");
+    assert_eq!(status["kubernetes"]["synced"], true, "{status:#}");
+    assert_eq!(
+        status["kubernetes"]["crdsAbsent"],
+        json!(["ClusterNetworkPolicy"]),
+        "{status:#}"
+    );
+    assert!(
+        status["kubernetes"]["notes"][0]
+            .as_str()
+            .is_some_and(|n| n.contains("not installed")),
+        "{status:#}"
+    );
+    kube.wait_event("CRDNotInstalled");
+    assert!(
+        kube.api
+            .requests()
+            .iter()
+            .any(|r| r
+                .starts_with("GET /apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies")),
+        "{:#?}",
+        kube.api.requests()
+    );
+
+    // NetworkPolicy changes still apply.
+    let before = kube.generation();
+    kube.api.apply(server_policy(81));
+    kube.wait_generation_after(before, Instant::now(), "the modified policy");
+    kube.assert_port(81, true);
+    kube.assert_port(80, false);
+
+    // Installed later: found at the next retry, and its policies enforced.
+    kube.api.set_crd_installed(true);
+    kube.api.apply(admin_deny(
+        "deny-client",
+        1,
+        app_pods("server"),
+        json!({"ingress": [{"action": "Deny", "from": [app_pods("client")]}]}),
+    ));
+    let installed = Instant::now();
+    kube.wait("the CRD picked up", Duration::from_secs(25), |s| {
+        s["clusterPolicies"] == 1 && s["kubernetes"]["crdsAbsent"] == json!([])
+    });
+    println!(
+        "CRD installed -> its policy enforced: {:.1} s",
+        installed.elapsed().as_secs_f64()
+    );
+    kube.assert_port(81, false);
+    kube.wait_event("CRDInstalled");
+    // Reported once, though the list was retried meanwhile.
+    let absent_events = kube
+        .event_reasons()
+        .iter()
+        .filter(|r| *r == "CRDNotInstalled")
+        .count();
+    assert_eq!(absent_events, 1, "{:?}", kube.event_reasons());
+    let retries = kube
+        .api
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.starts_with("GET /apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies")
+                && !r.contains("watch=true")
+        })
+        .count();
+    assert!(retries >= 2, "the list was not retried");
+    assert_eq!(
+        kube.lab.agent_log().matches("is not installed").count(),
+        1,
+        "{}",
+        kube.lab.agent_log()
+    );
+
+    // Uninstalled: its objects are gone with it, and the NetworkPolicies decide.
+    kube.api.set_crd_installed(false);
+    kube.wait("the CRD gone", Duration::from_secs(10), |s| {
+        s["clusterPolicies"] == 0
+            && s["kubernetes"]["crdsAbsent"] == json!(["ClusterNetworkPolicy"])
+    });
+    kube.assert_port(81, true);
+    assert_eq!(kube.status()["healthy"], true);
 }

@@ -54,6 +54,8 @@ pub struct AgentCore {
     pub dir_objects: ObjectMap,
     /// Objects from the Kubernetes API server (Kubernetes mode; see `kubernetes`).
     pub kube_objects: ObjectMap,
+    /// The API server watches' state (Kubernetes mode), for `status`.
+    pub kubernetes: Option<kubernetes::KubernetesStatus>,
     /// Audit switches per workload (persisted).
     pub audit: BTreeMap<String, bool>,
     /// The last error reading the watched directories, if the last read failed.
@@ -229,6 +231,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         // Kubernetes mode: the last known cluster state, so a restart while the API
         // server is unreachable keeps enforcing it.
         kube_objects: kubernetes::restore(&config),
+        kubernetes: None,
         audit: BTreeMap::new(),
         dir_error: None,
         started: SystemTime::now(),

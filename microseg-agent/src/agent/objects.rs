@@ -20,7 +20,7 @@ use crate::policy::{
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectKey {
     pub kind: String,
-    /// Empty for cluster-scoped kinds (Namespace, ClusterNetworkPolicy, Node).
+    /// Empty for cluster-scoped kinds ([`cluster_scoped`]).
     pub namespace: String,
     pub name: String,
 }
@@ -87,8 +87,9 @@ pub fn parse_objects(file: &str, text: &str) -> Result<ObjectMap, Vec<String>> {
     }
 }
 
-/// Kinds without a namespace: their key's namespace is empty.
-pub fn is_cluster_scoped(kind: &str) -> bool {
+/// Kinds without a namespace: their key's namespace is empty, whatever the document
+/// says (as the API server keys them).
+pub fn cluster_scoped(kind: &str) -> bool {
     matches!(kind, "Namespace" | "ClusterNetworkPolicy" | "Node")
 }
 
@@ -103,7 +104,7 @@ fn key_of(value: &serde_json::Value) -> Result<ObjectKey, String> {
         .and_then(|n| n.as_str())
         .filter(|n| !n.is_empty())
         .ok_or("metadata.name: missing")?;
-    let namespace = if is_cluster_scoped(kind) {
+    let namespace = if cluster_scoped(kind) {
         String::new()
     } else {
         metadata
@@ -310,6 +311,16 @@ spec: {podSelector: {}}
             ["Namespace prod", "NetworkPolicy default/p", "Pod prod/a"]
         );
         assert_eq!(objects.values().map(|o| o.document).max(), Some(2));
+
+        // Cluster-scoped kinds are keyed as the API server keys them (no namespace),
+        // so one applied from a file replaces the API server's of the same name.
+        let text = "kind: ClusterNetworkPolicy\nmetadata: {name: c}\n---\nkind: Node\nmetadata: {name: n, namespace: x}\n";
+        let keys: Vec<String> = parse_objects("y.yaml", text)
+            .unwrap()
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(keys, ["ClusterNetworkPolicy c", "Node n"]);
     }
 
     #[test]

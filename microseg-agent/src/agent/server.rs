@@ -292,7 +292,7 @@ fn canonical_kind(kind: &str) -> Option<&'static str> {
         "pod" | "pods" => "Pod",
         "namespace" | "namespaces" | "ns" => "Namespace",
         "clusternetworkpolicy" | "clusternetworkpolicies" | "cnp" => "ClusterNetworkPolicy",
-        "node" | "nodes" => "Node",
+        "node" | "nodes" | "no" => "Node",
         _ => return None,
     })
 }
@@ -303,7 +303,7 @@ fn delete_object(core: &mut AgentCore, kind: &str, namespace: &str, name: &str) 
     };
     let key = ObjectKey {
         kind: kind.to_owned(),
-        namespace: if super::objects::is_cluster_scoped(kind) {
+        namespace: if super::objects::cluster_scoped(kind) {
             String::new()
         } else {
             namespace.to_owned()
@@ -656,11 +656,15 @@ fn stats(core: &AgentCore, agent: &Agent) -> Response {
 
 fn status(core: &mut AgentCore, agent: &Agent) -> Response {
     let generation = agent.kernel.live_generation();
-    let (policies, cluster_policies, workloads, enforced) =
-        core.enforcer.enforced.as_ref().map_or((0, 0, 0, 0), |e| {
+    let (policies, cluster_policies, nodes, workloads, enforced) = core
+        .enforcer
+        .enforced
+        .as_ref()
+        .map_or((0, 0, 0, 0, 0), |e| {
             (
                 e.set.policies.len(),
                 e.set.cluster_policies.len(),
+                e.set.nodes.len(),
                 e.set.workloads.len(),
                 e.compiled.endpoints.len(),
             )
@@ -669,12 +673,13 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
     let problems = core.problems();
     let interfaces: Vec<&super::interfaces::InterfaceStatus> =
         core.interfaces.status.values().collect();
-    Response::ok(json!({
+    let mut status = json!({
         "healthy": problems.is_empty(),
         "problems": problems,
         "generation": generation,
         "policies": policies,
         "clusterPolicies": cluster_policies,
+        "nodes": nodes,
         "workloads": workloads,
         "enforcedWorkloads": enforced,
         "apiObjects": core.api_objects.len(),
@@ -692,5 +697,9 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "taskRestarts": agent.restarts.snapshot(),
         "eventsReceived": agent.hub.received.load(std::sync::atomic::Ordering::Relaxed),
         "eventsLostBySubscribers": agent.hub.subscriber_lost.load(std::sync::atomic::Ordering::Relaxed),
-    }))
+    });
+    if let Some(kubernetes) = &core.kubernetes {
+        status["kubernetes"] = json!(kubernetes);
+    }
+    Response::ok(status)
 }

@@ -49,7 +49,7 @@ enum Command {
     Delete {
         #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,
-        /// policy | workload | pod | namespace
+        /// policy | workload | pod | namespace | clusternetworkpolicy (cnp) | node
         kind: Option<String>,
         name: Option<String>,
         #[arg(short, long, default_value = "default")]

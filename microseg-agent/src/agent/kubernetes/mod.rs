@@ -1,5 +1,7 @@
 //! Kubernetes mode (`microseg agent --kubernetes`): the API server is the source of
-//! Namespaces, Pods and NetworkPolicies, and the agent enforces for its node's pods.
+//! Namespaces, Pods, NetworkPolicies, ClusterNetworkPolicies
+//! (policy.networking.k8s.io/v1alpha2) and Nodes (the `nodes` peers of cluster
+//! policies), and the agent enforces for its node's pods.
 //!
 //! - `watch`: one kube-rs watcher per kind (list, watch, resume, re-list after
 //!   `410 Gone`) feeding a cluster view.
@@ -9,6 +11,11 @@
 //!   attaches to or detaches from pods' veths.
 //! - `node`: which pods are this node's and where their host-side veths are.
 //! - `status`: Kubernetes Events on this node's `Node` object.
+//!
+//! The ClusterNetworkPolicy CRD is optional: without it (the API server answers its
+//! list with `404`) there are no cluster policies, the rest is enforced, and the
+//! agent says so once (an event, the log, `microseg status`) and checks again every
+//! `watch::CRD_RETRY`.
 //!
 //! Every pod of the cluster is in the inventory (other nodes' pods are the peers that
 //! policies allow), but only this node's pods' veths carry the programs. The last
@@ -21,6 +28,7 @@ pub mod status;
 pub mod watch;
 
 use std::{
+    collections::BTreeSet,
     io::Write,
     path::{Path, PathBuf},
     sync::Arc,
@@ -29,6 +37,7 @@ use std::{
 
 use anyhow::Context;
 use kube::{Client, config::KubeConfigOptions};
+use serde::Serialize;
 use tokio::sync::mpsc;
 
 use self::{
@@ -51,6 +60,40 @@ const CACHE_FILE: &str = "kubernetes.json";
 /// An outage shorter than this (a dropped watch, an expired version) is routine and
 /// only logged; a longer one is reported as an event once the API server is back.
 const OUTAGE_WORTH_REPORTING: Duration = Duration::from_secs(2);
+
+/// Kubernetes mode's part of `microseg status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesStatus {
+    pub node: String,
+    /// Every watched kind has been listed since the agent started (until then the
+    /// cached cluster view is enforced).
+    pub synced: bool,
+    /// Why the watches fail, while they do (the last known state stays enforced).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch_failing: Option<String>,
+    /// Watched kinds the API server does not serve: their CRD is not installed, so
+    /// none of their objects exist.
+    pub crds_absent: Vec<String>,
+    /// What that means, in words.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// What a missing CRD means, for the log, the event and `microseg status`.
+fn absent_note(kind: &str) -> String {
+    if kind == watch::CLUSTER_NETWORK_POLICY {
+        format!(
+            "the ClusterNetworkPolicy CRD ({}.{} {}) is not installed: no cluster network policies are enforced (NetworkPolicies are); checking again every {} s (the CRD is in deploy/crds/)",
+            watch::CNP_PLURAL,
+            watch::CNP_GROUP,
+            watch::CNP_VERSION,
+            watch::CRD_RETRY.as_secs()
+        )
+    } else {
+        format!("the API server does not serve {kind}: none are enforced")
+    }
+}
 
 /// The cluster view cached by an earlier run, enforced until the watches have
 /// listed everything again (empty outside Kubernetes mode).
@@ -94,7 +137,7 @@ pub async fn run(agent: Arc<Agent>) {
     };
     tracing::info!(
         node,
-        "Kubernetes mode: watching namespaces, pods and network policies"
+        "Kubernetes mode: watching namespaces, pods, network policies, cluster network policies and nodes"
     );
     let status = StatusReporter::start(client.clone(), &node);
     let (changes, mut incoming) = mpsc::unbounded_channel();
@@ -111,7 +154,10 @@ pub async fn run(agent: Arc<Agent>) {
         enforced_once: false,
         refused: None,
         outage: None,
+        absent: BTreeSet::new(),
+        published: None,
     };
+    reconciler.publish_status().await;
     while let Some(change) = incoming.recv().await {
         let received = Instant::now();
         let mut changed = reconciler.view.apply(change);
@@ -120,6 +166,8 @@ pub async fn run(agent: Arc<Agent>) {
             changed |= reconciler.view.apply(change);
         }
         reconciler.track_outage();
+        reconciler.track_absent_crds();
+        reconciler.publish_status().await;
         if reconciler.view.synced() && (changed || !reconciler.enforced_once) {
             reconciler.enforce(received).await;
         }
@@ -157,6 +205,10 @@ struct Reconciler {
     outage: Option<Instant>,
     /// This node's pods as last enforced, for the interface task.
     local: tokio::sync::watch::Sender<Option<LocalPods>>,
+    /// Kinds whose CRD is absent, as last reported.
+    absent: BTreeSet<&'static str>,
+    /// The status last given to `microseg status`.
+    published: Option<KubernetesStatus>,
 }
 
 impl Reconciler {
@@ -186,6 +238,43 @@ impl Reconciler {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Reports a CRD gone or installed, once per change.
+    fn track_absent_crds(&mut self) {
+        let now = self.view.absent().clone();
+        for kind in now.difference(&self.absent) {
+            self.status.report(Status {
+                warning: false,
+                reason: "CRDNotInstalled",
+                note: absent_note(kind),
+            });
+        }
+        for kind in self.absent.difference(&now) {
+            self.status.report(Status {
+                warning: false,
+                reason: "CRDInstalled",
+                note: format!(
+                    "the {kind} CRD is installed: {kind} objects are watched and enforced"
+                ),
+            });
+        }
+        self.absent = now;
+    }
+
+    /// Puts the watches' state where `microseg status` reads it, when it changed.
+    async fn publish_status(&mut self) {
+        let status = KubernetesStatus {
+            node: self.node.clone(),
+            synced: self.view.synced(),
+            watch_failing: self.view.failing_since.and(self.view.last_failure.clone()),
+            crds_absent: self.absent.iter().map(|kind| (*kind).to_owned()).collect(),
+            notes: self.absent.iter().map(|kind| absent_note(kind)).collect(),
+        };
+        if self.published.as_ref() != Some(&status) {
+            self.agent.core.lock().await.kubernetes = Some(status.clone());
+            self.published = Some(status);
         }
     }
 
@@ -219,10 +308,12 @@ impl Reconciler {
                         warning: false,
                         reason: "Synced",
                         note: format!(
-                            "enforcing {} NetworkPolicies for {} pods on this node ({} in the cluster), policy generation {}",
+                            "enforcing {} NetworkPolicies and {} ClusterNetworkPolicies for {} pods on this node ({} in the cluster, {} nodes), policy generation {}",
                             count("NetworkPolicy"),
+                            count(watch::CLUSTER_NETWORK_POLICY),
                             local_count,
                             count("Pod"),
+                            count("Node"),
                             report.generation
                         ),
                     });

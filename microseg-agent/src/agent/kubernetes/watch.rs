@@ -1,11 +1,16 @@
-//! Namespaces, Pods and NetworkPolicies from the API server, kept current by kube-rs
-//! watchers, and the cluster view they build.
+//! Namespaces, Pods, NetworkPolicies, ClusterNetworkPolicies and Nodes from the API
+//! server, kept current by kube-rs watchers, and the cluster view they build.
 //!
 //! Each kind has its own `watcher` (list, then watch from the list's resource
 //! version; a dropped watch resumes from the last version seen, bookmarks included;
 //! an expired version, `410 Gone`, makes it list again). Its events go to one channel
 //! so the reconciler can take everything that arrived together and enforce it as one
 //! generation.
+//!
+//! ClusterNetworkPolicy is a custom resource (policy.networking.k8s.io/v1alpha2) that
+//! a cluster may not have installed. A `404` on its list means the CRD is absent: no
+//! cluster policies exist, which the view records (it is synced without them); the
+//! watcher is rebuilt every [`CRD_RETRY`] so a CRD installed later is picked up.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -15,11 +20,12 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
+    core::v1::{Namespace, Node, Pod},
     networking::v1::NetworkPolicy,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
+    api::{ApiResource, DynamicObject},
     runtime::{WatchStreamExt, utils::Backoff, watcher},
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -28,7 +34,24 @@ use tokio::sync::mpsc;
 use crate::agent::objects::{API_SERVER_SOURCE, ObjectKey, ObjectMap, StoredObject};
 
 /// The kinds the agent watches, as the policy loader names them.
-pub const KINDS: [&str; 3] = ["Namespace", "Pod", "NetworkPolicy"];
+pub const KINDS: [&str; 5] = [
+    "Namespace",
+    "Pod",
+    "NetworkPolicy",
+    CLUSTER_NETWORK_POLICY,
+    "Node",
+];
+
+pub const CLUSTER_NETWORK_POLICY: &str = "ClusterNetworkPolicy";
+
+/// ClusterNetworkPolicy's resource (kubernetes-sigs/network-policy-api, v1alpha2):
+/// cluster-scoped, `/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies`.
+pub const CNP_GROUP: &str = "policy.networking.k8s.io";
+pub const CNP_VERSION: &str = "v1alpha2";
+pub const CNP_PLURAL: &str = "clusternetworkpolicies";
+
+/// How often the list of a kind whose CRD is absent is tried again.
+pub const CRD_RETRY: Duration = Duration::from_secs(10);
 
 /// One watcher event, reduced to what the cluster view needs.
 pub enum Change {
@@ -43,50 +66,128 @@ pub enum Change {
     Deleted(ObjectKey),
     /// The watch failed (disconnected, unreachable, expired version); it is retried.
     Failed(&'static str, String),
+    /// The API server does not serve the kind (`404`: its CRD is not installed): none
+    /// of its objects exist. Tried again after [`CRD_RETRY`].
+    Absent(&'static str),
 }
 
 /// Starts one watcher task per kind, all sending to `changes`.
 pub fn start(client: &Client, changes: mpsc::UnboundedSender<Change>) {
-    spawn_watcher(Api::<Namespace>::all(client.clone()), changes.clone());
-    spawn_watcher(Api::<Pod>::all(client.clone()), changes.clone());
-    spawn_watcher(Api::<NetworkPolicy>::all(client.clone()), changes);
+    let sender = || changes.clone();
+    spawn_watcher(
+        Api::<Namespace>::all(client.clone()),
+        KINDS[0],
+        "v1",
+        false,
+        sender(),
+    );
+    spawn_watcher(
+        Api::<Pod>::all(client.clone()),
+        KINDS[1],
+        "v1",
+        false,
+        sender(),
+    );
+    spawn_watcher(
+        Api::<NetworkPolicy>::all(client.clone()),
+        KINDS[2],
+        "networking.k8s.io/v1",
+        false,
+        sender(),
+    );
+    spawn_watcher(
+        Api::<DynamicObject>::all_with(client.clone(), &cluster_network_policy_resource()),
+        CLUSTER_NETWORK_POLICY,
+        crate::policy::CLUSTER_NETWORK_POLICY_API_VERSION,
+        true,
+        sender(),
+    );
+    spawn_watcher(
+        Api::<Node>::all(client.clone()),
+        KINDS[4],
+        "v1",
+        false,
+        sender(),
+    );
 }
 
-fn spawn_watcher<K>(api: Api<K>, changes: mpsc::UnboundedSender<Change>)
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+pub fn cluster_network_policy_resource() -> ApiResource {
+    ApiResource {
+        group: CNP_GROUP.to_owned(),
+        version: CNP_VERSION.to_owned(),
+        api_version: format!("{CNP_GROUP}/{CNP_VERSION}"),
+        kind: CLUSTER_NETWORK_POLICY.to_owned(),
+        plural: CNP_PLURAL.to_owned(),
+    }
+}
+
+/// Watches `kind` (`apiVersion` `api_version`). For an `optional` kind (a CRD), a
+/// `404` is [`Change::Absent`] and the watcher is rebuilt after [`CRD_RETRY`].
+fn spawn_watcher<K>(
+    api: Api<K>,
+    kind: &'static str,
+    api_version: &'static str,
+    optional: bool,
+    changes: mpsc::UnboundedSender<Change>,
+) where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
     K: Send + Sync + 'static,
 {
-    let kind: &'static str = match K::kind(&()).as_ref() {
-        "Namespace" => KINDS[0],
-        "Pod" => KINDS[1],
-        _ => KINDS[2],
-    };
     tokio::spawn(async move {
-        // `Any` lets the API server answer the list from its watch cache (what
-        // client-go's informers do); bookmarks are on by default.
-        let config = watcher::Config::default().any_semantic();
-        let mut stream = watcher(api, config).backoff(QuickBackoff::new()).boxed();
-        while let Some(event) = stream.next().await {
-            let change = match event {
-                Ok(watcher::Event::Init) => Change::Relisting(kind),
-                Ok(watcher::Event::InitApply(object)) => {
-                    let (key, value) = keyed(kind, &object);
-                    Change::Listed(key, value)
+        loop {
+            // `Any` lets the API server answer the list from its watch cache (what
+            // client-go's informers do); bookmarks are on by default.
+            let config = watcher::Config::default().any_semantic();
+            let mut stream = watcher(api.clone(), config)
+                .backoff(QuickBackoff::new())
+                .boxed();
+            let mut absent = false;
+            while let Some(event) = stream.next().await {
+                let change = match event {
+                    Ok(watcher::Event::Init) => Change::Relisting(kind),
+                    Ok(watcher::Event::InitApply(object)) => {
+                        let (key, value) = keyed(kind, api_version, &object);
+                        Change::Listed(key, value)
+                    }
+                    Ok(watcher::Event::InitDone) => Change::ListDone(kind),
+                    Ok(watcher::Event::Apply(object)) => {
+                        let (key, value) = keyed(kind, api_version, &object);
+                        Change::Applied(key, value)
+                    }
+                    Ok(watcher::Event::Delete(object)) => Change::Deleted(key_of(kind, &object)),
+                    Err(error) if optional && not_found(&error) => {
+                        absent = true;
+                        Change::Absent(kind)
+                    }
+                    Err(error) => Change::Failed(kind, error.to_string()),
+                };
+                if changes.send(change).is_err() {
+                    return;
                 }
-                Ok(watcher::Event::InitDone) => Change::ListDone(kind),
-                Ok(watcher::Event::Apply(object)) => {
-                    let (key, value) = keyed(kind, &object);
-                    Change::Applied(key, value)
+                if absent {
+                    break;
                 }
-                Ok(watcher::Event::Delete(object)) => Change::Deleted(key_of(kind, &object)),
-                Err(error) => Change::Failed(kind, error.to_string()),
-            };
-            if changes.send(change).is_err() {
+            }
+            if !absent {
                 return;
             }
+            drop(stream);
+            tokio::time::sleep(CRD_RETRY).await;
         }
     });
+}
+
+/// Whether the API server answered `404 Not Found`: it does not serve the resource
+/// (a real API server answers a path of an uninstalled CRD with a plain-text 404,
+/// which kube turns into a `Status` with that code).
+fn not_found(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 404,
+        watcher::Error::WatchError(status) => status.code == 404,
+        _ => false,
+    }
 }
 
 fn key_of<K: Resource>(kind: &str, object: &K) -> ObjectKey {
@@ -99,21 +200,24 @@ fn key_of<K: Resource>(kind: &str, object: &K) -> ObjectKey {
 
 /// The object as the policy loader reads it: with `apiVersion` and `kind` (list
 /// items come without them) and without `managedFields` (large, never read). Pods
-/// keep only what the agent reads ([`slim_pod`]).
-fn keyed<K: Resource<DynamicType = ()> + Serialize>(
+/// and Nodes keep only what the agent reads ([`slim_pod`], [`slim_node`]).
+fn keyed<K: Resource + Serialize>(
     kind: &str,
+    api_version: &str,
     object: &K,
 ) -> (ObjectKey, serde_json::Value) {
     let mut value = serde_json::to_value(object).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {
-        map.insert("apiVersion".into(), K::api_version(&()).into());
+        map.insert("apiVersion".into(), api_version.into());
         map.insert("kind".into(), kind.into());
         if let Some(metadata) = map.get_mut("metadata").and_then(|m| m.as_object_mut()) {
             metadata.remove("managedFields");
         }
     }
-    if kind == "Pod" {
-        slim_pod(&mut value);
+    match kind {
+        "Pod" => slim_pod(&mut value),
+        "Node" => slim_node(&mut value),
+        _ => {}
     }
     (key_of(kind, object), value)
 }
@@ -125,16 +229,7 @@ fn keyed<K: Resource<DynamicType = ()> + Serialize>(
 /// (kilobytes each); the agent holds every pod of the cluster, so it keeps these
 /// few fields only. A status-only update then compares equal to the stored pod.
 pub fn slim_pod(value: &mut serde_json::Value) {
-    use serde_json::{Map, Value};
-    fn keep(from: &Value, fields: &[&str]) -> Value {
-        let mut kept = Map::new();
-        for field in fields {
-            if let Some(value) = from.get(field) {
-                kept.insert((*field).to_owned(), value.clone());
-            }
-        }
-        Value::Object(kept)
-    }
+    use serde_json::Value;
     let mut slim = keep(value, &["apiVersion", "kind"]);
     slim["metadata"] = keep(
         &value["metadata"],
@@ -153,6 +248,39 @@ pub fn slim_pod(value: &mut serde_json::Value) {
     }
     if value.get("status").is_some() {
         slim["status"] = keep(&value["status"], &["phase", "podIP", "podIPs"]);
+    }
+    *value = slim;
+}
+
+/// The object with only `fields` of `from`.
+fn keep(from: &serde_json::Value, fields: &[&str]) -> serde_json::Value {
+    let mut kept = serde_json::Map::new();
+    for field in fields {
+        if let Some(value) = from.get(field) {
+            kept.insert((*field).to_owned(), value.clone());
+        }
+    }
+    serde_json::Value::Object(kept)
+}
+
+/// Of a Node, only what the agent reads: its name, labels (ClusterNetworkPolicy
+/// `nodes` peers select them) and its `InternalIP` and `ExternalIP` addresses. A
+/// node's status changes often (conditions, heartbeats, images) and is large; none
+/// of that, nor `resourceVersion` (the watcher tracks it), is kept, so such an
+/// update compares equal to the stored node and recompiles nothing.
+pub fn slim_node(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    let mut slim = keep(value, &["apiVersion", "kind"]);
+    slim["metadata"] = keep(&value["metadata"], &["name", "labels"]);
+    if value.get("status").is_some() {
+        let addresses: Vec<Value> = value["status"]["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|address| matches!(address["type"].as_str(), Some("InternalIP" | "ExternalIP")))
+            .map(|address| keep(address, &["type", "address"]))
+            .collect();
+        slim["status"] = serde_json::json!({ "addresses": addresses });
     }
     *value = slim;
 }
@@ -198,6 +326,8 @@ pub struct ClusterView {
     listed: BTreeSet<&'static str>,
     /// Objects seen so far in a re-list in progress, per kind.
     relisting: HashMap<&'static str, ObjectMap>,
+    /// Kinds the API server does not serve (their CRD is not installed).
+    absent: BTreeSet<&'static str>,
     /// Since when the watches fail, if they do.
     pub failing_since: Option<Instant>,
     pub last_failure: Option<String>,
@@ -241,6 +371,7 @@ impl ClusterView {
                 self.objects.retain(|key, _| key.kind != kind);
                 self.objects.extend(fresh);
                 self.listed.insert(kind);
+                self.absent.remove(kind);
                 true
             }
             Change::Applied(key, value) => {
@@ -263,7 +394,22 @@ impl ClusterView {
                 self.last_failure = Some(format!("{kind}: {error}"));
                 false
             }
+            Change::Absent(kind) => {
+                // Deleting a CRD deletes its objects: none are left to enforce, and
+                // the kind counts as listed (empty) for the sync.
+                self.relisting.remove(kind);
+                self.absent.insert(kind);
+                self.listed.insert(kind);
+                let before = self.objects.len();
+                self.objects.retain(|key, _| key.kind != kind);
+                self.objects.len() != before
+            }
         }
+    }
+
+    /// Kinds whose CRD the API server does not serve, as last seen.
+    pub fn absent(&self) -> &BTreeSet<&'static str> {
+        &self.absent
     }
 
     /// Whether every kind has been listed since the agent started.
@@ -366,7 +512,7 @@ pub fn pod_addresses(pod: &serde_json::Value) -> Vec<IpAddr> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Change, ClusterView, slim_pod};
+    use super::{CLUSTER_NETWORK_POLICY, Change, ClusterView, KINDS, slim_node, slim_pod};
     use crate::agent::objects::ObjectKey;
     use crate::policy::{PolicySetBuilder, Source};
 
@@ -478,5 +624,116 @@ mod tests {
         let mut again = slim.clone();
         slim_pod(&mut again);
         assert_eq!(again, slim);
+    }
+
+    /// A Node as the API server sends it (abridged).
+    fn full_node() -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": "node-a", "uid": "7a", "resourceVersion": "900",
+                "creationTimestamp": "2026-11-01T00:00:00Z",
+                "labels": {"kubernetes.io/hostname": "node-a", "zone": "a"},
+                "annotations": {"node.alpha.kubernetes.io/ttl": "0"}
+            },
+            "spec": {"podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24"]},
+            "status": {
+                "addresses": [
+                    {"type": "InternalIP", "address": "192.168.1.10"},
+                    {"type": "InternalIP", "address": "fd00:1::10"},
+                    {"type": "ExternalIP", "address": "203.0.113.10"},
+                    {"type": "Hostname", "address": "node-a"}
+                ],
+                "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2026-11-30T00:00:00Z"}],
+                "nodeInfo": {"kubeletVersion": "v1.34.0", "machineID": "m"},
+                "images": [{"names": ["nginx:1.27"], "sizeBytes": 70000000}],
+                "capacity": {"cpu": "4"}
+            }
+        })
+    }
+
+    fn nodes(node: &serde_json::Value) -> String {
+        let mut builder = PolicySetBuilder::new();
+        builder.add_api_server_document(&Source::memory("api"), node);
+        let set = builder.finish().expect("a valid node");
+        set.nodes
+            .iter()
+            .map(|n| format!("{} {:?} {:?}", n.name, n.labels, n.addresses))
+            .collect()
+    }
+
+    #[test]
+    fn a_slim_node_is_read_as_the_full_one_and_heartbeats_change_nothing() {
+        let full = full_node();
+        let mut slim = full.clone();
+        slim_node(&mut slim);
+        assert_eq!(nodes(&slim), nodes(&full));
+        assert!(nodes(&slim).contains("203.0.113.10"), "{}", nodes(&slim));
+        assert!(slim["metadata"].get("resourceVersion").is_none());
+        assert_eq!(slim["status"]["addresses"].as_array().unwrap().len(), 3);
+        let mut again = slim.clone();
+        slim_node(&mut again);
+        assert_eq!(again, slim);
+
+        let key = ObjectKey {
+            kind: "Node".to_owned(),
+            namespace: String::new(),
+            name: "node-a".to_owned(),
+        };
+        let mut view = ClusterView::default();
+        assert!(view.apply(Change::Applied(key.clone(), slim.clone())));
+        // A heartbeat: new resource version and condition times, same node.
+        let mut beat = full.clone();
+        beat["metadata"]["resourceVersion"] = "901".into();
+        beat["status"]["conditions"][0]["lastHeartbeatTime"] = "2026-11-30T00:01:00Z".into();
+        slim_node(&mut beat);
+        assert!(!view.apply(Change::Applied(key.clone(), beat)));
+        // A label change is one.
+        let mut relabelled = full;
+        relabelled["metadata"]["labels"]["zone"] = "b".into();
+        slim_node(&mut relabelled);
+        assert!(view.apply(Change::Applied(key, relabelled)));
+    }
+
+    #[test]
+    fn an_absent_crd_counts_as_listed_and_empty_until_it_is_listed_again() {
+        let cnp_key = ObjectKey {
+            kind: CLUSTER_NETWORK_POLICY.to_owned(),
+            namespace: String::new(),
+            name: "deny-all".to_owned(),
+        };
+        let cnp = serde_json::json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
+            "kind": CLUSTER_NETWORK_POLICY, "metadata": {"name": "deny-all"}});
+        // A cluster policy from the cache of an earlier run.
+        let mut cached = crate::agent::objects::ObjectMap::new();
+        cached.insert(cnp_key.clone(), super::stored(&cnp_key, cnp.clone()));
+        let mut view = ClusterView::new(cached);
+        for kind in KINDS.iter().filter(|k| **k != CLUSTER_NETWORK_POLICY) {
+            view.apply(Change::Relisting(kind));
+            view.apply(Change::ListDone(kind));
+        }
+        assert!(!view.synced(), "the cluster policies are not listed yet");
+        view.apply(Change::Failed(
+            CLUSTER_NETWORK_POLICY,
+            "connection refused".into(),
+        ));
+        assert!(view.failing_since.is_some());
+        view.apply(Change::Relisting(CLUSTER_NETWORK_POLICY));
+        // The CRD was deleted meanwhile: so were its objects.
+        assert!(view.apply(Change::Absent(CLUSTER_NETWORK_POLICY)));
+        assert!(view.synced());
+        assert!(view.failing_since.is_none(), "the API server answered");
+        assert!(view.absent().contains(CLUSTER_NETWORK_POLICY));
+        assert!(view.objects().is_empty());
+        // Retried while still absent: nothing changes.
+        view.apply(Change::Relisting(CLUSTER_NETWORK_POLICY));
+        assert!(!view.apply(Change::Absent(CLUSTER_NETWORK_POLICY)));
+        // Installed: listed again.
+        view.apply(Change::Relisting(CLUSTER_NETWORK_POLICY));
+        view.apply(Change::Listed(cnp_key.clone(), cnp));
+        assert!(view.apply(Change::ListDone(CLUSTER_NETWORK_POLICY)));
+        assert!(view.absent().is_empty());
+        assert!(view.objects().contains_key(&cnp_key));
     }
 }
