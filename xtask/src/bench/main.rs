@@ -4,6 +4,9 @@
 //! 2. per-packet cost of the real XDP and TC programs at 100 .. 1,000,000 rules, hot
 //!    and spread, with agent and BPF map memory at each scale (`datapath_cost`,
 //!    `memory`);
+//! 2b. the same hot per-packet cost with ClusterNetworkPolicy tiers in use beside the
+//!    cost without, three policy sets loaded side by side and measured in interleaved
+//!    rounds (`tiers`; part of `datapath`, or `--only tiers`);
 //! 3. control plane: apply, one-policy update, restart (`control_plane`);
 //! 4. deny events under a flood (`events`);
 //! 5. real traffic between two namespaces for microseg XDP and TC, iptables (a rule
@@ -27,6 +30,7 @@ mod plot;
 mod progress;
 mod report;
 mod scenario;
+mod tiers;
 mod traffic;
 
 use std::{
@@ -41,6 +45,8 @@ use crate::{
     datapath_cost::{CostConfig, Floors},
     progress::Progress,
     report::{FloorFigures, Report},
+    scenario::Family,
+    tiers::TiersConfig,
     traffic::TrafficConfig,
 };
 
@@ -50,7 +56,8 @@ struct Cli {
     /// Smaller scales, fewer repeats, short traffic windows: under two minutes.
     #[arg(long)]
     quick: bool,
-    /// Run only these parts (comma separated: datapath, control, events, traffic).
+    /// Run only these parts (comma separated: datapath, tiers, control, events,
+    /// traffic). `datapath` includes `tiers`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the report (default: target/microseg-bench of the workspace).
@@ -60,6 +67,7 @@ struct Cli {
 
 struct Plan {
     cost: CostConfig,
+    tiers: TiersConfig,
     floor_repeat: u32,
     floor_calls: usize,
     traffic: TrafficConfig,
@@ -76,6 +84,14 @@ impl Plan {
                     hot_repeat: 200_000,
                     new_flows: 5_000,
                     spread_samples: 10_000,
+                },
+                tiers: TiersConfig {
+                    scales: vec![100, 10_000],
+                    families: vec![Family::V4],
+                    rounds: 3,
+                    hot_repeat: 200_000,
+                    new_flows: 2_000,
+                    many_priorities: 100,
                 },
                 floor_repeat: 1_000_000,
                 floor_calls: 10_000,
@@ -95,6 +111,14 @@ impl Plan {
                     hot_repeat: 2_000_000,
                     new_flows: 50_000,
                     spread_samples: 200_000,
+                },
+                tiers: TiersConfig {
+                    scales: vec![100, 10_000],
+                    families: Family::ALL.to_vec(),
+                    rounds: 5,
+                    hot_repeat: 1_000_000,
+                    new_flows: 20_000,
+                    many_priorities: 100,
                 },
                 floor_repeat: 10_000_000,
                 floor_calls: 100_000,
@@ -159,6 +183,17 @@ fn main() -> anyhow::Result<()> {
         datapath_cost::CostResults::default()
     };
 
+    let tiers = if wants("datapath") || wants("tiers") {
+        progress.line(format!(
+            "per-packet cost with ClusterNetworkPolicy tiers ({} interleaved rounds):",
+            plan.tiers.rounds
+        ));
+        tiers::run(&plan.tiers, &floors, &progress)
+            .context("measuring the per-packet cost with tiers")?
+    } else {
+        tiers::TiersResults::default()
+    };
+
     let control_plane = if wants("control") {
         let control = control_plane::run(plan.control_policies, &progress)
             .context("measuring the control plane")?;
@@ -214,6 +249,7 @@ fn main() -> anyhow::Result<()> {
         datapath_setup: cost.setups,
         memory_floor: cost.memory_floor,
         memory: cost.memory,
+        tiers,
         packet_source: report::PACKET_SOURCE.to_owned(),
         traffic,
         control_plane,
