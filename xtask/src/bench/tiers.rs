@@ -688,7 +688,11 @@ fn measure_round(
 }
 
 fn ratio(numerator: f64, denominator: f64) -> Option<f64> {
-    (denominator > 0.0).then(|| numerator / denominator)
+    if denominator > 0.0 {
+        Some(numerator / denominator)
+    } else {
+        None
+    }
 }
 
 /// Measures every flow at every scale and family under the three sets.
