@@ -3,9 +3,8 @@
 //! 1. floor: a trivial program through BPF_PROG_TEST_RUN (`floor`);
 //! 2. per-packet cost of the real XDP and TC programs at 100 .. 1,000,000 rules, hot
 //!    and spread, with agent and BPF map memory at each scale (`datapath_cost`,
-//!    `memory`);
-//! 2b. the same hot per-packet cost with ClusterNetworkPolicy tiers in use beside the
-//!    cost without, three policy sets loaded side by side and measured in interleaved
+//!    `memory`), and the hot cost with ClusterNetworkPolicy tiers in use beside the
+//!    cost without: three policy sets loaded side by side and measured in interleaved
 //!    rounds (`tiers`; part of `datapath`, or `--only tiers`);
 //! 3. control plane: apply, one-policy update, restart (`control_plane`);
 //! 4. deny events under a flood (`events`);
