@@ -269,7 +269,7 @@ pub struct Floors {
 }
 
 impl Floors {
-    fn of(&self, program: Program) -> HarnessFloor {
+    pub fn of(&self, program: Program) -> HarnessFloor {
         match program {
             Program::Xdp => self.xdp,
             Program::Tc => self.tc,
@@ -279,7 +279,7 @@ impl Floors {
 
 /// Pads a frame to the 60 bytes of a minimum Ethernet frame (without FCS), like the
 /// frames of the traffic test.
-fn padded(mut frame: Vec<u8>) -> Vec<u8> {
+pub fn padded(mut frame: Vec<u8>) -> Vec<u8> {
     if frame.len() < 60 {
         frame.resize(60, 0);
     }
@@ -291,18 +291,18 @@ fn frame(family: Family, client: u32, src_port: u16, dst_port: u16) -> Vec<u8> {
 }
 
 /// A loaded data path at one scale, its event ring drained as it goes.
-struct Loaded {
+pub struct Loaded {
     datapath: Datapath,
     events: RingBuf<MapData>,
 }
 
 impl Loaded {
-    fn drain(&mut self) {
+    pub fn drain(&mut self) {
         while self.events.next().is_some() {}
     }
 
     /// One run: verdict and kernel-measured ns.
-    fn run(&self, program: Program, frame: &[u8], repeat: u32) -> anyhow::Result<(bool, f64)> {
+    pub fn run(&self, program: Program, frame: &[u8], repeat: u32) -> anyhow::Result<(bool, f64)> {
         let (verdict, ns) = self
             .datapath
             .test_run_repeat(program.point(), frame, repeat)?;
@@ -317,7 +317,7 @@ impl Loaded {
 
     /// Runs each frame once; fails unless every verdict is `pass`. Trimmed mean ns
     /// per call (see `floor::trimmed_mean`).
-    fn per_call_mean(
+    pub fn per_call_mean(
         &mut self,
         program: Program,
         frames: &[Vec<u8>],
@@ -511,8 +511,16 @@ impl Loaded {
         Ok(())
     }
 
+    /// Replaces the applied state `current` with `new`.
+    pub fn apply(&mut self, current: &DatapathState, new: &DatapathState) -> anyhow::Result<()> {
+        self.datapath
+            .apply(current, new)
+            .context("applying a benchmark state")?;
+        Ok(())
+    }
+
     /// Empties the conntrack table, so the next program's flows are new again.
-    fn clear_conntrack(&mut self) -> anyhow::Result<()> {
+    pub fn clear_conntrack(&mut self) -> anyhow::Result<()> {
         let map = self
             .datapath
             .ebpf_mut()
@@ -528,17 +536,26 @@ impl Loaded {
     }
 }
 
-fn verdict_name(pass: bool) -> &'static str {
+pub fn verdict_name(pass: bool) -> &'static str {
     if pass { "pass" } else { "drop" }
 }
 
 /// Loads the programs sized for `rules` and applies `state`.
 fn load(rules: u32, state: &DatapathState) -> anyhow::Result<(Loaded, f64, f64)> {
-    let start = Instant::now();
     let mut capacities = scenario::capacities(rules);
     // Room for every flow a scale creates (hot and spread, both programs): no LRU
     // eviction inside a measurement.
     capacities.conntrack = capacities.conntrack.max(1 << 19);
+    load_with(capacities, state)
+}
+
+/// Loads the programs with `capacities` and applies `state`: the programs, the load
+/// time and the apply time (ms).
+pub fn load_with(
+    capacities: microseg::datapath::Capacities,
+    state: &DatapathState,
+) -> anyhow::Result<(Loaded, f64, f64)> {
+    let start = Instant::now();
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: None,
         capacities,

@@ -3,7 +3,9 @@
 //! 1. floor: a trivial program through BPF_PROG_TEST_RUN (`floor`);
 //! 2. per-packet cost of the real XDP and TC programs at 100 .. 1,000,000 rules, hot
 //!    and spread, with agent and BPF map memory at each scale (`datapath_cost`,
-//!    `memory`);
+//!    `memory`), and the hot cost with ClusterNetworkPolicy tiers in use beside the
+//!    cost without: three policy sets loaded side by side and measured in interleaved
+//!    rounds (`tiers`; part of `datapath`, or `--only tiers`);
 //! 3. control plane: apply, one-policy update, restart (`control_plane`);
 //! 4. deny events under a flood (`events`);
 //! 5. real traffic between two namespaces for microseg XDP and TC, iptables (a rule
@@ -27,6 +29,7 @@ mod plot;
 mod progress;
 mod report;
 mod scenario;
+mod tiers;
 mod traffic;
 
 use std::{
@@ -41,6 +44,8 @@ use crate::{
     datapath_cost::{CostConfig, Floors},
     progress::Progress,
     report::{FloorFigures, Report},
+    scenario::Family,
+    tiers::TiersConfig,
     traffic::TrafficConfig,
 };
 
@@ -50,7 +55,8 @@ struct Cli {
     /// Smaller scales, fewer repeats, short traffic windows: under two minutes.
     #[arg(long)]
     quick: bool,
-    /// Run only these parts (comma separated: datapath, control, events, traffic).
+    /// Run only these parts (comma separated: datapath, tiers, control, events,
+    /// traffic). `datapath` includes `tiers`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the report (default: target/microseg-bench of the workspace).
@@ -60,6 +66,7 @@ struct Cli {
 
 struct Plan {
     cost: CostConfig,
+    tiers: TiersConfig,
     floor_repeat: u32,
     floor_calls: usize,
     traffic: TrafficConfig,
@@ -76,6 +83,14 @@ impl Plan {
                     hot_repeat: 200_000,
                     new_flows: 5_000,
                     spread_samples: 10_000,
+                },
+                tiers: TiersConfig {
+                    scales: vec![100, 10_000],
+                    families: vec![Family::V4],
+                    rounds: 3,
+                    hot_repeat: 100_000,
+                    new_flows: 1_000,
+                    many_priorities: 100,
                 },
                 floor_repeat: 1_000_000,
                 floor_calls: 10_000,
@@ -95,6 +110,14 @@ impl Plan {
                     hot_repeat: 2_000_000,
                     new_flows: 50_000,
                     spread_samples: 200_000,
+                },
+                tiers: TiersConfig {
+                    scales: vec![100, 10_000],
+                    families: Family::ALL.to_vec(),
+                    rounds: 5,
+                    hot_repeat: 1_000_000,
+                    new_flows: 20_000,
+                    many_priorities: 100,
                 },
                 floor_repeat: 10_000_000,
                 floor_calls: 100_000,
@@ -159,6 +182,17 @@ fn main() -> anyhow::Result<()> {
         datapath_cost::CostResults::default()
     };
 
+    let tiers = if wants("datapath") || wants("tiers") {
+        progress.line(format!(
+            "per-packet cost with ClusterNetworkPolicy tiers ({} interleaved rounds):",
+            plan.tiers.rounds
+        ));
+        tiers::run(&plan.tiers, &floors, &progress)
+            .context("measuring the per-packet cost with tiers")?
+    } else {
+        tiers::TiersResults::default()
+    };
+
     let control_plane = if wants("control") {
         let control = control_plane::run(plan.control_policies, &progress)
             .context("measuring the control plane")?;
@@ -214,6 +248,7 @@ fn main() -> anyhow::Result<()> {
         datapath_setup: cost.setups,
         memory_floor: cost.memory_floor,
         memory: cost.memory,
+        tiers,
         packet_source: report::PACKET_SOURCE.to_owned(),
         traffic,
         control_plane,
@@ -242,9 +277,10 @@ fn notes(quick: bool) -> Vec<String> {
         "Allowed traffic (pps_delivered) is mostly conntrack hits: each source sends one flow repeatedly, so after its first packet it is established.".to_owned(),
         "Denied traffic in the traffic test comes from addresses outside the inventory (identity `world`); the datapath `deny` case uses clients of the rule set to a closed port, which costs the full lookup path.".to_owned(),
         "The benchmark adds one NetworkPolicy over N workloads for the data path scales; policy map entries grow as endpoints x peer identities, so N rules here is N policy entries and N+1 exact-address identities.".to_owned(),
+        "Tiers (issue 12): the three sets hold the same workloads and the same flows, so each row compares one packet under the NetworkPolicy alone and with ClusterNetworkPolicies in use. Where the verdict differs between the columns (admin_deny, admin_accept, baseline_deny), so does the work: baseline_deny without tiers is a packet no policy selects (two endpoint lookups, then pass), with tiers a denied one (identity, policy lookups, drop and the deny event's rate limiter). The many-priorities set adds policies that none of the measured packets matches; its column against the tiers column is what the number of priorities costs.".to_owned(),
     ];
     if quick {
-        notes.push("Quick run: scales 100 and 10,000, fewer repeats, one traffic round of 1 s windows (full runs: 5 interleaved rounds of 2 s windows); a smoke test of the harness, not figures to quote. Traffic targets are n/a with fewer than 5 rounds.".to_owned());
+        notes.push("Quick run: scales 100 and 10,000, fewer repeats, one traffic round of 1 s windows (full runs: 5 interleaved rounds of 2 s windows), tiers IPv4 only in 3 rounds (full runs: both families, 5 rounds); a smoke test of the harness, not figures to quote. Traffic targets are n/a with fewer than 5 rounds.".to_owned());
     }
     notes
 }

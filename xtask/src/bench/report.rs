@@ -11,6 +11,7 @@ use crate::{
     events::Events,
     machine::Machine,
     scenario::human,
+    tiers::{TiersResults, Variant, ratio_text},
     traffic::TrafficRow,
 };
 
@@ -59,6 +60,9 @@ pub struct Report {
     pub datapath_setup: Vec<crate::datapath_cost::ScaleSetup>,
     pub memory_floor: Vec<crate::datapath_cost::MemoryFloorRow>,
     pub memory: Vec<crate::memory::ScaleMemory>,
+    /// The hot per-packet cost with ClusterNetworkPolicy tiers beside the cost without
+    /// (issue 12).
+    pub tiers: TiersResults,
     pub packet_source: String,
     pub traffic: Vec<TrafficRow>,
     pub control_plane: Option<ControlPlane>,
@@ -98,6 +102,10 @@ pub fn methods() -> BTreeMap<&'static str, &'static str> {
         (
             "event_path",
             "the deny case's events, from the data path's counters (EventsSent, EventsLostRateLimit, EventsLostRingFull deltas over each measurement; every datapath row carries them as hot_events and spread_events). The deny case is measured under four settings on the same loaded programs: shipped (100,000 events/s per CPU, burst 10,000: a repeated hot packet soon exhausts the bucket, so most of its packets take the rate-limited branch), minimal (1 event/s, burst 1: every packet still reads the coarse clock, the per-CPU bucket and bumps the lost counter, almost none writes an event), off (deny events turned off in the kernel, SETTINGS_FLAG_NO_DENY_EVENTS, the agent's denyEvents: false: no clock read, no bucket, no event, drops still counted), and every_packet (rate limit off, ring drained between calls of at most 10,000 runs, so every packet writes an event). The four spread figures run interleaved (the sources in 16 chunks, each chunk under each setting in turn, the first setting rotating) and the shipped one is the deny row's spread figure; the hot ones run one after the other (shipped, minimal, off, every_packet). event_write_*_ns = every_packet - minimal: the cost of writing one event; shipped_minus_minimal_*_ns: what the shipped settings cost above the minimum; shipped_minus_off_*_ns: what the event path costs a denied packet as shipped",
+        ),
+        (
+            "tiers",
+            "issue 12: three policy sets over the same workloads (the datapath scenario's server and N clients in namespace bench, a second server no NetworkPolicy selects, three quarantined namespaces, a monitoring pod, 100 tenant namespaces), compiled by microseg's compiler, loaded side by side (one data path each) and measured in interleaved rounds (each round starting one set further on): network_policy_only = the datapath scenario's NetworkPolicy; tiers = the same plus ClusterNetworkPolicies on every role=server pod: Admin 10 Deny from the quarantined namespaces, Admin 20 Accept monitoring on UDP 9100, Admin 900 Pass from namespace bench, Baseline Deny from every namespace; tiers_many_priorities = tiers plus 100 Admin policies at priorities 100-199 (Deny / Accept UDP 7000+i / Pass from one tenant namespace each), walked before the Pass in evaluation order. Flows: established and new_allow (client N/2 to UDP 5001: Admin Pass, then the NetworkPolicy allows), deny (client N/2 to UDP 5002: Admin Pass, then the NetworkPolicy's default deny), admin_deny (a quarantined pod), admin_accept (new flows from monitoring to UDP 9100), baseline_deny (client N/2 to the server no NetworkPolicy selects: Admin Pass, then Baseline Deny; without tiers nothing enforces it). Every flow's verdict and deciding tier are checked with microseg::policy::evaluate under each set, and the kernel's verdict at every run. Repeated flows run one frame `repeat` times in one call (floor: the trivial program with that repeat); new flows run distinct flows of one source, repeat 1 each, trimmed mean (floor: the trivial program per call). Each figure is the median over the rounds with [min..max]; ratios are of the medians, without the floor (as measured in brackets)",
         ),
         (
             "memory_floor",
@@ -610,6 +618,79 @@ fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / 1048576.0)
 }
 
+/// "Per-packet cost with ClusterNetworkPolicy tiers" and the sets' sizes.
+fn tiers_table(md: &mut String, tiers: &TiersResults) {
+    let _ = writeln!(
+        md,
+        "### Per-packet cost with ClusterNetworkPolicy tiers\n\nns per packet minus the harness floor (floor column: the trivial program with the same repeat, or per call for new flows); median over {} interleaved rounds, [min..max]. NP only: the NetworkPolicy alone; tiers: plus an Admin tier (Deny, Accept, Pass at priorities 10, 20, 900) and a Baseline default deny; {} priorities: plus {} Admin policies at priorities 100-{}. Ratios of the medians without the floor (as measured, floor included, in brackets). Each verdict was checked with the reference evaluator and by the kernel at every run.\n",
+        tiers.rounds,
+        tiers.many_priorities,
+        tiers.many_priorities,
+        99 + tiers.many_priorities
+    );
+    let _ = writeln!(
+        md,
+        "| program | family | rules | flow | verdict, NP only | verdict, with tiers | floor | NP only | tiers | tiers / NP only | {} priorities | {} priorities / NP only |\n|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
+        tiers.many_priorities, tiers.many_priorities
+    );
+    for row in &tiers.rows {
+        let cell = |variant: Variant| {
+            row.figure(variant).map_or_else(
+                || "-".to_owned(),
+                |figure| {
+                    format!(
+                        "{:.1} [{:.1}..{:.1}]",
+                        figure.without_floor.median_ns,
+                        figure.without_floor.min_ns,
+                        figure.without_floor.max_ns
+                    )
+                },
+            )
+        };
+        let verdict = |variant: Variant| {
+            row.figure(variant)
+                .map_or_else(|| "-".to_owned(), |figure| figure.verdict.clone())
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} ({}) | {} | {} ({}) |",
+            row.program,
+            row.family,
+            human(u64::from(row.rules)),
+            row.flow,
+            verdict(Variant::NetworkPolicyOnly),
+            verdict(Variant::Tiers),
+            row.floor_ns,
+            cell(Variant::NetworkPolicyOnly),
+            cell(Variant::Tiers),
+            ratio_text(row.tiers_ratio),
+            ratio_text(row.tiers_ratio_as_measured),
+            cell(Variant::ManyPriorities),
+            ratio_text(row.many_ratio),
+            ratio_text(row.many_ratio_as_measured)
+        );
+    }
+    md.push_str("\nThe compiled sets:\n\n| family | rules | set | NetworkPolicies | ClusterNetworkPolicies | endpoints | peer hosts | policy entries (exact) | compile ms | apply ms |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for setup in &tiers.setups {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} ({}) | {:.1} | {:.1} |",
+            setup.family,
+            human(u64::from(setup.rules)),
+            setup.variant,
+            setup.network_policies,
+            setup.cluster_network_policies,
+            setup.endpoints,
+            setup.peer_hosts,
+            setup.policy_entries,
+            setup.policy_exact,
+            setup.compile_ms,
+            setup.apply_ms
+        );
+    }
+    md.push('\n');
+}
+
 /// The report's tables as Markdown (also printed on stdout at the end of a run).
 pub fn tables(report: &Report) -> String {
     let mut md = String::new();
@@ -713,6 +794,9 @@ pub fn tables(report: &Report) -> String {
             );
         }
         md.push('\n');
+    }
+    if !report.tiers.rows.is_empty() {
+        tiers_table(&mut md, &report.tiers);
     }
     if !report.memory_floor.is_empty() {
         md.push_str("### Memory floor (one random hash lookup), ns per run\n\n| entries | random key only | + one hash lookup |\n|---:|---:|---:|\n");

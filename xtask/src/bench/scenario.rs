@@ -120,7 +120,7 @@ pub fn workload(name: String, labels: Labels, address: IpAddr) -> Workload {
 }
 
 /// The NetworkPolicy: the server accepts UDP `ALLOWED_PORT` from every client.
-fn server_policy() -> serde_json::Value {
+pub fn server_policy() -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
