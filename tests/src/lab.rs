@@ -116,6 +116,43 @@ impl Lab {
         }
     }
 
+    /// Waits until both ends of every host's veth are up and the node-side end
+    /// forwards on the bridge: reachability without sending a packet, for when an
+    /// agent is running and would judge a ping by policy.
+    pub fn wait_links_up(&self) {
+        let read = |ns: &NetNs, path: String| {
+            let output = ns.try_exec(&["cat", &path]);
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        };
+        let deadline = Instant::now() + Duration::from_secs(40);
+        for host in &self.hosts {
+            loop {
+                let host_up = read(
+                    &host.ns,
+                    format!("/sys/class/net/{}/operstate", host.host_if),
+                ) == "up";
+                let node_up = read(
+                    &self.node,
+                    format!("/sys/class/net/{}/operstate", host.node_if),
+                ) == "up";
+                // 3: BR_STATE_FORWARDING.
+                let forwarding = read(
+                    &self.node,
+                    format!("/sys/class/net/{}/brport/state", host.node_if),
+                ) == "3";
+                if host_up && node_up && forwarding {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{}'s link never came up (host end up: {host_up}, node end up: {node_up}, forwarding: {forwarding})",
+                    host.name
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     /// The MAC address of a host's own interface.
     pub fn mac_of(&self, name: &str) -> [u8; 6] {
         let host = self.host(name);
