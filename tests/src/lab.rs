@@ -153,6 +153,81 @@ impl Lab {
         }
     }
 
+    /// Probes every ordered pair of hosts on `tcp_ports` and `udp_ports`, IPv4 and
+    /// IPv6, in parallel: each connection (an echo exchange, see
+    /// [`crate::topology::EchoServers`]) must complete exactly when the reference
+    /// evaluator allows it under `set`. Returns (allowed, denied); panics listing every
+    /// disagreement, with the agent's log.
+    pub fn check_matrix(
+        &self,
+        set: &microseg::policy::PolicySet,
+        tcp_ports: &[u16],
+        udp_ports: &[u16],
+        when: &str,
+    ) -> (usize, usize) {
+        use microseg::policy::{Flow, Protocol, evaluate};
+        let mut flows = Vec::new();
+        for src in &self.hosts {
+            for dst in self.hosts.iter().filter(|dst| dst.name != src.name) {
+                for (src_address, dst_address) in
+                    [(src.address, dst.address), (src.address6, dst.address6)]
+                {
+                    let ports = tcp_ports
+                        .iter()
+                        .map(|port| (Protocol::Tcp, *port))
+                        .chain(udp_ports.iter().map(|port| (Protocol::Udp, *port)));
+                    for (protocol, port) in ports {
+                        let flow = Flow {
+                            src: src_address,
+                            dst: dst_address,
+                            protocol,
+                            port,
+                        };
+                        flows.push((src, flow));
+                    }
+                }
+            }
+        }
+        let results: Vec<(Flow, bool, bool)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = flows
+                .iter()
+                .map(|(src, flow)| {
+                    scope.spawn(move || {
+                        let expected = evaluate(set, flow).allowed;
+                        let completed = match flow.protocol {
+                            Protocol::Tcp => {
+                                crate::topology::tcp_exchange(&src.ns, flow.dst, flow.port)
+                            }
+                            _ => crate::topology::udp_exchange(&src.ns, flow.dst, flow.port),
+                        };
+                        (*flow, expected, completed)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().expect("probe"))
+                .collect()
+        });
+        let wrong: Vec<String> = results
+            .iter()
+            .filter(|(_, expected, completed)| expected != completed)
+            .map(|(flow, expected, completed)| {
+                format!("{flow}: the reference evaluator says allowed={expected}, the connection completed: {completed}")
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{when}: {} of {} connections wrong:\n{}\nagent log:\n{}",
+            wrong.len(),
+            results.len(),
+            wrong.join("\n"),
+            self.agent_log()
+        );
+        let allowed = results.iter().filter(|(_, expected, _)| *expected).count();
+        (allowed, results.len() - allowed)
+    }
+
     /// The MAC address of a host's own interface.
     pub fn mac_of(&self, name: &str) -> [u8; 6] {
         let host = self.host(name);

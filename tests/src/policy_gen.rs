@@ -636,6 +636,21 @@ impl RuleCoverage {
             .unwrap_or(0)
     }
 
+    /// Panics unless each tier's Accept and Deny decided, and Pass rules passed, at
+    /// least `least` directions: agreement on ClusterNetworkPolicy proves little
+    /// otherwise.
+    pub fn assert_cluster_policies_covered(&self, least: usize) {
+        for tier in ["Admin", "Baseline"] {
+            for action in ["Accept", "Deny"] {
+                assert!(
+                    self.cluster_count(tier, action) >= least,
+                    "{tier} {action} decided too few directions: {self:#?}"
+                );
+            }
+        }
+        assert!(self.passed >= least, "too few passes: {self:#?}");
+    }
+
     /// How many allowed directions a rule with `feature` allowed.
     pub fn feature_count(&self, feature: &str) -> usize {
         self.by_feature.get(feature).copied().unwrap_or(0)

@@ -146,15 +146,7 @@ fn ebpf_programs_agree_with_reference_evaluator() {
         assert!(count >= 100, "too few flows: {what}: {coverage:#?}");
     }
     // ClusterNetworkPolicy: each tier's Accept and Deny decide, and Pass rules pass.
-    for tier in ["Admin", "Baseline"] {
-        for action in ["Accept", "Deny"] {
-            assert!(
-                coverage.rules.cluster_count(tier, action) >= 5,
-                "{tier} {action} decided too few directions: {coverage:#?}"
-            );
-        }
-    }
-    assert!(coverage.rules.passed >= 5, "{coverage:#?}");
+    coverage.rules.assert_cluster_policies_covered(5);
     for feature in FEATURES {
         assert!(
             coverage.rules.feature_count(feature) >= 5,

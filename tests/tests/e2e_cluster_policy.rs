@@ -278,72 +278,10 @@ fn assert_evaluator_meets_the_semantics(lab: &Lab, set: &PolicySet) {
     assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
 }
 
-/// Probes every ordered pair of hosts on every port, TCP and UDP, IPv4 and IPv6, in
-/// parallel: each connection must complete exactly when the reference evaluator
-/// allows it. Returns (allowed, denied).
+/// Every pair of hosts on every port, compared with the reference evaluator (see
+/// [`Lab::check_matrix`]).
 fn check_matrix(lab: &Lab, set: &PolicySet, when: &str) -> (usize, usize) {
-    let mut probes = Vec::new();
-    for src in &lab.hosts {
-        for dst in &lab.hosts {
-            if src.name == dst.name {
-                continue;
-            }
-            for (src_address, dst_address) in
-                [(src.address, dst.address), (src.address6, dst.address6)]
-            {
-                for port in TCP_PORTS {
-                    probes.push((src, src_address, dst_address, Protocol::Tcp, port));
-                }
-                for port in UDP_PORTS {
-                    probes.push((src, src_address, dst_address, Protocol::Udp, port));
-                }
-            }
-        }
-    }
-    let results: Vec<(String, bool, bool)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = probes
-            .iter()
-            .map(|(src, src_address, dst_address, protocol, port)| {
-                scope.spawn(move || {
-                    let flow = Flow {
-                        src: *src_address,
-                        dst: *dst_address,
-                        protocol: *protocol,
-                        port: *port,
-                    };
-                    let expected = evaluate(set, &flow).allowed;
-                    let completed = match protocol {
-                        Protocol::Tcp => tcp_exchange(&src.ns, *dst_address, *port),
-                        _ => udp_exchange(&src.ns, *dst_address, *port),
-                    };
-                    (format!("{flow}"), expected, completed)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("probe"))
-            .collect()
-    });
-    let wrong: Vec<String> = results
-        .iter()
-        .filter(|(_, expected, completed)| expected != completed)
-        .map(|(flow, expected, completed)| {
-            format!(
-                "{flow}: the API says allowed={expected}, the connection completed: {completed}"
-            )
-        })
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "{when}: {} of {} connections wrong:\n{}\nagent log:\n{}",
-        wrong.len(),
-        results.len(),
-        wrong.join("\n"),
-        lab.agent_log()
-    );
-    let allowed = results.iter().filter(|(_, expected, _)| *expected).count();
-    (allowed, results.len() - allowed)
+    lab.check_matrix(set, &TCP_PORTS, &UDP_PORTS, when)
 }
 
 /// A few flows of the table, probed directly (no agent running, or just restarted).

@@ -25,7 +25,7 @@ use microseg::policy::{Flow, PolicySet, Protocol, evaluate, load_paths};
 use microseg_tests::{
     lab::Lab,
     raw::{AdvertisementListener, router_advertisement, send_frame, udp_frame},
-    topology::{EchoServers, PROBE_TIMEOUT, tcp_exchange, udp_exchange},
+    topology::{EchoServers, PROBE_TIMEOUT, udp_exchange},
 };
 use serde_json::Value;
 
@@ -157,70 +157,10 @@ fn wait_enforcing(lab: &Lab) -> Value {
     }
 }
 
-/// Probes every ordered pair of hosts on every port, TCP and UDP, IPv4 and IPv6, in
-/// parallel, and compares each with the reference evaluator. Returns the number of
-/// (allowed, denied) probes; panics listing every disagreement.
+/// Every pair of hosts on every port, compared with the reference evaluator (see
+/// [`Lab::check_matrix`]).
 fn check_matrix(lab: &Lab, set: &PolicySet, when: &str) -> (usize, usize) {
-    let mut probes = Vec::new();
-    for src in &lab.hosts {
-        for dst in &lab.hosts {
-            if src.name == dst.name {
-                continue;
-            }
-            for (src_address, dst_address) in
-                [(src.address, dst.address), (src.address6, dst.address6)]
-            {
-                for port in TCP_PORTS {
-                    probes.push((src, dst_address, src_address, Protocol::Tcp, port));
-                }
-                for port in UDP_PORTS {
-                    probes.push((src, dst_address, src_address, Protocol::Udp, port));
-                }
-            }
-        }
-    }
-    let results: Vec<(String, bool, bool)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = probes
-            .iter()
-            .map(|(src, dst_address, src_address, protocol, port)| {
-                scope.spawn(move || {
-                    let flow = Flow {
-                        src: *src_address,
-                        dst: *dst_address,
-                        protocol: *protocol,
-                        port: *port,
-                    };
-                    let expected = evaluate(set, &flow).allowed;
-                    let completed = match protocol {
-                        Protocol::Tcp => tcp_exchange(&src.ns, *dst_address, *port),
-                        _ => udp_exchange(&src.ns, *dst_address, *port),
-                    };
-                    (format!("{flow}"), expected, completed)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("probe"))
-            .collect()
-    });
-    let wrong: Vec<String> = results
-        .iter()
-        .filter(|(_, expected, completed)| expected != completed)
-        .map(|(flow, expected, completed)| {
-            format!("{flow}: Kubernetes says {expected}, the connection completed: {completed}")
-        })
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "{when}: {} of {} connections wrong:\n{}\nagent log:\n{}",
-        wrong.len(),
-        results.len(),
-        wrong.join("\n"),
-        lab.agent_log()
-    );
-    let allowed = results.iter().filter(|(_, expected, _)| *expected).count();
-    (allowed, results.len() - allowed)
+    lab.check_matrix(set, &TCP_PORTS, &UDP_PORTS, when)
 }
 
 /// The connections this test must exercise, checked on the model so that the matrix

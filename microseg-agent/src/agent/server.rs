@@ -409,16 +409,7 @@ fn get(core: &AgentCore, kind: ObjectKind) -> Value {
                     } else {
                         format!("pods {} in namespaces {}", p.subject.pods, p.subject.namespaces)
                     };
-                    let selected: Vec<String> = set
-                        .workloads
-                        .iter()
-                        .filter(|w| {
-                            [PolicyDirection::Ingress, PolicyDirection::Egress]
-                                .into_iter()
-                                .any(|d| set.cluster_policy_selects(p, w, d))
-                        })
-                        .map(|w| w.key())
-                        .collect();
+                    let selected = cluster_policy_subjects(set, p);
                     json!({
                         "kind": "ClusterNetworkPolicy",
                         "name": p.name,
@@ -563,19 +554,23 @@ fn describe(core: &AgentCore, kind: ObjectKind, namespace: &str, name: &str) -> 
                 .collect();
             detail[direction.name()] = json!(rules);
         }
-        let selected: Vec<String> = set
-            .workloads
-            .iter()
-            .filter(|w| {
-                [PolicyDirection::Ingress, PolicyDirection::Egress]
-                    .into_iter()
-                    .any(|d| set.cluster_policy_selects(policy, w, d))
-            })
-            .map(|w| w.key())
-            .collect();
-        detail["selectedWorkloads"] = json!(selected);
+        detail["selectedWorkloads"] = json!(cluster_policy_subjects(set, policy));
     }
     Response::ok(detail)
+}
+
+/// The workloads a ClusterNetworkPolicy applies to (in either direction), as
+/// `namespace/name`.
+fn cluster_policy_subjects(set: &PolicySet, policy: &crate::policy::ClusterPolicy) -> Vec<String> {
+    set.workloads
+        .iter()
+        .filter(|w| {
+            [PolicyDirection::Ingress, PolicyDirection::Egress]
+                .into_iter()
+                .any(|d| set.cluster_policy_selects(policy, w, d))
+        })
+        .map(|w| w.key())
+        .collect()
 }
 
 /// One ClusterNetworkPolicy rule as `describe` shows it:

@@ -25,8 +25,8 @@ use super::model::{
     NodeInfo, Peer, PortRule, PortSpec, Protocol, RuleAction, Tier,
 };
 use super::validate::{
-    Checker, check_labels, check_named_port_name, convert_selector, parse_address, parse_cidr,
-    required_name,
+    Checker, check_labels, check_named_port_name, check_port_number, convert_selector,
+    parse_address, parse_cidr, required_name,
 };
 
 /// `apiVersion` of ClusterNetworkPolicy.
@@ -271,16 +271,6 @@ fn convert_namespaced_pod(
     Some((namespaces, pods))
 }
 
-fn check_port(checker: &mut Checker<'_>, field: &str, value: i64) -> Option<u16> {
-    match u16::try_from(value) {
-        Ok(port) if port != 0 => Some(port),
-        _ => {
-            checker.error(field, format!("{value} is out of range 1-65535"));
-            None
-        }
-    }
-}
-
 fn convert_protocol(
     checker: &mut Checker<'_>,
     field: &str,
@@ -338,7 +328,7 @@ fn convert_protocol(
             };
             let spec = match (port.number, &port.range) {
                 (Some(number), None) => {
-                    let number = check_port(checker, &format!("{path}.number"), number)?;
+                    let number = check_port_number(checker, &format!("{path}.number"), number)?;
                     PortSpec::Range {
                         first: number,
                         last: number,
@@ -350,8 +340,8 @@ fn convert_protocol(
                         checker.error(&range_path, "needs start and end");
                         return None;
                     };
-                    let first = check_port(checker, &format!("{range_path}.start"), start);
-                    let last = check_port(checker, &format!("{range_path}.end"), end);
+                    let first = check_port_number(checker, &format!("{range_path}.start"), start);
+                    let last = check_port_number(checker, &format!("{range_path}.end"), end);
                     let (first, last) = (first?, last?);
                     if first >= last {
                         checker.error(

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 
 use super::inventory::EndpointRef;
 use super::model::{
-    ClusterPolicy, ClusterRule, Peer, Policy, PolicyDirection, PolicySet, PortRule, PortSpec,
-    Protocol, Rule, RuleAction, Tier, Workload,
+    ClusterPolicy, Peer, Policy, PolicyDirection, PolicySet, PortRule, PortSpec, Protocol,
+    RuleAction, Tier, Workload,
 };
 
 /// One packet's worth of question: may `src` send to `dst` on `protocol`/`port`?
@@ -199,38 +199,23 @@ pub(crate) fn ports_match(
     })
 }
 
+/// Whether a rule (its peers, `None` for every peer, and its ports) matches the flow.
 fn rule_matches(
     set: &PolicySet,
-    rule: &Rule,
+    peers: Option<&[Peer]>,
+    ports: Option<&[PortRule]>,
     peer_address: IpAddr,
     peer: Option<&Workload>,
     destination: Option<&Workload>,
     flow: &Flow,
 ) -> bool {
-    let peer_ok = match &rule.peers {
-        None => true,
-        Some(peers) => peers
-            .iter()
-            .any(|candidate: &Peer| set.peer_matches(candidate, peer_address, peer)),
-    };
-    peer_ok && ports_match(rule.ports.as_deref(), flow.protocol, flow.port, destination)
-}
-
-fn cluster_rule_matches(
-    set: &PolicySet,
-    rule: &ClusterRule,
-    peer_address: IpAddr,
-    peer: Option<&Workload>,
-    destination: Option<&Workload>,
-    flow: &Flow,
-) -> bool {
-    let peer_ok = match &rule.peers {
+    let peer_ok = match peers {
         None => true,
         Some(peers) => peers
             .iter()
             .any(|candidate| set.peer_matches(candidate, peer_address, peer)),
     };
-    peer_ok && ports_match(rule.ports.as_deref(), flow.protocol, flow.port, destination)
+    peer_ok && ports_match(ports, flow.protocol, flow.port, destination)
 }
 
 /// What one ClusterNetworkPolicy tier says about a direction.
@@ -263,9 +248,10 @@ fn evaluate_tier(set: &PolicySet, tier: Tier, sides: &Sides<'_>) -> TierOutcome 
         .filter(|policy| policy.tier == tier)
     {
         for (rule_index, rule) in policy.rules(direction).iter().enumerate() {
-            if cluster_rule_matches(
+            if rule_matches(
                 set,
-                rule,
+                rule.peers.as_deref(),
+                rule.ports.as_deref(),
                 sides.peer_address,
                 sides.peer,
                 sides.destination,
@@ -386,7 +372,15 @@ fn evaluate_direction(
             .iter()
             .enumerate()
         {
-            if rule_matches(set, rule, peer_address, peer, destination, flow) {
+            if rule_matches(
+                set,
+                rule.peers.as_deref(),
+                rule.ports.as_deref(),
+                peer_address,
+                peer,
+                destination,
+                flow,
+            ) {
                 allowed_by.push(RuleRef::network_policy(policy, direction, rule_index));
             }
         }

@@ -304,7 +304,7 @@ fn convert_peer(
     }
 }
 
-fn check_port_number(checker: &mut Checker<'_>, field: &str, value: i64) -> Option<u16> {
+pub(crate) fn check_port_number(checker: &mut Checker<'_>, field: &str, value: i64) -> Option<u16> {
     match u16::try_from(value) {
         Ok(port) if port != 0 => Some(port),
         _ => {
