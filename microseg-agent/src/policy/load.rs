@@ -25,6 +25,30 @@ use super::validate::{
     namespace_labels,
 };
 
+/// Reports each object of `sorted` (sorted by `key`) whose key its predecessor has:
+/// "duplicate KIND key (first defined at ...)".
+fn report_duplicates<T>(
+    sorted: &[T],
+    kind: &str,
+    key: impl Fn(&T) -> String,
+    source: impl Fn(&T) -> &Source,
+    errors: &mut Vec<PolicyError>,
+) {
+    for pair in sorted.windows(2) {
+        let (first, second) = (key(&pair[0]), key(&pair[1]));
+        if first == second {
+            errors.push(PolicyError::new(
+                source(&pair[1]),
+                "metadata.name",
+                format!(
+                    "duplicate {kind} {second} (first defined at {})",
+                    source(&pair[0])
+                ),
+            ));
+        }
+    }
+}
+
 /// `apiVersion` of microseg's own documents.
 pub const MICROSEG_API_VERSION: &str = "microseg.dev/v1";
 
@@ -520,47 +544,30 @@ impl PolicySetBuilder {
         policies.sort_by(|left, right| {
             (&left.namespace, &left.name).cmp(&(&right.namespace, &right.name))
         });
-        for pair in policies.windows(2) {
-            if pair[0].namespace == pair[1].namespace && pair[0].name == pair[1].name {
-                errors.push(PolicyError::new(
-                    &pair[1].source,
-                    "metadata.name",
-                    format!(
-                        "duplicate NetworkPolicy {} (first defined at {})",
-                        pair[1].key(),
-                        pair[0].source
-                    ),
-                ));
-            }
-        }
-
+        report_duplicates(
+            &policies,
+            "NetworkPolicy",
+            Policy::key,
+            |p| &p.source,
+            &mut errors,
+        );
         cluster_policies.sort_by(|left, right| left.name.cmp(&right.name));
-        for pair in cluster_policies.windows(2) {
-            if pair[0].name == pair[1].name {
-                errors.push(PolicyError::new(
-                    &pair[1].source,
-                    "metadata.name",
-                    format!(
-                        "duplicate ClusterNetworkPolicy {} (first defined at {})",
-                        pair[1].name, pair[0].source
-                    ),
-                ));
-            }
-        }
+        report_duplicates(
+            &cluster_policies,
+            "ClusterNetworkPolicy",
+            |p| p.name.clone(),
+            |p| &p.source,
+            &mut errors,
+        );
         cluster_policies.sort_by(|left, right| left.precedence().cmp(&right.precedence()));
         nodes.sort_by(|left, right| left.name.cmp(&right.name));
-        for pair in nodes.windows(2) {
-            if pair[0].name == pair[1].name {
-                errors.push(PolicyError::new(
-                    &pair[1].source,
-                    "metadata.name",
-                    format!(
-                        "duplicate Node {} (first defined at {})",
-                        pair[1].name, pair[0].source
-                    ),
-                ));
-            }
-        }
+        report_duplicates(
+            &nodes,
+            "Node",
+            |n| n.name.clone(),
+            |n| &n.source,
+            &mut errors,
+        );
 
         if !errors.is_empty() {
             errors.sort_by(|left, right| left.source.cmp(&right.source));
