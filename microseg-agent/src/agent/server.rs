@@ -196,6 +196,7 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             name,
         } => describe(&core, kind, &namespace, &name),
         Request::Stats => stats(&core, agent),
+        Request::Export => export(&core),
         Request::Status => status(&mut core, agent),
         Request::Audit {
             namespace,
@@ -206,6 +207,15 @@ async fn handle(agent: &Agent, request: Request) -> Response {
     };
     agent.refresh_names(&core);
     response
+}
+
+/// The enforced objects with their keys (see `Request::Export`).
+fn export(core: &AgentCore) -> Response {
+    let objects: Vec<_> = core
+        .all_objects(&core.api_objects, &core.dir_objects)
+        .into_iter()
+        .collect();
+    Response::ok(json!({ "objects": objects }))
 }
 
 fn parse_sources(sources: &[SourceText]) -> Result<ObjectMap, Response> {

@@ -55,6 +55,10 @@ pub enum Request {
     },
     Stats,
     Status,
+    /// Every object the agent enforces (files, watched directories, the Kubernetes
+    /// API server), as it holds them: `{"objects": [[key, object], ...]}`, from
+    /// which `microseg diff` rebuilds the live policy set exactly.
+    Export,
     Audit {
         namespace: String,
         name: String,

@@ -2,9 +2,12 @@
 //! Errors are one sentence on stderr and a non-zero exit code.
 
 mod check;
+mod diff;
 mod events;
+mod graph;
 mod progress;
 mod resources;
+mod review_input;
 mod table;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -97,6 +100,11 @@ enum Command {
     },
     /// Would this traffic be allowed? Answered from policy files, before applying.
     Check(CheckArgs),
+    /// What a policy change would deny or allow: observed flows, reachability,
+    /// policies. Exit status 0 no change in what is allowed, 1 changes, 2 error.
+    Diff(diff::DiffArgs),
+    /// The reachability between workloads or namespaces as DOT, SVG or HTML.
+    Graph(graph::GraphArgs),
     /// Compile policy files and print the map entry counts (`--stats`).
     Compile {
         #[arg(long = "policy", required = true)]
@@ -377,6 +385,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(2)
             })
+        }
+        Command::Diff(args) => Ok(diff::run(&cli.socket, &args)),
+        Command::Graph(args) => {
+            graph::run(&cli.socket, &args)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Compile {
             policies,

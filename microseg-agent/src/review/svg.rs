@@ -1,0 +1,456 @@
+//! The graph as SVG, laid out here (no Graphviz at run time), and as a
+//! self-contained HTML page around it (no scripts, fonts or network).
+//!
+//! Layout: each namespace is a horizontal band (address blocks outside the
+//! inventory get the last band); inside the bands, columns are layers of the
+//! policy-allowed edges (a node is one column right of every node that reaches it,
+//! cycles broken in sorted order), so traffic reads left to right, e.g. ingress,
+//! frontend, API, data. Edges are gentle curves (a pair's two directions bend
+//! apart); labels sit on a white box at the curve's middle.
+
+use std::{collections::BTreeMap, fmt::Write};
+
+use super::{
+    dot::{ALLOWED_COLOR, DENIED_COLOR, UNRESTRICTED_COLOR},
+    graph::{Graph, GraphEdge, GraphNode, NodeKind},
+};
+
+/// Escapes text for XML content and attribute values.
+pub fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            // Not allowed in XML 1.0.
+            c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => {}
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+const NODE_WIDTH: f64 = 170.0;
+const NODE_HEIGHT: f64 = 34.0;
+const COLUMN: f64 = 400.0;
+const ROW: f64 = 70.0;
+const BAND_TOP: f64 = 58.0;
+const BAND_GAP: f64 = 24.0;
+const MARGIN: f64 = 24.0;
+const LEGEND_HEIGHT: f64 = 56.0;
+/// Average width of a 10 px sans-serif character, for label boxes.
+const CHAR_WIDTH: f64 = 5.6;
+const MAX_LABEL: usize = 26;
+
+/// Where each node goes.
+struct Layout {
+    /// Node index -> (centre x, centre y).
+    centres: Vec<(f64, f64)>,
+    /// (title, top, height) of each band; `None` title for an unframed band.
+    bands: Vec<(Option<String>, f64, f64)>,
+    width: f64,
+    height: f64,
+}
+
+/// Longest-path layers over the edges that policy allows (edges allowed only
+/// because nothing enforces do not order anything), cycles broken by a depth-first
+/// walk in node order.
+fn layers(graph: &Graph) -> Vec<usize> {
+    let index: BTreeMap<&str, usize> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id.as_str(), i))
+        .collect();
+    let mut successors = vec![Vec::new(); graph.nodes.len()];
+    for edge in graph
+        .edges
+        .iter()
+        .filter(|e| !e.allowed.is_empty() && !e.unrestricted() && e.from != e.to)
+    {
+        if let (Some(a), Some(b)) = (index.get(edge.from.as_str()), index.get(edge.to.as_str())) {
+            successors[*a].push(*b);
+        }
+    }
+    // Depth-first: 0 unvisited, 1 on the stack, 2 done; edges to a node on the
+    // stack close a cycle and are dropped.
+    let mut state = vec![0u8; graph.nodes.len()];
+    let mut order = Vec::new();
+    let mut kept = vec![Vec::new(); graph.nodes.len()];
+    for root in 0..graph.nodes.len() {
+        if state[root] != 0 {
+            continue;
+        }
+        let mut stack = vec![(root, 0usize)];
+        state[root] = 1;
+        while let Some((node, next)) = stack.last_mut() {
+            let node = *node;
+            if let Some(&successor) = successors[node].get(*next) {
+                *next += 1;
+                match state[successor] {
+                    0 => {
+                        kept[node].push(successor);
+                        state[successor] = 1;
+                        stack.push((successor, 0));
+                    }
+                    2 => kept[node].push(successor),
+                    _ => {}
+                }
+            } else {
+                state[node] = 2;
+                order.push(node);
+                stack.pop();
+            }
+        }
+    }
+    // `order` is a post-order: reversed, every edge goes forward.
+    let mut layer = vec![0usize; graph.nodes.len()];
+    for &node in order.iter().rev() {
+        for &successor in &kept[node] {
+            layer[successor] = layer[successor].max(layer[node] + 1);
+        }
+    }
+    layer
+}
+
+fn layout(graph: &Graph) -> Layout {
+    let layer = layers(graph);
+    let columns = layer.iter().max().map_or(1, |m| m + 1);
+    // Bands: namespaces in order, then unframed namespace nodes, then blocks.
+    let band_of = |node: &GraphNode| -> (u8, Option<String>) {
+        match (&node.group, node.kind) {
+            (Some(group), _) => (0, Some(format!("namespace {group}"))),
+            (None, NodeKind::External) => (2, Some("outside the inventory".to_owned())),
+            (None, _) => (1, None),
+        }
+    };
+    let mut bands: BTreeMap<(u8, Option<String>), Vec<usize>> = BTreeMap::new();
+    for (i, node) in graph.nodes.iter().enumerate() {
+        bands.entry(band_of(node)).or_default().push(i);
+    }
+    let mut centres = vec![(0.0, 0.0); graph.nodes.len()];
+    let mut band_boxes = Vec::new();
+    let mut top = MARGIN + LEGEND_HEIGHT;
+    for ((_, title), members) in bands {
+        let mut per_column: BTreeMap<usize, usize> = BTreeMap::new();
+        for &i in &members {
+            let row = per_column.entry(layer[i]).or_insert(0);
+            centres[i] = (
+                MARGIN + 20.0 + NODE_WIDTH / 2.0 + layer[i] as f64 * COLUMN,
+                top + BAND_TOP + NODE_HEIGHT / 2.0 + *row as f64 * ROW,
+            );
+            *row += 1;
+        }
+        let rows = per_column.values().max().copied().unwrap_or(1);
+        let height = BAND_TOP + rows as f64 * ROW;
+        band_boxes.push((title, top, height));
+        top += height + BAND_GAP;
+    }
+    Layout {
+        centres,
+        bands: band_boxes,
+        width: 2.0 * MARGIN + 40.0 + NODE_WIDTH + (columns - 1) as f64 * COLUMN + 120.0,
+        height: top + MARGIN,
+    }
+}
+
+/// Where the segment from a box's centre towards `towards` leaves the box.
+fn box_exit(centre: (f64, f64), towards: (f64, f64)) -> (f64, f64) {
+    let (dx, dy) = (towards.0 - centre.0, towards.1 - centre.1);
+    let tx = if dx.abs() > f64::EPSILON {
+        (NODE_WIDTH / 2.0) / dx.abs()
+    } else {
+        f64::INFINITY
+    };
+    let ty = if dy.abs() > f64::EPSILON {
+        (NODE_HEIGHT / 2.0) / dy.abs()
+    } else {
+        f64::INFINITY
+    };
+    let t = tx.min(ty).min(1.0);
+    (centre.0 + dx * t, centre.1 + dy * t)
+}
+
+fn shorten(label: &str) -> String {
+    if label.chars().count() <= MAX_LABEL {
+        label.to_owned()
+    } else {
+        let kept: String = label.chars().take(MAX_LABEL - 1).collect();
+        format!("{kept}\u{2026}")
+    }
+}
+
+/// A label of one or more lines on a white box centred at (x, y).
+fn label(out: &mut String, x: f64, y: f64, lines: &[String], color: &str) {
+    let width =
+        lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) as f64 * CHAR_WIDTH + 8.0;
+    let height = lines.len() as f64 * 12.0 + 4.0;
+    let _ = writeln!(
+        out,
+        r##"<rect x="{:.1}" y="{:.1}" width="{width:.1}" height="{height:.1}" rx="3" fill="#ffffff" fill-opacity="0.9"/>"##,
+        x - width / 2.0,
+        y - height / 2.0
+    );
+    for (i, line) in lines.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            r##"<text x="{x:.1}" y="{:.1}" font-size="10" text-anchor="middle" fill="{color}">{}</text>"##,
+            y - height / 2.0 + 12.0 + i as f64 * 12.0,
+            escape(line)
+        );
+    }
+}
+
+/// One edge: a curve bent by `bend` pixels to its right, or a loop above the node.
+fn edge_path(
+    out: &mut String,
+    from: (f64, f64),
+    to: (f64, f64),
+    bend: f64,
+    style: &str,
+    lines: &[String],
+    color: &str,
+) {
+    if from == to {
+        let top = from.1 - NODE_HEIGHT / 2.0;
+        let _ = writeln!(
+            out,
+            r##"<path d="M {:.1} {top:.1} C {:.1} {:.1} {:.1} {:.1} {:.1} {top:.1}" fill="none" {style}/>"##,
+            from.0 - 20.0,
+            from.0 - 45.0,
+            top - 40.0,
+            from.0 + 45.0,
+            top - 40.0,
+            from.0 + 20.0
+        );
+        label(
+            out,
+            from.0,
+            top - 40.0 - 6.0 * lines.len() as f64,
+            lines,
+            color,
+        );
+        return;
+    }
+    let (dx, dy) = (to.0 - from.0, to.1 - from.1);
+    let length = (dx * dx + dy * dy).sqrt().max(1.0);
+    let middle = ((from.0 + to.0) / 2.0, (from.1 + to.1) / 2.0);
+    let control = (middle.0 - dy / length * bend, middle.1 + dx / length * bend);
+    let start = box_exit(from, control);
+    let end = box_exit(to, control);
+    let _ = writeln!(
+        out,
+        r##"<path d="M {:.1} {:.1} Q {:.1} {:.1} {:.1} {:.1}" fill="none" {style}/>"##,
+        start.0, start.1, control.0, control.1, end.0, end.1
+    );
+    let at = (
+        0.25 * start.0 + 0.5 * control.0 + 0.25 * end.0,
+        0.25 * start.1 + 0.5 * control.1 + 0.25 * end.1,
+    );
+    label(out, at.0, at.1, lines, color);
+}
+
+/// The label lines of an edge's allowed ports: ports, then the policies.
+fn allowed_lines(edge: &GraphEdge) -> Vec<String> {
+    edge.allowed.iter().map(|a| a.label()).collect()
+}
+
+/// The graph as a standalone SVG document.
+pub fn render_svg(graph: &Graph) -> String {
+    let layout = layout(graph);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w:.0}" height="{h:.0}" viewBox="0 0 {w:.0} {h:.0}" font-family="Helvetica, Arial, sans-serif">"##,
+        w = layout.width,
+        h = layout.height
+    );
+    let _ = writeln!(out, "<title>{}</title>", escape(&graph.title));
+    let _ = writeln!(out, "<defs>");
+    for (id, color) in [
+        ("allowed", ALLOWED_COLOR),
+        ("unrestricted", UNRESTRICTED_COLOR),
+        ("denied", DENIED_COLOR),
+    ] {
+        let _ = writeln!(
+            out,
+            r##"<marker id="arrow-{id}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="{color}"/></marker>"##
+        );
+    }
+    let _ = writeln!(out, "</defs>");
+    let _ = writeln!(
+        out,
+        r##"<rect x="0" y="0" width="{:.0}" height="{:.0}" fill="#ffffff"/>"##,
+        layout.width, layout.height
+    );
+    let _ = writeln!(
+        out,
+        r##"<text x="{MARGIN}" y="{:.0}" font-size="16" font-weight="bold" fill="#222222">{}</text>"##,
+        MARGIN + 8.0,
+        escape(&graph.title)
+    );
+    // Legend.
+    let legend_y = MARGIN + 36.0;
+    for (i, (text, color, dash)) in [
+        ("allowed by policy (ports, policies)", ALLOWED_COLOR, ""),
+        (
+            "allowed, no policy enforces",
+            UNRESTRICTED_COLOR,
+            r##" stroke-dasharray="2 3""##,
+        ),
+        (
+            "observed and denied (events)",
+            DENIED_COLOR,
+            r##" stroke-dasharray="6 4""##,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let x = MARGIN + i as f64 * 260.0;
+        let _ = writeln!(
+            out,
+            r##"<line x1="{x:.0}" y1="{legend_y:.0}" x2="{:.0}" y2="{legend_y:.0}" stroke="{color}" stroke-width="2"{dash}/>"##,
+            x + 36.0
+        );
+        let _ = writeln!(
+            out,
+            r##"<text x="{:.0}" y="{:.0}" font-size="11" fill="#333333">{}</text>"##,
+            x + 44.0,
+            legend_y + 4.0,
+            escape(text)
+        );
+    }
+    for (title, top, height) in &layout.bands {
+        if let Some(title) = title {
+            let _ = writeln!(
+                out,
+                r##"<rect x="{MARGIN}" y="{top:.1}" width="{:.1}" height="{height:.1}" rx="10" fill="#f7f9fc" stroke="#7f8c9d"/>"##,
+                layout.width - 2.0 * MARGIN
+            );
+            let _ = writeln!(
+                out,
+                r##"<text x="{:.1}" y="{:.1}" font-size="12" font-weight="bold" fill="#55606e">{}</text>"##,
+                MARGIN + 12.0,
+                top + 18.0,
+                escape(title)
+            );
+        }
+    }
+    let index: BTreeMap<&str, usize> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id.as_str(), i))
+        .collect();
+    for edge in &graph.edges {
+        let (Some(&a), Some(&b)) = (index.get(edge.from.as_str()), index.get(edge.to.as_str()))
+        else {
+            continue;
+        };
+        let (from, to) = (layout.centres[a], layout.centres[b]);
+        let _ = writeln!(
+            out,
+            "<g><title>{}</title>",
+            escape(&format!("{} -> {}", edge.from, edge.to))
+        );
+        if !edge.allowed.is_empty() {
+            let (id, color, dash) = if edge.unrestricted() {
+                (
+                    "unrestricted",
+                    UNRESTRICTED_COLOR,
+                    r##" stroke-dasharray="2 3""##,
+                )
+            } else {
+                ("allowed", ALLOWED_COLOR, "")
+            };
+            let style = format!(
+                r##"stroke="{color}" stroke-width="1.6"{dash} marker-end="url(#arrow-{id})""##
+            );
+            edge_path(
+                &mut out,
+                from,
+                to,
+                24.0,
+                &style,
+                &allowed_lines(edge),
+                color,
+            );
+        }
+        if let Some(denied) = &edge.denied {
+            let style = format!(
+                r##"stroke="{DENIED_COLOR}" stroke-width="1.8" stroke-dasharray="6 4" marker-end="url(#arrow-denied)""##
+            );
+            edge_path(
+                &mut out,
+                from,
+                to,
+                64.0,
+                &style,
+                &[denied.label()],
+                DENIED_COLOR,
+            );
+        }
+        let _ = writeln!(out, "</g>");
+    }
+    for (node, (x, y)) in graph.nodes.iter().zip(&layout.centres) {
+        let (fill, stroke, rx) = match node.kind {
+            NodeKind::External => ("#fdf3e1", "#b7842b", 17.0),
+            _ => ("#eef3fb", "#1f5fa8", 6.0),
+        };
+        let _ = writeln!(
+            out,
+            r##"<g><title>{}</title><rect x="{:.1}" y="{:.1}" width="{NODE_WIDTH}" height="{NODE_HEIGHT}" rx="{rx}" fill="{fill}" stroke="{stroke}" stroke-width="1.4"/><text x="{x:.1}" y="{:.1}" font-size="12" text-anchor="middle" fill="#1b1b1b">{}</text></g>"##,
+            escape(&node.id),
+            x - NODE_WIDTH / 2.0,
+            y - NODE_HEIGHT / 2.0,
+            y + 4.0,
+            escape(&shorten(&node.label))
+        );
+    }
+    let _ = writeln!(out, "</svg>");
+    out
+}
+
+/// A page holding the SVG and the edges as a table (searchable, copyable), with no
+/// scripts, external fonts or links: it opens the same offline.
+pub fn render_html(graph: &Graph) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "<!DOCTYPE html>");
+    let _ = writeln!(
+        out,
+        r##"<html xmlns="http://www.w3.org/1999/xhtml" lang="en"><head><meta charset="utf-8"/><title>{}</title>"##,
+        escape(&graph.title)
+    );
+    let _ = writeln!(
+        out,
+        "<style>body{{font-family:Helvetica,Arial,sans-serif;margin:16px;color:#222}}table{{border-collapse:collapse;font-size:13px;margin-top:12px}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}}th{{background:#f0f3f7}}.denied{{color:{DENIED_COLOR}}}</style></head><body>"
+    );
+    out.push_str(&render_svg(graph));
+    let _ = writeln!(
+        out,
+        "<table><tr><th>from</th><th>to</th><th>allowed (policies)</th><th>observed and denied</th></tr>"
+    );
+    for edge in &graph.edges {
+        let _ = writeln!(
+            out,
+            r##"<tr><td>{}</td><td>{}</td><td>{}</td><td class="denied">{}</td></tr>"##,
+            escape(&edge.from),
+            escape(&edge.to),
+            allowed_lines(edge)
+                .iter()
+                .map(|l| escape(l))
+                .collect::<Vec<_>>()
+                .join("<br/>"),
+            edge.denied
+                .as_ref()
+                .map(|d| escape(&d.label()))
+                .unwrap_or_default()
+        );
+    }
+    let _ = writeln!(out, "</table></body></html>");
+    out
+}
