@@ -23,6 +23,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "iputils-ping",
     "netsniff-ng",
+    // `microseg graph`'s rendering test: `dot` renders the DOT output, a headless
+    // browser (/usr/bin/chromium-headless-shell) screenshots the HTML page.
+    "graphviz",
+    "chromium-headless-shell",
 ];
 
 pub fn run() -> anyhow::Result<()> {

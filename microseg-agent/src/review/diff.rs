@@ -238,11 +238,15 @@ impl DiffReport {
                 })
                 .collect::<Vec<_>>()
         };
+        let observed = if self.flows_considered == 0 {
+            "no observed flows: the agent's history is empty, or give --flows FILE".to_owned()
+        } else {
+            format!("of {} observed flows", self.flows_considered)
+        };
         section(
             format!(
-                "Observed flows newly denied: {} (of {} observed flows)",
-                self.newly_denied.len(),
-                self.flows_considered
+                "Observed flows newly denied: {} ({observed})",
+                self.newly_denied.len()
             ),
             flow_lines(&self.newly_denied),
         );

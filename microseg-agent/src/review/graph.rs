@@ -125,16 +125,9 @@ impl Graph {
                 .allowed
             })
             .collect();
-        let observed: Vec<_> = denied
-            .iter()
-            .flat_map(|f| {
-                [
-                    (Some(f.src), f.protocol, f.port),
-                    (Some(f.dst), f.protocol, f.port),
-                ]
-            })
-            .collect();
-        let universe = Universe::of(&[set], &observed);
+        // Observed addresses are nodes only through their denied flows: what every
+        // unenforced workload may send them says nothing.
+        let universe = Universe::of(&[set], &[]);
         let reach = universe.reach(set);
         let node_of = |node: &Node| -> GraphNode {
             match (node, by) {
@@ -165,8 +158,15 @@ impl Graph {
             BTreeMap::new();
         for (from, to) in reach.pairs() {
             let (a, b) = (node_of(from), node_of(to));
+            let grants = universe.grants(&reach, from, to);
+            // An address block is reachable from (or reaches) every workload no
+            // policy restricts: only edges a policy decides are drawn to blocks.
+            let external = a.kind == NodeKind::External || b.kind == NodeKind::External;
+            if external && grants.iter().all(|g| g.policies.is_empty()) {
+                continue;
+            }
             let entry = allowed.entry((a.id, b.id)).or_default();
-            for grant in universe.grants(&reach, from, to) {
+            for grant in grants {
                 entry.entry(grant.policies).or_default().insert(grant.range);
             }
         }

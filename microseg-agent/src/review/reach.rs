@@ -196,9 +196,12 @@ pub struct Universe {
     cuts: BTreeMap<Protocol, Cuts>,
 }
 
+/// A rule's peers and ports (`None`: every peer, every port).
+type RuleParts<'a> = (Option<&'a [Peer]>, Option<&'a [PortRule]>);
+
 /// Every port rule and ipBlock of a set's policies, NetworkPolicies and
 /// ClusterNetworkPolicies alike.
-fn rules_of(set: &PolicySet) -> Vec<(Option<&[Peer]>, Option<&[PortRule]>)> {
+fn rules_of(set: &PolicySet) -> Vec<RuleParts<'_>> {
     let mut rules = Vec::new();
     for policy in &set.policies {
         for list in [&policy.ingress, &policy.egress].into_iter().flatten() {

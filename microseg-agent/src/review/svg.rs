@@ -13,6 +13,7 @@ use std::{collections::BTreeMap, fmt::Write};
 use super::{
     dot::{ALLOWED_COLOR, DENIED_COLOR, UNRESTRICTED_COLOR},
     graph::{Graph, GraphEdge, GraphNode, NodeKind},
+    reach::format_ranges,
 };
 
 /// Escapes text for XML content and attribute values.
@@ -35,11 +36,13 @@ pub fn escape(text: &str) -> String {
 
 const NODE_WIDTH: f64 = 170.0;
 const NODE_HEIGHT: f64 = 34.0;
-const COLUMN: f64 = 400.0;
+const COLUMN: f64 = 340.0;
 const ROW: f64 = 70.0;
 const BAND_TOP: f64 = 58.0;
 const BAND_GAP: f64 = 24.0;
 const MARGIN: f64 = 24.0;
+/// Room between a band's frame and its nodes.
+const BAND_PAD: f64 = 20.0;
 const LEGEND_HEIGHT: f64 = 56.0;
 /// Average width of a 10 px sans-serif character, for label boxes.
 const CHAR_WIDTH: f64 = 5.6;
@@ -49,8 +52,17 @@ const MAX_LABEL: usize = 26;
 struct Layout {
     /// Node index -> (centre x, centre y).
     centres: Vec<(f64, f64)>,
-    /// (title, top, height) of each band; `None` title for an unframed band.
-    bands: Vec<(Option<String>, f64, f64)>,
+    bands: Vec<Band>,
+    width: f64,
+    height: f64,
+}
+
+/// A namespace's frame (or the frame of the blocks outside the inventory).
+struct Band {
+    /// `None` for an unframed band (namespaces as nodes).
+    title: Option<String>,
+    x: f64,
+    y: f64,
     width: f64,
     height: f64,
 }
@@ -66,11 +78,18 @@ fn layers(graph: &Graph) -> Vec<usize> {
         .map(|(i, n)| (n.id.as_str(), i))
         .collect();
     let mut successors = vec![Vec::new(); graph.nodes.len()];
-    for edge in graph
-        .edges
+    // Denied flows order only the addresses they reach, which no policy edge
+    // places.
+    let external: Vec<bool> = graph
+        .nodes
         .iter()
-        .filter(|e| !e.allowed.is_empty() && !e.unrestricted() && e.from != e.to)
-    {
+        .map(|n| n.kind == NodeKind::External)
+        .collect();
+    for edge in graph.edges.iter().filter(|e| {
+        e.from != e.to
+            && ((!e.allowed.is_empty() && !e.unrestricted())
+                || (e.denied.is_some() && index.get(e.to.as_str()).is_some_and(|i| external[*i])))
+    }) {
         if let (Some(a), Some(b)) = (index.get(edge.from.as_str()), index.get(edge.to.as_str())) {
             successors[*a].push(*b);
         }
@@ -131,28 +150,80 @@ fn layout(graph: &Graph) -> Layout {
     for (i, node) in graph.nodes.iter().enumerate() {
         bands.entry(band_of(node)).or_default().push(i);
     }
-    let mut centres = vec![(0.0, 0.0); graph.nodes.len()];
-    let mut band_boxes = Vec::new();
-    let mut top = MARGIN + LEGEND_HEIGHT;
+    // Each band spans the columns of its nodes; bands whose spans do not overlap
+    // share a shelf (a row of bands), the first one that has room, in band order.
+    struct Placed {
+        title: Option<String>,
+        members: Vec<usize>,
+        span: (usize, usize),
+        rows: usize,
+        shelf: usize,
+    }
+    let mut shelves: Vec<Vec<(usize, usize)>> = Vec::new();
+    let mut placed = Vec::new();
     for ((_, title), members) in bands {
+        let span = members.iter().fold((usize::MAX, 0), |(lo, hi), &i| {
+            (lo.min(layer[i]), hi.max(layer[i]))
+        });
         let mut per_column: BTreeMap<usize, usize> = BTreeMap::new();
         for &i in &members {
+            *per_column.entry(layer[i]).or_insert(0) += 1;
+        }
+        let rows = per_column.values().max().copied().unwrap_or(1);
+        let shelf = shelves
+            .iter()
+            .position(|spans| spans.iter().all(|(lo, hi)| span.1 < *lo || span.0 > *hi))
+            .unwrap_or_else(|| {
+                shelves.push(Vec::new());
+                shelves.len() - 1
+            });
+        shelves[shelf].push(span);
+        placed.push(Placed {
+            title,
+            members,
+            span,
+            rows,
+            shelf,
+        });
+    }
+    let mut shelf_tops = Vec::new();
+    let mut top = MARGIN + LEGEND_HEIGHT;
+    for shelf in 0..shelves.len() {
+        shelf_tops.push(top);
+        let rows = placed
+            .iter()
+            .filter(|p| p.shelf == shelf)
+            .map(|p| p.rows)
+            .max()
+            .unwrap_or(1);
+        top += BAND_TOP + rows as f64 * ROW + BAND_GAP;
+    }
+    let column_x = |column: usize| MARGIN + BAND_PAD + column as f64 * COLUMN;
+    let mut centres = vec![(0.0, 0.0); graph.nodes.len()];
+    let mut band_boxes = Vec::new();
+    for band in placed {
+        let band_top = shelf_tops[band.shelf];
+        let mut per_column: BTreeMap<usize, usize> = BTreeMap::new();
+        for &i in &band.members {
             let row = per_column.entry(layer[i]).or_insert(0);
             centres[i] = (
-                MARGIN + 20.0 + NODE_WIDTH / 2.0 + layer[i] as f64 * COLUMN,
-                top + BAND_TOP + NODE_HEIGHT / 2.0 + *row as f64 * ROW,
+                column_x(layer[i]) + NODE_WIDTH / 2.0,
+                band_top + BAND_TOP + NODE_HEIGHT / 2.0 + *row as f64 * ROW,
             );
             *row += 1;
         }
-        let rows = per_column.values().max().copied().unwrap_or(1);
-        let height = BAND_TOP + rows as f64 * ROW;
-        band_boxes.push((title, top, height));
-        top += height + BAND_GAP;
+        band_boxes.push(Band {
+            title: band.title,
+            x: column_x(band.span.0) - BAND_PAD,
+            y: band_top,
+            width: (band.span.1 - band.span.0) as f64 * COLUMN + NODE_WIDTH + 2.0 * BAND_PAD,
+            height: BAND_TOP + band.rows as f64 * ROW,
+        });
     }
     Layout {
         centres,
         bands: band_boxes,
-        width: 2.0 * MARGIN + 40.0 + NODE_WIDTH + (columns - 1) as f64 * COLUMN + 120.0,
+        width: column_x(columns - 1) + NODE_WIDTH + BAND_PAD + MARGIN,
         height: top + MARGIN,
     }
 }
@@ -211,7 +282,7 @@ fn edge_path(
     to: (f64, f64),
     bend: f64,
     style: &str,
-    lines: &[String],
+    lines: Option<&[String]>,
     color: &str,
 ) {
     if from == to {
@@ -226,18 +297,27 @@ fn edge_path(
             top - 40.0,
             from.0 + 20.0
         );
-        label(
-            out,
-            from.0,
-            top - 40.0 - 6.0 * lines.len() as f64,
-            lines,
-            color,
-        );
+        if let Some(lines) = lines {
+            label(
+                out,
+                from.0,
+                top - 40.0 - 6.0 * lines.len() as f64,
+                lines,
+                color,
+            );
+        }
         return;
     }
     let (dx, dy) = (to.0 - from.0, to.1 - from.1);
     let length = (dx * dx + dy * dy).sqrt().max(1.0);
     let middle = ((from.0 + to.0) / 2.0, (from.1 + to.1) / 2.0);
+    // An edge within a column would cross the boxes between its ends: bend it
+    // round them.
+    let bend = if dx.abs() < NODE_WIDTH {
+        bend + 0.22 * dy.abs()
+    } else {
+        bend
+    };
     let control = (middle.0 - dy / length * bend, middle.1 + dx / length * bend);
     let start = box_exit(from, control);
     let end = box_exit(to, control);
@@ -246,16 +326,33 @@ fn edge_path(
         r##"<path d="M {:.1} {:.1} Q {:.1} {:.1} {:.1} {:.1}" fill="none" {style}/>"##,
         start.0, start.1, control.0, control.1, end.0, end.1
     );
-    let at = (
-        0.25 * start.0 + 0.5 * control.0 + 0.25 * end.0,
-        0.25 * start.1 + 0.5 * control.1 + 0.25 * end.1,
-    );
-    label(out, at.0, at.1, lines, color);
+    // Nearer the target than the source: the label says what reaches it.
+    let t = 0.62;
+    let at =
+        |a: f64, c: f64, b: f64| (1.0 - t) * (1.0 - t) * a + 2.0 * (1.0 - t) * t * c + t * t * b;
+    if let Some(lines) = lines {
+        label(
+            out,
+            at(start.0, control.0, end.0),
+            at(start.1, control.1, end.1),
+            lines,
+            color,
+        );
+    }
 }
 
-/// The label lines of an edge's allowed ports: ports, then the policies.
+/// The label lines of an edge's allowed ports in the picture: per group, the
+/// ports, then one policy a line.
 fn allowed_lines(edge: &GraphEdge) -> Vec<String> {
-    edge.allowed.iter().map(|a| a.label()).collect()
+    let mut lines = Vec::new();
+    for allowed in &edge.allowed {
+        lines.push(format_ranges(&allowed.ranges));
+        if allowed.policies.is_empty() {
+            lines.push("(no policy)".to_owned());
+        }
+        lines.extend(allowed.policies.iter().cloned());
+    }
+    lines
 }
 
 /// The graph as a standalone SVG document.
@@ -324,18 +421,18 @@ pub fn render_svg(graph: &Graph) -> String {
             escape(text)
         );
     }
-    for (title, top, height) in &layout.bands {
-        if let Some(title) = title {
+    for band in &layout.bands {
+        if let Some(title) = &band.title {
             let _ = writeln!(
                 out,
-                r##"<rect x="{MARGIN}" y="{top:.1}" width="{:.1}" height="{height:.1}" rx="10" fill="#f7f9fc" stroke="#7f8c9d"/>"##,
-                layout.width - 2.0 * MARGIN
+                r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" rx="10" fill="#f7f9fc" stroke="#7f8c9d"/>"##,
+                band.x, band.y, band.width, band.height
             );
             let _ = writeln!(
                 out,
                 r##"<text x="{:.1}" y="{:.1}" font-size="12" font-weight="bold" fill="#55606e">{}</text>"##,
-                MARGIN + 12.0,
-                top + 18.0,
+                band.x + 12.0,
+                band.y + 18.0,
                 escape(title)
             );
         }
@@ -346,6 +443,7 @@ pub fn render_svg(graph: &Graph) -> String {
         .enumerate()
         .map(|(i, n)| (n.id.as_str(), i))
         .collect();
+    let mut labelled = std::collections::BTreeSet::new();
     for edge in &graph.edges {
         let (Some(&a), Some(&b)) = (index.get(edge.from.as_str()), index.get(edge.to.as_str()))
         else {
@@ -370,13 +468,17 @@ pub fn render_svg(graph: &Graph) -> String {
             let style = format!(
                 r##"stroke="{color}" stroke-width="1.6"{dash} marker-end="url(#arrow-{id})""##
             );
+            // One label per target and text: parallel edges (every frontend to
+            // every API server) would stack the same words.
+            let lines = allowed_lines(edge);
+            let first = labelled.insert((edge.to.clone(), lines.clone()));
             edge_path(
                 &mut out,
                 from,
                 to,
                 24.0,
                 &style,
-                &allowed_lines(edge),
+                first.then_some(&lines[..]),
                 color,
             );
         }
@@ -390,7 +492,7 @@ pub fn render_svg(graph: &Graph) -> String {
                 to,
                 64.0,
                 &style,
-                &[denied.label()],
+                Some(&[denied.label()]),
                 DENIED_COLOR,
             );
         }
@@ -440,9 +542,9 @@ pub fn render_html(graph: &Graph) -> String {
             r##"<tr><td>{}</td><td>{}</td><td>{}</td><td class="denied">{}</td></tr>"##,
             escape(&edge.from),
             escape(&edge.to),
-            allowed_lines(edge)
+            edge.allowed
                 .iter()
-                .map(|l| escape(l))
+                .map(|a| escape(&a.label()))
                 .collect::<Vec<_>>()
                 .join("<br/>"),
             edge.denied
