@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, ValueEnum};
 
-use super::{OutputFormat, review_input};
+use super::review_input;
 use crate::review::diff::{Side, diff};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -15,6 +15,14 @@ pub enum FailOn {
     Changes,
     /// Only observed flows that the change would deny.
     NewlyDenied,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiffOutput {
+    /// For people.
+    Text,
+    /// For tools.
+    Json,
 }
 
 #[derive(Args)]
@@ -37,9 +45,8 @@ pub struct DiffArgs {
     /// What makes the exit status 1.
     #[arg(long, value_enum, default_value_t = FailOn::Changes)]
     pub fail_on: FailOn,
-    /// `json` for tools; anything else is text.
-    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
-    pub output: OutputFormat,
+    #[arg(short, long, value_enum, default_value_t = DiffOutput::Text)]
+    pub output: DiffOutput,
 }
 
 pub fn run(socket: &std::path::Path, args: &DiffArgs) -> ExitCode {
@@ -76,7 +83,7 @@ fn compare(socket: &std::path::Path, args: &DiffArgs) -> anyhow::Result<ExitCode
     let new = Side::build(new_objects, "the new policy set (-f)")?;
     let flows = review_input::observed_flows(args.flows.as_deref(), socket, live)?;
     let report = diff(&base, &new, &flows);
-    if args.output == OutputFormat::Json {
+    if args.output == DiffOutput::Json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     } else {
         print!("{}", report.to_text());
