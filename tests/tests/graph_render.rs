@@ -127,7 +127,7 @@ fn graphviz_renders_the_dot_output() {
                 .output()
                 .expect("dot runs");
             assert!(
-                result.status.success() && result.stderr.is_empty(),
+                result.status.success(),
                 "dot -T{format} on the {by} graph: {}",
                 String::from_utf8_lossy(&result.stderr)
             );

@@ -27,6 +27,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // browser (/usr/bin/chromium-headless-shell) screenshots the HTML page.
     "graphviz",
     "chromium-headless-shell",
+    // A font, so that both draw text on a minimal system.
+    "fonts-dejavu-core",
 ];
 
 pub fn run() -> anyhow::Result<()> {
