@@ -220,11 +220,20 @@ fn layout(graph: &Graph) -> Layout {
             height: BAND_TOP + band.rows as f64 * ROW,
         });
     }
+    let loop_room = if graph.edges.iter().any(|e| e.from == e.to) {
+        180.0
+    } else {
+        0.0
+    };
     Layout {
         centres,
         bands: band_boxes,
-        width: column_x(columns - 1) + NODE_WIDTH + BAND_PAD + MARGIN,
-        height: top + MARGIN,
+        // Room for the title and legend, and for labels right of the last column
+        // and below the last row.
+        width: (column_x(columns - 1) + NODE_WIDTH + BAND_PAD + MARGIN + loop_room)
+            .max(2.0 * MARGIN + graph.title.chars().count() as f64 * 9.5)
+            .max(820.0),
+        height: top + MARGIN + 40.0,
     }
 }
 
@@ -254,10 +263,14 @@ fn shorten(label: &str) -> String {
     }
 }
 
+/// The width of a label's box.
+fn label_width(lines: &[String]) -> f64 {
+    lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) as f64 * CHAR_WIDTH + 8.0
+}
+
 /// A label of one or more lines on a white box centred at (x, y).
 fn label(out: &mut String, x: f64, y: f64, lines: &[String], color: &str) {
-    let width =
-        lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) as f64 * CHAR_WIDTH + 8.0;
+    let width = label_width(lines);
     let height = lines.len() as f64 * 12.0 + 4.0;
     let _ = writeln!(
         out,
@@ -286,25 +299,43 @@ fn edge_path(
     color: &str,
 ) {
     if from == to {
-        let top = from.1 - NODE_HEIGHT / 2.0;
-        let _ = writeln!(
-            out,
-            r##"<path d="M {:.1} {top:.1} C {:.1} {:.1} {:.1} {:.1} {:.1} {top:.1}" fill="none" {style}/>"##,
-            from.0 - 20.0,
-            from.0 - 45.0,
-            top - 40.0,
-            from.0 + 45.0,
-            top - 40.0,
-            from.0 + 20.0
-        );
+        // A namespace's traffic within itself: a loop on the box's right side with
+        // its label beside it (allowed), or below the box (denied).
+        let (x, y) = from;
+        let (right, bottom) = (x + NODE_WIDTH / 2.0, y + NODE_HEIGHT / 2.0);
+        let (path, at) = if bend < 40.0 {
+            let width = lines.map_or(0.0, label_width);
+            (
+                format!(
+                    "M {:.1} {:.1} C {:.1} {:.1} {:.1} {:.1} {right:.1} {:.1}",
+                    right,
+                    y - 8.0,
+                    right + 40.0,
+                    y - 30.0,
+                    right + 40.0,
+                    y + 30.0,
+                    y + 8.0
+                ),
+                (right + 48.0 + width / 2.0, y),
+            )
+        } else {
+            let height = lines.map_or(0.0, |l| l.len() as f64 * 12.0);
+            (
+                format!(
+                    "M {:.1} {bottom:.1} C {:.1} {:.1} {:.1} {:.1} {:.1} {bottom:.1}",
+                    x - 20.0,
+                    x - 45.0,
+                    bottom + 40.0,
+                    x + 45.0,
+                    bottom + 40.0,
+                    x + 20.0
+                ),
+                (x, bottom + 40.0 + height / 2.0),
+            )
+        };
+        let _ = writeln!(out, r##"<path d="{path}" fill="none" {style}/>"##);
         if let Some(lines) = lines {
-            label(
-                out,
-                from.0,
-                top - 40.0 - 6.0 * lines.len() as f64,
-                lines,
-                color,
-            );
+            label(out, at.0, at.1, lines, color);
         }
         return;
     }
