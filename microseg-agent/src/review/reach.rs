@@ -17,7 +17,8 @@ use std::{
 use ipnet::IpNet;
 
 use crate::policy::{
-    Flow, FlowVerdict, Peer, PolicySet, PortRule, PortSpec, Protocol, VerdictReason, evaluate,
+    Flow, FlowVerdict, Peer, PolicyDirection, PolicySet, PortRule, PortSpec, Protocol,
+    VerdictReason, evaluate,
 };
 
 /// One end of a connection: a workload of the inventory, or an address block
@@ -367,9 +368,22 @@ impl Universe {
                 }) else {
                     continue;
                 };
+                // Neither end judged in its direction (no policy of either kind
+                // selects it): every port allowed, no policy to name, as the
+                // evaluator would say interval by interval.
+                let open = unjudged(set, src, PolicyDirection::Egress)
+                    && unjudged(set, dst, PolicyDirection::Ingress);
                 let mut cells = Vec::new();
                 for (protocol, cuts) in &self.cuts {
                     for (index, port) in cuts.starts.iter().enumerate() {
+                        if open {
+                            cells.push(Cell {
+                                protocol: *protocol,
+                                index,
+                                allowed: Some(Policies::new()),
+                            });
+                            continue;
+                        }
                         let verdict = evaluate(
                             set,
                             &Flow {
@@ -493,6 +507,18 @@ impl Reach {
     pub fn pairs(&self) -> impl Iterator<Item = &(Node, Node)> {
         self.pairs.keys()
     }
+}
+
+/// Whether no NetworkPolicy or ClusterNetworkPolicy judges `address` in
+/// `direction` (an address outside the inventory never is).
+fn unjudged(set: &PolicySet, address: IpAddr, direction: PolicyDirection) -> bool {
+    set.workload_by_address(address).is_none_or(|workload| {
+        set.policies_selecting(workload, direction).next().is_none()
+            && set
+                .cluster_policies_selecting(workload, direction)
+                .next()
+                .is_none()
+    })
 }
 
 /// An address of `cidr` for which `usable` holds: the first of its first 4,096
