@@ -345,3 +345,29 @@ fn special_characters_are_escaped_in_dot_and_svg() {
         "{dot}"
     );
 }
+
+#[test]
+fn cluster_network_policies_are_named_on_the_edges_they_accept() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster-pci-zone");
+    let side = Side::build(read_paths(&[dir]).unwrap(), "set").unwrap();
+    let graph = Graph::build(&side.set, &[], GroupBy::Workload, "pci");
+    let edge = graph
+        .edges
+        .iter()
+        .find(|e| e.from == "checkout/payment-frontend" && e.to == "payments/card-vault")
+        .expect("the frontend reaches the vault");
+    let labels: Vec<String> = edge.allowed.iter().map(|a| a.label()).collect();
+    assert_eq!(
+        labels,
+        ["TCP/8443 (ClusterNetworkPolicy/pci-zone-isolation)"]
+    );
+    // The Admin tier's Deny leaves the debug shell no edge into the zone.
+    assert!(
+        !graph
+            .edges
+            .iter()
+            .any(|e| e.from == "dev/debug-shell" && e.to == "payments/card-vault"),
+        "{:?}",
+        graph.edges
+    );
+}
