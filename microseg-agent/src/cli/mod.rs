@@ -5,6 +5,7 @@ mod check;
 mod events;
 mod progress;
 mod resources;
+mod rule_hits;
 mod table;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -79,6 +80,9 @@ enum Command {
     },
     /// Show deny and audit events (`--follow` to stream).
     Events(events::EventsArgs),
+    /// Connections and packets per policy rule and default deny; `--unused-since`
+    /// lists the rules nothing used (the compliance audit).
+    RuleHits(rule_hits::RuleHitsArgs),
     /// Packet counters, drops by reason and map usage.
     Stats {
         #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
@@ -333,6 +337,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Events(args) => {
             events::run(&cli.socket, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RuleHits(args) => {
+            rule_hits::run(&cli.socket, &args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Stats { output } => {
