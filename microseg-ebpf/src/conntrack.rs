@@ -136,6 +136,28 @@ pub fn lookup(
     }
 }
 
+/// Whether this opening packet (a bare SYN, an echo request) was already allowed under
+/// `generation` and is still unanswered: the same packet seen again at a second hook
+/// of this node (or its retransmission). It is judged again all the same; only its
+/// event and its count as a new flow are not repeated.
+#[inline(always)]
+pub fn opening_already_allowed(
+    flow: &Flow,
+    generation: u32,
+    lifetimes: &ConntrackLifetimes,
+    now_ns: u64,
+) -> bool {
+    // SAFETY: the value is copied out at once.
+    let Some(state) = (unsafe { CONNTRACK.get(&flow.key) }) else {
+        return false;
+    };
+    let stage = FlowStage::of(flow.key.protocol, state.seen);
+    state.generation == generation
+        && state.origin == flow.sender
+        && state.seen & microseg_common::conntrack::FLOW_SEEN_REPLY == 0
+        && now_ns.saturating_sub(state.last_seen_ns) <= lifetimes.of(stage)
+}
+
 /// Records that the flow is allowed under `generation`, its packets counted in
 /// `hit_slot`. A re-judged flow keeps its origin and what was seen of it; a new one
 /// starts with this packet's sender.

@@ -29,7 +29,9 @@
 //!
 //! Every decision is counted on the rule that made it (`rule_hits`): a judged flow on
 //! each rule that allowed it, an established flow's packets on the rule conntrack
-//! remembers, a denied packet on its deny rule or its endpoint's default deny.
+//! remembers, a denied packet on its deny rule or its endpoint's default deny. A
+//! packet is counted at each enforcing hook it passes; a flow once, and an opening
+//! packet seen again at a second hook sends no second trace or audit event.
 
 use microseg_common::{
     DropReason,
@@ -242,17 +244,23 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
             egress,
             direction,
         } => {
-            rule_hits::count_flow(ingress.hit_slot);
-            rule_hits::count_flow(egress.hit_slot);
             // The flow's later packets count on one rule: the ingress rule's if any.
             let hit_slot = if ingress.hit_slot != 0 {
                 ingress.hit_slot
             } else {
                 egress.hit_slot
             };
+            let repeated = opens
+                && conntrack::opening_already_allowed(&flow, generation, &settings.lifetimes, now);
+            if repeated {
+                rule_hits::count_packet(hit_slot);
+            } else {
+                rule_hits::count_flow(ingress.hit_slot);
+                rule_hits::count_flow(egress.hit_slot);
+            }
             conntrack::record_allowed(&flow, &info, &tracked, generation, hit_slot, now);
             count_allowed(hook);
-            if settings.flags & SETTINGS_FLAG_TRACE_ALLOWED != 0 {
+            if !repeated && settings.flags & SETTINGS_FLAG_TRACE_ALLOWED != 0 {
                 let reported = if direction == Direction::Egress as u8 {
                     egress
                 } else {
@@ -277,12 +285,17 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
         Judgement::Audited(denial) => {
             // Counted as the deny it would have been; the flow itself on no rule.
             rule_hits::count_packet(denial.hit_slot);
+            let repeated = opens
+                && conntrack::opening_already_allowed(&flow, generation, &settings.lifetimes, now);
             conntrack::record_allowed(&flow, &info, &tracked, generation, 0, now);
             counters::count(if is_ingress_hook(hook) {
                 Counter::AuditedIngress
             } else {
                 Counter::AuditedEgress
             });
+            if repeated {
+                return Verdict::Pass;
+            }
             let fields = denial_fields(
                 hook,
                 ifindex,

@@ -153,6 +153,13 @@ struct AgentArgs {
     /// In-kernel event rate limit per CPU.
     #[arg(long)]
     events_per_second: Option<u32>,
+    /// Also report allowed flows (FORWARDED), once per new flow: the flow history
+    /// then holds what ran, for `suggest`, `diff` and `graph`.
+    #[arg(long)]
+    trace_allowed: bool,
+    /// Flows kept in memory for `microseg events` and the Hubble API.
+    #[arg(long)]
+    flow_history: Option<usize>,
     /// Detach and delete pinned state when the agent exits (default: enforcement
     /// stays).
     #[arg(long)]
@@ -443,6 +450,10 @@ fn run_agent(args: AgentArgs, socket: &std::path::Path) -> anyhow::Result<()> {
         config.event_log_files = files;
     }
     config.audit_mode |= args.audit;
+    config.trace_allowed |= args.trace_allowed;
+    if let Some(flows) = args.flow_history {
+        config.flow_history = flows;
+    }
     config.kubernetes.enabled |= args.kubernetes;
     if args.kubeconfig.is_some() {
         config.kubernetes.kubeconfig = args.kubeconfig;
