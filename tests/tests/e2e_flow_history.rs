@@ -278,6 +278,10 @@ fn history_and_hits(mode: &str) {
     assert_eq!(audit["countedForPartOfTheWindow"], serde_json::json!([]));
     let table = lab.cli_ok(&["rule-hits", "--unused-since", &before_traffic]);
     assert!(table.contains("1 rule(s) with no hit since"), "{table}");
+    println!(
+        "[{mode}] microseg rule-hits:\n{}\n[{mode}] microseg rule-hits --unused-since {before_traffic}:\n{table}",
+        lab.cli_ok(&["rule-hits"])
+    );
     // The policy's total in `get policies -o wide`.
     let wide = lab.cli_ok(&["get", "policies", "-o", "wide"]);
     assert!(wide.contains("CONNECTIONS"), "{wide}");
