@@ -134,7 +134,15 @@ impl HitSlots {
             table.owners.insert(slot, HitSlotOwner::Rule(rule_id));
         }
         for (&endpoint_id, &first) in &self.default_denies {
-            for (offset, direction) in [(0, Direction::Ingress), (1, Direction::Egress)] {
+            let Some(endpoint) = compiled.endpoints.get(&endpoint_id) else {
+                continue;
+            };
+            // A pair per endpoint; only an enforced direction has a default deny.
+            let enforced = [
+                (0, Direction::Ingress, endpoint.ingress_enforced),
+                (1, Direction::Egress, endpoint.egress_enforced),
+            ];
+            for (offset, direction, _) in enforced.into_iter().filter(|e| e.2) {
                 table.owners.insert(
                     first + offset,
                     HitSlotOwner::DefaultDeny {
@@ -225,8 +233,8 @@ spec: {addresses: [10.0.0.1]}
         let set = load(POLICY);
         let mut compiler = Compiler::default();
         let first = compiler.compile(&set);
-        // Two rules, one endpoint's pair.
-        assert_eq!(first.hit_slots.owners.len(), 4);
+        // Two rules, one endpoint's pair (its ingress enforced: one default deny).
+        assert_eq!(first.hit_slots.owners.len(), 3);
         assert_eq!(first.hit_slots.fresh, [1, 2, 3, 4]);
         assert!(first.state.policy.values().all(|e| e.hit_slot != 0));
         assert!(
@@ -266,6 +274,6 @@ spec: {addresses: [10.0.0.1]}
         compiler.compile(&without);
         let later = compiler.compile(&with_rule);
         assert_eq!(later.hit_slots.fresh.len(), 1);
-        assert!(later.hit_slots.owners.len() == 4);
+        assert_eq!(later.hit_slots.owners.len(), 3);
     }
 }
