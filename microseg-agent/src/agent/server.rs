@@ -828,6 +828,11 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "taskRestarts": agent.restarts.snapshot(),
         "eventsReceived": agent.hub.received.load(std::sync::atomic::Ordering::Relaxed),
         "eventsLostBySubscribers": agent.hub.subscriber_lost.load(std::sync::atomic::Ordering::Relaxed),
+        "flowHistory": {
+            "flows": agent.hub.history_len(),
+            "capacity": agent.hub.history_capacity,
+            "traceAllowed": core.config.trace_allowed,
+        },
     });
     if let Some(kubernetes) = &core.kubernetes {
         status["kubernetes"] = json!(kubernetes);
