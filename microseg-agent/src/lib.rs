@@ -8,3 +8,4 @@ pub mod datapath;
 pub mod event_view;
 pub mod fault;
 pub mod policy;
+pub mod suggest;
