@@ -179,3 +179,65 @@ fn agent_inventory(socket: &Path) -> anyhow::Result<Inventory> {
     }
     Ok(inventory)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::read_event_file;
+    use crate::suggest::Collector;
+
+    /// A file in a fresh temporary directory, removed with it.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("microseg-suggest-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    const EVENT: &str = r#"{"time":"2026-11-30T06:00:00Z","verdict":"AUDIT","IP":{"source":"10.0.0.1","destination":"10.0.0.2"},"source":{"namespace":"a","pod_name":"x","labels":["k8s:app=x"]},"destination":{"namespace":"a","pod_name":"y","labels":["k8s:app=y"]},"l4":{"TCP":{"source_port":40000,"destination_port":80,"flags":{"SYN":true}}}}"#;
+
+    #[test]
+    fn event_files_are_json_lines_and_errors_name_the_file_and_line() {
+        let good = TempFile::new(
+            "good.jsonl",
+            &format!("{EVENT}\n\n{{\"end_of_stream\":true}}\n"),
+        );
+        let mut collector = Collector::new(false);
+        read_event_file(&good.0, &mut collector).expect("reads");
+        assert_eq!(collector.finish().connections.len(), 1);
+
+        let bad = TempFile::new("bad.jsonl", &format!("{EVENT}\nnot json\n"));
+        let error = read_event_file(&bad.0, &mut Collector::new(false)).unwrap_err();
+        let text = format!("{error:#}");
+        assert!(
+            text.contains("bad.jsonl: line 2: not a JSON flow event"),
+            "{text}"
+        );
+
+        let other = TempFile::new("pods.jsonl", "{\"kind\":\"Pod\"}\n");
+        let error = read_event_file(&other.0, &mut Collector::new(false)).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("pods.jsonl: line 1: not a flow event: no \"verdict\" field"),
+            "{error}"
+        );
+
+        let missing = good.0.with_file_name("missing.jsonl");
+        let error = read_event_file(&missing, &mut Collector::new(false)).unwrap_err();
+        assert!(error.to_string().contains("cannot read"), "{error}");
+    }
+}

@@ -21,11 +21,11 @@ mod tests;
 use std::fmt::Write as _;
 
 use anyhow::bail;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Serialize;
 
 pub use generate::{PortKey, Suggestion, suggest_policies};
 pub use observed::{Collector, Connection, Ignored, Observation};
+pub use render::NetworkPolicy;
 pub use verify::{AlsoAllowed, Inventory, InventoryPod, SelfCheck};
 
 /// What `suggest` says beside the policies.

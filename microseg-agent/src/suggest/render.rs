@@ -1,19 +1,12 @@
-//! Suggested policies as Kubernetes objects (`networking.k8s.io/v1` NetworkPolicy,
-//! k8s-openapi's types) and as multi-document YAML, with an annotation saying which
-//! observed traffic justified each rule.
+//! Suggested policies as Kubernetes objects (`networking.k8s.io/v1` NetworkPolicy)
+//! and as multi-document YAML, with an annotation saying which observed traffic
+//! justified each rule. The fields are in the order people write and review them
+//! (name, selector, types, ingress, egress), not alphabetical as k8s-openapi's
+//! types would serialize them; the self-check reads the YAML back with the loader.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::{
-    api::networking::v1::{
-        IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
-        NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
-    },
-    apimachinery::pkg::{
-        apis::meta::v1::{LabelSelector, ObjectMeta},
-        util::intstr::IntOrString,
-    },
-};
+use serde::Serialize;
 
 use super::generate::{Evidence, PeerRef, SuggestedPolicy, SuggestedRule};
 use crate::policy::{NAMESPACE_NAME_LABEL, PolicyDirection};
@@ -23,48 +16,112 @@ pub const SUGGESTED_FROM_ANNOTATION: &str = "microseg.dev/suggested-from";
 /// Annotation naming the observed pods the policy was suggested for.
 pub const SUGGESTED_FOR_ANNOTATION: &str = "microseg.dev/suggested-for";
 
-fn match_labels(labels: &BTreeMap<String, String>) -> LabelSelector {
-    LabelSelector {
-        match_labels: Some(labels.clone()),
-        match_expressions: None,
+/// Peer pods named in an evidence line before "and N more".
+const PODS_NAMED: usize = 5;
+
+/// A NetworkPolicy document.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicy {
+    pub api_version: &'static str,
+    pub kind: &'static str,
+    pub metadata: Metadata,
+    pub spec: Spec,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Metadata {
+    pub name: String,
+    pub namespace: String,
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Spec {
+    pub pod_selector: Selector,
+    pub policy_types: Vec<&'static str>,
+    pub ingress: Vec<IngressRule>,
+    pub egress: Vec<EgressRule>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Selector {
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct IngressRule {
+    pub from: Vec<Peer>,
+    pub ports: Vec<Port>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EgressRule {
+    pub to: Vec<Peer>,
+    pub ports: Vec<Port>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Peer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<Selector>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<Selector>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_block: Option<IpBlock>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct IpBlock {
+    pub cidr: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Port {
+    pub protocol: &'static str,
+    pub port: u16,
+}
+
+fn match_labels(labels: &BTreeMap<String, String>) -> Selector {
+    Selector {
+        match_labels: labels.clone(),
     }
 }
 
 /// A rule's peer as seen from a policy in `namespace`.
-fn peer(namespace: &str, peer: &PeerRef) -> NetworkPolicyPeer {
+fn peer(namespace: &str, peer: &PeerRef) -> Peer {
     match peer {
-        PeerRef::Workload(workload) => NetworkPolicyPeer {
-            pod_selector: Some(match_labels(&workload.selector)),
+        PeerRef::Workload(workload) => Peer {
             namespace_selector: (workload.namespace != namespace).then(|| {
                 match_labels(&BTreeMap::from([(
                     NAMESPACE_NAME_LABEL.to_owned(),
                     workload.namespace.clone(),
                 )]))
             }),
+            pod_selector: Some(match_labels(&workload.selector)),
             ip_block: None,
         },
-        PeerRef::Address(address) => NetworkPolicyPeer {
-            ip_block: Some(IPBlock {
+        PeerRef::Address(address) => Peer {
+            namespace_selector: None,
+            pod_selector: None,
+            ip_block: Some(IpBlock {
                 cidr: format!("{address}/{}", if address.is_ipv4() { 32 } else { 128 }),
-                except: None,
             }),
-            ..NetworkPolicyPeer::default()
         },
     }
 }
 
-fn rule_parts(
-    namespace: &str,
-    rule: &SuggestedRule,
-) -> (Vec<NetworkPolicyPeer>, Vec<NetworkPolicyPort>) {
+fn rule_parts(namespace: &str, rule: &SuggestedRule) -> (Vec<Peer>, Vec<Port>) {
     let peers = rule.peers.iter().map(|p| peer(namespace, p)).collect();
     let ports = rule
         .ports
         .iter()
-        .map(|port| NetworkPolicyPort {
-            protocol: Some(port.protocol.name().to_owned()),
-            port: Some(IntOrString::Int(i32::from(port.port))),
-            end_port: None,
+        .map(|port| Port {
+            protocol: port.protocol.name(),
+            port: port.port,
         })
         .collect();
     (peers, ports)
@@ -91,8 +148,16 @@ pub fn evidence_line(
         .iter()
         .map(|pod| pod.rsplit('/').next().unwrap_or(pod))
         .collect();
+    let pods = match pods.len() {
+        n if n > PODS_NAMED => format!(
+            "{} and {} more",
+            pods[..PODS_NAMED].join(", "),
+            n - PODS_NAMED
+        ),
+        _ => pods.join(", "),
+    };
     let peer = match &evidence.peer {
-        PeerRef::Workload(_) => format!("{} [{}]", evidence.peer, pods.join(", ")),
+        PeerRef::Workload(_) => format!("{} [{pods}]", evidence.peer),
         PeerRef::Address(address) => format!("{address} (no workload)"),
     };
     let ports: Vec<String> = evidence
@@ -160,10 +225,7 @@ pub fn network_policy(policy: &SuggestedPolicy) -> NetworkPolicy {
         .iter()
         .map(|rule| {
             let (from, ports) = rule_parts(namespace, rule);
-            NetworkPolicyIngressRule {
-                from: Some(from),
-                ports: Some(ports),
-            }
+            IngressRule { from, ports }
         })
         .collect();
     let egress = policy
@@ -171,25 +233,23 @@ pub fn network_policy(policy: &SuggestedPolicy) -> NetworkPolicy {
         .iter()
         .map(|rule| {
             let (to, ports) = rule_parts(namespace, rule);
-            NetworkPolicyEgressRule {
-                to: Some(to),
-                ports: Some(ports),
-            }
+            EgressRule { to, ports }
         })
         .collect();
     NetworkPolicy {
-        metadata: ObjectMeta {
-            name: Some(policy.name.clone()),
-            namespace: Some(namespace.clone()),
-            annotations: Some(annotations),
-            ..ObjectMeta::default()
+        api_version: "networking.k8s.io/v1",
+        kind: "NetworkPolicy",
+        metadata: Metadata {
+            name: policy.name.clone(),
+            namespace: namespace.clone(),
+            annotations,
         },
-        spec: Some(NetworkPolicySpec {
-            pod_selector: Some(match_labels(&policy.workload.selector)),
-            policy_types: Some(vec!["Ingress".to_owned(), "Egress".to_owned()]),
-            ingress: Some(ingress),
-            egress: Some(egress),
-        }),
+        spec: Spec {
+            pod_selector: match_labels(&policy.workload.selector),
+            policy_types: vec!["Ingress", "Egress"],
+            ingress,
+            egress,
+        },
     }
 }
 
