@@ -631,3 +631,107 @@ fn nothing_observed_is_an_error() {
         "{error}"
     );
 }
+
+#[test]
+fn what_else_is_allowed_matches_evaluating_every_pair() {
+    // Observed: a few connections, one from a pod without labels (named by address).
+    let observation = observe(
+        &[
+            syn(frontend(1), api(1), 1, 8080),
+            syn(api(2), DATABASE, 2, 5432),
+            syn(("prod", "bare", &[], "10.0.5.2"), api(1), 3, 8080),
+            syn(INGRESS, frontend(2), 4, 443),
+            event("AUDIT", api(1), KUBE_DNS, udp(5, 53), 1),
+        ],
+        false,
+    );
+    let output_yaml = suggest(&observation, None, None).expect("suggest").yaml;
+    let suggestion = suggest_policies(&observation.connections, None);
+    // An inventory of many pods sharing label sets, some IPv4 only, some IPv6 only.
+    let mut inventory = Inventory::from_connections(&observation.connections);
+    let label_sets: [&[(&str, &str)]; 4] = [FE, API, DB, &[("app", "other")]];
+    for index in 0..24u8 {
+        let labels_of = label_sets[usize::from(index) % 4];
+        let addresses = match index % 3 {
+            0 => vec![format!("10.1.0.{index}"), format!("fd01::{index}")],
+            1 => vec![format!("10.1.0.{index}")],
+            _ => vec![format!("fd01::{index}")],
+        };
+        inventory.pods.push(InventoryPod {
+            namespace: if index < 16 { "prod" } else { "ingress" }.into(),
+            name: format!("pod-{index}"),
+            labels: labels(labels_of),
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        });
+    }
+    inventory
+        .namespaces
+        .insert("ingress".into(), BTreeMap::new());
+    let set = verify::policy_set(&inventory, &output_yaml).expect("loads");
+    let reported: std::collections::BTreeSet<(String, String, String, u16)> =
+        verify::also_allowed(&set, &suggestion, &observation.connections)
+            .into_iter()
+            .map(|a| (a.source, a.destination, a.protocol, a.port))
+            .collect();
+    // The same, one evaluation per pair.
+    let observed: std::collections::BTreeSet<(String, String, String, u16)> = observation
+        .connections
+        .iter()
+        .map(|c| {
+            let protocol = c.protocol.name().to_owned();
+            (
+                c.source.display(),
+                c.destination.display(),
+                protocol,
+                c.port,
+            )
+        })
+        .collect();
+    let mut expected = std::collections::BTreeSet::new();
+    for source in set.workloads.iter() {
+        for destination in set.workloads.iter().filter(|d| d.key() != source.key()) {
+            for (protocol, port) in [
+                (Protocol::Tcp, 443),
+                (Protocol::Tcp, 8080),
+                (Protocol::Tcp, 5432),
+                (Protocol::Tcp, 53),
+                (Protocol::Udp, 53),
+            ] {
+                let key = (
+                    source.key(),
+                    destination.key(),
+                    protocol.name().to_owned(),
+                    port,
+                );
+                let Ok(flow) = crate::policy::Flow::between(
+                    &set,
+                    &crate::policy::EndpointRef::Workload {
+                        namespace: source.namespace.clone(),
+                        name: source.name.clone(),
+                    },
+                    &crate::policy::EndpointRef::Workload {
+                        namespace: destination.namespace.clone(),
+                        name: destination.name.clone(),
+                    },
+                    protocol,
+                    port,
+                ) else {
+                    continue;
+                };
+                let verdict = crate::policy::evaluate(&set, &flow);
+                let enforced = [&verdict.ingress, &verdict.egress]
+                    .iter()
+                    .any(|d| matches!(d.reason, crate::policy::VerdictReason::AllowedBy(_)));
+                if verdict.allowed && enforced && !observed.contains(&key) {
+                    expected.insert(key);
+                }
+            }
+        }
+    }
+    assert!(
+        expected.len() > 50,
+        "a matrix worth checking: {}",
+        expected.len()
+    );
+    assert_eq!(reported, expected);
+}

@@ -4,7 +4,7 @@
 //! workloads, on the ports the policies name, what else do they allow?
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::Path,
 };
@@ -241,6 +241,70 @@ fn workload_peer(workload: &Workload) -> PeerRef {
     }
 }
 
+/// What a verdict between two workloads depends on, beside the policies: namespace
+/// and labels (selectors), address families (which addresses a flow uses), and, for
+/// a workload holding an address a suggested ipBlock names, the workload itself.
+/// Pairs of the same classes get the same verdict, so it is computed once.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct VerdictClass {
+    namespace: String,
+    labels: crate::policy::Labels,
+    families: (bool, bool),
+    named_by_address: Option<String>,
+}
+
+fn verdict_class(workload: &Workload, suggestion: &Suggestion) -> VerdictClass {
+    let named_by_address = suggestion
+        .policies
+        .iter()
+        .flat_map(|policy| policy.ingress.iter().chain(&policy.egress))
+        .flat_map(|rule| &rule.peers)
+        .any(|peer| matches!(peer, PeerRef::Address(address) if workload.addresses.contains(address)));
+    VerdictClass {
+        namespace: workload.namespace.clone(),
+        labels: workload.labels.clone(),
+        families: (
+            workload.addresses.iter().any(IpAddr::is_ipv4),
+            workload.addresses.iter().any(IpAddr::is_ipv6),
+        ),
+        named_by_address: named_by_address.then(|| workload.key()),
+    }
+}
+
+/// The rules allowing `source` to reach `destination` on `port`, or `None` when
+/// denied (or the two share no address family).
+fn rules_allowing(
+    set: &PolicySet,
+    source: &Workload,
+    destination: &Workload,
+    port: PortKey,
+) -> Option<Vec<String>> {
+    let endpoint = |w: &Workload| EndpointRef::Workload {
+        namespace: w.namespace.clone(),
+        name: w.name.clone(),
+    };
+    let flow = Flow::between(
+        set,
+        &endpoint(source),
+        &endpoint(destination),
+        port.protocol,
+        port.port,
+    )
+    .ok()?;
+    let verdict = evaluate(set, &flow);
+    verdict.allowed.then(|| {
+        [&verdict.egress, &verdict.ingress]
+            .into_iter()
+            .filter_map(|direction| match &direction.reason {
+                VerdictReason::AllowedBy(rules) => Some(rules),
+                _ => None,
+            })
+            .flatten()
+            .map(ToString::to_string)
+            .collect()
+    })
+}
+
 /// Over every pair of `set`'s workloads one of which a suggested policy selects, on
 /// every port a suggested rule names: the allowed pairs no connection was observed
 /// for.
@@ -270,45 +334,41 @@ pub fn also_allowed(
     let selected = |workload: &Workload, direction| {
         set.policies_selecting(workload, direction).next().is_some()
     };
+    // (workload, its key, selected for egress, for ingress, its class)
+    let workloads: Vec<(&Workload, String, bool, bool, VerdictClass)> = set
+        .workloads
+        .iter()
+        .filter(|w| !w.addresses.is_empty())
+        .map(|w| {
+            (
+                w,
+                w.key(),
+                selected(w, PolicyDirection::Egress),
+                selected(w, PolicyDirection::Ingress),
+                verdict_class(w, suggestion),
+            )
+        })
+        .collect();
+    // (source class, destination class, port) -> the rules allowing it, if allowed.
+    let mut verdicts: HashMap<(&VerdictClass, &VerdictClass, PortKey), Option<Vec<String>>> =
+        HashMap::new();
     let mut found = Vec::new();
-    for source in set.workloads.iter().filter(|w| !w.addresses.is_empty()) {
-        let source_selected = selected(source, PolicyDirection::Egress);
-        for destination in set.workloads.iter().filter(|w| !w.addresses.is_empty()) {
-            if source.key() == destination.key()
-                || !(source_selected || selected(destination, PolicyDirection::Ingress))
-            {
+    for (source, source_key, source_selected, _, source_class) in &workloads {
+        for (destination, destination_key, _, destination_selected, destination_class) in &workloads
+        {
+            if source_key == destination_key || !(*source_selected || *destination_selected) {
                 continue;
             }
             for port in &ports {
-                if observed.contains(&(source.key(), destination.key(), *port)) {
+                if observed.contains(&(source_key.clone(), destination_key.clone(), *port)) {
                     continue;
                 }
-                let endpoint = |w: &Workload| EndpointRef::Workload {
-                    namespace: w.namespace.clone(),
-                    name: w.name.clone(),
-                };
-                let Ok(flow) = Flow::between(
-                    set,
-                    &endpoint(source),
-                    &endpoint(destination),
-                    port.protocol,
-                    port.port,
-                ) else {
+                let allowed_by = verdicts
+                    .entry((source_class, destination_class, *port))
+                    .or_insert_with(|| rules_allowing(set, source, destination, *port));
+                let Some(allowed_by) = allowed_by.clone() else {
                     continue;
                 };
-                let verdict = evaluate(set, &flow);
-                if !verdict.allowed {
-                    continue;
-                }
-                let allowed_by = [&verdict.egress, &verdict.ingress]
-                    .into_iter()
-                    .filter_map(|direction| match &direction.reason {
-                        VerdictReason::AllowedBy(rules) => Some(rules),
-                        _ => None,
-                    })
-                    .flatten()
-                    .map(ToString::to_string)
-                    .collect();
                 let pair = (workload_peer(source), workload_peer(destination), *port);
                 let note = if observed_workloads.contains(&pair) {
                     "other pods of the same workloads were observed on this port".to_owned()
@@ -316,8 +376,8 @@ pub fn also_allowed(
                     "nothing between these workloads was observed on this port: a selector matches more than the observed pods, or one end is not enforced".to_owned()
                 };
                 found.push(AlsoAllowed {
-                    source: source.key(),
-                    destination: destination.key(),
+                    source: source_key.clone(),
+                    destination: destination_key.clone(),
                     protocol: port.protocol.name().to_owned(),
                     port: port.port,
                     allowed_by,
