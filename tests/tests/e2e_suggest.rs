@@ -16,7 +16,7 @@
 
 use std::{
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -315,6 +315,75 @@ fn assert_no_wider(lab: &Lab, suggested: &PolicySet, guide: &PolicySet) -> (usiz
     (by_suggested, by_guide)
 }
 
+/// `suggest --from-file` on the event log's lines from frontend-1, with
+/// `--inventory`: the report lists the pairs allowed but not observed.
+fn check_what_else_from_part_of_the_log(lab: &Lab, event_log: &Path, inventory: &Path) {
+    let frontend_1 = lab.host("production/frontend-1");
+    let sources = [
+        frontend_1.address.to_string(),
+        frontend_1.address6.to_string(),
+    ];
+    let log = std::fs::read_to_string(event_log).expect("the event log");
+    let part: Vec<&str> = log
+        .lines()
+        .filter(|line| {
+            let event: Value = serde_json::from_str(line).expect("event json");
+            sources.iter().any(|s| event["IP"]["source"] == s.as_str())
+        })
+        .collect();
+    let part_file = lab.write("frontend-1-events.jsonl", &part.join("\n"));
+    let args = [
+        "suggest",
+        "-n",
+        "production",
+        "--from-file",
+        &part_file.display().to_string(),
+        "--inventory",
+        &inventory.display().to_string(),
+    ];
+    let yaml_run = lab.cli(&args);
+    println!(
+        "$ microseg suggest -n production --from-file frontend-1-events.jsonl --inventory inventory.yaml\n(stderr)\n{}",
+        String::from_utf8_lossy(&yaml_run.stderr)
+    );
+    assert!(yaml_run.status.success());
+    let json: Value = serde_json::from_str(&lab.cli_ok(&[&args[..], &["-o", "json"]].concat()))
+        .expect("suggest -o json");
+    let report = &json["report"];
+    assert_eq!(
+        report["connections"], 4,
+        "frontend-1 -> api-1, api-2; both families: {report:#}"
+    );
+    let also: Vec<(String, String, String)> = report["alsoAllowed"]
+        .as_array()
+        .expect("alsoAllowed")
+        .iter()
+        .map(|pair| {
+            (
+                format!(
+                    "{} -> {}",
+                    pair["source"].as_str().unwrap(),
+                    pair["destination"].as_str().unwrap()
+                ),
+                format!("{}/{}", pair["protocol"].as_str().unwrap(), pair["port"]),
+                pair["note"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for destination in ["production/api-1", "production/api-2"] {
+        let expected = (
+            format!("production/frontend-2 -> {destination}"),
+            "TCP/8080".to_owned(),
+            "other pods of the same workloads were observed on this port".to_owned(),
+        );
+        assert!(
+            also.contains(&expected),
+            "{expected:?} missing from {also:#?}"
+        );
+    }
+    assert_eq!(also.len(), 2, "only frontend-2's paths: {also:#?}");
+}
+
 #[test]
 fn suggested_policies_from_audited_traffic_enforce_the_three_tier_application() {
     if !microseg_tests::kernel_available(
@@ -402,6 +471,11 @@ fn suggested_policies_from_audited_traffic_enforce_the_three_tier_application() 
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // Part of the traffic (what frontend-1 opened), over the whole inventory: the
+    // report names what the policies allow beyond it, e.g. frontend-2, which shares
+    // frontend-1's labels.
+    check_what_else_from_part_of_the_log(&lab, &event_log, &inventory);
 
     // Apply, and audit off.
     lab.cli_ok(&["apply", "-f", &suggested_file.display().to_string()]);

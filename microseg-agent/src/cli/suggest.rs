@@ -41,6 +41,12 @@ pub struct SuggestArgs {
     /// audited and allowed ones count, denied ones being what the policy refused.
     #[arg(long)]
     pub include_denied: bool,
+    /// Report what else the policies allow over the workloads and namespaces in
+    /// these files or directories (as `check --inventory` reads them; `kubectl get
+    /// pods,namespaces -A -o yaml` output too). Default: the agent's inventory, or
+    /// with --from-file the pods the flows name.
+    #[arg(long = "inventory")]
+    pub inventories: Vec<PathBuf>,
     /// Read only the agent's last N events (default: all it keeps).
     #[arg(long)]
     pub last: Option<usize>,
@@ -50,7 +56,7 @@ pub struct SuggestArgs {
 
 pub fn run(socket: &Path, args: &SuggestArgs) -> anyhow::Result<()> {
     let mut collector = Collector::new(args.include_denied);
-    let inventory = if args.from_files.is_empty() {
+    let mut inventory = if args.from_files.is_empty() {
         read_agent_events(socket, args.last.unwrap_or(ALL_EVENTS), &mut collector)?;
         Some(agent_inventory(socket)?)
     } else {
@@ -59,6 +65,9 @@ pub fn run(socket: &Path, args: &SuggestArgs) -> anyhow::Result<()> {
         }
         None
     };
+    if !args.inventories.is_empty() {
+        inventory = Some(file_inventory(&args.inventories)?);
+    }
     let observation: Observation = collector.finish();
     let output = suggest(&observation, args.namespace.as_deref(), inventory.as_ref())?;
     match args.output {
@@ -129,6 +138,36 @@ fn read_event_file(file: &Path, collector: &mut Collector) -> anyhow::Result<()>
         })?;
     }
     Ok(())
+}
+
+/// The workloads and namespaces in inventory files (their policies, if any, are not
+/// used: the report is about the suggested ones).
+fn file_inventory(paths: &[PathBuf]) -> anyhow::Result<Inventory> {
+    let set = super::check::load_set(paths)?;
+    let mut inventory = Inventory::default();
+    for namespace in set.namespaces.values() {
+        inventory.namespaces.insert(
+            namespace.name.clone(),
+            namespace
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        );
+    }
+    for workload in &set.workloads {
+        inventory.pods.push(InventoryPod {
+            namespace: workload.namespace.clone(),
+            name: workload.name.clone(),
+            labels: workload
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            addresses: workload.addresses.clone(),
+        });
+    }
+    Ok(inventory)
 }
 
 /// The agent's workloads and namespaces (`get workloads`, `get namespaces`).
