@@ -48,7 +48,7 @@ pub struct SuggestArgs {
     #[arg(long = "inventory")]
     pub inventories: Vec<PathBuf>,
     /// Read only the agent's last N events (default: all it keeps).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from_files")]
     pub last: Option<usize>,
     #[arg(short, long, value_enum, default_value_t = SuggestFormat::Yaml)]
     pub output: SuggestFormat,

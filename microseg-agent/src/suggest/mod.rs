@@ -150,7 +150,10 @@ fn ignored_text(ignored: &Ignored) -> String {
         ),
         (ignored.replies, "UDP/SCTP replies"),
         (ignored.not_tcp_udp_sctp, "not TCP, UDP or SCTP"),
-        (ignored.incomplete, "without addresses or ports"),
+        (
+            ignored.incomplete,
+            "without addresses, ports or a verdict read here",
+        ),
     ] {
         if count > 0 {
             parts.push(format!("{count} {what}"));
