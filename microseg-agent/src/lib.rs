@@ -9,3 +9,4 @@ pub mod event_view;
 pub mod fault;
 pub mod flow_filter;
 pub mod policy;
+pub mod suggest;

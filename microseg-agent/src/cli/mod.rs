@@ -6,6 +6,7 @@ mod events;
 mod progress;
 mod resources;
 mod rule_hits;
+mod suggest;
 mod table;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -113,6 +114,9 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
+    /// NetworkPolicies that allow the observed traffic (from the agent's recent
+    /// events or event files), checked and reported on.
+    Suggest(suggest::SuggestArgs),
     /// Remove microseg from every interface and delete its pinned maps.
     Detach {
         #[arg(long, default_value = microseg_common::maps::PIN_ROOT)]
@@ -402,6 +406,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut paths = policies;
             paths.extend(inventories);
             check::compile_stats(&paths, output == OutputFormat::Json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Suggest(args) => {
+            suggest::run(&cli.socket, &args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { pin_dir } => {
