@@ -223,6 +223,19 @@ fn table_row(event: &Value) -> Vec<String> {
     ]
 }
 
+/// A time given as a duration back from now (`30s`, `5m`, `2h`, `7d`) or as an RFC
+/// 3339 time; errors name the flag.
+pub(super) fn time_arg(text: Option<&str>, flag: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let Some(text) = text else { return Ok(None) };
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(Some(time.with_timezone(&Utc)));
+    }
+    let back = parse_duration(text).with_context(|| format!("--{flag}"))?;
+    Ok(Some(
+        Utc::now() - chrono::Duration::from_std(back).unwrap_or_default(),
+    ))
+}
+
 pub(super) fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
     let number: u64 = number

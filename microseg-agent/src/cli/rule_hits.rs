@@ -7,7 +7,7 @@ use std::path::Path;
 use clap::Args;
 use serde_json::Value;
 
-use super::{OutputFormat, events::parse_duration, table::Table};
+use super::{OutputFormat, events::time_arg, table::Table};
 use crate::api::{Request, client::Client};
 
 #[derive(Args)]
@@ -22,16 +22,7 @@ pub struct RuleHitsArgs {
 }
 
 pub fn run(socket: &Path, args: &RuleHitsArgs) -> anyhow::Result<()> {
-    let since = match &args.unused_since {
-        None => None,
-        Some(text) => Some(match chrono::DateTime::parse_from_rfc3339(text) {
-            Ok(time) => time.with_timezone(&chrono::Utc),
-            Err(_) => {
-                chrono::Utc::now()
-                    - chrono::Duration::from_std(parse_duration(text)?).unwrap_or_default()
-            }
-        }),
-    };
+    let since = time_arg(args.unused_since.as_deref(), "unused-since")?;
     let data = Client::connect(socket)?.call(&Request::RuleHits)?;
     let rules = data["rules"].as_array().cloned().unwrap_or_default();
     let time = |item: &Value, field: &str| {

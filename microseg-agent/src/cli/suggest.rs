@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use crate::{
     api::{ObjectKind, Request, client::Client},
+    flow_filter::FlowFilter,
     suggest::{Collector, Inventory, InventoryPod, Observation, suggest},
 };
 
@@ -50,18 +51,35 @@ pub struct SuggestArgs {
     /// Read only the agent's last N events (default: all it keeps).
     #[arg(long, conflicts_with = "from_files")]
     pub last: Option<usize>,
+    /// Only flows observed since this time: a duration back from now (30m, 7d) or
+    /// an RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only flows observed before this time (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
     #[arg(short, long, value_enum, default_value_t = SuggestFormat::Yaml)]
     pub output: SuggestFormat,
 }
 
 pub fn run(socket: &Path, args: &SuggestArgs) -> anyhow::Result<()> {
     let mut collector = Collector::new(args.include_denied);
+    let window = FlowFilter {
+        since: super::events::time_arg(args.since.as_deref(), "since")?,
+        until: super::events::time_arg(args.until.as_deref(), "until")?,
+        ..FlowFilter::default()
+    };
     let mut inventory = if args.from_files.is_empty() {
-        read_agent_events(socket, args.last.unwrap_or(ALL_EVENTS), &mut collector)?;
+        read_agent_events(
+            socket,
+            args.last.unwrap_or(ALL_EVENTS),
+            &window,
+            &mut collector,
+        )?;
         Some(agent_inventory(socket)?)
     } else {
         for file in &args.from_files {
-            read_event_file(file, &mut collector)?;
+            read_event_file(file, &window, &mut collector)?;
         }
         None
     };
@@ -88,12 +106,18 @@ pub fn run(socket: &Path, args: &SuggestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Streams the agent's buffered events into `collector`.
-fn read_agent_events(socket: &Path, last: usize, collector: &mut Collector) -> anyhow::Result<()> {
-    // Built from JSON so that fields the request gains with defaults need nothing here.
-    let request: Request =
-        serde_json::from_value(json!({"op": "events", "last": last, "follow": false}))
-            .context("building the events request")?;
+/// Streams the flows of the agent's history within `window` into `collector`.
+fn read_agent_events(
+    socket: &Path,
+    last: usize,
+    window: &FlowFilter,
+    collector: &mut Collector,
+) -> anyhow::Result<()> {
+    let request = Request::Flows {
+        last,
+        follow: false,
+        filter: window.clone(),
+    };
     let mut client = Client::connect(socket)?;
     let mut failure = None;
     client.stream(&request, |event| match collector.add(&event) {
@@ -112,7 +136,11 @@ fn read_agent_events(socket: &Path, last: usize, collector: &mut Collector) -> a
 }
 
 /// Reads a file of JSON lines into `collector`; an error names the file and line.
-fn read_event_file(file: &Path, collector: &mut Collector) -> anyhow::Result<()> {
+fn read_event_file(
+    file: &Path,
+    window: &FlowFilter,
+    collector: &mut Collector,
+) -> anyhow::Result<()> {
     let reader = BufReader::new(
         std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?,
     );
@@ -131,6 +159,10 @@ fn read_event_file(file: &Path, collector: &mut Collector) -> anyhow::Result<()>
         })?;
         // The end marker of a saved `events` stream.
         if value.get("end_of_stream").is_some() {
+            continue;
+        }
+        // `hubble observe -o json` wraps each flow.
+        if !window.matches(value.get("flow").unwrap_or(&value)) {
             continue;
         }
         collector.add(&value).map_err(|reason| {
