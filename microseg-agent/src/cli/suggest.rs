@@ -254,6 +254,7 @@ fn agent_inventory(socket: &Path) -> anyhow::Result<Inventory> {
 #[cfg(test)]
 mod tests {
     use super::read_event_file;
+    use crate::flow_filter::FlowFilter;
     use crate::suggest::Collector;
 
     /// A file in a fresh temporary directory, removed with it.
@@ -287,11 +288,12 @@ mod tests {
             &format!("{EVENT}\n\n{{\"end_of_stream\":true}}\n"),
         );
         let mut collector = Collector::new(false);
-        read_event_file(&good.0, &mut collector).expect("reads");
+        read_event_file(&good.0, &FlowFilter::default(), &mut collector).expect("reads");
         assert_eq!(collector.finish().connections.len(), 1);
 
         let bad = TempFile::new("bad.jsonl", &format!("{EVENT}\nnot json\n"));
-        let error = read_event_file(&bad.0, &mut Collector::new(false)).unwrap_err();
+        let error = read_event_file(&bad.0, &FlowFilter::default(), &mut Collector::new(false))
+            .unwrap_err();
         let text = format!("{error:#}");
         assert!(
             text.contains("bad.jsonl: line 2: not a JSON flow event"),
@@ -299,7 +301,8 @@ mod tests {
         );
 
         let other = TempFile::new("pods.jsonl", "{\"kind\":\"Pod\"}\n");
-        let error = read_event_file(&other.0, &mut Collector::new(false)).unwrap_err();
+        let error = read_event_file(&other.0, &FlowFilter::default(), &mut Collector::new(false))
+            .unwrap_err();
         assert!(
             error
                 .to_string()
@@ -308,7 +311,8 @@ mod tests {
         );
 
         let missing = good.0.with_file_name("missing.jsonl");
-        let error = read_event_file(&missing, &mut Collector::new(false)).unwrap_err();
+        let error = read_event_file(&missing, &FlowFilter::default(), &mut Collector::new(false))
+            .unwrap_err();
         assert!(error.to_string().contains("cannot read"), "{error}");
     }
 }
