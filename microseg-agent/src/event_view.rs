@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::{
     datapath::events::{DecodedEvent, monotonic_to_unix_ns},
-    policy::{Compiled, PolicyDirection, PolicySet, RuleRef},
+    policy::{Compiled, HitSlotOwner, PolicyDirection, PolicySet, RuleRef},
 };
 use microseg_common::{event::EventVerdict, identity::IDENTITY_WORLD, policy::Direction};
 
@@ -25,6 +25,8 @@ pub struct EventNames {
     pub rules: BTreeMap<u32, RuleRef>,
     /// (endpoint id, direction) -> policies selecting it, for default denies.
     pub selecting: BTreeMap<(u32, PolicyDirection), Vec<(String, String)>>,
+    /// Hit slot -> what it counts (see `agent::rule_hits`).
+    pub hit_slots: BTreeMap<u16, HitSlotOwner>,
 }
 
 #[derive(Clone, Debug)]
@@ -72,6 +74,7 @@ impl EventNames {
         for (id, rule) in compiled.rules.iter() {
             names.rules.insert(id, rule.clone());
         }
+        names.hit_slots = compiled.hit_slots.owners.clone();
         names
     }
 }

@@ -7,5 +7,7 @@ pub mod cli;
 pub mod datapath;
 pub mod event_view;
 pub mod fault;
+pub mod flow_filter;
 pub mod policy;
 pub mod review;
+pub mod suggest;

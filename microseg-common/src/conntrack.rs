@@ -47,7 +47,10 @@ pub struct FlowState {
     pub origin: u8,
     /// `FLOW_SEEN_*` bits.
     pub seen: u8,
-    _pad: [u8; 2],
+    /// Hit slot of the rule that allowed the flow (`crate::rule_hits`): its packets
+    /// are counted there. For a flow two rules allowed (the destination's ingress and
+    /// the source's egress), the ingress rule's.
+    pub hit_slot: u16,
     /// Last time a packet refreshed the entry: CLOCK_MONOTONIC at timer-tick
     /// granularity (bpf_ktime_get_coarse_ns, up to 1/HZ behind the precise clock).
     pub last_seen_ns: u64,
@@ -161,9 +164,14 @@ impl FlowState {
             generation,
             origin,
             seen,
-            _pad: [0; 2],
+            hit_slot: 0,
             last_seen_ns,
         }
+    }
+    /// The same state, its packets counted in `hit_slot`.
+    pub const fn with_hit_slot(mut self, hit_slot: u16) -> Self {
+        self.hit_slot = hit_slot;
+        self
     }
 }
 

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod interface;
 pub mod maps;
 pub mod policy;
+pub mod rule_hits;
 
 pub use addr::AddrKey;
 pub use drop_reason::DropReason;

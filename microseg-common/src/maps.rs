@@ -15,9 +15,10 @@ pub const COUNTERS: &str = "COUNTERS";
 pub const DROPS_BY_REASON: &str = "DROPS_BY_REASON";
 pub const GENERATION: &str = "GENERATION";
 pub const SETTINGS: &str = "SETTINGS";
+pub const RULE_HITS: &str = "RULE_HITS";
 
 /// Every map, in the order the agent pins and reports them.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     ENDPOINTS,
     PEER_HOSTS,
     PEER_PREFIXES,
@@ -32,6 +33,7 @@ pub const ALL: [&str; 14] = [
     DROPS_BY_REASON,
     GENERATION,
     SETTINGS,
+    RULE_HITS,
 ];
 
 /// Default capacities. Policy-bearing maps hold two generations during an update, so

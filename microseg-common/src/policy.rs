@@ -108,7 +108,9 @@ pub struct PolicyEntry {
     pub rule_id: u32,
     /// `POLICY_ACTION_*`.
     pub action: u8,
-    _pad: [u8; 3],
+    _pad: u8,
+    /// Where the rule's hits are counted (`crate::rule_hits`); 0: not counted.
+    pub hit_slot: u16,
 }
 const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 8);
 
@@ -121,7 +123,8 @@ impl PolicyEntry {
     pub const NONE: Self = Self {
         rule_id: 0,
         action: POLICY_ACTION_NONE,
-        _pad: [0; 3],
+        _pad: 0,
+        hit_slot: 0,
     };
     pub const fn is_none(&self) -> bool {
         self.action == POLICY_ACTION_NONE
@@ -130,15 +133,22 @@ impl PolicyEntry {
         Self {
             rule_id,
             action: POLICY_ACTION_ALLOW,
-            _pad: [0; 3],
+            _pad: 0,
+            hit_slot: 0,
         }
     }
     pub const fn deny(rule_id: u32) -> Self {
         Self {
             rule_id,
             action: POLICY_ACTION_DENY,
-            _pad: [0; 3],
+            _pad: 0,
+            hit_slot: 0,
         }
+    }
+    /// The same entry, counted in `hit_slot`.
+    pub const fn with_hit_slot(mut self, hit_slot: u16) -> Self {
+        self.hit_slot = hit_slot;
+        self
     }
     pub const fn is_deny(&self) -> bool {
         self.action == POLICY_ACTION_DENY

@@ -31,8 +31,9 @@ pub enum Tracked {
     /// No live entry (or the packet opens a new connection): judge by policy in the
     /// packet's own direction.
     New,
-    /// Allowed under the live generation: pass.
-    Current,
+    /// Allowed under the live generation: pass, counted in the allowing rule's
+    /// hit slot.
+    Current { hit_slot: u16 },
     /// Allowed under an older generation: judge again, in the direction of the
     /// flow's first packet (`is_reply` = this packet goes the other way). `seen` is
     /// what the entry knew of the connection.
@@ -130,17 +131,43 @@ pub fn lookup(
         // A closed connection is not kept alive by stray segments.
         state.last_seen_ns = now_ns;
     }
-    Tracked::Current
+    Tracked::Current {
+        hit_slot: state.hit_slot,
+    }
 }
 
-/// Records that the flow is allowed under `generation`. A re-judged flow keeps its
-/// origin and what was seen of it; a new one starts with this packet's sender.
+/// Whether this opening packet (a bare SYN, an echo request) was already allowed under
+/// `generation` and is still unanswered: the same packet seen again at a second hook
+/// of this node (or its retransmission). It is judged again all the same; only its
+/// event and its count as a new flow are not repeated.
+#[inline(always)]
+pub fn opening_already_allowed(
+    flow: &Flow,
+    generation: u32,
+    lifetimes: &ConntrackLifetimes,
+    now_ns: u64,
+) -> bool {
+    // SAFETY: the value is copied out at once.
+    let Some(state) = (unsafe { CONNTRACK.get(&flow.key) }) else {
+        return false;
+    };
+    let stage = FlowStage::of(flow.key.protocol, state.seen);
+    state.generation == generation
+        && state.origin == flow.sender
+        && state.seen & microseg_common::conntrack::FLOW_SEEN_REPLY == 0
+        && now_ns.saturating_sub(state.last_seen_ns) <= lifetimes.of(stage)
+}
+
+/// Records that the flow is allowed under `generation`, its packets counted in
+/// `hit_slot`. A re-judged flow keeps its origin and what was seen of it; a new one
+/// starts with this packet's sender.
 #[inline(always)]
 pub fn record_allowed(
     flow: &Flow,
     info: &PacketInfo,
     tracked: &Tracked,
     generation: u32,
+    hit_slot: u16,
     now_ns: u64,
 ) {
     let (origin, seen) = match tracked {
@@ -165,7 +192,7 @@ pub fn record_allowed(
     // policy again on its next packet, which is safe.
     let _ = CONNTRACK.insert(
         &flow.key,
-        &FlowState::new(generation, origin, seen, now_ns),
+        &FlowState::new(generation, origin, seen, now_ns).with_hit_slot(hit_slot),
         0,
     );
 }

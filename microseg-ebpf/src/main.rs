@@ -16,6 +16,7 @@ mod packet;
 mod parse;
 mod policy;
 mod related;
+mod rule_hits;
 mod verdict;
 
 use aya_ebpf::{

@@ -26,6 +26,12 @@
 //!    direction allows (none enforced: allowed);
 //! 8. a deny from an endpoint in audit mode passes with an audit event; any other
 //!    deny drops with a deny event. Allowed flows are recorded in conntrack.
+//!
+//! Every decision is counted on the rule that made it (`rule_hits`): a judged flow on
+//! each rule that allowed it, an established flow's packets on the rule conntrack
+//! remembers, a denied packet on its deny rule or its endpoint's default deny. A
+//! packet is counted at each enforcing hook it passes; a flow once, and an opening
+//! packet seen again at a second hook sends no second trace or audit event.
 
 use microseg_common::{
     DropReason,
@@ -45,7 +51,7 @@ use crate::{
     fragment, identity, interface,
     packet::PacketView,
     parse::{self, Fragment, LinkLayer, PacketInfo, Parsed, Transport},
-    policy, related,
+    policy, related, rule_hits,
 };
 
 pub enum Verdict {
@@ -61,6 +67,8 @@ struct Denial {
     endpoint_id: u32,
     peer_identity: u32,
     rule_id: u32,
+    /// Where the denial is counted: the deny rule's slot or the default deny's.
+    hit_slot: u16,
 }
 
 impl Denial {
@@ -70,12 +78,29 @@ impl Denial {
         endpoint_id: 0,
         peer_identity: 0,
         rule_id: RULE_ID_DEFAULT_DENY,
+        hit_slot: 0,
     };
+}
+
+/// The rule that allowed one enforced direction.
+#[derive(Clone, Copy)]
+struct Allowance {
+    rule_id: u32,
+    peer_identity: u32,
+    hit_slot: u16,
 }
 
 /// Outcome of judging a packet against the enforced directions' policies.
 enum Judgement {
-    Allowed { rule_id: u32, peer_identity: u32 },
+    /// Allowed by every enforced direction: what allowed ingress (the destination's)
+    /// and egress (the source's); `rule_id` 0 and slot 0 where not enforced.
+    Allowed {
+        ingress: Allowance,
+        egress: Allowance,
+        /// The `Direction` code reported in a trace event (egress if enforced, then
+        /// ingress, else 0).
+        direction: u8,
+    },
     Audited(Denial),
     Denied(Denial),
 }
@@ -137,11 +162,12 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
     } else {
         conntrack::lookup(&flow, &info, opens, generation, &settings.lifetimes, now)
     };
-    if let Tracked::Current = tracked {
+    if let Tracked::Current { hit_slot } = tracked {
         if let Fragment::First { id } = info.fragment {
             fragment::remember(&info, id);
         }
         counters::count(Counter::ConntrackHit);
+        rule_hits::count_packet(hit_slot);
         count_allowed(hook);
         return Verdict::Pass;
     }
@@ -181,8 +207,9 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
         tracked = conntrack::lookup(&flow, &info, opens, generation, &settings.lifetimes, now);
     }
     let judgement = match tracked {
-        Tracked::Current => {
+        Tracked::Current { hit_slot } => {
             counters::count(Counter::ConntrackHit);
+            rule_hits::count_packet(hit_slot);
             count_allowed(hook);
             return Verdict::Pass;
         }
@@ -213,21 +240,41 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
 
     match judgement {
         Judgement::Allowed {
-            rule_id,
-            peer_identity,
+            ingress,
+            egress,
+            direction,
         } => {
-            conntrack::record_allowed(&flow, &info, &tracked, generation, now);
+            // The flow's later packets count on one rule: the ingress rule's if any.
+            let hit_slot = if ingress.hit_slot != 0 {
+                ingress.hit_slot
+            } else {
+                egress.hit_slot
+            };
+            let repeated = opens
+                && conntrack::opening_already_allowed(&flow, generation, &settings.lifetimes, now);
+            if repeated {
+                rule_hits::count_packet(hit_slot);
+            } else {
+                rule_hits::count_flow(ingress.hit_slot);
+                rule_hits::count_flow(egress.hit_slot);
+            }
+            conntrack::record_allowed(&flow, &info, &tracked, generation, hit_slot, now);
             count_allowed(hook);
-            if settings.flags & SETTINGS_FLAG_TRACE_ALLOWED != 0 {
+            if !repeated && settings.flags & SETTINGS_FLAG_TRACE_ALLOWED != 0 {
+                let reported = if direction == Direction::Egress as u8 {
+                    egress
+                } else {
+                    ingress
+                };
                 let fields = EventFields {
                     hook: hook as u8,
                     verdict: EventVerdict::Forwarded as u8,
-                    direction: 0,
+                    direction,
                     reason: 0,
                     ifindex,
                     endpoint_id: 0,
-                    peer_identity,
-                    rule_id,
+                    peer_identity: reported.peer_identity,
+                    rule_id: reported.rule_id,
                     src_port,
                     dst_port,
                 };
@@ -236,12 +283,19 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
             Verdict::Pass
         }
         Judgement::Audited(denial) => {
-            conntrack::record_allowed(&flow, &info, &tracked, generation, now);
+            // Counted as the deny it would have been; the flow itself on no rule.
+            rule_hits::count_packet(denial.hit_slot);
+            let repeated = opens
+                && conntrack::opening_already_allowed(&flow, generation, &settings.lifetimes, now);
+            conntrack::record_allowed(&flow, &info, &tracked, generation, 0, now);
             counters::count(if is_ingress_hook(hook) {
                 Counter::AuditedIngress
             } else {
                 Counter::AuditedEgress
             });
+            if repeated {
+                return Verdict::Pass;
+            }
             let fields = denial_fields(
                 hook,
                 ifindex,
@@ -272,13 +326,23 @@ fn judge_policy(
     protocol: u8,
     port: u16,
 ) -> Judgement {
-    let mut allowed_by = (RULE_ID_DEFAULT_DENY, IDENTITY_WORLD);
+    const NOT_ENFORCED: Allowance = Allowance {
+        rule_id: RULE_ID_DEFAULT_DENY,
+        peer_identity: IDENTITY_WORLD,
+        hit_slot: 0,
+    };
+    let mut ingress = NOT_ENFORCED;
+    let mut egress = NOT_ENFORCED;
+    let mut direction = 0;
     // Plain values, not Option: see endpoint::lookup.
     let mut audited = false;
     let mut audit_denial = Denial::NONE;
     if dst_endpoint.ingress_enforced() {
         match check_direction(slot, dst_endpoint, Direction::Ingress, src, protocol, port) {
-            Ok(allowed) => allowed_by = allowed,
+            Ok(allowed) => {
+                ingress = allowed;
+                direction = Direction::Ingress as u8;
+            }
             Err(denial) if dst_endpoint.audit() => {
                 audited = true;
                 audit_denial = denial;
@@ -288,7 +352,10 @@ fn judge_policy(
     }
     if src_endpoint.egress_enforced() {
         match check_direction(slot, src_endpoint, Direction::Egress, dst, protocol, port) {
-            Ok(allowed) => allowed_by = allowed,
+            Ok(allowed) => {
+                egress = allowed;
+                direction = Direction::Egress as u8;
+            }
             Err(denial) if src_endpoint.audit() => {
                 if !audited {
                     audited = true;
@@ -302,13 +369,14 @@ fn judge_policy(
         Judgement::Audited(audit_denial)
     } else {
         Judgement::Allowed {
-            rule_id: allowed_by.0,
-            peer_identity: allowed_by.1,
+            ingress,
+            egress,
+            direction,
         }
     }
 }
 
-/// One enforced direction: Ok((rule, peer identity)) if a rule allows, else the denial.
+/// One enforced direction: what allowed it, else the denial.
 #[inline(always)]
 fn check_direction(
     slot: u8,
@@ -317,7 +385,7 @@ fn check_direction(
     peer_addr: &[u8; 16],
     protocol: u8,
     port: u16,
-) -> Result<(u32, u32), Denial> {
+) -> Result<Allowance, Denial> {
     let peer_identity = identity::resolve(slot, peer_addr);
     let key = PolicyKeyData::new(
         slot,
@@ -332,12 +400,17 @@ fn check_direction(
         endpoint.has_prefix_rules(),
         endpoint.has_any_peer_rules(),
     );
+    let ingress = matches!(direction, Direction::Ingress);
     match entry {
         // No entry: no tier decided. Denied by default where a NetworkPolicy selects
         // the endpoint, allowed where only ClusterNetworkPolicies do.
         entry if entry.is_none() => {
-            if endpoint.default_allows(matches!(direction, Direction::Ingress)) {
-                return Ok((RULE_ID_DEFAULT_DENY, peer_identity));
+            if endpoint.default_allows(ingress) {
+                return Ok(Allowance {
+                    rule_id: RULE_ID_DEFAULT_DENY,
+                    peer_identity,
+                    hit_slot: 0,
+                });
             }
             Err(Denial {
                 reason: DropReason::PolicyDenied,
@@ -345,16 +418,23 @@ fn check_direction(
                 endpoint_id: endpoint.endpoint_id,
                 peer_identity,
                 rule_id: RULE_ID_DEFAULT_DENY,
+                hit_slot: endpoint.default_deny_hit_slot(ingress),
             })
         }
-        entry if !entry.is_deny() => Ok((entry.rule_id, peer_identity)),
-        // A resolved default deny (rule 0) is reported as the default deny it is.
+        entry if !entry.is_deny() => Ok(Allowance {
+            rule_id: entry.rule_id,
+            peer_identity,
+            hit_slot: entry.hit_slot,
+        }),
+        // A resolved default deny (rule 0) is reported as the default deny it is (the
+        // compiler gave its entries the endpoint's default deny slot).
         entry if entry.rule_id == RULE_ID_DEFAULT_DENY => Err(Denial {
             reason: DropReason::PolicyDenied,
             direction: direction as u8,
             endpoint_id: endpoint.endpoint_id,
             peer_identity,
             rule_id: RULE_ID_DEFAULT_DENY,
+            hit_slot: entry.hit_slot,
         }),
         entry => Err(Denial {
             reason: DropReason::PolicyDeny,
@@ -362,6 +442,7 @@ fn check_direction(
             endpoint_id: endpoint.endpoint_id,
             peer_identity,
             rule_id: entry.rule_id,
+            hit_slot: entry.hit_slot,
         }),
     }
 }
@@ -394,6 +475,7 @@ fn finish_denied(
     dst_port: u16,
 ) -> Verdict {
     count_denied(hook, denial.reason);
+    rule_hits::count_packet(denial.hit_slot);
     let fields = denial_fields(
         hook,
         ifindex,
@@ -416,6 +498,7 @@ fn deny_unparsed(hook: Hook, ifindex: u32, reason: DropReason) -> Verdict {
         endpoint_id: 0,
         peer_identity: 0,
         rule_id: RULE_ID_DEFAULT_DENY,
+        hit_slot: 0,
     };
     let fields = denial_fields(hook, ifindex, EventVerdict::Dropped, &denial, 0, 0);
     events::send_denial(None, &fields);

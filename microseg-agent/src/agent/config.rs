@@ -110,6 +110,15 @@ pub struct AgentConfig {
     /// is counted as lost. Audit events are not affected. For hosts where the
     /// counters are enough and the event path's cost per denied packet is not wanted.
     pub deny_events: bool,
+    /// Also report allowed flows (`FORWARDED`), once per new flow (its first packet,
+    /// and again when a policy change makes the agent judge it anew): the flow history
+    /// `suggest`, `diff` and `graph` read then holds what ran, not only what was
+    /// denied. Costs an event per new flow, within the same rate limit.
+    pub trace_allowed: bool,
+    /// Flows (events) the agent keeps in memory for `microseg events`, the Hubble API,
+    /// `suggest` and `diff`. With `eventLog`, the newest of the log are read back at
+    /// start, so the history outlives a restart.
+    pub flow_history: usize,
     /// Events each subscriber may fall behind before it loses events.
     pub subscriber_buffer: usize,
     /// Node name reported in events (defaults to the host name).
@@ -217,6 +226,8 @@ impl Default for AgentConfig {
             events_per_second: microseg_common::config::DEFAULT_EVENTS_PER_SECOND,
             events_burst: microseg_common::config::DEFAULT_EVENTS_BURST,
             deny_events: true,
+            trace_allowed: false,
+            flow_history: 16_384,
             subscriber_buffer: 4096,
             node_name: None,
             watch_interval_ms: 500,
@@ -241,6 +252,9 @@ impl AgentConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.socket_mode_bits()?;
         self.metrics_socket_address()?;
+        if self.flow_history == 0 {
+            bail!("flowHistory must be at least 1");
+        }
         if self.subscriber_buffer == 0 {
             bail!("subscriberBuffer must be at least 1");
         }

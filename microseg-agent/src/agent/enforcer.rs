@@ -147,6 +147,11 @@ impl Enforcer {
             details: errors.errors.iter().map(ToString::to_string).collect(),
         })?;
         let mut compiled = self.compiler.compile(&set);
+        // Slots handed out anew start from zero, whatever they counted before; zeroed
+        // even if the update then fails, since the next compile keeps them.
+        if let Err(e) = self.datapath.reset_rule_hits(&compiled.hit_slots.fresh) {
+            tracing::warn!("zeroing rule hit counters: {e}");
+        }
         // The state moves to the data path side (`current`): one copy, not two.
         let mut state = std::mem::take(&mut compiled.state);
         self.add_audit_flags(&compiled, &mut state, audit);

@@ -93,9 +93,66 @@ impl EventLog {
     }
 }
 
+/// The newest `max` lines of the log and its rotated files, oldest first: the flow
+/// history a restarted agent starts with. Lines that are not JSON objects (a line cut
+/// short by a crash) are skipped; unreadable files are skipped.
+pub fn read_newest(path: &Path, max_files: u32, max: usize) -> Vec<std::sync::Arc<str>> {
+    let mut newest = std::collections::VecDeque::with_capacity(max.min(65_536));
+    let mut files: Vec<PathBuf> = (1..=max_files)
+        .rev()
+        .map(|index| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(".{index}"));
+            PathBuf::from(name)
+        })
+        .collect();
+    files.push(path.to_owned());
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for line in text.lines() {
+            if !line.starts_with('{') || serde_json::from_str::<serde_json::Value>(line).is_err() {
+                continue;
+            }
+            if newest.len() == max {
+                newest.pop_front();
+            }
+            newest.push_back(std::sync::Arc::from(line));
+        }
+    }
+    newest.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_lines_are_read_back_across_rotations() {
+        let dir = std::env::temp_dir().join(format!("microseg-event-read-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        let mut log = EventLog::open(&path, 4096, 3).unwrap();
+        for index in 0..200 {
+            log.write_line(&format!("{{\"n\":{index},\"pad\":\"{}\"}}", "x".repeat(40)));
+        }
+        log.flush();
+        std::fs::write(dir.join("events.jsonl.3"), "{\"cut short").unwrap();
+        let lines = read_newest(&path, 3, 50);
+        assert_eq!(lines.len(), 50);
+        let numbers: Vec<u64> = lines
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["n"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(numbers, (150..200).collect::<Vec<u64>>());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_log_is_bounded_by_size_and_files() {

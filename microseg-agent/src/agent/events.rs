@@ -1,6 +1,8 @@
-//! Deny and audit events: an async reader drains the ring buffer, names what it can,
-//! and fans each event out to subscribers through bounded buffers. A slow subscriber
-//! loses its own events (counted) and never blocks the reader or the kernel.
+//! Flow verdict events (denied, audited, and with `traceAllowed` allowed): an async
+//! reader drains the ring buffer, names what it can, keeps the newest in the flow
+//! history (a bounded ring, `flowHistory`), and fans each event out to subscribers
+//! through bounded buffers. A slow subscriber loses its own events (counted) and
+//! never blocks the reader or the kernel.
 
 use std::{
     collections::VecDeque,
@@ -17,10 +19,8 @@ use super::event_log::EventLog;
 use crate::{
     datapath::events::DecodedEvent,
     event_view::{EventNames, event_json},
+    flow_filter::FlowFilter,
 };
-
-/// Events kept for `microseg events --last N`.
-const HISTORY: usize = 1024;
 
 struct Subscriber {
     sender: mpsc::Sender<Arc<str>>,
@@ -30,6 +30,8 @@ struct Subscriber {
 pub struct EventHub {
     subscribers: Mutex<Vec<Subscriber>>,
     history: Mutex<VecDeque<Arc<str>>>,
+    /// Flows the history keeps.
+    pub history_capacity: usize,
     buffer: usize,
     log: Option<Mutex<EventLog>>,
     /// Events read from the ring buffer.
@@ -46,10 +48,12 @@ pub struct Subscription {
 }
 
 impl EventHub {
-    pub fn new(buffer: usize, log: Option<EventLog>) -> Self {
+    pub fn new(buffer: usize, history_capacity: usize, log: Option<EventLog>) -> Self {
+        let history_capacity = history_capacity.max(1);
         Self {
             subscribers: Mutex::new(Vec::new()),
-            history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            history: Mutex::new(VecDeque::with_capacity(history_capacity.min(65_536))),
+            history_capacity,
             buffer,
             log: log.map(Mutex::new),
             received: AtomicU64::new(0),
@@ -79,11 +83,54 @@ impl EventHub {
         }
     }
 
+    /// Puts flows of an earlier run (read back from the event log) in the history,
+    /// before any new one. They are not counted as received.
+    pub fn preload(&self, lines: Vec<Arc<str>>) {
+        let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        for line in lines {
+            if history.len() == self.history_capacity {
+                history.pop_front();
+            }
+            history.push_back(line);
+        }
+    }
+
+    /// The newest `last` flows of the history that `filter` accepts, oldest first.
+    pub fn history_matching(&self, filter: &FlowFilter, last: usize) -> Vec<Arc<str>> {
+        let history: Vec<Arc<str>> = self
+            .history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect();
+        let mut found: Vec<Arc<str>> = history
+            .into_iter()
+            .rev()
+            .filter(|line| {
+                filter.is_empty()
+                    || serde_json::from_str::<serde_json::Value>(line)
+                        .is_ok_and(|flow| filter.matches(&flow))
+            })
+            .take(last)
+            .collect();
+        found.reverse();
+        found
+    }
+
+    /// Flows in the history now.
+    pub fn history_len(&self) -> usize {
+        self.history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
     pub fn publish(&self, line: Arc<str>) {
         self.received.fetch_add(1, Ordering::Relaxed);
         {
             let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
-            if history.len() == HISTORY {
+            if history.len() == self.history_capacity {
                 history.pop_front();
             }
             history.push_back(line.clone());

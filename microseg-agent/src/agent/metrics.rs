@@ -331,7 +331,103 @@ pub async fn render(agent: &Agent) -> String {
         "microseg_event_subscribers {}",
         agent.hub.subscriber_count()
     );
+    let names = agent
+        .names
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let ledger = agent.rule_hits.clone();
+    if let Ok(records) = tokio::task::spawn_blocking(move || ledger.records(&names)).await {
+        rule_hit_families(&mut out, &records);
+    }
     out
+}
+
+/// Per rule: connections and packets; per workload's default deny: packets denied.
+fn rule_hit_families(out: &mut String, records: &[super::rule_hits::HitRecord]) {
+    use super::rule_hits::CountedThing;
+    family(
+        out,
+        "microseg_rule_connections_total",
+        "counter",
+        "Connections (flows judged) each policy rule allowed.",
+    );
+    for record in records {
+        if let CountedThing::Rule(rule) = &record.counted {
+            let _ = writeln!(
+                out,
+                "microseg_rule_connections_total{{{}}} {}",
+                rule_labels(rule),
+                record.hits.flows
+            );
+        }
+    }
+    family(
+        out,
+        "microseg_rule_packets_total",
+        "counter",
+        "Packets each policy rule decided: of the flows it allowed, or that it denied.",
+    );
+    for record in records {
+        if let CountedThing::Rule(rule) = &record.counted {
+            let _ = writeln!(
+                out,
+                "microseg_rule_packets_total{{{}}} {}",
+                rule_labels(rule),
+                record.hits.packets
+            );
+        }
+    }
+    family(
+        out,
+        "microseg_default_deny_packets_total",
+        "counter",
+        "Packets denied by a workload's default deny (no rule allowed them).",
+    );
+    for record in records {
+        if let CountedThing::DefaultDeny {
+            workload,
+            direction,
+        } = &record.counted
+        {
+            let (namespace, name) = workload.split_once('/').unwrap_or(("", workload));
+            let _ = writeln!(
+                out,
+                "microseg_default_deny_packets_total{{namespace=\"{}\",workload=\"{}\",direction=\"{}\"}} {}",
+                label_value(namespace),
+                label_value(name),
+                if *direction == microseg_common::policy::Direction::Ingress {
+                    "ingress"
+                } else {
+                    "egress"
+                },
+                record.hits.packets
+            );
+        }
+    }
+}
+
+fn rule_labels(rule: &crate::policy::RuleRef) -> String {
+    let kind = if rule.cluster.is_some() {
+        "ClusterNetworkPolicy"
+    } else {
+        "NetworkPolicy"
+    };
+    format!(
+        "kind=\"{kind}\",namespace=\"{}\",policy=\"{}\",direction=\"{}\",rule=\"{}\"",
+        label_value(&rule.policy_namespace),
+        label_value(&rule.policy_name),
+        rule.direction.name(),
+        rule.rule_index
+    )
+}
+
+/// A label value as the exposition format escapes it.
+fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -16,6 +16,7 @@ pub mod kernel_stats;
 pub mod kubernetes;
 pub mod metrics;
 pub mod objects;
+pub mod rule_hits;
 pub mod server;
 pub mod tasks;
 pub mod veths;
@@ -79,6 +80,8 @@ pub struct Agent {
     pub local_pods: tokio::sync::watch::Sender<Option<LocalPods>>,
     /// Kernel reads for metrics and `stats`, outside `core`'s lock.
     pub kernel: kernel_stats::KernelStats,
+    /// Rule hit counters and when each rule was last hit.
+    pub rule_hits: Arc<rule_hits::RuleHitLedger>,
     /// Restarts of supervised tasks.
     pub restarts: Arc<tasks::TaskRestarts>,
     /// Where maps and links are pinned (the event reader reopens the ring there).
@@ -214,6 +217,10 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
                     0
                 } else {
                     microseg_common::config::SETTINGS_FLAG_NO_DENY_EVENTS
+                } | if config.trace_allowed {
+                    microseg_common::config::SETTINGS_FLAG_TRACE_ALLOWED
+                } else {
+                    0
                 },
             )
             .with_lifetimes(config.conntrack.lifetimes()),
@@ -316,11 +323,27 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         ),
         None => None,
     };
+    let earlier_flows = config
+        .event_log
+        .as_deref()
+        .map(|path| event_log::read_newest(path, config.event_log_files, config.flow_history))
+        .unwrap_or_default();
     let (local_pods, _) = tokio::sync::watch::channel(None);
     let kernel = kernel_stats::KernelStats::open(&config.pin_dir)
         .context("opening the pinned maps for metrics")?;
+    let rule_hits = Arc::new(
+        rule_hits::RuleHitLedger::open(&config.pin_dir)
+            .context("opening the pinned rule hit counters")?,
+    );
+    let hub = Arc::new(EventHub::new(
+        config.subscriber_buffer,
+        config.flow_history,
+        log,
+    ));
+    hub.preload(earlier_flows);
     let agent = Arc::new(Agent {
-        hub: Arc::new(EventHub::new(config.subscriber_buffer, log)),
+        rule_hits,
+        hub,
         names: Arc::new(RwLock::new(Arc::new(EventNames::default()))),
         core: Mutex::new(core),
         local_pods,
@@ -341,6 +364,12 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
             let (hub, names, node) = (agent.hub.clone(), agent.names.clone(), node.clone());
             let pin_dir = agent.config_pin_dir.clone();
             async move { events::read_ring(events::open_ring(&pin_dir)?, hub, names, node).await }
+        }));
+    }
+    {
+        let agent = agent.clone();
+        tasks.push(tasks::supervise("rule-hits", restarts.clone(), move || {
+            agent.rule_hits.clone().run(agent.names.clone())
         }));
     }
     {

@@ -143,6 +143,18 @@ async fn handle_connection(
         if let Request::Events { last, follow } = request {
             return stream_events(&agent, &mut write, last, follow).await;
         }
+        if let Request::Flows {
+            last,
+            follow,
+            filter,
+        } = request
+        {
+            if let Err(e) = filter.validate() {
+                send(&mut write, &Response::error(format!("{e:#}"), vec![])).await?;
+                continue;
+            }
+            return stream_flows(&agent, &mut write, last, follow, &filter).await;
+        }
         let response = handle(&agent, request).await;
         send(&mut write, &response).await?;
     }
@@ -179,6 +191,42 @@ async fn stream_events(
     Ok(())
 }
 
+/// The newest `last` flows of the history that `filter` accepts, then with `follow`
+/// the new ones it accepts. The subscription starts before the history is read, so
+/// no flow falls between them; one published in between is in both, and is sent once
+/// (the history and the subscription share the line).
+async fn stream_flows(
+    agent: &Agent,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    last: usize,
+    follow: bool,
+    filter: &crate::flow_filter::FlowFilter,
+) -> anyhow::Result<()> {
+    let mut subscription = follow.then(|| agent.hub.subscribe(0));
+    let history = agent.hub.history_matching(filter, last);
+    for line in &history {
+        write.write_all(line.as_bytes()).await?;
+        write.write_all(b"\n").await?;
+    }
+    // By address: a line in both is one allocation.
+    let sent: std::collections::HashSet<usize> =
+        history.iter().map(|line| line.as_ptr() as usize).collect();
+    if let Some(subscription) = &mut subscription {
+        while let Some(line) = subscription.live.recv().await {
+            let wanted = !sent.contains(&(line.as_ptr() as usize))
+                && (filter.is_empty()
+                    || serde_json::from_str::<Value>(&line)
+                        .is_ok_and(|flow| filter.matches(&flow)));
+            if wanted {
+                write.write_all(line.as_bytes()).await?;
+                write.write_all(b"\n").await?;
+            }
+        }
+    }
+    write.write_all(b"{\"end_of_stream\":true}\n").await?;
+    Ok(())
+}
+
 async fn handle(agent: &Agent, request: Request) -> Response {
     let mut core = agent.core.lock().await;
     let response = match request {
@@ -189,12 +237,29 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             namespace,
             name,
         } => delete_object(&mut core, &kind, &namespace, &name),
-        Request::Get { kind } => Response::ok(get(&core, kind)),
+        Request::Get { kind } => {
+            let mut listing = get(&core, kind);
+            if kind == ObjectKind::Policies || kind == ObjectKind::ClusterPolicies {
+                add_policy_hits(&mut listing, &rule_hit_records(&core, agent));
+            }
+            Response::ok(listing)
+        }
         Request::Describe {
             kind,
             namespace,
             name,
-        } => describe(&core, kind, &namespace, &name),
+        } => {
+            let mut response = describe(&core, kind, &namespace, &name);
+            if response.ok && (kind == ObjectKind::Policies || kind == ObjectKind::ClusterPolicies)
+            {
+                add_rule_hits(&mut response.data, &rule_hit_records(&core, agent));
+            }
+            response
+        }
+        Request::RuleHits => match &core.enforcer.enforced {
+            Some(enforced) => Response::ok(agent.rule_hits.report(&enforced.names)),
+            None => Response::error("nothing is enforced yet", vec![]),
+        },
         Request::Stats => stats(&core, agent),
         Request::Export => export(&core),
         Request::Status => status(&mut core, agent),
@@ -203,7 +268,9 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             name,
             enabled,
         } => audit(&mut core, &namespace, &name, enabled),
-        Request::Events { .. } => Response::error("events are streamed", vec![]),
+        Request::Events { .. } | Request::Flows { .. } => {
+            Response::error("events are streamed", vec![])
+        }
     };
     agent.refresh_names(&core);
     response
@@ -352,6 +419,75 @@ fn audit(core: &mut AgentCore, namespace: &str, name: &str, enabled: bool) -> Re
         })),
         Err(refused) => Response::error(refused.summary, refused.details),
     }
+}
+
+fn rule_hit_records(core: &AgentCore, agent: &Agent) -> Vec<super::rule_hits::HitRecord> {
+    core.enforcer
+        .enforced
+        .as_ref()
+        .map(|enforced| agent.rule_hits.records(&enforced.names))
+        .unwrap_or_default()
+}
+
+/// The rule's records of one policy (a NetworkPolicy has a namespace, a cluster one
+/// none).
+fn records_of<'r>(
+    records: &'r [super::rule_hits::HitRecord],
+    namespace: &'r str,
+    name: &'r str,
+) -> impl Iterator<Item = &'r super::rule_hits::HitRecord> {
+    records.iter().filter(move |record| {
+        matches!(&record.counted, super::rule_hits::CountedThing::Rule(rule)
+            if rule.policy_name == name && rule.policy_namespace == namespace)
+    })
+}
+
+/// Each listed policy's connections and packets, summed over its rules, and its last
+/// hit (`get policies -o wide`).
+fn add_policy_hits(listing: &mut Value, records: &[super::rule_hits::HitRecord]) {
+    for item in listing.as_array_mut().into_iter().flatten() {
+        let namespace = item["namespace"].as_str().unwrap_or_default().to_owned();
+        let name = item["name"].as_str().unwrap_or_default().to_owned();
+        let (mut connections, mut packets, mut last_hit) = (0u64, 0u64, None);
+        for record in records_of(records, &namespace, &name) {
+            connections += record.hits.flows;
+            packets += record.hits.packets;
+            last_hit = last_hit.max(record.last_hit);
+        }
+        item["connections"] = json!(connections);
+        item["packets"] = json!(packets);
+        item["lastHit"] = last_hit.map_or(json!("never"), |t| {
+            json!(
+                chrono::DateTime::<chrono::Utc>::from(t)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )
+        });
+    }
+}
+
+/// Each rule's hits (`describe policy`).
+fn add_rule_hits(detail: &mut Value, records: &[super::rule_hits::HitRecord]) {
+    let namespace = detail["namespace"].as_str().unwrap_or_default().to_owned();
+    let name = detail["name"].as_str().unwrap_or_default().to_owned();
+    let hits: Vec<String> = records_of(records, &namespace, &name)
+        .map(|record| {
+            let super::rule_hits::CountedThing::Rule(rule) = &record.counted else {
+                return String::new();
+            };
+            format!(
+                "{}[{}]: {} connections, {} packets, last hit {}",
+                rule.direction.name(),
+                rule.rule_index,
+                record.hits.flows,
+                record.hits.packets,
+                record.last_hit.map_or("never".to_owned(), |t| {
+                    chrono::DateTime::<chrono::Utc>::from(t)
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                })
+            )
+        })
+        .collect();
+    detail["ruleHits"] = json!(hits);
 }
 
 fn set_of(core: &AgentCore) -> Option<&PolicySet> {
@@ -702,6 +838,11 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "taskRestarts": agent.restarts.snapshot(),
         "eventsReceived": agent.hub.received.load(std::sync::atomic::Ordering::Relaxed),
         "eventsLostBySubscribers": agent.hub.subscriber_lost.load(std::sync::atomic::Ordering::Relaxed),
+        "flowHistory": {
+            "flows": agent.hub.history_len(),
+            "capacity": agent.hub.history_capacity,
+            "traceAllowed": core.config.trace_allowed,
+        },
     });
     if let Some(kubernetes) = &core.kubernetes {
         status["kubernetes"] = json!(kubernetes);

@@ -53,12 +53,22 @@ pub enum Request {
         last: usize,
         follow: bool,
     },
+    /// Stream flows from the history that `filter` accepts: the newest `last` of
+    /// them, then (with `follow`) new ones as they come, filtered by the agent.
+    Flows {
+        last: usize,
+        follow: bool,
+        #[serde(default)]
+        filter: crate::flow_filter::FlowFilter,
+    },
     Stats,
     Status,
     /// Every object the agent enforces (files, watched directories, the Kubernetes
     /// API server), as it holds them: `{"objects": [[key, object], ...]}`, from
     /// which `microseg diff` rebuilds the live policy set exactly.
     Export,
+    /// Hits of every rule and default deny (`agent::rule_hits`).
+    RuleHits,
     Audit {
         namespace: String,
         name: String,

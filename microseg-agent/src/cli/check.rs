@@ -139,7 +139,7 @@ impl KernelJudge {
 
 /// The state with only one direction enforced, to ask the kernel about each
 /// direction separately.
-fn only_direction(state: &DatapathState, keep: u32) -> DatapathState {
+fn only_direction(state: &DatapathState, keep: u16) -> DatapathState {
     let mut state = state.clone();
     for info in state.endpoints.values_mut() {
         info.flags &= !(ENDPOINT_FLAG_INGRESS_ENFORCED | ENDPOINT_FLAG_EGRESS_ENFORCED) | keep;

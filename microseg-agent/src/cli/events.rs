@@ -1,8 +1,16 @@
-//! `microseg events`: deny and audit events from the agent, filtered as
-//! `hubble observe` filters them, printed compact, as JSON lines or as a table.
+//! `microseg events`: flows (denied, audited, allowed with `traceAllowed`) from the
+//! agent's flow history and live stream, or from event log files, filtered as
+//! `hubble observe` filters them (`flow_filter`), printed compact, as JSON lines or
+//! as a table.
 
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
+use anyhow::Context;
+use chrono::{DateTime, Utc};
 use clap::Args;
 use serde_json::Value;
 
@@ -10,6 +18,7 @@ use super::{OutputFormat, table::Table};
 use crate::{
     api::{Request, client::Client},
     event_view::compact_line,
+    flow_filter::FlowFilter,
 };
 
 #[derive(Args)]
@@ -20,9 +29,17 @@ pub struct EventsArgs {
     /// The last N buffered events (default 20; 0 with --follow for only new ones).
     #[arg(long)]
     pub last: Option<usize>,
-    /// Only events newer than this (e.g. 30s, 5m, 1h).
+    /// Only events newer than this: a duration back from now (30s, 5m, 1h) or an
+    /// RFC 3339 time.
     #[arg(long)]
     pub since: Option<String>,
+    /// Only events older than this (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Read flows from these JSON-lines files (the agent's --event-log and its
+    /// rotated files, or saved `microseg events -o json` output) instead of the agent.
+    #[arg(long)]
+    pub file: Vec<PathBuf>,
     #[arg(short, long, value_enum, default_value_t = OutputFormat::Compact)]
     pub output: OutputFormat,
     /// deny|dropped|audit|forwarded
@@ -59,11 +76,7 @@ pub struct EventsArgs {
 }
 
 pub fn run(socket: &Path, args: &EventsArgs) -> anyhow::Result<()> {
-    let since = match &args.since {
-        Some(text) => Some(parse_duration(text)?),
-        None => None,
-    };
-    let filter = Filter::new(args, since)?;
+    let filter = args.filter()?;
     let last = args.last.unwrap_or(if args.follow { 0 } else { 20 });
     let mut shown = 0usize;
     let mut table_rows = Table::new(&[
@@ -75,31 +88,111 @@ pub fn run(socket: &Path, args: &EventsArgs) -> anyhow::Result<()> {
         "VERDICT",
         "REASON",
     ]);
-    let mut client = Client::connect(socket)?;
-    client.stream(
-        &Request::Events {
-            last: if args.follow { last } else { last.max(1024) },
-            follow: args.follow,
-        },
-        |event| {
-            if !filter.matches(&event) {
-                return true;
+    let mut show = |event: Value| {
+        match args.output {
+            OutputFormat::Json => println!("{event}"),
+            OutputFormat::Table | OutputFormat::Wide if !args.follow => {
+                table_rows.row(table_row(&event));
             }
-            match args.output {
-                OutputFormat::Json => println!("{event}"),
-                OutputFormat::Table | OutputFormat::Wide if !args.follow => {
-                    table_rows.row(table_row(&event));
-                }
-                _ => println!("{}", compact_line(&event)),
+            _ => println!("{}", compact_line(&event)),
+        }
+        shown += 1;
+        args.max.is_none_or(|max| shown < max)
+    };
+    if args.file.is_empty() {
+        let mut client = Client::connect(socket)?;
+        client.stream(
+            &Request::Flows {
+                last,
+                follow: args.follow,
+                filter,
+            },
+            &mut show,
+        )?;
+    } else {
+        if args.follow {
+            anyhow::bail!("--follow reads from the agent, not from --file");
+        }
+        for flow in read_flow_files(&args.file, &filter, last)? {
+            if !show(flow) {
+                break;
             }
-            shown += 1;
-            args.max.is_none_or(|max| shown < max)
-        },
-    )?;
+        }
+    }
     if matches!(args.output, OutputFormat::Table | OutputFormat::Wide) && !args.follow {
         print!("{}", table_rows.render());
     }
     Ok(())
+}
+
+/// The newest `last` flows that `filter` accepts in JSON-lines files (`microseg
+/// events -o json` output, the agent's event log), oldest first. A line that is not a
+/// flow is an error naming file and line.
+pub fn read_flow_files(
+    files: &[PathBuf],
+    filter: &FlowFilter,
+    last: usize,
+) -> anyhow::Result<Vec<Value>> {
+    let mut flows = std::collections::VecDeque::new();
+    for file in files {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        for (number, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let flow: Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a JSON flow", file.display(), number + 1))?;
+            if flow.get("end_of_stream").is_some() || !filter.matches(&flow) {
+                continue;
+            }
+            if flows.len() == last {
+                flows.pop_front();
+            }
+            if last > 0 {
+                flows.push_back(flow);
+            }
+        }
+    }
+    Ok(flows.into())
+}
+
+impl EventsArgs {
+    /// The filter these arguments ask for, checked.
+    pub fn filter(&self) -> anyhow::Result<FlowFilter> {
+        let time = |text: &Option<String>, flag: &str| -> anyhow::Result<Option<DateTime<Utc>>> {
+            let Some(text) = text else { return Ok(None) };
+            if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+                return Ok(Some(time.with_timezone(&Utc)));
+            }
+            let back = parse_duration(text).with_context(|| format!("--{flag}"))?;
+            Ok(Some(
+                Utc::now() - chrono::Duration::from_std(back).unwrap_or_default(),
+            ))
+        };
+        let filter = FlowFilter {
+            verdict: self
+                .verdict
+                .as_deref()
+                .map(FlowFilter::verdict_from)
+                .transpose()?
+                .map(str::to_owned),
+            namespace: self.namespace.clone(),
+            pod: self.pod.clone(),
+            from_pod: self.from_pod.clone(),
+            to_pod: self.to_pod.clone(),
+            port: self.port,
+            protocol: self.protocol.clone(),
+            ip: self.ip,
+            from_ip: self.from_ip,
+            to_ip: self.to_ip,
+            traffic_direction: self.traffic_direction.clone(),
+            since: time(&self.since, "since")?,
+            until: time(&self.until, "until")?,
+        };
+        filter.validate()?;
+        Ok(filter)
+    }
 }
 
 fn table_row(event: &Value) -> Vec<String> {
@@ -130,139 +223,30 @@ fn table_row(event: &Value) -> Vec<String> {
     ]
 }
 
-fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+/// A time given as a duration back from now (`30s`, `5m`, `2h`, `7d`) or as an RFC
+/// 3339 time; errors name the flag.
+pub(super) fn time_arg(text: Option<&str>, flag: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let Some(text) = text else { return Ok(None) };
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(Some(time.with_timezone(&Utc)));
+    }
+    let back = parse_duration(text).with_context(|| format!("--{flag}"))?;
+    Ok(Some(
+        Utc::now() - chrono::Duration::from_std(back).unwrap_or_default(),
+    ))
+}
+
+pub(super) fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
     let number: u64 = number
         .parse()
-        .map_err(|_| anyhow::anyhow!("--since {text:?} is not a duration like 30s, 5m or 1h"))?;
+        .map_err(|_| anyhow::anyhow!("{text:?} is not a duration like 30s, 5m or 1h"))?;
     let seconds = match unit {
         "s" | "" => number,
         "m" => number * 60,
         "h" => number * 3600,
         "d" => number * 86_400,
-        _ => anyhow::bail!("--since {text:?}: unit must be s, m, h or d"),
+        _ => anyhow::bail!("{text:?}: the unit must be s, m, h or d"),
     };
     Ok(Duration::from_secs(seconds))
-}
-
-struct Filter<'a> {
-    args: &'a EventsArgs,
-    verdict: Option<&'static str>,
-    not_before: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-impl<'a> Filter<'a> {
-    fn new(args: &'a EventsArgs, since: Option<Duration>) -> anyhow::Result<Self> {
-        let verdict = match args
-            .verdict
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None => None,
-            Some("deny" | "denied" | "dropped" | "drop") => Some("DROPPED"),
-            Some("audit" | "audited") => Some("AUDIT"),
-            Some("forwarded" | "allow" | "allowed") => Some("FORWARDED"),
-            Some(other) => anyhow::bail!("--verdict {other:?}: use deny, audit or forwarded"),
-        };
-        let not_before =
-            since.map(|d| chrono::Utc::now() - chrono::Duration::from_std(d).unwrap_or_default());
-        Ok(Self {
-            args,
-            verdict,
-            not_before,
-        })
-    }
-
-    fn matches(&self, event: &Value) -> bool {
-        let a = self.args;
-        if let Some(verdict) = self.verdict
-            && event["verdict"].as_str() != Some(verdict)
-        {
-            return false;
-        }
-        if let Some(not_before) = self.not_before {
-            let time = event["time"]
-                .as_str()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
-            if time.is_none_or(|t| t < not_before) {
-                return false;
-            }
-        }
-        let side_is = |side: &str, wanted: &str| -> bool {
-            let endpoint = &event[side];
-            let name = endpoint["pod_name"].as_str().unwrap_or_default();
-            let namespace = endpoint["namespace"].as_str().unwrap_or_default();
-            match wanted.split_once('/') {
-                Some((ns, n)) => ns == namespace && n == name,
-                None => wanted == name,
-            }
-        };
-        if let Some(ns) = &a.namespace
-            && event["source"]["namespace"].as_str() != Some(ns)
-            && event["destination"]["namespace"].as_str() != Some(ns)
-        {
-            return false;
-        }
-        if let Some(pod) = &a.pod
-            && !side_is("source", pod)
-            && !side_is("destination", pod)
-        {
-            return false;
-        }
-        if a.from_pod.as_ref().is_some_and(|p| !side_is("source", p)) {
-            return false;
-        }
-        if a.to_pod
-            .as_ref()
-            .is_some_and(|p| !side_is("destination", p))
-        {
-            return false;
-        }
-        let ip = |field: &str| {
-            event["IP"][field]
-                .as_str()
-                .and_then(|s| s.parse::<IpAddr>().ok())
-        };
-        if let Some(wanted) = a.ip
-            && ip("source") != Some(wanted)
-            && ip("destination") != Some(wanted)
-        {
-            return false;
-        }
-        if a.from_ip.is_some_and(|w| ip("source") != Some(w))
-            || a.to_ip.is_some_and(|w| ip("destination") != Some(w))
-        {
-            return false;
-        }
-        if let Some(direction) = &a.traffic_direction
-            && !event["traffic_direction"]
-                .as_str()
-                .is_some_and(|d| d.eq_ignore_ascii_case(direction))
-        {
-            return false;
-        }
-        let l4 = event["l4"].as_object();
-        if let Some(protocol) = &a.protocol {
-            let wanted = protocol.to_ascii_uppercase();
-            if !l4.is_some_and(|m| {
-                m.keys()
-                    .any(|k| k.to_ascii_uppercase().starts_with(&wanted))
-            }) {
-                return false;
-            }
-        }
-        if let Some(port) = a.port {
-            let matches = l4.is_some_and(|m| {
-                m.values().any(|ports| {
-                    ports["source_port"].as_u64() == Some(u64::from(port))
-                        || ports["destination_port"].as_u64() == Some(u64::from(port))
-                })
-            });
-            if !matches {
-                return false;
-            }
-        }
-        true
-    }
 }

@@ -8,6 +8,8 @@ mod graph;
 mod progress;
 mod resources;
 mod review_input;
+mod rule_hits;
+mod suggest;
 mod table;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -82,6 +84,9 @@ enum Command {
     },
     /// Show deny and audit events (`--follow` to stream).
     Events(events::EventsArgs),
+    /// Connections and packets per policy rule and default deny; `--unused-since`
+    /// lists the rules nothing used (the compliance audit).
+    RuleHits(rule_hits::RuleHitsArgs),
     /// Packet counters, drops by reason and map usage.
     Stats {
         #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
@@ -117,6 +122,9 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
+    /// NetworkPolicies that allow the observed traffic (from the agent's recent
+    /// events or event files), checked and reported on.
+    Suggest(suggest::SuggestArgs),
     /// Remove microseg from every interface and delete its pinned maps.
     Detach {
         #[arg(long, default_value = microseg_common::maps::PIN_ROOT)]
@@ -157,6 +165,13 @@ struct AgentArgs {
     /// In-kernel event rate limit per CPU.
     #[arg(long)]
     events_per_second: Option<u32>,
+    /// Also report allowed flows (FORWARDED), once per new flow: the flow history
+    /// then holds what ran, for `suggest`, `diff` and `graph`.
+    #[arg(long)]
+    trace_allowed: bool,
+    /// Flows kept in memory for `microseg events` and the Hubble API.
+    #[arg(long)]
+    flow_history: Option<usize>,
     /// Detach and delete pinned state when the agent exits (default: enforcement
     /// stays).
     #[arg(long)]
@@ -343,6 +358,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             events::run(&cli.socket, &args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::RuleHits(args) => {
+            rule_hits::run(&cli.socket, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stats { output } => {
             let data = Client::connect(&cli.socket)?.call(&Request::Stats)?;
             resources::print_stats(&data, output)?;
@@ -402,6 +421,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             check::compile_stats(&paths, output == OutputFormat::Json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Suggest(args) => {
+            suggest::run(&cli.socket, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Detach { pin_dir } => {
             let detached = crate::datapath::detach_pinned(&pin_dir)?;
             println!(
@@ -448,6 +471,10 @@ fn run_agent(args: AgentArgs, socket: &std::path::Path) -> anyhow::Result<()> {
         config.event_log_files = files;
     }
     config.audit_mode |= args.audit;
+    config.trace_allowed |= args.trace_allowed;
+    if let Some(flows) = args.flow_history {
+        config.flow_history = flows;
+    }
     config.kubernetes.enabled |= args.kubernetes;
     if args.kubeconfig.is_some() {
         config.kubernetes.kubeconfig = args.kubeconfig;

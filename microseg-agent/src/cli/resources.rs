@@ -23,7 +23,7 @@ fn text(value: &Value) -> String {
     }
 }
 
-fn print_structured(value: &Value, output: OutputFormat) -> anyhow::Result<bool> {
+pub fn print_structured(value: &Value, output: OutputFormat) -> anyhow::Result<bool> {
     match output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value)?),
         OutputFormat::Yaml => print!("{}", serde_norway::to_string(value)?),
@@ -77,6 +77,9 @@ pub fn print_list(
                 "POLICY-TYPES",
                 "INGRESS-RULES",
                 "EGRESS-RULES",
+                "CONNECTIONS",
+                "PACKETS",
+                "LAST-HIT",
                 "SOURCE",
             ],
             vec![
@@ -86,6 +89,9 @@ pub fn print_list(
                 "policyTypes",
                 "ingressRules",
                 "egressRules",
+                "connections",
+                "packets",
+                "lastHit",
                 "source",
             ],
         ),

@@ -1,6 +1,6 @@
 //! Where `microseg diff` and `microseg graph` get their policy and flows: files, or
-//! the running agent (its objects through `Request::Export`, its event history
-//! through `Request::Events`).
+//! the running agent (its objects through `Request::Export`, its flow history
+//! through `Request::Flows`).
 
 use std::path::{Path, PathBuf};
 
@@ -41,9 +41,10 @@ pub fn live_objects(socket: &Path) -> anyhow::Result<ObjectMap> {
 pub fn agent_flows(socket: &Path) -> anyhow::Result<Vec<ObservedFlow>> {
     let mut flows = Vec::new();
     Client::connect(socket)?.stream(
-        &Request::Events {
+        &Request::Flows {
             last: HISTORY,
             follow: false,
+            filter: crate::flow_filter::FlowFilter::default(),
         },
         |event| {
             flows.extend(parse_event(&event));

@@ -458,7 +458,8 @@ pub fn read_slot(maps: &DatapathMaps<'_>, slot: u8) -> Result<DatapathState, Dat
     for item in maps.endpoints.iter() {
         let (key, info) = item.map_err(err(maps::ENDPOINTS))?;
         if key.slot() == slot {
-            let info = EndpointInfo::new(info.endpoint_id, info.flags & !ENDPOINT_DERIVED_FLAGS);
+            let mut info = info;
+            info.flags &= !ENDPOINT_DERIVED_FLAGS;
             state.endpoints.insert(from_mapped(key.addr()), info);
         }
     }

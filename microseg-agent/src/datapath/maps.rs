@@ -17,6 +17,7 @@ use microseg_common::{
     interface::{InterfaceBinding, InterfaceKey},
     maps,
     policy::{PolicyEntry, PolicyKeyData},
+    rule_hits::RuleHits,
 };
 
 use super::DatapathError;
@@ -35,6 +36,7 @@ pub struct DatapathMaps<'a> {
     pub conntrack: HashMap<&'a mut MapData, FlowKey, FlowState>,
     pub fragments: HashMap<&'a mut MapData, FragmentKey, FragmentPorts>,
     pub interfaces: HashMap<&'a mut MapData, InterfaceKey, InterfaceBinding>,
+    pub rule_hits: PerCpuArray<&'a mut MapData, RuleHits>,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -59,6 +61,7 @@ impl<'a> DatapathMaps<'a> {
             conntrack,
             fragments,
             interfaces,
+            rule_hits,
         ] = ebpf.maps_disjoint_mut([
             maps::ENDPOINTS,
             maps::PEER_HOSTS,
@@ -72,6 +75,7 @@ impl<'a> DatapathMaps<'a> {
             maps::CONNTRACK,
             maps::FRAGMENTS,
             maps::INTERFACES,
+            maps::RULE_HITS,
         ]);
         let missing = |name: &str| DatapathError::MissingMap(name.to_owned());
         Ok(Self {
@@ -105,6 +109,8 @@ impl<'a> DatapathMaps<'a> {
                 .map_err(map_err(maps::FRAGMENTS))?,
             interfaces: HashMap::try_from(interfaces.ok_or_else(|| missing(maps::INTERFACES))?)
                 .map_err(map_err(maps::INTERFACES))?,
+            rule_hits: PerCpuArray::try_from(rule_hits.ok_or_else(|| missing(maps::RULE_HITS))?)
+                .map_err(map_err(maps::RULE_HITS))?,
         })
     }
 

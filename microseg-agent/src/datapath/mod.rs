@@ -11,6 +11,7 @@ pub mod links;
 pub mod loader;
 pub mod maps;
 pub mod probe;
+pub mod rule_hits;
 pub mod state;
 pub mod test_run;
 
@@ -121,6 +122,13 @@ impl Datapath {
         apply::resync_standby(&mut maps)?;
         self.standby_stale = false;
         Ok(())
+    }
+
+    /// Zeroes the rule hit counters of `slots` (a compile's fresh hit slots), before
+    /// the entries that count in them are applied.
+    pub fn reset_rule_hits(&mut self, slots: &[u16]) -> Result<(), DatapathError> {
+        let mut maps = self.maps()?;
+        rule_hits::reset(&mut maps.rule_hits, slots)
     }
 
     /// Whether the standby slot is known to lag the live one.

@@ -17,6 +17,7 @@
 //! Selectors are matched through label indexes (`label_index`), so a compile costs
 //! about the size of its output, not policies x workloads.
 
+mod hit_slots;
 mod label_index;
 mod numbering;
 mod tiers;
@@ -41,6 +42,7 @@ use super::model::{
     PortRule, PortSpec, Protocol, RuleAction, Workload,
 };
 use crate::datapath::state::{DatapathState, PolicyMatch, StateCounts};
+pub use hit_slots::{HitSlotOwner, HitSlotTable, HitSlots};
 use label_index::LabelIndex;
 pub use numbering::Numbering;
 use numbering::NumberingPass;
@@ -154,6 +156,8 @@ pub struct Compiled {
     pub identities: IdentityTable,
     /// Endpoint id -> workload.
     pub endpoints: BTreeMap<u32, CompiledEndpoint>,
+    /// Where each rule's and default deny's hits are counted.
+    pub hit_slots: HitSlotTable,
 }
 
 /// Sizes of the compiled state.
@@ -242,13 +246,15 @@ fn ipv4_mapped_range() -> IpNet {
 #[derive(Clone, Debug, Default)]
 pub struct Compiler {
     numbering: Numbering,
+    hit_slots: HitSlots,
 }
 
 impl Compiler {
     pub fn compile(&mut self, set: &PolicySet) -> Compiled {
         let mut numbering = self.numbering.start();
-        let compiled = compile_numbered(set, &mut numbering);
+        let mut compiled = compile_numbered(set, &mut numbering);
         self.numbering = numbering.finish();
+        self.hit_slots.assign(&mut compiled);
         compiled
     }
 

@@ -1,0 +1,279 @@
+//! Hit slots: the small numbers under which the kernel counts each rule's hits and
+//! each endpoint's default denies (`RULE_HITS`, see `microseg_common::rule_hits`).
+//!
+//! Rule ids are never reused, so they cannot index an array; slots are, and must be
+//! reused with care. A slot keeps its rule (or endpoint) from one compile to the next,
+//! so counts accumulate across updates. A slot whose rule is gone is reused only two
+//! compiles later: by then no live entry and no current conntrack entry names it,
+//! even if the update that removed the rule failed. A slot handed out anew is listed
+//! in `HitSlotTable::fresh`, for the agent to zero before the entries naming it are
+//! written. Past `RULE_HIT_SLOTS`, rules are not counted (slot 0) and the table says
+//! how many.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use foldhash::{HashMap, HashMapExt};
+use microseg_common::{
+    policy::{Direction, RULE_ID_DEFAULT_DENY},
+    rule_hits::{HIT_SLOT_NONE, RULE_HIT_SLOTS},
+};
+
+use super::Compiled;
+
+/// Compiles a released slot waits before it is handed out again.
+const QUARANTINE_COMPILES: usize = 2;
+
+/// What a slot counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HitSlotOwner {
+    /// A rule, by rule id (see `Compiled::rules`).
+    Rule(u32),
+    /// The default deny of an endpoint (by endpoint id) in one direction.
+    DefaultDeny {
+        endpoint_id: u32,
+        direction: Direction,
+    },
+}
+
+/// The slots of one compile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HitSlotTable {
+    pub owners: BTreeMap<u16, HitSlotOwner>,
+    /// Slots handed out by this compile: zero them before writing the entries.
+    pub fresh: Vec<u16>,
+    /// Rules and default denies left uncounted because every slot is taken.
+    pub uncounted: usize,
+}
+
+/// Slot assignment kept from one compile to the next (part of the `Compiler`).
+#[derive(Clone, Debug)]
+pub struct HitSlots {
+    rules: HashMap<u32, u16>,
+    /// Endpoint id -> first slot of its (ingress, egress) pair.
+    default_denies: HashMap<u32, u16>,
+    free: Vec<u16>,
+    free_pairs: Vec<u16>,
+    /// Singles and pairs released by the last compiles, oldest first.
+    quarantine: VecDeque<(Vec<u16>, Vec<u16>)>,
+    /// The lowest slot never handed out.
+    next: u32,
+}
+
+impl Default for HitSlots {
+    fn default() -> Self {
+        Self {
+            rules: HashMap::new(),
+            default_denies: HashMap::new(),
+            free: Vec::new(),
+            free_pairs: Vec::new(),
+            quarantine: VecDeque::new(),
+            // Slot 0 is `HIT_SLOT_NONE`.
+            next: 1,
+        }
+    }
+}
+
+impl HitSlots {
+    /// Gives every rule and enforced endpoint of `compiled` its slot and writes the
+    /// slots into the policy entries and endpoints.
+    pub fn assign(&mut self, compiled: &mut Compiled) {
+        let mut table = HitSlotTable::default();
+
+        // Release what is gone; it waits in quarantine.
+        let rules_before = std::mem::take(&mut self.rules);
+        let denies_before = std::mem::take(&mut self.default_denies);
+        let mut released = (Vec::new(), Vec::new());
+        for (rule_id, slot) in rules_before {
+            if compiled.rules.get(rule_id).is_some() {
+                self.rules.insert(rule_id, slot);
+            } else {
+                released.0.push(slot);
+            }
+        }
+        for (endpoint_id, slot) in denies_before {
+            if compiled.endpoints.contains_key(&endpoint_id) {
+                self.default_denies.insert(endpoint_id, slot);
+            } else {
+                released.1.push(slot);
+            }
+        }
+        self.quarantine.push_back(released);
+        if self.quarantine.len() > QUARANTINE_COMPILES {
+            let (singles, pairs) = self.quarantine.pop_front().unwrap_or_default();
+            self.free.extend(singles);
+            self.free_pairs.extend(pairs);
+        }
+
+        // Hand out slots to what is new, in id order (deterministic).
+        for (rule_id, _) in compiled.rules.iter() {
+            if self.rules.contains_key(&rule_id) {
+                continue;
+            }
+            match self.take_single() {
+                Some(slot) => {
+                    self.rules.insert(rule_id, slot);
+                    table.fresh.push(slot);
+                }
+                None => table.uncounted += 1,
+            }
+        }
+        for &endpoint_id in compiled.endpoints.keys() {
+            if self.default_denies.contains_key(&endpoint_id) {
+                continue;
+            }
+            match self.take_pair() {
+                Some(first) => {
+                    self.default_denies.insert(endpoint_id, first);
+                    table.fresh.extend([first, first + 1]);
+                }
+                None => table.uncounted += 2,
+            }
+        }
+
+        for (&rule_id, &slot) in &self.rules {
+            table.owners.insert(slot, HitSlotOwner::Rule(rule_id));
+        }
+        for (&endpoint_id, &first) in &self.default_denies {
+            let Some(endpoint) = compiled.endpoints.get(&endpoint_id) else {
+                continue;
+            };
+            // A pair per endpoint; only an enforced direction has a default deny.
+            let enforced = [
+                (0, Direction::Ingress, endpoint.ingress_enforced),
+                (1, Direction::Egress, endpoint.egress_enforced),
+            ];
+            for (offset, direction, _) in enforced.into_iter().filter(|e| e.2) {
+                table.owners.insert(
+                    first + offset,
+                    HitSlotOwner::DefaultDeny {
+                        endpoint_id,
+                        direction,
+                    },
+                );
+            }
+        }
+
+        for (rule, entry) in compiled.state.policy.iter_mut() {
+            let slot = if entry.rule_id != RULE_ID_DEFAULT_DENY {
+                self.rules.get(&entry.rule_id).copied()
+            } else if entry.is_deny() {
+                // A resolved default deny counts as the endpoint's default deny.
+                self.default_denies
+                    .get(&rule.endpoint_id)
+                    .map(|first| first + u16::from(rule.direction == Direction::Egress))
+            } else {
+                None
+            };
+            *entry = entry.with_hit_slot(slot.unwrap_or(HIT_SLOT_NONE));
+        }
+        for info in compiled.state.endpoints.values_mut() {
+            let first = self.default_denies.get(&info.endpoint_id).copied();
+            *info = info.with_default_deny_hit_slot(first.unwrap_or(HIT_SLOT_NONE));
+        }
+        table.fresh.sort_unstable();
+        compiled.hit_slots = table;
+    }
+
+    fn take_single(&mut self) -> Option<u16> {
+        if let Some(slot) = self.free.pop() {
+            return Some(slot);
+        }
+        if let Some(first) = self.free_pairs.pop() {
+            self.free.push(first + 1);
+            return Some(first);
+        }
+        self.take_new(1)
+    }
+
+    fn take_pair(&mut self) -> Option<u16> {
+        self.free_pairs.pop().or_else(|| self.take_new(2))
+    }
+
+    fn take_new(&mut self, count: u32) -> Option<u16> {
+        if self.next + count > RULE_HIT_SLOTS {
+            return None;
+        }
+        let first = self.next as u16;
+        self.next += count;
+        Some(first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::policy::{Compiler, PolicySet, PolicySetBuilder};
+
+    const POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress]
+  ingress:
+  - ports: [{port: 80}]
+  - ports: [{port: 443}]
+---
+apiVersion: microseg.dev/v1
+kind: Workload
+metadata: {name: web-1, namespace: prod, labels: {app: web}}
+spec: {addresses: [10.0.0.1]}
+"#;
+
+    fn load(text: &str) -> PolicySet {
+        let mut builder = PolicySetBuilder::new();
+        builder.add_text(Path::new("test.yaml"), text);
+        builder.finish().expect("valid test policy")
+    }
+
+    #[test]
+    fn every_rule_and_default_deny_gets_a_slot_that_stays() {
+        let set = load(POLICY);
+        let mut compiler = Compiler::default();
+        let first = compiler.compile(&set);
+        // Two rules, one endpoint's pair (its ingress enforced: one default deny).
+        assert_eq!(first.hit_slots.owners.len(), 3);
+        assert_eq!(first.hit_slots.fresh, [1, 2, 3, 4]);
+        assert!(first.state.policy.values().all(|e| e.hit_slot != 0));
+        assert!(
+            first
+                .state
+                .endpoints
+                .values()
+                .all(|e| e.default_deny_hit_slot != 0)
+        );
+        let second = compiler.compile(&set);
+        assert_eq!(second.hit_slots.owners, first.hit_slots.owners);
+        assert!(second.hit_slots.fresh.is_empty(), "kept, not zeroed again");
+        assert_eq!(second.state, first.state);
+    }
+
+    #[test]
+    fn a_released_slot_waits_two_compiles_before_reuse() {
+        let with_rule = load(POLICY);
+        let without = load(&POLICY.replace("  - ports: [{port: 443}]\n", ""));
+        let mut compiler = Compiler::default();
+        let first = compiler.compile(&with_rule);
+        let second = compiler.compile(&without);
+        let released: Vec<u16> = first
+            .hit_slots
+            .owners
+            .keys()
+            .filter(|slot| !second.hit_slots.owners.contains_key(slot))
+            .copied()
+            .collect();
+        assert_eq!(released.len(), 1);
+        // The rule comes back at once: a new slot, the released one waits.
+        let third = compiler.compile(&with_rule);
+        assert_eq!(third.hit_slots.fresh.len(), 1);
+        assert!(!third.hit_slots.fresh.contains(&released[0]));
+        // Removed and added again later: the released slot is reused, zeroed first.
+        compiler.compile(&without);
+        compiler.compile(&without);
+        let later = compiler.compile(&with_rule);
+        assert_eq!(later.hit_slots.fresh.len(), 1);
+        assert_eq!(later.hit_slots.owners.len(), 3);
+    }
+}
