@@ -7,4 +7,5 @@ pub mod cli;
 pub mod datapath;
 pub mod event_view;
 pub mod fault;
+pub mod hubble;
 pub mod policy;
