@@ -356,7 +356,10 @@ mod tests {
     }
 
     #[test]
-    #[expect(deprecated, reason = "Summary is deprecated and still what the printer reads")]
+    #[expect(
+        deprecated,
+        reason = "Summary is deprecated and still what the printer reads"
+    )]
     fn a_cluster_policy_rule_keeps_its_tier_and_action_as_labels() {
         let flow = flow_of_json(&json!({
             "time": "2026-11-25T10:00:00Z", "verdict": "DROPPED",
