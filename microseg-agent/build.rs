@@ -44,8 +44,14 @@ fn compile_hubble_protos() -> anyhow::Result<()> {
         .join("..")
         .join("proto");
     println!("cargo:rerun-if-changed={}", proto_dir.display());
-    let descriptors =
-        protox::compile(["flow/flow.proto", "observer/observer.proto"], [&proto_dir])?;
+    let descriptors = protox::compile(
+        [
+            "flow/flow.proto",
+            "relay/relay.proto",
+            "observer/observer.proto",
+        ],
+        [&proto_dir],
+    )?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

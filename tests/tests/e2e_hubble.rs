@@ -11,9 +11,10 @@ use microseg::hubble::{
     proto::{
         flow::{Flow, FlowFilter, Verdict, layer4::Protocol},
         observer::{
-            GetFlowsRequest, ServerStatusRequest, ServerStatusResponse,
+            GetFlowsRequest, GetNodesRequest, ServerStatusRequest, ServerStatusResponse,
             get_flows_response::ResponseTypes, observer_client::ObserverClient,
         },
+        relay::NodeState,
     },
 };
 use microseg_tests::{
@@ -523,18 +524,18 @@ fn assert_serving(rt: &tokio::runtime::Runtime, channel: Channel) {
 }
 
 /// Hubble's methods microseg does not serve answer UNIMPLEMENTED.
-async fn get_nodes(channel: Channel) -> tonic::Status {
+async fn get_agent_events(channel: Channel) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.expect("ready");
-    // GetNodesRequest is an empty message, as ServerStatusRequest is.
+    // The method is unknown to the server: whatever the message, the path decides.
     let codec = tonic_prost::ProstCodec::<ServerStatusRequest, ServerStatusResponse>::default();
     grpc.unary(
         tonic::Request::new(ServerStatusRequest {}),
-        tonic::codegen::http::uri::PathAndQuery::from_static("/observer.Observer/GetNodes"),
+        tonic::codegen::http::uri::PathAndQuery::from_static("/observer.Observer/GetAgentEvents"),
         codec,
     )
     .await
-    .expect_err("GetNodes is not served")
+    .expect_err("GetAgentEvents is not served")
 }
 
 #[test]
@@ -578,7 +579,17 @@ fn hubble_serves_a_loopback_tcp_port_and_a_chosen_socket_and_refuses_other_addre
         .expect("ServerStatus over the chosen socket")
         .into_inner();
     assert_eq!(status.max_flows, 1024);
-    let unimplemented = rt.block_on(get_nodes(
+    // GetNodes: this node, connected (what Hubble UI lists).
+    let nodes = rt
+        .block_on(over_unix.get_nodes(GetNodesRequest {}))
+        .expect("GetNodes")
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), 1);
+    assert!(!nodes[0].name.is_empty());
+    assert_eq!(nodes[0].state, NodeState::NodeConnected as i32);
+    assert_eq!(nodes[0].max_flows, 1024);
+    let unimplemented = rt.block_on(get_agent_events(
         rt.block_on(connect_unix(socket)).expect("channel"),
     ));
     assert_eq!(unimplemented.code(), tonic::Code::Unimplemented);

@@ -13,6 +13,9 @@ pub mod proto {
     pub mod observer {
         tonic::include_proto!("observer");
     }
+    pub mod relay {
+        tonic::include_proto!("relay");
+    }
 }
 
 pub mod client;
@@ -63,7 +66,10 @@ pub fn remove_socket(config: &AgentConfig) {
 }
 
 async fn router(agent: &Agent) -> tonic::transport::server::Router {
-    let started = agent.core.lock().await.started;
+    let (started, node_name) = {
+        let core = agent.core.lock().await;
+        (core.started, core.config.node_name())
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ObserverServer<HubbleObserver>>().await;
     tonic::transport::Server::builder()
@@ -71,6 +77,7 @@ async fn router(agent: &Agent) -> tonic::transport::server::Router {
         .add_service(ObserverServer::new(HubbleObserver::new(
             agent.hub.clone(),
             started,
+            node_name,
         )))
 }
 

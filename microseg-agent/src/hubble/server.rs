@@ -17,9 +17,11 @@ use super::{
     proto::{
         flow::{Flow, LostEvent, LostEventSource},
         observer::{
-            GetFlowsRequest, GetFlowsResponse, ServerStatusRequest, ServerStatusResponse,
-            get_flows_response::ResponseTypes, observer_server::Observer,
+            GetFlowsRequest, GetFlowsResponse, GetNodesRequest, GetNodesResponse, Node,
+            ServerStatusRequest, ServerStatusResponse, get_flows_response::ResponseTypes,
+            observer_server::Observer,
         },
+        relay::NodeState,
     },
 };
 use crate::agent::events::EventHub;
@@ -36,11 +38,34 @@ pub struct HubbleObserver {
     hub: Arc<EventHub>,
     /// When the agent started (`uptime_ns`).
     started: SystemTime,
+    /// This node's name, as in the flows (GetNodes).
+    node_name: String,
 }
 
 impl HubbleObserver {
-    pub fn new(hub: Arc<EventHub>, started: SystemTime) -> Self {
-        Self { hub, started }
+    pub fn new(hub: Arc<EventHub>, started: SystemTime, node_name: String) -> Self {
+        Self {
+            hub,
+            started,
+            node_name,
+        }
+    }
+
+    fn status(&self) -> ServerStatusResponse {
+        // The history as it is now; the live half of the subscription is dropped.
+        let num_flows = self.hub.subscribe(usize::MAX).history.len() as u64;
+        ServerStatusResponse {
+            num_flows,
+            max_flows: HISTORY_CAPACITY,
+            seen_flows: self.hub.received.load(Ordering::Relaxed),
+            uptime_ns: u64::try_from(self.started.elapsed().unwrap_or(Duration::ZERO).as_nanos())
+                .unwrap_or(u64::MAX),
+            // A node's own Hubble server leaves the node counts to Hubble Relay.
+            num_connected_nodes: None,
+            num_unavailable_nodes: None,
+            unavailable_nodes: Vec::new(),
+            version: format!("{}+microseg", env!("CARGO_PKG_VERSION")),
+        }
     }
 }
 
@@ -75,19 +100,27 @@ impl Observer for HubbleObserver {
         &self,
         _request: Request<ServerStatusRequest>,
     ) -> Result<Response<ServerStatusResponse>, Status> {
-        // The history as it is now; the live half of the subscription is dropped.
-        let num_flows = self.hub.subscribe(usize::MAX).history.len() as u64;
-        Ok(Response::new(ServerStatusResponse {
-            num_flows,
-            max_flows: HISTORY_CAPACITY,
-            seen_flows: self.hub.received.load(Ordering::Relaxed),
-            uptime_ns: u64::try_from(self.started.elapsed().unwrap_or(Duration::ZERO).as_nanos())
-                .unwrap_or(u64::MAX),
-            // A node's own Hubble server leaves the node counts to Hubble Relay.
-            num_connected_nodes: None,
-            num_unavailable_nodes: None,
-            unavailable_nodes: Vec::new(),
-            version: format!("{}+microseg", env!("CARGO_PKG_VERSION")),
+        Ok(Response::new(self.status()))
+    }
+
+    /// This node, connected: what Hubble UI lists (a node's server knows only itself).
+    async fn get_nodes(
+        &self,
+        _request: Request<GetNodesRequest>,
+    ) -> Result<Response<GetNodesResponse>, Status> {
+        let status = self.status();
+        Ok(Response::new(GetNodesResponse {
+            nodes: vec![Node {
+                name: self.node_name.clone(),
+                version: status.version,
+                address: String::new(),
+                state: NodeState::NodeConnected as i32,
+                tls: None,
+                uptime_ns: status.uptime_ns,
+                num_flows: status.num_flows,
+                max_flows: status.max_flows,
+                seen_flows: status.seen_flows,
+            }],
         }))
     }
 }
