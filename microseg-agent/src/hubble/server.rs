@@ -387,4 +387,48 @@ mod tests {
             .is_err()
         );
     }
+
+    async fn next_port(stream: &mut Stream) -> Option<u32> {
+        use tokio_stream::StreamExt;
+        let response = stream.next().await?.expect("a response");
+        match response.response_types {
+            Some(ResponseTypes::Flow(flow)) => Some(ports(&[flow])[0]),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn following_streams_new_flows_after_the_history_until_until() {
+        let hub = Arc::new(EventHub::new(16, None));
+        for i in 0..3 {
+            hub.publish(line(i, "DROPPED", 80 + i as u16));
+        }
+        let observer = HubbleObserver::new(hub.clone(), SystemTime::now(), "n".into());
+        let get_flows = |request| observer.get_flows(Request::new(request));
+        let mut live = get_flows(GetFlowsRequest {
+            number: 1,
+            follow: true,
+            ..GetFlowsRequest::default()
+        })
+        .await
+        .expect("GetFlows")
+        .into_inner();
+        assert_eq!(next_port(&mut live).await, Some(82), "the history's last");
+        hub.publish(line(5, "AUDIT", 90));
+        assert_eq!(next_port(&mut live).await, Some(90), "a new flow, live");
+        // Following up to a time that has passed: the history, then the end.
+        let mut ended = get_flows(GetFlowsRequest {
+            follow: true,
+            since: at(1),
+            until: at(10),
+            ..GetFlowsRequest::default()
+        })
+        .await
+        .expect("GetFlows")
+        .into_inner();
+        for port in [81, 82, 90] {
+            assert_eq!(next_port(&mut ended).await, Some(port));
+        }
+        assert_eq!(next_port(&mut ended).await, None);
+    }
 }
