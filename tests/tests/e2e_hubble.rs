@@ -545,22 +545,24 @@ fn hubble_serves_a_loopback_tcp_port_and_a_chosen_socket_and_refuses_other_addre
     ) {
         return;
     }
-    // A non-loopback address is refused before anything is loaded.
+    let lab = Lab::new(&HOSTS);
+    // A non-loopback address is refused before anything is loaded (paths private to
+    // the lab all the same).
     let output = std::process::Command::new(microseg_tests::lab::microseg_binary())
-        .args([
-            "agent",
-            "--socket",
-            "/nonexistent/microseg.sock",
-            "--hubble-listen-address",
-            "0.0.0.0:4244",
-        ])
+        .arg("agent")
+        .arg("--socket")
+        .arg(lab.dir.join("refused.sock"))
+        .arg("--pin-dir")
+        .arg(lab.pin_dir())
+        .arg("--state-dir")
+        .arg(lab.dir.join("state"))
+        .args(["--hubble-listen-address", "0.0.0.0:4244"])
         .output()
         .expect("running the agent");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("not a loopback address"), "{stderr}");
-
-    let lab = Lab::new(&HOSTS);
+    assert!(!lab.dir.join("refused.sock").exists());
     let socket = lab.dir.join("observer.sock");
     lab.start_agent(&[
         "--hubble-socket",
