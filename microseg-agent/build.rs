@@ -1,3 +1,6 @@
+//! Compiles Hubble's protos (../proto, see its README) into Rust with protox and
+//! tonic-prost-build: no protoc needed.
+//!
 //! Builds the eBPF programs (microseg-ebpf) for the bpfel target with the nightly
 //! toolchain and bpf-linker; the object is embedded with `include_bytes_aligned!`.
 //! `AYA_BUILD_SKIP=1` skips this for userspace-only checks (an empty object is
@@ -6,6 +9,7 @@
 use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
+    compile_hubble_protos()?;
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let ebpf_dir = manifest_dir
         .parent()
@@ -31,4 +35,26 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
+}
+
+/// The Observer service (server for the agent, client for tests and tools) and its
+/// messages, from the subset of Hubble's protos in ../proto.
+fn compile_hubble_protos() -> anyhow::Result<()> {
+    let proto_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?)
+        .join("..")
+        .join("proto");
+    println!("cargo:rerun-if-changed={}", proto_dir.display());
+    let descriptors = protox::compile(
+        [
+            "flow/flow.proto",
+            "relay/relay.proto",
+            "observer/observer.proto",
+        ],
+        [&proto_dir],
+    )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(descriptors)?;
+    Ok(())
 }

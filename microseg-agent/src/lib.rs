@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod event_view;
 pub mod fault;
 pub mod flow_filter;
+pub mod hubble;
 pub mod policy;
 pub mod review;
 pub mod suggest;

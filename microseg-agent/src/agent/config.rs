@@ -135,6 +135,8 @@ pub struct AgentConfig {
     pub conntrack: ConntrackConfig,
     /// Kubernetes mode: inventory and policies from the API server.
     pub kubernetes: KubernetesConfig,
+    /// Hubble's Observer API (gRPC): where it listens.
+    pub hubble: crate::hubble::config::HubbleConfig,
 }
 
 /// Kubernetes mode (`microseg agent --kubernetes`, see `agent::kubernetes`).
@@ -235,6 +237,7 @@ impl Default for AgentConfig {
             discover_workload_interfaces: true,
             conntrack: ConntrackConfig::default(),
             kubernetes: KubernetesConfig::default(),
+            hubble: crate::hubble::config::HubbleConfig::default(),
         }
     }
 }
@@ -268,6 +271,7 @@ impl AgentConfig {
             bail!("interfaceScanMs must be at least 100");
         }
         self.conntrack.validate()?;
+        self.hubble.validate()?;
         Ok(())
     }
 

@@ -435,6 +435,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
             metrics::serve(agent.clone(), address)
         }));
     }
+    tasks.extend(crate::hubble::start(&agent, &config, &restarts)?);
     tracing::info!(socket = %config.socket.display(), "microseg agent ready");
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -446,6 +447,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         task.abort();
     }
     let _ = std::fs::remove_file(&config.socket);
+    crate::hubble::remove_socket(&config);
     if detach_on_exit {
         let detached = crate::datapath::detach_pinned(&config.pin_dir)?;
         tracing::info!(detached, "detached; enforcement removed");

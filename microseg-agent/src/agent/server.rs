@@ -38,7 +38,7 @@ pub async fn serve(agent: Arc<Agent>, config: AgentConfig) -> anyhow::Result<()>
 /// the socket is created inside a fresh directory only root can enter, given its
 /// mode there, and then renamed into place. A missing parent directory is created
 /// with mode 0700.
-fn bind_private(path: &std::path::Path, mode: u32) -> anyhow::Result<UnixListener> {
+pub(crate) fn bind_private(path: &std::path::Path, mode: u32) -> anyhow::Result<UnixListener> {
     use anyhow::Context;
     use std::os::unix::fs::DirBuilderExt;
     let parent = path
@@ -52,7 +52,9 @@ fn bind_private(path: &std::path::Path, mode: u32) -> anyhow::Result<UnixListene
             .create(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    let staging = parent.join(format!(".microseg-socket-{}", std::process::id()));
+    // Named after the socket too: the agent binds several sockets at once (API, Hubble).
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let staging = parent.join(format!(".microseg-socket-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::DirBuilder::new()
         .mode(0o700)

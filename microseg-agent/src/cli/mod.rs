@@ -186,6 +186,14 @@ struct AgentArgs {
     /// This node's name (default: $NODE_NAME, then the host name).
     #[arg(long)]
     node_name: Option<String>,
+    /// Unix socket of Hubble's Observer API (default: hubble.sock next to --socket);
+    /// "" turns it off.
+    #[arg(long)]
+    hubble_socket: Option<PathBuf>,
+    /// Also serve Hubble's Observer API on this loopback ip:port (e.g.
+    /// 127.0.0.1:4245); "" (the default) turns it off.
+    #[arg(long)]
+    hubble_listen_address: Option<String>,
 }
 
 #[derive(Args)]
@@ -478,6 +486,12 @@ fn run_agent(args: AgentArgs, socket: &std::path::Path) -> anyhow::Result<()> {
     config.kubernetes.enabled |= args.kubernetes;
     if args.kubeconfig.is_some() {
         config.kubernetes.kubeconfig = args.kubeconfig;
+    }
+    if args.hubble_socket.is_some() {
+        config.hubble.socket = args.hubble_socket;
+    }
+    if let Some(address) = args.hubble_listen_address {
+        config.hubble.listen_address = address;
     }
     if let Some(name) = args.node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
         config.node_name = Some(name);
