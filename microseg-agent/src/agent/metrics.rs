@@ -434,3 +434,61 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use microseg_common::{policy::Direction, rule_hits::RuleHits};
+
+    use super::rule_hit_families;
+    use crate::{
+        agent::rule_hits::{CountedThing, HitRecord},
+        policy::{PolicyDirection, RuleRef},
+    };
+
+    #[test]
+    fn rule_hits_are_counters_labelled_by_policy_and_rule() {
+        let record = |counted, packets, flows| HitRecord {
+            counted,
+            hits: RuleHits { packets, flows },
+            last_hit: None,
+            since: SystemTime::now(),
+        };
+        let rule = RuleRef {
+            policy_namespace: "prod".into(),
+            policy_name: "db \"ingress\"".into(),
+            direction: PolicyDirection::Ingress,
+            rule_index: 2,
+            cluster: None,
+        };
+        let mut out = String::new();
+        rule_hit_families(
+            &mut out,
+            &[
+                record(CountedThing::Rule(rule), 40, 6),
+                record(
+                    CountedThing::DefaultDeny {
+                        workload: "prod/db".into(),
+                        direction: Direction::Ingress,
+                    },
+                    3,
+                    0,
+                ),
+            ],
+        );
+        let labels = r#"kind="NetworkPolicy",namespace="prod",policy="db \"ingress\"",direction="ingress",rule="2""#;
+        assert!(
+            out.contains(&format!("microseg_rule_connections_total{{{labels}}} 6\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("microseg_rule_packets_total{{{labels}}} 40\n")),
+            "{out}"
+        );
+        assert!(out.contains(
+            "microseg_default_deny_packets_total{namespace=\"prod\",workload=\"db\",direction=\"ingress\"} 3\n"
+        ), "{out}");
+        assert!(out.contains("# TYPE microseg_rule_packets_total counter"));
+    }
+}
