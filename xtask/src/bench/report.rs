@@ -670,6 +670,31 @@ fn tiers_table(md: &mut String, tiers: &TiersResults) {
             ratio_text(row.many_ratio_as_measured)
         );
     }
+    md.push_str("\n#### Rule hit counters: cost per packet\n\nThe NetworkPolicy set as shipped (every rule and default deny counted in `RULE_HITS`) beside the same set with every hit slot 0 (nothing counted), ns per packet minus the floor, measured in the same interleaved rounds.\n\n| program | family | rules | flow | counted | uncounted | counted / uncounted |\n|---|---|---:|---|---:|---:|---:|\n");
+    for row in tiers
+        .rows
+        .iter()
+        .filter(|row| ["established", "new_allow", "deny"].contains(&row.flow))
+    {
+        let median = |variant: Variant| {
+            row.figure(variant).map_or_else(
+                || "-".to_owned(),
+                |f| format!("{:.1}", f.without_floor.median_ns),
+            )
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} ({}) |",
+            row.program,
+            row.family,
+            human(u64::from(row.rules)),
+            row.flow,
+            median(Variant::NetworkPolicyOnly),
+            median(Variant::Uncounted),
+            ratio_text(row.counting_ratio),
+            ratio_text(row.counting_ratio_as_measured)
+        );
+    }
     md.push_str("\nThe compiled sets:\n\n| family | rules | set | NetworkPolicies | ClusterNetworkPolicies | endpoints | peer hosts | policy entries (exact) | compile ms | apply ms |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for setup in &tiers.setups {
         let _ = writeln!(

@@ -3,6 +3,10 @@
 //! so a packet still does one policy lookup chain; this measures whether it costs
 //! the same.
 //!
+//! Issue 13 adds a fourth set, `network_policy_only_uncounted`: the NetworkPolicy
+//! alone with every rule hit slot 0, so each packet skips the hit counters; beside
+//! `network_policy_only` it is what counting rule hits costs.
+//!
 //! Three policy sets over the same workloads, compiled by microseg's own compiler:
 //! - `network_policy_only`: the datapath scenario's NetworkPolicy (the server, in
 //!   namespace `bench`, accepts UDP 5001 from the `role=client` pods of `bench`);
@@ -88,19 +92,23 @@ const QUARANTINED: u32 = 3;
 const QUARANTINE_LABEL: &str = "bench.microseg.io/quarantine";
 const API_VERSION: &str = "policy.networking.k8s.io/v1alpha2";
 
-/// The three policy sets.
+/// The policy sets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     NetworkPolicyOnly,
     Tiers,
     ManyPriorities,
+    /// `NetworkPolicyOnly` with every rule hit slot 0: the same entries, no rule hit
+    /// counted (issue 13's cost of counting, side by side).
+    Uncounted,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 3] = [
+    pub const ALL: [Variant; 4] = [
         Variant::NetworkPolicyOnly,
         Variant::Tiers,
         Variant::ManyPriorities,
+        Variant::Uncounted,
     ];
 
     pub fn name(self) -> &'static str {
@@ -108,11 +116,12 @@ impl Variant {
             Variant::NetworkPolicyOnly => "network_policy_only",
             Variant::Tiers => "tiers",
             Variant::ManyPriorities => "tiers_many_priorities",
+            Variant::Uncounted => "network_policy_only_uncounted",
         }
     }
 
     fn has_tiers(self) -> bool {
-        self != Variant::NetworkPolicyOnly
+        matches!(self, Variant::Tiers | Variant::ManyPriorities)
     }
 }
 
@@ -328,6 +337,9 @@ pub struct TierRow {
     /// The same ratios of the medians as measured (floor included).
     pub tiers_ratio_as_measured: Option<f64>,
     pub many_ratio_as_measured: Option<f64>,
+    /// NetworkPolicy only / the same uncounted: what counting rule hits costs.
+    pub counting_ratio: Option<f64>,
+    pub counting_ratio_as_measured: Option<f64>,
 }
 
 impl TierRow {
@@ -585,7 +597,15 @@ fn build(family: Family, rules: u32, variant: Variant, many: u32) -> anyhow::Res
     let start = Instant::now();
     let mut compiled = compile(&set);
     let compile_ms = start.elapsed().as_secs_f64() * 1e3;
-    let state = std::mem::take(&mut compiled.state);
+    let mut state = std::mem::take(&mut compiled.state);
+    if variant == Variant::Uncounted {
+        for entry in state.policy.values_mut() {
+            *entry = entry.with_hit_slot(0);
+        }
+        for endpoint in state.endpoints.values_mut() {
+            *endpoint = endpoint.with_default_deny_hit_slot(0);
+        }
+    }
     let counts = state.counts();
     Ok(Built {
         setup: TierSetup {
@@ -767,7 +787,10 @@ pub fn run(
                 config.rounds
             ));
             // samples[variant][flow][round]
-            let mut samples = vec![vec![Vec::with_capacity(config.rounds); FlowKind::ALL.len()]; 3];
+            let mut samples = vec![
+                vec![Vec::with_capacity(config.rounds); FlowKind::ALL.len()];
+                Variant::ALL.len()
+            ];
             for round in 0..config.rounds {
                 for turn in 0..Variant::ALL.len() {
                     let index = (round + turn) % Variant::ALL.len();
@@ -786,7 +809,7 @@ pub fn run(
                     program, family, rules, kind, config, floor, &samples, flow_index,
                 );
                 progress.line(format!(
-                    "  {label:>10} {:>3} {:<13} NP only {:>6.1} ns, tiers {:>6.1} ns ({}), {} priorities {:>6.1} ns ({}) - floor",
+                    "  {label:>10} {:>3} {:<13} NP only {:>6.1} ns, tiers {:>6.1} ns ({}), {} priorities {:>6.1} ns ({}), uncounted {:>6.1} ns (counting {}) - floor",
                     row.program,
                     row.flow,
                     row.figures[0].without_floor.median_ns,
@@ -794,7 +817,9 @@ pub fn run(
                     ratio_text(row.tiers_ratio),
                     config.many_priorities,
                     row.figures[2].without_floor.median_ns,
-                    ratio_text(row.many_ratio)
+                    ratio_text(row.many_ratio),
+                    row.figures[3].without_floor.median_ns,
+                    ratio_text(row.counting_ratio)
                 ));
                 results.rows.push(row);
             }
@@ -861,6 +886,8 @@ fn row(
         many_vs_tiers_ratio: ratio(median(2), median(1)),
         tiers_ratio_as_measured: ratio(measured(1), measured(0)),
         many_ratio_as_measured: ratio(measured(2), measured(0)),
+        counting_ratio: ratio(median(0), median(3)),
+        counting_ratio_as_measured: ratio(measured(0), measured(3)),
         figures,
     }
 }
