@@ -142,9 +142,6 @@ async fn handle_connection(
                 continue;
             }
         };
-        if let Request::Events { last, follow } = request {
-            return stream_events(&agent, &mut write, last, follow).await;
-        }
         if let Request::Flows {
             last,
             follow,
@@ -169,27 +166,6 @@ async fn send(
     let mut line = serde_json::to_vec(response)?;
     line.push(b'\n');
     write.write_all(&line).await?;
-    Ok(())
-}
-
-async fn stream_events(
-    agent: &Agent,
-    write: &mut tokio::net::unix::OwnedWriteHalf,
-    last: usize,
-    follow: bool,
-) -> anyhow::Result<()> {
-    let mut subscription = agent.hub.subscribe(last);
-    for line in std::mem::take(&mut subscription.history) {
-        write.write_all(line.as_bytes()).await?;
-        write.write_all(b"\n").await?;
-    }
-    if follow {
-        while let Some(line) = subscription.live.recv().await {
-            write.write_all(line.as_bytes()).await?;
-            write.write_all(b"\n").await?;
-        }
-    }
-    write.write_all(b"{\"end_of_stream\":true}\n").await?;
     Ok(())
 }
 
@@ -270,9 +246,7 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             name,
             enabled,
         } => audit(&mut core, &namespace, &name, enabled),
-        Request::Events { .. } | Request::Flows { .. } => {
-            Response::error("events are streamed", vec![])
-        }
+        Request::Flows { .. } => Response::error("events are streamed", vec![]),
     };
     agent.refresh_names(&core);
     response

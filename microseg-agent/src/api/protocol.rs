@@ -48,11 +48,6 @@ pub enum Request {
         namespace: String,
         name: String,
     },
-    /// Stream events: the last `last` buffered ones, then (with `follow`) new ones.
-    Events {
-        last: usize,
-        follow: bool,
-    },
     /// Stream flows from the history that `filter` accepts: the newest `last` of
     /// them, then (with `follow`) new ones as they come, filtered by the agent.
     Flows {
