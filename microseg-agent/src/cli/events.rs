@@ -160,16 +160,7 @@ pub fn read_flow_files(
 impl EventsArgs {
     /// The filter these arguments ask for, checked.
     pub fn filter(&self) -> anyhow::Result<FlowFilter> {
-        let time = |text: &Option<String>, flag: &str| -> anyhow::Result<Option<DateTime<Utc>>> {
-            let Some(text) = text else { return Ok(None) };
-            if let Ok(time) = DateTime::parse_from_rfc3339(text) {
-                return Ok(Some(time.with_timezone(&Utc)));
-            }
-            let back = parse_duration(text).with_context(|| format!("--{flag}"))?;
-            Ok(Some(
-                Utc::now() - chrono::Duration::from_std(back).unwrap_or_default(),
-            ))
-        };
+        let time = |text: &Option<String>, flag: &str| time_arg(text.as_deref(), flag);
         let filter = FlowFilter {
             verdict: self
                 .verdict
