@@ -170,6 +170,7 @@ impl Step {
                     })
                     .collect(),
                 interface: None,
+                node: None,
                 source: source.clone(),
             });
         }

@@ -134,8 +134,10 @@ struct Shared {
 pub struct FakeApiServer {
     shared: Arc<Shared>,
     pub port: u16,
+    /// The address it listens on (127.0.0.1 unless [`FakeApiServer::start_at`]).
+    pub address: std::net::Ipv4Addr,
     acceptor: Option<JoinHandle<()>>,
-    /// The network namespace (`/var/run/netns/<name>`) whose loopback it listens on.
+    /// The network namespace (`/var/run/netns/<name>`) it listens in.
     netns: Option<String>,
 }
 
@@ -150,7 +152,18 @@ impl FakeApiServer {
         Self::start_with(Some(netns.to_owned()))
     }
 
+    /// Listens on `address` (one of the namespace's own) in the named network
+    /// namespace: agents in other namespaces reach it by routing, as nodes reach a
+    /// cluster's API server.
+    pub fn start_at(netns: &str, address: std::net::Ipv4Addr) -> Self {
+        Self::start_on(Some(netns.to_owned()), address)
+    }
+
     fn start_with(netns: Option<String>) -> Self {
+        Self::start_on(netns, std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    fn start_on(netns: Option<String>, address: std::net::Ipv4Addr) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 resource_version: 100,
@@ -164,6 +177,7 @@ impl FakeApiServer {
         let mut server = Self {
             shared,
             port: 0,
+            address,
             acceptor: None,
             netns,
         };
@@ -172,9 +186,9 @@ impl FakeApiServer {
     }
 
     fn listen(&mut self) {
-        let port = self.port;
+        let (address, port) = (self.address, self.port);
         let listener = match &self.netns {
-            None => TcpListener::bind(("127.0.0.1", port)),
+            None => TcpListener::bind((address, port)),
             // A socket stays in the namespace it was created in: create it on a
             // thread that entered the namespace, and use it from anywhere.
             Some(name) => {
@@ -182,7 +196,7 @@ impl FakeApiServer {
                 std::thread::spawn(move || {
                     let file = std::fs::File::open(&path)?;
                     nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                    TcpListener::bind(("127.0.0.1", port))
+                    TcpListener::bind((address, port))
                 })
                 .join()
                 .expect("binding thread")
@@ -230,8 +244,8 @@ impl FakeApiServer {
     /// A kubeconfig pointing at this server (plain http, a dummy token).
     pub fn write_kubeconfig(&self, path: &Path) {
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://127.0.0.1:{}\"}}\nusers:\n- name: fake\n  user: {{token: test-token}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n",
-            self.port
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}:{}\"}}\nusers:\n- name: fake\n  user: {{token: test-token}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n",
+            self.address, self.port
         );
         std::fs::write(path, text).expect("writing the kubeconfig");
     }
@@ -375,6 +389,23 @@ impl FakeApiServer {
         for connection in self.shared.connections.lock().unwrap().drain(..) {
             let _ = connection.shutdown(Shutdown::Both);
         }
+    }
+
+    /// The newest resource version (that of the last change).
+    pub fn resource_version(&self) -> u64 {
+        self.shared.state.lock().unwrap().resource_version
+    }
+
+    /// Every object stored, as applied (with metadata filled in).
+    pub fn objects(&self) -> Vec<Value> {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .objects
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Events (events.k8s.io/v1) the agent posted or patched.
@@ -644,10 +675,13 @@ fn watch(shared: &Shared, writer: &mut TcpStream, collection: Collection, reques
             // Cut: no final chunk, the client sees the connection drop.
             return;
         }
-        let lines: Vec<Value> = state
+        // The history is in version order: skip what was sent without a scan.
+        let unsent = state
             .history
+            .partition_point(|e| e.resource_version <= sent);
+        let lines: Vec<Value> = state.history[unsent..]
             .iter()
-            .filter(|e| e.collection == collection && e.resource_version > sent)
+            .filter(|e| e.collection == collection)
             .map(|e| json!({"type": e.kind, "object": e.object}))
             .collect();
         sent = state.resource_version;

@@ -26,8 +26,13 @@ pub struct LabHost {
 
 /// The IPv6 address of a lab host: `fd80::` and the last byte of its IPv4 address.
 pub fn lab_address6(address: IpAddr) -> IpAddr {
+    address6_in("fd80::", address)
+}
+
+/// `prefix` (`fd80::`, ending in `::`) and the last byte of the IPv4 `address`.
+pub fn address6_in(prefix: &str, address: IpAddr) -> IpAddr {
     match address {
-        IpAddr::V4(v4) => format!("fd80::{}", v4.octets()[3])
+        IpAddr::V4(v4) => format!("{prefix}{}", v4.octets()[3])
             .parse()
             .expect("address"),
         IpAddr::V6(v6) => IpAddr::V6(v6),
@@ -61,6 +66,12 @@ impl Lab {
     /// Hosts given as (name, IPv4 address in 10.80.0.0/24); each also gets
     /// `fd80::<last byte>/64`.
     pub fn new(hosts: &[(&str, &str)]) -> Self {
+        Self::with_prefix6(hosts, "fd80::")
+    }
+
+    /// Like [`Lab::new`], the hosts' IPv6 addresses in `prefix6` (`fd90:1::`, a
+    /// /64): labs that are nodes of one simulated cluster each have their own.
+    pub fn with_prefix6(hosts: &[(&str, &str)], prefix6: &str) -> Self {
         let node = NetNs::new("mnode");
         node.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
         node.exec(&["ip", "link", "set", "br0", "up"]);
@@ -70,7 +81,7 @@ impl Lab {
             let host = LabHost {
                 name: name.to_string(),
                 address,
-                address6: lab_address6(address),
+                address6: address6_in(prefix6, address),
                 ns: NetNs::new("mh"),
                 host_if: unique_name("eh"),
                 node_if: unique_name("en"),
@@ -360,6 +371,15 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+
+    /// The agent's process id, while it runs (nsenter execs it in place).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent
+            .lock()
+            .expect("agent lock")
+            .as_ref()
+            .map(Child::id)
     }
 
     /// Kills the agent with SIGKILL (no cleanup runs).

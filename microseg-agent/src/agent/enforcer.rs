@@ -66,6 +66,9 @@ pub struct Enforcer {
     pub applies_ok: u64,
     pub applies_failed: u64,
     pub apply_latency: LatencyHistogram,
+    /// Map entries written by all applies (per generation slot), and by the last.
+    pub entries_written: u64,
+    pub last_apply_entries: usize,
 }
 
 /// Bucket bounds of the apply latency histogram, in seconds.
@@ -92,12 +95,18 @@ impl LatencyHistogram {
 }
 
 impl Enforcer {
-    /// Takes over a loaded data path whose maps hold `current` (adopted from pins).
-    pub fn new(datapath: Datapath, current: DatapathState, default_audit: bool) -> Self {
+    /// Takes over a loaded data path whose maps hold `current` (adopted from pins),
+    /// compiling with `compiler` (a node's, in Kubernetes mode).
+    pub fn new(
+        datapath: Datapath,
+        current: DatapathState,
+        default_audit: bool,
+        compiler: Compiler,
+    ) -> Self {
         Self {
             datapath,
             current,
-            compiler: Compiler::default(),
+            compiler,
             conversions: ConversionCache::default(),
             interface_facts: InterfaceFacts::default(),
             bindings: BTreeMap::new(),
@@ -108,6 +117,8 @@ impl Enforcer {
             applies_ok: 0,
             applies_failed: 0,
             apply_latency: LatencyHistogram::default(),
+            entries_written: 0,
+            last_apply_entries: 0,
         }
     }
 
@@ -121,9 +132,11 @@ impl Enforcer {
         let started = Instant::now();
         let result = self.try_apply(objects.iter(), audit);
         match &result {
-            Ok(_) => {
+            Ok(report) => {
                 return_free_memory();
                 self.applies_ok += 1;
+                self.entries_written += report.changes as u64;
+                self.last_apply_entries = report.changes;
                 let elapsed = started.elapsed();
                 self.last_apply = Some(elapsed);
                 self.apply_latency.observe(elapsed.as_secs_f64());

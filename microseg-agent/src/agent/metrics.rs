@@ -38,6 +38,7 @@ struct Snapshot {
     policies: usize,
     applies_ok: u64,
     applies_failed: u64,
+    entries_written: u64,
     apply_latency: super::enforcer::LatencyHistogram,
     interfaces: Vec<super::interfaces::InterfaceStatus>,
     healthy: bool,
@@ -54,6 +55,7 @@ impl Snapshot {
                 .map_or(0, |e| e.set.policies.len()),
             applies_ok: core.enforcer.applies_ok,
             applies_failed: core.enforcer.applies_failed,
+            entries_written: core.enforcer.entries_written,
             apply_latency: core.enforcer.apply_latency.clone(),
             interfaces: core.interfaces.status.values().cloned().collect(),
             healthy: core.problems().is_empty(),
@@ -291,6 +293,17 @@ pub async fn render(agent: &Agent) -> String {
         out,
         "microseg_policy_change_total{{outcome=\"failure\"}} {}",
         snapshot.applies_failed
+    );
+    family(
+        &mut out,
+        "microseg_map_entries_written_total",
+        "counter",
+        "BPF map entries written by policy applies (per generation slot): what changes cost the kernel.",
+    );
+    let _ = writeln!(
+        out,
+        "microseg_map_entries_written_total {}",
+        snapshot.entries_written
     );
     family(
         &mut out,

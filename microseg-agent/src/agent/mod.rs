@@ -42,6 +42,7 @@ use self::{
 use crate::{
     datapath::{Capacities, Datapath, LoadOptions},
     event_view::EventNames,
+    policy::Compiler,
 };
 use microseg_common::config::Settings;
 
@@ -232,7 +233,18 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     // enforce and says so (below).
     let persisted = PersistedState::load(&config.state_dir);
     let mut core = AgentCore {
-        enforcer: Enforcer::new(datapath, adopted, config.audit_mode),
+        enforcer: Enforcer::new(
+            datapath,
+            adopted,
+            config.audit_mode,
+            // Kubernetes mode: this node's pods are enforced here, the others by
+            // their own nodes' agents.
+            config
+                .kubernetes
+                .enabled
+                .then(|| Compiler::enforcing_node(config.node_name()))
+                .unwrap_or_default(),
+        ),
         api_objects: ObjectMap::new(),
         dir_objects: ObjectMap::new(),
         // Kubernetes mode: the last known cluster state, so a restart while the API

@@ -810,6 +810,8 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "lastApplyMs": core.enforcer.last_apply.map(|d| d.as_secs_f64() * 1000.0),
         "appliesOk": core.enforcer.applies_ok,
         "appliesFailed": core.enforcer.applies_failed,
+        "lastApplyMapEntries": core.enforcer.last_apply_entries,
+        "mapEntriesWritten": core.enforcer.entries_written,
         "eventSubscribers": agent.hub.subscriber_count(),
         "taskRestarts": agent.restarts.snapshot(),
         "eventsReceived": agent.hub.received.load(std::sync::atomic::Ordering::Relaxed),

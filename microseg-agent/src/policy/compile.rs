@@ -247,12 +247,26 @@ fn ipv4_mapped_range() -> IpNet {
 pub struct Compiler {
     numbering: Numbering,
     hit_slots: HitSlots,
+    enforcing_node: Option<String>,
 }
 
 impl Compiler {
+    /// A compiler for the agent of Kubernetes node `node`: only workloads on that
+    /// node (and workloads that are not pods) become endpoints; pods of other nodes
+    /// are peers only (identities), since their own nodes' agents enforce them.
+    /// A connection between two nodes is judged at both ends: the source's egress
+    /// on the source's node, the destination's ingress on the destination's, and
+    /// each node holds policy entries for its own pods alone.
+    pub fn enforcing_node(node: impl Into<String>) -> Self {
+        Self {
+            enforcing_node: Some(node.into()),
+            ..Self::default()
+        }
+    }
+
     pub fn compile(&mut self, set: &PolicySet) -> Compiled {
         let mut numbering = self.numbering.start();
-        let mut compiled = compile_numbered(set, &mut numbering);
+        let mut compiled = compile_numbered(set, &mut numbering, self.enforcing_node.as_deref());
         self.numbering = numbering.finish();
         self.hit_slots.assign(&mut compiled);
         compiled
@@ -268,7 +282,12 @@ pub fn compile(set: &PolicySet) -> Compiled {
     Compiler::default().compile(set)
 }
 
-fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Compiled {
+/// `node`: see [`Compiler::enforcing_node`] (`None`: every workload is enforced).
+fn compile_numbered<'a>(
+    set: &'a PolicySet,
+    numbering: &mut NumberingPass,
+    node: Option<&str>,
+) -> Compiled {
     let mut compiled = Compiled::default();
 
     // Distinct ipBlocks and the named ports egress rules use.
@@ -657,8 +676,12 @@ fn compile_numbered<'a>(set: &'a PolicySet, numbering: &mut NumberingPass) -> Co
     // Which policies select which workloads, through per-namespace label indexes of
     // the workloads: (workload, direction, policy), in policy order per workload.
     let mut workloads_by_namespace: BTreeMap<&str, LabelIndex<'_>> = BTreeMap::new();
+    let enforced_here = |workload: &Workload| match (node, workload.node.as_deref()) {
+        (Some(here), Some(there)) => here == there,
+        _ => true,
+    };
     for (index, workload) in set.workloads.iter().enumerate() {
-        if !workload.addresses.is_empty() {
+        if !workload.addresses.is_empty() && enforced_here(workload) {
             workloads_by_namespace
                 .entry(workload.namespace.as_str())
                 .or_default()

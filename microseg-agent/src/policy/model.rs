@@ -343,6 +343,11 @@ pub struct Workload {
     /// host-side veth): everything it receives was sent by the workload, so its
     /// source addresses are checked. Pods' veths are found without it.
     pub interface: Option<String>,
+    /// The Kubernetes node a pod runs on (`spec.nodeName`); `None` for workloads
+    /// that are not pods. In Kubernetes mode an agent enforces only its own node's
+    /// pods: the others are peers, enforced by their nodes' agents
+    /// ([`crate::policy::Compiler::enforcing_node`]).
+    pub node: Option<String>,
     pub source: Source,
 }
 

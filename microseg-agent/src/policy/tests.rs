@@ -81,6 +81,7 @@ fn named_ports_resolve_by_name_and_protocol() {
             },
         ],
         interface: None,
+        node: None,
         source: Source::memory("test"),
     };
     assert_eq!(
@@ -275,5 +276,69 @@ fn map_evaluator_reports_identities_and_rules() {
     assert_eq!(
         denied.ingress.rule_id,
         microseg_common::policy::RULE_ID_DEFAULT_DENY
+    );
+}
+
+/// Kubernetes mode: a node's agent holds endpoints and policy entries for its own
+/// pods only; other nodes' pods stay peers (identities), and workloads that are not
+/// pods are enforced wherever they are declared.
+#[test]
+fn a_node_compiles_endpoints_for_its_own_pods_only() {
+    let text = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-a, namespace: prod, labels: {app: web}}
+spec: {nodeName: node-a, containers: [{name: c, image: i}]}
+status: {podIP: 10.0.1.2, podIPs: [{ip: 10.0.1.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-b, namespace: prod, labels: {app: web}}
+spec: {nodeName: node-b, containers: [{name: c, image: i}]}
+status: {podIP: 10.0.2.2, podIPs: [{ip: 10.0.2.2}]}
+---
+apiVersion: microseg.dev/v1
+kind: Workload
+metadata: {name: vm, namespace: prod, labels: {app: web}}
+spec: {addresses: ["10.0.9.9"]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 80}]}]
+"#;
+    let mut builder = PolicySetBuilder::new();
+    builder.add_text(Path::new("nodes.yaml"), text);
+    let set = builder.finish().unwrap();
+    assert_eq!(set.workloads[1].node.as_deref(), Some("node-a"));
+    let endpoints = |compiled: &Compiled| -> Vec<String> {
+        compiled
+            .endpoints
+            .values()
+            .map(|e| e.workload.clone())
+            .collect()
+    };
+    let everywhere = compile(&set);
+    assert_eq!(
+        endpoints(&everywhere),
+        ["prod/vm", "prod/web-a", "prod/web-b"]
+    );
+    let on_a = Compiler::enforcing_node("node-a").compile(&set);
+    assert_eq!(endpoints(&on_a), ["prod/vm", "prod/web-a"]);
+    let address = |text: &str| -> IpAddr { text.parse().unwrap() };
+    // web-b is still a peer node-a's pods allow, through its identity.
+    let b_identity = on_a.state.peer_hosts[&address("10.0.2.2")];
+    assert_eq!(
+        on_a.state.peer_hosts[&address("10.0.1.2")],
+        b_identity,
+        "same namespace and labels: one identity"
+    );
+    assert!(!on_a.state.endpoints.contains_key(&address("10.0.2.2")));
+    // Policy entries for web-a and the VM alone: two endpoints' worth, not three.
+    assert_eq!(
+        on_a.state.policy.len() * 3,
+        everywhere.state.policy.len() * 2
     );
 }

@@ -692,6 +692,11 @@ pub(crate) fn convert_pod(checker: &mut Checker<'_>, pod: &Pod) -> Option<Worklo
         addresses,
         ports: ports.into_iter().map(|(_, port)| port).collect(),
         interface: None,
+        node: pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.node_name.clone())
+            .filter(|node| !node.is_empty()),
         source: checker.source.clone(),
     })
 }
@@ -817,6 +822,7 @@ pub(crate) fn convert_workload_document(
         addresses,
         ports: ports.into_iter().map(|(_, port)| port).collect(),
         interface: document.spec.interface,
+        node: None,
         source: checker.source.clone(),
     })
 }

@@ -118,6 +118,7 @@ pub fn policy_set(inventory: &Inventory, yaml: &str) -> Result<PolicySet, String
             addresses: pod.addresses.clone(),
             ports: Vec::new(),
             interface: None,
+            node: None,
             source: source.clone(),
         });
     }

@@ -115,6 +115,7 @@ pub fn workload(name: String, labels: Labels, address: IpAddr) -> Workload {
         addresses: vec![address],
         ports: Vec::new(),
         interface: None,
+        node: None,
         source: Source::memory("microseg-bench"),
     }
 }

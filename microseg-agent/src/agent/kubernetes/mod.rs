@@ -78,6 +78,11 @@ pub struct KubernetesStatus {
     /// What that means, in words.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// The newest resource version (of an object added, modified, deleted or
+    /// listed) that the enforced state reflects: a change made in the API server is
+    /// enforced on this node once this is at least its version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
 }
 
 /// What a missing CRD means, for the log, the event and `microseg status`.
@@ -156,6 +161,8 @@ pub async fn run(agent: Arc<Agent>) {
         outage: None,
         absent: BTreeSet::new(),
         published: None,
+        enforced_version: None,
+        last_enforce_ok: false,
     };
     reconciler.publish_status().await;
     while let Some(change) = incoming.recv().await {
@@ -169,7 +176,13 @@ pub async fn run(agent: Arc<Agent>) {
         reconciler.track_absent_crds();
         reconciler.publish_status().await;
         if reconciler.view.synced() && (changed || !reconciler.enforced_once) {
-            reconciler.enforce(received).await;
+            reconciler.last_enforce_ok = reconciler.enforce(received).await;
+        }
+        // Versions that changed nothing (a status update) are enforced too, once
+        // everything before them is.
+        if reconciler.last_enforce_ok && !reconciler.view.relisting() {
+            reconciler.enforced_version = Some(reconciler.view.newest_version);
+            reconciler.publish_status().await;
         }
     }
 }
@@ -209,6 +222,10 @@ struct Reconciler {
     absent: BTreeSet<&'static str>,
     /// The status last given to `microseg status`.
     published: Option<KubernetesStatus>,
+    /// The newest resource version the enforced state reflects.
+    enforced_version: Option<u64>,
+    /// Whether the last enforcement succeeded (the view is what the maps hold).
+    last_enforce_ok: bool,
 }
 
 impl Reconciler {
@@ -271,6 +288,10 @@ impl Reconciler {
             watch_failing: self.view.failing_since.and(self.view.last_failure.clone()),
             crds_absent: self.absent.iter().map(|kind| (*kind).to_owned()).collect(),
             notes: self.absent.iter().map(|kind| absent_note(kind)).collect(),
+            resource_version: self
+                .enforced_version
+                .filter(|version| *version > 0)
+                .map(|version| version.to_string()),
         };
         if self.published.as_ref() != Some(&status) {
             self.agent.core.lock().await.kubernetes = Some(status.clone());
@@ -278,8 +299,9 @@ impl Reconciler {
         }
     }
 
-    /// Enforces the cluster view as one generation.
-    async fn enforce(&mut self, received: Instant) {
+    /// Enforces the cluster view as one generation; false if it was refused (the
+    /// previous state stays enforced).
+    async fn enforce(&mut self, received: Instant) -> bool {
         let objects = self.view.enforceable();
         let mut core = self.agent.core.lock().await;
         let result = enforce_objects(&mut core, objects);
@@ -320,6 +342,7 @@ impl Reconciler {
                 }
                 self.report_left_out(left_out);
                 let _ = self.cache.send(Arc::new(enforced));
+                true
             }
             Err(refused) => {
                 self.status.report(Status {
@@ -327,6 +350,7 @@ impl Reconciler {
                     reason: "PolicyRefused",
                     note: format!("{}: {}", refused.summary, refused.details.join("; ")),
                 });
+                false
             }
         }
     }

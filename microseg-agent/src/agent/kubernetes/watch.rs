@@ -69,6 +69,11 @@ pub enum Change {
     /// The API server does not serve the kind (`404`: its CRD is not installed): none
     /// of its objects exist. Tried again after [`CRD_RETRY`].
     Absent(&'static str),
+    /// The resource version of the object in the change sent just before (an
+    /// object's version is read before slimming drops it). The reconciler reports
+    /// the newest one it has enforced, so that one can tell when a change made in
+    /// the API server is enforced on this node.
+    ResourceVersion(u64),
 }
 
 /// Starts one watcher task per kind, all sending to `changes`.
@@ -143,6 +148,16 @@ fn spawn_watcher<K>(
                 .boxed();
             let mut absent = false;
             while let Some(event) = stream.next().await {
+                let version = match &event {
+                    Ok(
+                        watcher::Event::InitApply(object)
+                        | watcher::Event::Apply(object)
+                        | watcher::Event::Delete(object),
+                    ) => object
+                        .resource_version()
+                        .and_then(|version| version.parse::<u64>().ok()),
+                    _ => None,
+                };
                 let change = match event {
                     Ok(watcher::Event::Init) => Change::Relisting(kind),
                     Ok(watcher::Event::InitApply(object)) => {
@@ -162,6 +177,11 @@ fn spawn_watcher<K>(
                     Err(error) => Change::Failed(kind, error.to_string()),
                 };
                 if changes.send(change).is_err() {
+                    return;
+                }
+                if let Some(version) = version
+                    && changes.send(Change::ResourceVersion(version)).is_err()
+                {
                     return;
                 }
                 if absent {
@@ -331,6 +351,8 @@ pub struct ClusterView {
     /// Since when the watches fail, if they do.
     pub failing_since: Option<Instant>,
     pub last_failure: Option<String>,
+    /// The newest resource version seen on an object (0: none yet).
+    pub newest_version: u64,
 }
 
 impl ClusterView {
@@ -346,7 +368,10 @@ impl ClusterView {
     /// Applies one change; returns whether the enforced objects may differ.
     pub fn apply(&mut self, change: Change) -> bool {
         // `Relisting` comes before the list request: no sign the server answers.
-        if !matches!(change, Change::Failed(..) | Change::Relisting(_)) {
+        if !matches!(
+            change,
+            Change::Failed(..) | Change::Relisting(_) | Change::ResourceVersion(_)
+        ) {
             self.failing_since = None;
         }
         match change {
@@ -404,12 +429,21 @@ impl ClusterView {
                 self.objects.retain(|key, _| key.kind != kind);
                 self.objects.len() != before
             }
+            Change::ResourceVersion(version) => {
+                self.newest_version = self.newest_version.max(version);
+                false
+            }
         }
     }
 
     /// Kinds whose CRD the API server does not serve, as last seen.
     pub fn absent(&self) -> &BTreeSet<&'static str> {
         &self.absent
+    }
+
+    /// Whether a re-list is in progress (its objects are not in the view yet).
+    pub fn relisting(&self) -> bool {
+        !self.relisting.is_empty()
     }
 
     /// Whether every kind has been listed since the agent started.
