@@ -136,7 +136,7 @@ pub struct FakeApiServer {
     pub port: u16,
     /// The address it listens on (127.0.0.1 unless [`FakeApiServer::start_at`]).
     pub address: std::net::Ipv4Addr,
-    acceptor: Option<JoinHandle<()>>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
     /// The network namespace (`/var/run/netns/<name>`) it listens in.
     netns: Option<String>,
 }
@@ -178,14 +178,16 @@ impl FakeApiServer {
             shared,
             port: 0,
             address,
-            acceptor: None,
+            acceptor: Mutex::new(None),
             netns,
         };
-        server.listen();
+        server.port = server.listen();
         server
     }
 
-    fn listen(&mut self) {
+    /// Listens on the address and port (an ephemeral one the first time); returns
+    /// the port.
+    fn listen(&self) -> u16 {
         let (address, port) = (self.address, self.port);
         let listener = match &self.netns {
             None => TcpListener::bind((address, port)),
@@ -203,11 +205,11 @@ impl FakeApiServer {
             }
         }
         .expect("binding the API server");
-        self.port = listener.local_addr().expect("address").port();
+        let port = listener.local_addr().expect("address").port();
         listener.set_nonblocking(true).expect("non-blocking");
         self.shared.running.store(true, Ordering::SeqCst);
         let shared = self.shared.clone();
-        self.acceptor = Some(std::thread::spawn(move || {
+        *self.acceptor.lock().unwrap() = Some(std::thread::spawn(move || {
             while shared.running.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((stream, _)) => {
@@ -225,19 +227,20 @@ impl FakeApiServer {
                 }
             }
         }));
+        port
     }
 
     /// The API server goes away: the listener closes and every connection is cut.
-    pub fn stop(&mut self) {
+    pub fn stop(&self) {
         self.shared.running.store(false, Ordering::SeqCst);
-        if let Some(acceptor) = self.acceptor.take() {
+        if let Some(acceptor) = self.acceptor.lock().unwrap().take() {
             let _ = acceptor.join();
         }
         self.cut_connections();
     }
 
     /// Back on the same port, with the state it had (and changes made meanwhile).
-    pub fn start_again(&mut self) {
+    pub fn start_again(&self) {
         self.listen();
     }
 

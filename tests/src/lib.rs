@@ -3,7 +3,9 @@
 //! are always removed, even when a test fails.
 
 pub mod client_server;
+pub mod cluster;
 pub mod cluster_conformance;
+pub mod cluster_run;
 pub mod corpus;
 pub mod fake_apiserver;
 pub mod fuzz;

@@ -424,7 +424,7 @@ fn enforcement_continues_while_the_api_server_is_away() {
     if !microseg_tests::kernel_available("kubernetes_api_server_away") {
         return;
     }
-    let mut kube = kube_lab();
+    let kube = kube_lab();
     kube.assert_port(80, true);
     kube.assert_port(81, false);
 
