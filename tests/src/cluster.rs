@@ -249,8 +249,13 @@ const APPS: usize = 10;
 /// The `index`th virtual pod: namespace `vns-<n>`, app `app-<m>`, on a virtual node,
 /// addresses from 10.100.0.0/14 and fd64::/64 by `index`.
 pub fn virtual_pod(plan: &ClusterPlan, index: usize, app: usize) -> Value {
-    let namespace = format!("vns-{}", index / 100 % virtual_namespaces(plan));
     let node = format!("virtual-node-{}", index % plan.virtual_nodes.max(1));
+    virtual_pod_on(plan, index, app, &node)
+}
+
+/// [`virtual_pod`] on the named node.
+pub fn virtual_pod_on(plan: &ClusterPlan, index: usize, app: usize, node: &str) -> Value {
+    let namespace = format!("vns-{}", index / 100 % virtual_namespaces(plan));
     let v4 = IpAddr::V4(Ipv4Addr::from(
         u32::from(Ipv4Addr::new(10, 100, 0, 0)) + index as u32 + 1,
     ));
@@ -259,7 +264,7 @@ pub fn virtual_pod(plan: &ClusterPlan, index: usize, app: usize) -> Value {
         &namespace,
         &format!("pod-{index}"),
         json!({"app": format!("app-{app}"), "team": format!("team-{}", app % 3)}),
-        &node,
+        node,
         &[v4, v6],
     )
 }
@@ -283,7 +288,7 @@ pub fn virtual_policy(plan: &ClusterPlan, index: usize) -> Value {
              "ports": [{"protocol": "TCP", "port": 9000}]},
         ],
     });
-    if index % 2 == 0 {
+    if index.is_multiple_of(2) {
         spec["policyTypes"] = json!(["Ingress", "Egress"]);
         spec["egress"] = json!([
             {"to": [{"podSelector": {"matchLabels": {"app": "app-0"}}}],

@@ -61,6 +61,10 @@ pub struct PhaseFigures {
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub max_ms: f64,
+    /// For a fault: from its end (the agent restarted, the API server back, the
+    /// watch cut, the history compacted) to every node enforcing what the API
+    /// server held at that moment.
+    pub recovery_ms: Option<f64>,
     /// Probes of connections whose verdict never changes, made during the phase,
     /// and how many came out wrong.
     pub probes: usize,
@@ -148,6 +152,8 @@ pub fn run(plan: &ClusterPlan, say: &dyn Fn(&str)) -> ClusterReport {
     let phase = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let probes: Arc<Mutex<Vec<(usize, bool)>>> = Arc::default();
     let mut phase_names = vec!["steady churn".to_owned()];
+    // Per fault phase: when the fault ended, and the API server's version then.
+    let mut fault_ends: BTreeMap<usize, Change> = BTreeMap::new();
     let mut changes: Vec<Change> = Vec::new();
     let mut churn = Churn::new(plan);
     let before: Vec<Value> = cluster
@@ -223,16 +229,19 @@ pub fn run(plan: &ClusterPlan, say: &dyn Fn(&str)) -> ClusterReport {
         node2.lab.kill_agent();
         churn.run_for(&cluster, plan.agent_down, index, &mut changes);
         node2.start_agent();
+        fault_ends.insert(index, fault_end(&cluster, index));
         churn.run_for(&cluster, window / 2, index, &mut changes);
 
         let index = next_phase("watches broken mid-stream during churn");
         churn.run_for(&cluster, window / 2, index, &mut changes);
         cluster.api.drop_watches();
+        fault_ends.insert(index, fault_end(&cluster, index));
         churn.run_for(&cluster, window / 2, index, &mut changes);
 
         let index = next_phase("410 Gone: history compacted during churn");
         churn.run_for(&cluster, window / 2, index, &mut changes);
         cluster.api.expire_history();
+        fault_ends.insert(index, fault_end(&cluster, index));
         churn.run_for(&cluster, window / 2, index, &mut changes);
 
         let index = next_phase("API server gone during churn");
@@ -241,6 +250,7 @@ pub fn run(plan: &ClusterPlan, say: &dyn Fn(&str)) -> ClusterReport {
         // Changes go on meanwhile (written through another replica, say).
         churn.run_for(&cluster, plan.api_outage, index, &mut changes);
         cluster.api.start_again();
+        fault_ends.insert(index, fault_end(&cluster, index));
         churn.run_for(&cluster, window / 2, index, &mut changes);
 
         cluster.wait_converged(Duration::from_secs(120));
@@ -248,9 +258,12 @@ pub fn run(plan: &ClusterPlan, say: &dyn Fn(&str)) -> ClusterReport {
     });
 
     for (index, name) in phase_names.iter().enumerate() {
-        report
-            .phases
-            .push(phase_figures(index, name, &changes, &logs, &probes));
+        let mut figures = phase_figures(index, name, &changes, &logs, &probes);
+        figures.recovery_ms = fault_ends
+            .get(&index)
+            .and_then(|end| converged_at(end, &logs))
+            .map(ms);
+        report.phases.push(figures);
     }
     for figures in &report.phases {
         if figures.wrong_probes > 0 {
@@ -496,6 +509,15 @@ impl Churn {
     }
 }
 
+/// The end of a fault, as a change: now, and the API server's version now.
+fn fault_end(cluster: &SimCluster, phase: usize) -> Change {
+    Change {
+        version: cluster.api.resource_version(),
+        sent: Instant::now(),
+        phase,
+    }
+}
+
 /// Polls a node's enforced resource version until `stop`, logging each rise.
 fn poll_versions(node: &SimNode, log: &VersionLog, stop: &AtomicBool) {
     let mut client = None;
@@ -539,7 +561,7 @@ fn probe_invariants(
         family += 1;
         for (from, to, port, allowed) in INVARIANT_FLOWS {
             let target = RealPod::find(to);
-            let address: IpAddr = if family % 2 == 0 {
+            let address: IpAddr = if family.is_multiple_of(2) {
                 target.address()
             } else {
                 target.address6()
@@ -604,6 +626,7 @@ fn phase_figures(
         p50_ms: quantile(0.5),
         p95_ms: quantile(0.95),
         max_ms: quantile(1.0),
+        recovery_ms: None,
         probes: phase_probes.len(),
         wrong_probes: phase_probes.iter().filter(|right| !**right).count(),
     }
@@ -680,16 +703,19 @@ impl ClusterReport {
             self.drops_reported_by_the_dropping_node,
             self.label_change_ms
         ));
-        out.push_str("| phase | changes | seconds | convergence p50 | p95 | max | probes (wrong) |\n|---|---:|---:|---:|---:|---:|---:|\n");
+        out.push_str("| phase | changes | seconds | convergence p50 | p95 | max | caught up after the fault | probes (wrong) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for phase in &self.phases {
             out.push_str(&format!(
-                "| {} | {} | {:.1} | {:.0} ms | {:.0} ms | {:.0} ms | {} ({}) |\n",
+                "| {} | {} | {:.1} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} ({}) |\n",
                 phase.phase,
                 phase.changes,
                 phase.duration_s,
                 phase.p50_ms,
                 phase.p95_ms,
                 phase.max_ms,
+                phase
+                    .recovery_ms
+                    .map_or("-".to_owned(), |ms| format!("{ms:.0} ms")),
                 phase.probes,
                 phase.wrong_probes
             ));

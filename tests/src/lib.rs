@@ -6,6 +6,7 @@ pub mod client_server;
 pub mod cluster;
 pub mod cluster_conformance;
 pub mod cluster_run;
+pub mod cluster_scaling;
 pub mod corpus;
 pub mod fake_apiserver;
 pub mod fuzz;

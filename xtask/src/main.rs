@@ -33,6 +33,12 @@ enum Command {
         /// Smaller scales and short windows (under two minutes): a smoke run.
         #[arg(long)]
         quick: bool,
+        /// The cluster simulation instead: three nodes with their own agents and
+        /// real pods, 5,000 pods and 500 policies as API objects, churn and
+        /// faults, then one node's cost as the cluster grows (with --quick: the
+        /// small size the tests run). Writes target/microseg-bench/cluster/.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Fuzzing: the policy and inventory loaders (libFuzzer, nightly) and the packet
     /// parser through the real programs (BPF_PROG_TEST_RUN), N seconds per target.
@@ -50,9 +56,13 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
-        Command::Bench { quick } => {
+        Command::Bench { quick, cluster } => {
             setup::run()?;
-            bench_driver::run(quick)
+            if cluster {
+                bench_driver::run_cluster(quick)
+            } else {
+                bench_driver::run(quick)
+            }
         }
         Command::Fuzz { seconds, target } => {
             setup::run()?;

@@ -239,11 +239,11 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
             config.audit_mode,
             // Kubernetes mode: this node's pods are enforced here, the others by
             // their own nodes' agents.
-            config
-                .kubernetes
-                .enabled
-                .then(|| Compiler::enforcing_node(config.node_name()))
-                .unwrap_or_default(),
+            if config.kubernetes.enabled {
+                Compiler::enforcing_node(config.node_name())
+            } else {
+                Compiler::default()
+            },
         ),
         api_objects: ObjectMap::new(),
         dir_objects: ObjectMap::new(),
