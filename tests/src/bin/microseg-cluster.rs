@@ -28,6 +28,13 @@ struct Cli {
     /// Where to write report.json and report.md.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only measure one node's agent at this size: `PODS,POLICIES,LOCAL_PODS` (to
+    /// see what an agent costs at a given cluster's size, or to profile it).
+    #[arg(long, value_delimiter = ',')]
+    node_only: Vec<usize>,
+    /// Pod changes per measured point.
+    #[arg(long, default_value_t = 15)]
+    changes: usize,
 }
 
 /// The per-node figures the README extrapolates to: 5,000 nodes x 100 pods.
@@ -53,6 +60,21 @@ fn main() -> anyhow::Result<()> {
     let say = |step: &str| {
         eprintln!("[{:>6.1} s] {step}", started.elapsed().as_secs_f64());
     };
+    anyhow::ensure!(
+        matches!(cli.node_only.len(), 0 | 3),
+        "--node-only takes PODS,POLICIES,LOCAL_PODS"
+    );
+    if let [pods, policies, local_pods] = cli.node_only[..] {
+        let point = cluster_scaling::ScalePoint {
+            pods,
+            policies,
+            local_pods,
+        };
+        say(&format!("one node's agent: {point:?}"));
+        let figures = cluster_scaling::measure(point, cli.changes);
+        println!("{}", scaling_markdown(std::slice::from_ref(&figures)));
+        return Ok(());
+    }
     let report = cluster_run::run(&plan, &say);
     let mut markdown = format!("## Cluster simulation\n\n{}\n", report.markdown());
     let mut scaling = Vec::new();
@@ -115,6 +137,9 @@ fn scaling_markdown(figures: &[ScaleFigures]) -> String {
             f.apply_ms,
             f.cpu_ms_per_change
         ));
+    }
+    if figures.len() < 4 {
+        return out;
     }
     let rss = cluster_scaling::fit(figures, |f| f.rss_mib);
     let apply = cluster_scaling::fit(figures, |f| f.apply_ms);
