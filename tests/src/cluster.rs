@@ -352,16 +352,8 @@ pub struct SimNode {
 impl SimNode {
     /// Starts (or restarts) the node's agent in Kubernetes mode.
     pub fn start_agent(&self) {
-        self.lab.start_agent_with(
-            &[
-                "--kubernetes",
-                "--kubeconfig",
-                &self.kubeconfig.display().to_string(),
-                "--node-name",
-                &self.name,
-            ],
-            false,
-        );
+        self.lab
+            .start_kubernetes_agent(&self.kubeconfig, &self.name);
     }
 
     /// The agent's status (through its API socket).

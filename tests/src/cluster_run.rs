@@ -24,6 +24,7 @@ use crate::{
         ClusterPlan, REAL_PODS, RealPod, SERVICE_PORTS, SimCluster, SimNode, initial_objects,
         node_name, pod, virtual_pod,
     },
+    proc_stats,
     topology::tcp_exchange,
 };
 
@@ -294,7 +295,8 @@ pub fn run(plan: &ClusterPlan, say: &dyn Fn(&str)) -> ClusterReport {
 
     for (figures, node) in report.agents.iter_mut().zip(&cluster.nodes) {
         let status = node.status().unwrap_or_default();
-        figures.peak_rss_mib = peak_rss_mib(node).max(figures.rss_after_sync_mib);
+        let peak = node.lab.agent_pid().map_or(0.0, proc_stats::peak_rss_mib);
+        figures.peak_rss_mib = peak.max(figures.rss_after_sync_mib);
         figures.enforced_workloads = status["enforcedWorkloads"].as_u64().unwrap_or(0);
     }
     report
@@ -638,49 +640,13 @@ struct ProcessSample {
     cpu_seconds: f64,
 }
 
-/// The agent's resident memory and CPU time so far, from /proc.
+/// The agent's resident memory and CPU time so far.
 fn process_sample(node: &SimNode) -> Option<ProcessSample> {
     let pid = node.lab.agent_pid()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces): utime and stime are
-    // the 14th and 15th fields, the 12th and 13th after it.
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
     Some(ProcessSample {
-        rss_mib: rss_kib / 1024.0,
-        cpu_seconds: (utime + stime) / ticks,
+        rss_mib: proc_stats::rss_mib(pid),
+        cpu_seconds: proc_stats::cpu_seconds(pid),
     })
-}
-
-/// The agent's peak resident memory (VmHWM) since it started.
-fn peak_rss_mib(node: &SimNode) -> f64 {
-    let Some(pid) = node.lab.agent_pid() else {
-        return 0.0;
-    };
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmHWM:"))?
-                .split_whitespace()
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 fn ms(duration: Duration) -> f64 {

@@ -13,6 +13,7 @@ use crate::{
     cluster::{ClusterPlan, namespace, virtual_pod, virtual_pod_on, virtual_policy},
     fake_apiserver::FakeApiServer,
     lab::Lab,
+    proc_stats::{cpu_seconds, rss_mib},
 };
 
 /// The node the measured agent plays.
@@ -88,16 +89,7 @@ pub fn measure(point: ScalePoint, changes: usize) -> ScaleFigures {
     let kubeconfig = lab.dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
     let started = Instant::now();
-    lab.start_agent_with(
-        &[
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig.display().to_string(),
-            "--node-name",
-            NODE,
-        ],
-        false,
-    );
+    lab.start_kubernetes_agent(&kubeconfig, NODE);
     let enforced = |version: u64| {
         let status = status(&lab);
         status
@@ -155,46 +147,6 @@ fn status(lab: &Lab) -> Value {
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
-pub fn rss_mib(pid: u32) -> f64 {
-    proc_status_kib(pid, "VmRSS:") / 1024.0
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(field))?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
-/// User and system CPU time of a process so far.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // After the command name (which may hold spaces), utime and stime are the 12th
-    // and 13th fields.
-    let Some((_, after)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<f64> = after
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|field| field.parse().ok())
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    fields.iter().sum::<f64>() / ticks
 }
 
 /// The per-node model: `value = base + per_pod * pods + per_policy * policies +

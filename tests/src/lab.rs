@@ -285,6 +285,21 @@ impl Lab {
         self.start_agent_attached(extra, attach_hosts.then_some("tc"));
     }
 
+    /// Starts the agent in Kubernetes mode as node `node`, its API server given by
+    /// `kubeconfig`: it finds its pods' veths itself.
+    pub fn start_kubernetes_agent(&self, kubeconfig: &Path, node: &str) {
+        self.start_agent_with(
+            &[
+                "--kubernetes",
+                "--kubeconfig",
+                &kubeconfig.display().to_string(),
+                "--node-name",
+                node,
+            ],
+            false,
+        );
+    }
+
     /// Starts the agent with every host's node-side veth attached in `mode`
     /// (`tc`, `xdp`, ...), or none.
     pub fn start_agent_attached(&self, extra: &[&str], mode: Option<&str>) {

@@ -15,6 +15,7 @@ pub mod lab;
 pub mod netns;
 pub mod policy_gen;
 pub mod policy_judge;
+pub mod proc_stats;
 pub mod raw;
 pub mod topology;
 

@@ -163,16 +163,7 @@ fn kube_lab_with(setup: Setup) -> KubeLab {
     ]);
     let kubeconfig = lab.dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
-    lab.start_agent_with(
-        &[
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig.display().to_string(),
-            "--node-name",
-            NODE,
-        ],
-        false,
-    );
+    lab.start_kubernetes_agent(&kubeconfig, NODE);
     let kube = KubeLab {
         lab,
         api,
