@@ -3,7 +3,7 @@
 //! persisted atomically so a restart finds them.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     io::Write,
     path::{Path, PathBuf},
     sync::Arc,
@@ -162,7 +162,8 @@ pub fn build_policy_set<'a>(
 /// changed plus the cross-document checks, not every object of the cluster.
 #[derive(Default)]
 pub struct ConversionCache {
-    entries: HashMap<ObjectKey, CachedConversion>,
+    /// foldhash: the whole cluster's keys are hashed on every build.
+    entries: foldhash::HashMap<ObjectKey, CachedConversion>,
 }
 
 struct CachedConversion {
@@ -182,7 +183,12 @@ pub fn build_policy_set_cached<'a>(
     let mut previous = std::mem::take(&mut cache.entries);
     let mut builder = PolicySetBuilder::new();
     for (key, object) in objects {
-        let cached = previous.remove(key).filter(|cached| {
+        // The key is moved from the last build's entry (no copy per object).
+        let (key, cached) = match previous.remove_entry(key) {
+            Some((key, cached)) => (key, Some(cached)),
+            None => (key.clone(), None),
+        };
+        let cached = cached.filter(|cached| {
             Arc::ptr_eq(&cached.value, &object.value)
                 && cached.file == object.file
                 && cached.document == object.document
@@ -198,7 +204,7 @@ pub fn build_policy_set_cached<'a>(
             ),
         });
         builder.add_converted(&cached.converted);
-        cache.entries.insert(key.clone(), cached);
+        cache.entries.insert(key, cached);
     }
     builder.finish()
 }

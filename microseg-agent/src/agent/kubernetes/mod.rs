@@ -316,7 +316,10 @@ impl Reconciler {
                     latency_ms = received.elapsed().as_secs_f64() * 1000.0,
                     "applied API server changes"
                 );
-                let local = Arc::new(local_pod_addresses(&enforced, &self.node));
+                let local = Arc::new(local_pod_addresses(
+                    &enforced,
+                    self.view.pods_on(&self.node),
+                ));
                 let local_count = local.len();
                 self.local.send_if_modified(|current| {
                     let modified = current.as_ref() != Some(&local);

@@ -9,16 +9,19 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use super::watch::pod_addresses;
-use crate::agent::objects::ObjectMap;
+use crate::agent::objects::{ObjectKey, ObjectMap};
 
-/// Addresses of this node's pods (`spec.nodeName` is `node`), with their
-/// `namespace/name`.
-pub fn local_pod_addresses(objects: &ObjectMap, node: &str) -> BTreeMap<IpAddr, String> {
+/// Addresses of this node's `pods` as `objects` (the enforced objects) give them,
+/// with their `namespace/name`.
+pub fn local_pod_addresses<'a>(
+    objects: &ObjectMap,
+    pods: impl Iterator<Item = &'a ObjectKey>,
+) -> BTreeMap<IpAddr, String> {
     let mut addresses = BTreeMap::new();
-    for (key, object) in objects.iter().filter(|(key, _)| key.kind == "Pod") {
-        if object.value["spec"]["nodeName"].as_str() != Some(node) {
+    for key in pods {
+        let Some(object) = objects.get(key) else {
             continue;
-        }
+        };
         for address in pod_addresses(&object.value) {
             addresses.insert(address, format!("{}/{}", key.namespace, key.name));
         }

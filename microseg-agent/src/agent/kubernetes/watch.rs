@@ -353,15 +353,66 @@ pub struct ClusterView {
     pub last_failure: Option<String>,
     /// The newest resource version seen on an object (0: none yet).
     pub newest_version: u64,
+    /// What each pod in `objects` says about its addresses and node, read once
+    /// when the pod changes rather than from its JSON on every enforcement (which
+    /// reads every pod of the cluster).
+    pods: BTreeMap<ObjectKey, PodFacts>,
+}
+
+/// What [`ClusterView::enforceable`] and the local pod lookup read of a pod.
+struct PodFacts {
+    created: String,
+    addresses: Vec<IpAddr>,
+    node: Option<String>,
+}
+
+impl PodFacts {
+    fn of(pod: &serde_json::Value) -> Self {
+        Self {
+            created: pod["metadata"]["creationTimestamp"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            addresses: pod_addresses(pod),
+            node: pod["spec"]["nodeName"].as_str().map(str::to_owned),
+        }
+    }
 }
 
 impl ClusterView {
     /// Starts from the cached objects of an earlier run (enforced until the lists
     /// arrive).
     pub fn new(cached: ObjectMap) -> Self {
-        Self {
+        let mut view = Self {
             objects: cached,
             ..Self::default()
+        };
+        view.read_all_pods();
+        view
+    }
+
+    /// Reads the facts of every pod again (after a re-list).
+    fn read_all_pods(&mut self) {
+        self.pods = self
+            .objects
+            .iter()
+            .filter(|(key, _)| key.kind == "Pod")
+            .map(|(key, object)| (key.clone(), PodFacts::of(&object.value)))
+            .collect();
+    }
+
+    /// Reads the facts of one pod again (after it changed or went).
+    fn read_pod(&mut self, key: &ObjectKey) {
+        if key.kind != "Pod" {
+            return;
+        }
+        match self.objects.get(key) {
+            Some(object) => {
+                self.pods.insert(key.clone(), PodFacts::of(&object.value));
+            }
+            None => {
+                self.pods.remove(key);
+            }
         }
     }
 
@@ -397,6 +448,9 @@ impl ClusterView {
                 self.objects.extend(fresh);
                 self.listed.insert(kind);
                 self.absent.remove(kind);
+                if kind == "Pod" {
+                    self.read_all_pods();
+                }
                 true
             }
             Change::Applied(key, value) => {
@@ -410,10 +464,15 @@ impl ClusterView {
                     return false;
                 }
                 let object = stored(&key, value);
-                self.objects.insert(key, object);
+                self.objects.insert(key.clone(), object);
+                self.read_pod(&key);
                 true
             }
-            Change::Deleted(key) => self.objects.remove(&key).is_some(),
+            Change::Deleted(key) => {
+                let removed = self.objects.remove(&key).is_some();
+                self.read_pod(&key);
+                removed
+            }
             Change::Failed(kind, error) => {
                 self.failing_since.get_or_insert_with(Instant::now);
                 self.last_failure = Some(format!("{kind}: {error}"));
@@ -427,6 +486,9 @@ impl ClusterView {
                 self.listed.insert(kind);
                 let before = self.objects.len();
                 self.objects.retain(|key, _| key.kind != kind);
+                if kind == "Pod" {
+                    self.read_all_pods();
+                }
                 self.objects.len() != before
             }
             Change::ResourceVersion(version) => {
@@ -439,6 +501,14 @@ impl ClusterView {
     /// Kinds whose CRD the API server does not serve, as last seen.
     pub fn absent(&self) -> &BTreeSet<&'static str> {
         &self.absent
+    }
+
+    /// The pods on `node` (`spec.nodeName`).
+    pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a ObjectKey> + 'a {
+        self.pods
+            .iter()
+            .filter(move |(_, facts)| facts.node.as_deref() == Some(node))
+            .map(|(key, _)| key)
     }
 
     /// Whether a re-list is in progress (its objects are not in the view yet).
@@ -459,28 +529,26 @@ impl ClusterView {
     /// may briefly show a deleted pod's address on a new pod too, and the loader
     /// refuses a set with one address on two workloads; the newer pod keeps it.
     pub fn enforceable(&self) -> ObjectMap {
-        let mut objects = self.objects.clone();
-        let mut owners: BTreeMap<IpAddr, (String, ObjectKey)> = BTreeMap::new();
+        let mut owners: foldhash::HashMap<IpAddr, (&str, &ObjectKey)> =
+            foldhash::HashMap::default();
         let mut losers = Vec::new();
-        for (key, object) in objects.iter().filter(|(k, _)| k.kind == "Pod") {
-            let created = object.value["metadata"]["creationTimestamp"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            for address in pod_addresses(&object.value) {
-                match owners.get(&address) {
+        for (key, facts) in &self.pods {
+            let created = facts.created.as_str();
+            for address in &facts.addresses {
+                match owners.get(address) {
                     // The pod seen first is at least as new: this one gives way.
                     Some((other, _)) if *other >= created => losers.push(key.clone()),
                     Some((_, older)) => {
-                        losers.push(older.clone());
-                        owners.insert(address, (created.clone(), key.clone()));
+                        losers.push((*older).clone());
+                        owners.insert(*address, (created, key));
                     }
                     None => {
-                        owners.insert(address, (created.clone(), key.clone()));
+                        owners.insert(*address, (created, key));
                     }
                 }
             }
         }
+        let mut objects = self.objects.clone();
         for key in losers {
             if let Some(object) = objects.get_mut(&key)
                 && let Some(status) = std::sync::Arc::make_mut(&mut object.value)
