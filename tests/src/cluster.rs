@@ -474,6 +474,41 @@ impl SimCluster {
     }
 }
 
+impl SimCluster {
+    /// Waits until every node's agent has its programs on each of its real pods'
+    /// veths, bound to the pod (a restarted agent adopts its pinned links).
+    pub fn wait_attached(&self, limit: Duration) {
+        let started = Instant::now();
+        for node in &self.nodes {
+            loop {
+                let status = node.status().unwrap_or_default();
+                let enforcing = |pod: &RealPod| {
+                    status["interfaces"].as_array().is_some_and(|interfaces| {
+                        interfaces.iter().any(|interface| {
+                            interface["workload"] == pod.key().as_str()
+                                && interface["enforcing"] == true
+                        })
+                    })
+                };
+                if REAL_PODS
+                    .iter()
+                    .filter(|pod| pod.node == node.index)
+                    .all(enforcing)
+                {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < limit,
+                    "{}'s pods were not attached within {limit:?}; status: {status:#}\n{}",
+                    node.name,
+                    tail(&node.lab.agent_log(), 40)
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
 /// The newest API resource version a node's agent enforces, if it answers.
 pub fn enforced_version(node: &SimNode) -> Option<u64> {
     node.status()

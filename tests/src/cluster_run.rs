@@ -130,6 +130,9 @@ pub fn run(plan: &ClusterPlan, say: &dyn Fn(&str)) -> ClusterReport {
         node.start_agent();
     }
     cluster.wait_converged(Duration::from_secs(120));
+    // The programs go on a pod's veth once the agent has found it, just after the
+    // pod's policy is in the maps: until then the pod is not enforced on its node.
+    cluster.wait_attached(Duration::from_secs(30));
     report.initial_sync_ms = ms(started.elapsed());
     let rss_after_sync: Vec<f64> = cluster
         .nodes
@@ -231,6 +234,7 @@ pub fn run(plan: &ClusterPlan, say: &dyn Fn(&str)) -> ClusterReport {
         churn.run_for(&cluster, plan.agent_down, index, &mut changes);
         node2.start_agent();
         fault_ends.insert(index, fault_end(&cluster, index));
+        cluster.wait_attached(Duration::from_secs(30));
         churn.run_for(&cluster, window / 2, index, &mut changes);
 
         let index = next_phase("watches broken mid-stream during churn");
@@ -255,6 +259,19 @@ pub fn run(plan: &ClusterPlan, say: &dyn Fn(&str)) -> ClusterReport {
         churn.run_for(&cluster, window / 2, index, &mut changes);
 
         cluster.wait_converged(Duration::from_secs(120));
+        // The pollers see what `wait_converged` saw before they stop (a node that
+        // caught up in one step at the very end would otherwise look unconverged).
+        let last = cluster.api.resource_version();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while logs.iter().any(|log| {
+            log.lock()
+                .unwrap()
+                .last()
+                .is_none_or(|(_, version)| *version < last)
+        }) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         stop.store(true, Ordering::SeqCst);
     });
 
@@ -306,6 +323,26 @@ pub fn run(plan: &ClusterPlan, say: &dyn Fn(&str)) -> ClusterReport {
 /// against the reference evaluator over the whole cluster; then checks that every
 /// denied connection was reported by the node that dropped it, and only by it.
 fn check_enforcement(cluster: &SimCluster, report: &mut ClusterReport, when: &str) {
+    let failures_before = report.failures.len();
+    check_connections(cluster, report, when);
+    if report.failures.len() > failures_before {
+        // What each node had attached and bound, to tell why.
+        for node in &cluster.nodes {
+            let status = node.status().unwrap_or_default();
+            report.failures.push(format!(
+                "{when}: {} status: attached {}, interfaces {}, problems {}\n{}",
+                node.name,
+                status["attached"],
+                status["interfaces"],
+                status["problems"],
+                node.lab.agent_log()
+            ));
+        }
+    }
+}
+
+fn check_connections(cluster: &SimCluster, report: &mut ClusterReport, when: &str) {
+    let started = chrono::Utc::now();
     let set = &cluster_set(cluster);
     let mut flows = Vec::new();
     for src in &REAL_PODS {
@@ -360,8 +397,12 @@ fn check_enforcement(cluster: &SimCluster, report: &mut ClusterReport, when: &st
     report.probes_allowed += allowed;
     report.probes_denied += results.len() - allowed;
 
-    // Who reported each drop.
-    let drops: Vec<Vec<Value>> = cluster.nodes.iter().map(dropped_flows).collect();
+    // Who reported each drop (of this check's connections).
+    let drops: Vec<Vec<Value>> = cluster
+        .nodes
+        .iter()
+        .map(|node| dropped_flows(node, started))
+        .collect();
     for (src, dst, flow, expected, egress_allowed, _) in &results {
         if *expected {
             continue;
@@ -393,8 +434,8 @@ fn check_enforcement(cluster: &SimCluster, report: &mut ClusterReport, when: &st
     }
 }
 
-/// The flows a node's agent dropped, from its flow history.
-fn dropped_flows(node: &SimNode) -> Vec<Value> {
+/// The flows a node's agent dropped since `since`, from its flow history.
+fn dropped_flows(node: &SimNode, since: chrono::DateTime<chrono::Utc>) -> Vec<Value> {
     let mut flows = Vec::new();
     let Ok(mut client) = microseg::api::client::Client::connect(&node.lab.socket()) else {
         return flows;
@@ -402,7 +443,11 @@ fn dropped_flows(node: &SimNode) -> Vec<Value> {
     let request = microseg::api::Request::Flows {
         last: 1_000_000,
         follow: false,
-        filter: microseg::flow_filter::FlowFilter::default(),
+        filter: microseg::flow_filter::FlowFilter {
+            verdict: Some("DROPPED".to_owned()),
+            since: Some(since),
+            ..microseg::flow_filter::FlowFilter::default()
+        },
     };
     let _ = client.stream(&request, |flow| {
         if flow["verdict"] == "DROPPED" {

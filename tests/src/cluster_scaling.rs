@@ -61,6 +61,21 @@ pub fn default_points() -> Vec<ScalePoint> {
     ]
 }
 
+/// Smaller points for a quick run (`--small`): the same shape, 1,000 to 4,000 pods.
+pub fn quick_points() -> Vec<ScalePoint> {
+    let point = |pods, policies, local_pods| ScalePoint {
+        pods,
+        policies,
+        local_pods,
+    };
+    vec![
+        point(1_000, 100, 0),
+        point(4_000, 400, 0),
+        point(1_000, 400, 0),
+        point(1_000, 100, 50),
+    ]
+}
+
 /// Measures one point with `changes` single pod additions.
 pub fn measure(point: ScalePoint, changes: usize) -> ScaleFigures {
     let plan = ClusterPlan {

@@ -19,7 +19,8 @@ use serde_json::json;
 #[derive(Parser)]
 #[command(about = "microseg's cluster simulation and per-node scaling benchmark")]
 struct Cli {
-    /// The small size `cargo xtask test` runs (500 pods, 20 changes/s).
+    /// The small size `cargo xtask test` runs (500 pods, 20 changes/s), and
+    /// smaller scaling points.
     #[arg(long)]
     small: bool,
     /// Skip the per-node scaling points.
@@ -79,12 +80,17 @@ fn main() -> anyhow::Result<()> {
     let mut markdown = format!("## Cluster simulation\n\n{}\n", report.markdown());
     let mut scaling = Vec::new();
     if !cli.no_scaling {
-        for point in cluster_scaling::default_points() {
+        let points = if cli.small {
+            cluster_scaling::quick_points()
+        } else {
+            cluster_scaling::default_points()
+        };
+        for point in points {
             say(&format!(
                 "one node's agent: {} pods, {} policies, {} on its node",
                 point.pods, point.policies, point.local_pods
             ));
-            scaling.push(cluster_scaling::measure(point, 15));
+            scaling.push(cluster_scaling::measure(point, cli.changes));
         }
         markdown.push_str(&scaling_markdown(&scaling));
     }

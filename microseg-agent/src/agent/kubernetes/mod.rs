@@ -320,7 +320,8 @@ impl Reconciler {
                     &enforced,
                     self.view.pods_on(&self.node),
                 ));
-                let local_count = local.len();
+                // Pods, not addresses (a dual-stack pod has two).
+                let local_count = local.values().collect::<BTreeSet<_>>().len();
                 self.local.send_if_modified(|current| {
                     let modified = current.as_ref() != Some(&local);
                     *current = Some(local);
