@@ -838,4 +838,38 @@ mod tests {
         assert!(view.absent().is_empty());
         assert!(view.objects().contains_key(&cnp_key));
     }
+
+    /// The versions the reconciler reports as enforced: the newest seen, and none
+    /// while a re-list is in progress (its objects are not in the view yet). A
+    /// pod's facts follow it: moved to another node, it is no longer this node's.
+    #[test]
+    fn the_newest_version_and_the_pods_on_a_node_follow_the_changes() {
+        let mut view = ClusterView::default();
+        let pod = pod_at("web", "2026-11-01T00:00:00Z", "10.1.0.9", "Running");
+        assert!(view.apply(Change::Applied(pod_key("web"), pod.clone())));
+        assert!(!view.apply(Change::ResourceVersion(42)));
+        assert!(!view.apply(Change::ResourceVersion(7)));
+        assert_eq!(view.newest_version, 42);
+        let node = pod["spec"]["nodeName"].as_str().unwrap().to_owned();
+        assert_eq!(view.pods_on(&node).count(), 1);
+        let mut moved = pod.clone();
+        moved["spec"]["nodeName"] = "elsewhere".into();
+        assert!(view.apply(Change::Applied(pod_key("web"), moved)));
+        assert_eq!(view.pods_on(&node).count(), 0);
+        assert_eq!(view.pods_on("elsewhere").count(), 1);
+
+        assert!(!view.apply(Change::Relisting("Pod")));
+        assert!(view.relisting());
+        assert!(!view.apply(Change::Listed(pod_key("web"), pod)));
+        assert_eq!(
+            view.pods_on("elsewhere").count(),
+            1,
+            "not until the list is done"
+        );
+        assert!(view.apply(Change::ListDone("Pod")));
+        assert!(!view.relisting());
+        assert_eq!(view.pods_on(&node).count(), 1);
+        assert!(view.apply(Change::Deleted(pod_key("web"))));
+        assert_eq!(view.pods_on(&node).count(), 0);
+    }
 }
