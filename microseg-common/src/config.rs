@@ -9,8 +9,9 @@
 //! whole, never a mix.
 //!
 //! `GENERATION` also says, per slot, whether the slot binds any interface
-//! (`GENERATION_INDEX_BOUND + slot`: non-zero if so), so that packets skip the
-//! `INTERFACES` lookup where no interface is bound. The agent sets a slot's mark before
+//! (`GENERATION_INDEX_BOUND + slot`: `SLOT_MARK_*` bits), so that packets skip the
+//! `INTERFACES` lookup where no interface is bound, and skip it on delivery (TC
+//! egress) where no interface awaits its workload's policy. The agent sets a slot's mark before
 //! switching to it; a live slot is never written, so its mark stays true. A map
 //! pinned by an older agent has no such entries: the programs then always look up.
 
@@ -18,6 +19,11 @@
 pub const GENERATION_INDEX_LIVE: u32 = 0;
 /// Index of slot 0's "binds interfaces" mark in `GENERATION` (slot 1's follows).
 pub const GENERATION_INDEX_BOUND: u32 = 1;
+/// A slot's mark: it binds at least one interface.
+pub const SLOT_MARK_BINDS: u32 = 1;
+/// A slot's mark: at least one of its interfaces awaits its workload's policy
+/// (`microseg_common::interface::BINDING_FLAG_NO_POLICY_YET`).
+pub const SLOT_MARK_AWAITS_POLICY: u32 = 2;
 /// Entries of `GENERATION`.
 pub const GENERATION_ENTRIES: u32 = 3;
 

@@ -26,6 +26,10 @@ pub enum DropReason {
     /// The network layer could not be found: more VLAN tags than the parser walks,
     /// or a link-layer header that does not match the device's protocol.
     UnsupportedL3Protocol = 9,
+    /// To or from a pod's interface whose pod the agent does not know yet, so no
+    /// policy can judge it (a sandbox's veth before the API server reports its pod;
+    /// Hubble: `NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION`).
+    NoPolicyYet = 10,
 }
 
 impl DropReason {
@@ -44,6 +48,7 @@ impl DropReason {
             7 => Self::InvalidSourceIp,
             8 => Self::ForbiddenIcmpv6,
             9 => Self::UnsupportedL3Protocol,
+            10 => Self::NoPolicyYet,
             _ => return None,
         })
     }
@@ -60,10 +65,11 @@ impl DropReason {
             Self::InvalidSourceIp => "INVALID_SOURCE_IP",
             Self::ForbiddenIcmpv6 => "FORBIDDEN_ICMPV6",
             Self::UnsupportedL3Protocol => "UNSUPPORTED_L3_PROTOCOL",
+            Self::NoPolicyYet => "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
         }
     }
 
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         Self::PolicyDenied,
         Self::PolicyDeny,
         Self::MalformedIp,
@@ -73,6 +79,7 @@ impl DropReason {
         Self::InvalidSourceIp,
         Self::ForbiddenIcmpv6,
         Self::UnsupportedL3Protocol,
+        Self::NoPolicyYet,
     ];
 }
 

@@ -2,7 +2,8 @@
 
 use aya_ebpf::{macros::map, maps::Array};
 use microseg_common::config::{
-    GENERATION_ENTRIES, GENERATION_INDEX_BOUND, GENERATION_INDEX_LIVE, Settings,
+    GENERATION_ENTRIES, GENERATION_INDEX_BOUND, GENERATION_INDEX_LIVE, SLOT_MARK_AWAITS_POLICY,
+    Settings,
 };
 
 /// The live policy generation, and per slot whether it binds interfaces (see
@@ -32,6 +33,16 @@ pub fn slot_binds_interfaces(slot: u8) -> bool {
     match GENERATION.get(GENERATION_INDEX_BOUND + slot as u32) {
         Some(mark) => *mark != 0,
         None => true,
+    }
+}
+
+/// Whether an interface of `slot` awaits its workload's policy (false if unknown: an
+/// older agent bound none that way).
+#[inline(always)]
+pub fn slot_awaits_policy(slot: u8) -> bool {
+    match GENERATION.get(GENERATION_INDEX_BOUND + slot as u32) {
+        Some(mark) => *mark & SLOT_MARK_AWAITS_POLICY != 0,
+        None => false,
     }
 }
 

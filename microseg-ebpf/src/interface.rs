@@ -1,6 +1,7 @@
 //! Workload interfaces: what a bound interface receives was sent by its workload, so
-//! it must come from one of the workload's addresses, and it may not act as a router
-//! (see `microseg_common::interface`).
+//! it must come from one of the workload's addresses, and it may not act as a router;
+//! an interface whose workload is not known yet neither sends nor is sent anything
+//! beyond its link (see `microseg_common::interface`).
 
 use aya_ebpf::{macros::map, maps::HashMap};
 use microseg_common::{
@@ -53,7 +54,28 @@ pub fn check_sent_by_workload(slot: u8, ifindex: u32, info: &PacketInfo) -> Resu
     if stays_on_link(&info.src, &info.dst) {
         return Ok(());
     }
+    if binding.awaits_policy() {
+        return Err(DropReason::NoPolicyYet);
+    }
     Err(DropReason::InvalidSourceIp)
+}
+
+/// Checks a packet about to be sent out of `ifindex` (TC egress): an interface whose
+/// workload is not known yet is sent nothing beyond link-local traffic.
+#[inline(never)]
+pub fn check_delivery_to_workload(
+    slot: u8,
+    ifindex: u32,
+    info: &PacketInfo,
+) -> Result<(), DropReason> {
+    // SAFETY: as in `check_sent_by_workload`: read-only while the program runs.
+    let Some(binding) = (unsafe { INTERFACES.get(&InterfaceKey::new(slot, ifindex)) }) else {
+        return Ok(());
+    };
+    if binding.awaits_policy() && !stays_on_link(&info.src, &info.dst) {
+        return Err(DropReason::NoPolicyYet);
+    }
+    Ok(())
 }
 
 /// Traffic a workload may send from an address that is not its own: from a link-local

@@ -4,7 +4,9 @@
 //! 2. read the live generation once; every lookup below uses its slot;
 //! 3. a packet a workload's own interface received (XDP, TC ingress) must come from
 //!    one of the workload's addresses and may not be a router advertisement or
-//!    redirect (`interface`); neighbour discovery then passes without policy;
+//!    redirect (`interface`); an interface whose workload is not known yet sends and
+//!    is sent (TC egress) nothing beyond its link; neighbour discovery then passes
+//!    without policy;
 //! 4. transport: ports of later fragments from their first fragment;
 //! 5. conntrack, before the endpoints: a flow allowed under the live generation
 //!    passes, replies included, on this one lookup (its entry proves that an
@@ -131,6 +133,19 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
         let denial = Denial {
             reason,
             direction: Direction::Egress as u8,
+            ..Denial::NONE
+        };
+        return finish_denied(&info, hook, ifindex, denial, info.src_port, info.dst_port);
+    }
+    // Delivery to an interface whose workload is not known yet (only looked up where
+    // the live slot has one).
+    if !is_ingress_hook(hook)
+        && config::slot_awaits_policy(slot)
+        && let Err(reason) = interface::check_delivery_to_workload(slot, ifindex, &info)
+    {
+        let denial = Denial {
+            reason,
+            direction: Direction::Ingress as u8,
             ..Denial::NONE
         };
         return finish_denied(&info, hook, ifindex, denial, info.src_port, info.dst_port);

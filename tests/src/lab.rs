@@ -39,10 +39,16 @@ pub fn address6_in(prefix: &str, address: IpAddr) -> IpAddr {
     }
 }
 
+/// The names of the network namespaces of a lab's pods (hosts named
+/// `namespace/name`) start with this; Kubernetes-mode agents are told so.
+pub const POD_SANDBOX_PREFIX: &str = "mpod";
+
 pub struct Lab {
     pub node: NetNs,
     pub hosts: Vec<LabHost>,
     pub dir: PathBuf,
+    /// The /64 of the hosts' IPv6 addresses (`fd80::`).
+    prefix6: String,
     agent: std::sync::Mutex<Option<Child>>,
 }
 
@@ -82,7 +88,14 @@ impl Lab {
                 name: name.to_string(),
                 address,
                 address6: address6_in(prefix6, address),
-                ns: NetNs::new("mh"),
+                // Pods (`namespace/name`) get sandbox-like namespace names, as
+                // containerd's `cni-`: a Kubernetes-mode agent enforces their veths
+                // from the moment it finds them.
+                ns: NetNs::new(if name.contains('/') {
+                    POD_SANDBOX_PREFIX
+                } else {
+                    "mh"
+                }),
                 host_if: unique_name("eh"),
                 node_if: unique_name("en"),
             };
@@ -95,8 +108,27 @@ impl Lab {
             node,
             hosts: lab_hosts,
             dir,
+            prefix6: prefix6.to_owned(),
             agent: std::sync::Mutex::new(None),
         }
+    }
+
+    /// A pod's sandbox made while the lab runs (a pod scheduled to this node): a
+    /// network namespace named like the lab's other pods', its veth on the node's
+    /// bridge, its addresses given as the others'. The caller keeps it; its
+    /// namespace and veth go when it is dropped.
+    pub fn new_pod_host(&self, name: &str, address: &str) -> LabHost {
+        let address: IpAddr = address.parse().expect("address");
+        let host = LabHost {
+            name: name.to_owned(),
+            address,
+            address6: address6_in(&self.prefix6, address),
+            ns: NetNs::new(POD_SANDBOX_PREFIX),
+            host_if: unique_name("eh"),
+            node_if: unique_name("en"),
+        };
+        link_host(&self.node, &host);
+        host
     }
 
     /// Deletes every host's veth pair and creates it again under the same names and
@@ -295,6 +327,8 @@ impl Lab {
                 &kubeconfig.display().to_string(),
                 "--node-name",
                 node,
+                "--pod-sandbox-prefix",
+                POD_SANDBOX_PREFIX,
             ],
             false,
         );

@@ -763,3 +763,150 @@ fn without_the_cluster_network_policy_crd_network_policies_are_enforced() {
     kube.assert_port(81, true);
     assert_eq!(kube.status()["healthy"], true);
 }
+
+/// Whether `status` shows veth `name` as a pod interface on every hook, bound to
+/// `workload` (or to none) and awaiting its pod's policy or not.
+fn pod_interface_is(status: &Value, name: &str, workload: Option<&str>, awaiting: bool) -> bool {
+    status["interfaces"].as_array().is_some_and(|interfaces| {
+        interfaces.iter().any(|i| {
+            i["name"] == name
+                && i["origin"] == "pod"
+                && i["enforcing"] == true
+                && i["awaitingPolicy"] == awaiting
+                && i["workload"].as_str() == workload
+        })
+    })
+}
+
+/// Drops by reason, from `microseg stats`.
+fn drops_of(kube: &KubeLab, reason: &str) -> u64 {
+    let stats: Value =
+        serde_json::from_str(&kube.lab.cli_ok(&["stats", "-o", "json"])).expect("stats json");
+    stats["drops_by_reason"][reason].as_u64().unwrap_or(0)
+}
+
+const NO_POLICY_YET: &str = "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION";
+
+#[test]
+fn a_new_pods_veth_drops_until_its_pod_is_known_across_a_restart() {
+    if !microseg_tests::kernel_available("kubernetes_pod_awaiting_policy") {
+        return;
+    }
+    const NEWCOMER: &str = "10.80.0.41";
+    let kube = kube_lab_with(Setup {
+        crd: true,
+        dual_stack: true,
+    });
+    let client = kube.lab.host("app/client");
+    // The client has no ingress policy: without microseg's rule for unknown pods,
+    // the newcomer would reach it, and it the newcomer.
+    let _client_servers = EchoServers::start(&client.ns, &[80]);
+    let drops_before = drops_of(&kube, NO_POLICY_YET);
+
+    // A pod's sandbox appears on the node before the API server reports the pod.
+    let created = Instant::now();
+    let newcomer = kube.lab.new_pod_host("app/newcomer", NEWCOMER);
+    let _newcomer_servers = EchoServers::start(&newcomer.ns, &[80]);
+    kube.wait(
+        "the sandbox's veth enforced, awaiting its pod",
+        Duration::from_secs(10),
+        |s| pod_interface_is(s, &newcomer.node_if, None, true),
+    );
+    println!(
+        "sandbox veth created -> enforcing (awaiting its pod): {:.0} ms",
+        created.elapsed().as_secs_f64() * 1000.0
+    );
+    let both_ways = |allowed: bool, when: &str| {
+        for (to_client, to_newcomer) in [
+            (client.address, newcomer.address),
+            (client.address6, newcomer.address6),
+        ] {
+            assert_eq!(
+                tcp_exchange(&client.ns, to_newcomer, 80),
+                allowed,
+                "client -> newcomer {to_newcomer}:80 {when}; status: {:#}\nagent log:\n{}",
+                kube.status(),
+                kube.lab.agent_log()
+            );
+            assert_eq!(
+                tcp_exchange(&newcomer.ns, to_client, 80),
+                allowed,
+                "newcomer -> client {to_client}:80 {when}; status: {:#}\nagent log:\n{}",
+                kube.status(),
+                kube.lab.agent_log()
+            );
+        }
+    };
+    both_ways(false, "before its pod is known");
+    // Dropped at the newcomer's veth in both directions, counted and reported.
+    let dropped = drops_of(&kube, NO_POLICY_YET) - drops_before;
+    assert!(dropped >= 4, "{dropped} drops counted as {NO_POLICY_YET}");
+    let events = kube.lab.cli_ok(&["events", "--last", "500", "-o", "json"]);
+    for (from, to) in [
+        (client.address, newcomer.address),
+        (newcomer.address, client.address),
+        (client.address6, newcomer.address6),
+        (newcomer.address6, client.address6),
+    ] {
+        assert!(
+            events.lines().any(|line| {
+                let event: Value = serde_json::from_str(line).unwrap_or_default();
+                event["drop_reason_desc"] == NO_POLICY_YET
+                    && event["IP"]["source"].as_str() == Some(from.to_string().as_str())
+                    // Over IPv6 the neighbour solicitation (from the global
+                    // address) is what drops first.
+                    && (to.is_ipv6()
+                        || event["IP"]["destination"].as_str()
+                            == Some(to.to_string().as_str()))
+            }),
+            "no {NO_POLICY_YET} event for {from} -> {to}:\n{events}"
+        );
+    }
+    let human = kube.lab.cli_ok(&["status"]);
+    assert!(
+        human.contains("awaiting pod: drops"),
+        "status does not show the veth awaiting its pod:\n{human}"
+    );
+
+    // The agent killed and started again: the pinned programs and bindings keep
+    // dropping meanwhile, and the restarted agent binds the veth the same way.
+    kube.lab.kill_agent();
+    both_ways(false, "while the agent is down");
+    kube.lab
+        .start_kubernetes_agent(&kube.lab.dir.join("kubeconfig"), NODE);
+    kube.wait("the restarted agent's sync", Duration::from_secs(15), |s| {
+        s["workloads"] == 3 && pod_interface_is(s, &newcomer.node_if, None, true)
+    });
+    both_ways(false, "after a restart");
+
+    // The API server reports the pod: bound to it, judged by policy.
+    let reported = Instant::now();
+    kube.api.apply(dual_stack_pod(
+        "app",
+        "newcomer",
+        json!({"role": "client"}),
+        NODE,
+        &[NEWCOMER, &v6(NEWCOMER)],
+    ));
+    kube.wait("the veth bound to its pod", Duration::from_secs(10), |s| {
+        pod_interface_is(s, &newcomer.node_if, Some("app/newcomer"), false)
+    });
+    println!(
+        "pod reported -> its veth bound: {:.0} ms",
+        reported.elapsed().as_secs_f64() * 1000.0
+    );
+    both_ways(true, "once its pod is known");
+    // The server's policy admits role=client: the newcomer is one now.
+    assert!(tcp_exchange(&newcomer.ns, SERVER.parse().unwrap(), 80));
+    assert!(!tcp_exchange(&newcomer.ns, SERVER.parse().unwrap(), 81));
+
+    // Deleted from the API server while its sandbox is still there (a pod being
+    // torn down): it awaits a pod again.
+    kube.api.delete("Pod", "app", "newcomer");
+    kube.wait(
+        "the veth awaiting a pod again",
+        Duration::from_secs(10),
+        |s| pod_interface_is(s, &newcomer.node_if, None, true),
+    );
+    both_ways(false, "after its pod was deleted");
+}

@@ -140,7 +140,7 @@ pub struct AgentConfig {
 }
 
 /// Kubernetes mode (`microseg agent --kubernetes`, see `agent::kubernetes`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct KubernetesConfig {
     /// Watch Namespaces, Pods and NetworkPolicies and enforce for this node's pods.
@@ -148,6 +148,21 @@ pub struct KubernetesConfig {
     /// A kubeconfig file; unset: the in-cluster service account, then `$KUBECONFIG`
     /// or `~/.kube/config`.
     pub kubeconfig: Option<PathBuf>,
+    /// Names of pod sandbox network namespaces under `/var/run/netns` start with one
+    /// of these (containerd: `cni-`). A veth whose peer is in one is a pod's: it is
+    /// attached as soon as it is found and drops everything beyond its link until
+    /// the API server reports its pod. Empty: only veths of known pods are attached.
+    pub pod_sandbox_prefixes: Vec<String>,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            kubeconfig: None,
+            pod_sandbox_prefixes: vec!["cni-".to_owned()],
+        }
+    }
 }
 
 /// Idle lifetimes of tracked connections, in seconds (see

@@ -13,7 +13,7 @@ use microseg_common::{
     interface::{InterfaceBinding, MAX_BOUND_ADDRESSES},
 };
 
-use super::interfaces::InterfaceFacts;
+use super::interfaces::{Bindings, InterfaceFacts};
 use super::objects::{
     ConversionCache, ObjectKey, ObjectMap, StoredObject, build_policy_set_cached,
 };
@@ -56,7 +56,7 @@ pub struct Enforcer {
     interface_facts: InterfaceFacts,
     /// Interfaces bound to a workload in the live generation (ifindex ->
     /// `namespace/name`).
-    bindings: BTreeMap<u32, String>,
+    bindings: Bindings,
     /// Why the standby generation slot lags the live one, if it does (it is
     /// repaired before the next update).
     pub standby_error: Option<String>,
@@ -109,7 +109,7 @@ impl Enforcer {
             compiler,
             conversions: ConversionCache::default(),
             interface_facts: InterfaceFacts::default(),
-            bindings: BTreeMap::new(),
+            bindings: Bindings::default(),
             standby_error: None,
             enforced: None,
             default_audit,
@@ -210,7 +210,7 @@ impl Enforcer {
     }
 
     /// The interface bindings in force.
-    pub fn bindings(&self) -> &BTreeMap<u32, String> {
+    pub fn bindings(&self) -> &Bindings {
         &self.bindings
     }
 
@@ -277,16 +277,17 @@ fn return_free_memory() {
     }
 }
 
-/// The data path's bindings: each bound interface with its workload's addresses. A
-/// workload no longer in the inventory leaves its interface unbound; one with more
-/// addresses than a binding holds keeps the first ones (its other addresses are then
-/// refused as sources: the safe side).
-fn interface_bindings(
-    set: &PolicySet,
-    bindings: &BTreeMap<u32, String>,
-) -> BTreeMap<u32, InterfaceBinding> {
-    let mut out = BTreeMap::new();
-    for (ifindex, key) in bindings {
+/// The data path's bindings: each bound interface with its workload's addresses,
+/// and each interface awaiting policy. A workload no longer in the inventory leaves
+/// its interface unbound; one with more addresses than a binding holds keeps the
+/// first ones (its other addresses are then refused as sources: the safe side).
+fn interface_bindings(set: &PolicySet, bindings: &Bindings) -> BTreeMap<u32, InterfaceBinding> {
+    let mut out: BTreeMap<u32, InterfaceBinding> = bindings
+        .awaiting_policy
+        .iter()
+        .map(|ifindex| (*ifindex, InterfaceBinding::awaiting_policy()))
+        .collect();
+    for (ifindex, key) in &bindings.workloads {
         let Some((namespace, name)) = key.split_once('/') else {
             continue;
         };

@@ -12,6 +12,13 @@
 //! or it is a veth whose peer holds the workload's address (pods always; configured
 //! veths with `discoverWorkloadInterfaces`). Bindings are written before the
 //! programs are attached, so a new interface never enforces unbound.
+//!
+//! A pod's veth is enforced from the moment it is found, not from the moment its pod
+//! is known: a veth whose peer is in a pod sandbox's namespace, or holds a local
+//! pod's address, and whose pod the policy set does not have (not reported yet,
+//! refused, ambiguous) *awaits policy*: everything beyond its link is dropped
+//! (`NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION`). Links are watched
+//! (`ip monitor link`) so that a new veth is looked at within milliseconds.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,7 +32,7 @@ use serde::Serialize;
 use super::{
     Agent, AgentCore,
     config::{AgentConfig, AttachMode},
-    veths::VethScanner,
+    veths::{VethScanner, Veths},
 };
 use crate::{
     datapath::{
@@ -54,6 +61,9 @@ pub struct InterfaceStatus {
     pub hooks: BTreeMap<&'static str, String>,
     /// The workload this interface belongs to (source validation), if any.
     pub workload: Option<String>,
+    /// A pod's interface whose pod is not known yet: everything beyond its link is
+    /// dropped.
+    pub awaiting_policy: bool,
     /// Whether every hook enforces.
     pub enforcing: bool,
 }
@@ -133,14 +143,26 @@ impl InterfaceTable {
     }
 }
 
+/// Whether veths are looked for at all, and the pod sandbox namespace prefixes.
+fn veth_scope(config: &AgentConfig) -> (bool, Vec<String>) {
+    let needed = config.kubernetes.enabled || config.discover_workload_interfaces;
+    let prefixes = if config.kubernetes.enabled {
+        config.kubernetes.pod_sandbox_prefixes.clone()
+    } else {
+        Vec::new()
+    };
+    (needed, prefixes)
+}
+
 /// Looks for veths (when something needs them) without holding the agent's lock.
-async fn scan_veths(scanner: VethScanner, needed: bool) -> (VethScanner, BTreeMap<IpAddr, String>) {
+async fn scan_veths(scanner: VethScanner, config: &AgentConfig) -> (VethScanner, Veths) {
+    let (needed, prefixes) = veth_scope(config);
     if !needed {
-        return (scanner, BTreeMap::new());
+        return (scanner, Veths::default());
     }
     let mut scanner = scanner;
     let (scanner, found) = tokio::task::spawn_blocking(move || {
-        let found = scanner.scan();
+        let found = scanner.scan(&prefixes);
         (scanner, found)
     })
     .await
@@ -149,31 +171,69 @@ async fn scan_veths(scanner: VethScanner, needed: bool) -> (VethScanner, BTreeMa
         Ok(found) => (scanner, found),
         Err(e) => {
             tracing::warn!("looking for veths: {e:#}");
-            (scanner, BTreeMap::new())
+            (scanner, Veths::default())
         }
     }
 }
 
-/// Checks every interface now, then every `every` and whenever this node's pods
-/// change, until the agent stops.
+/// Wakes `changed` whenever a link of the agent's network namespace is added,
+/// changed or removed (`ip monitor link`), so that a new pod's veth is enforced
+/// within milliseconds, not at the next periodic check. Without it (no iproute2
+/// monitor), the periodic check still finds every veth.
+fn watch_links(changed: Arc<tokio::sync::Notify>) {
+    use tokio::io::AsyncBufReadExt;
+    let child = tokio::process::Command::new("ip")
+        .args(["-o", "monitor", "link"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            tracing::warn!("watching links (ip monitor link): {e}; relying on the periodic check");
+            return;
+        }
+    };
+    let Some(stdout) = child.stdout.take() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        while let Ok(Some(_)) = lines.next_line().await {
+            changed.notify_one();
+        }
+        // The monitor ended; dropping the child reaps it.
+        drop(child);
+        tracing::warn!("the link monitor (ip monitor link) ended; relying on the periodic check");
+    });
+}
+
+/// Checks every interface now, then every `every`, whenever this node's pods
+/// change and whenever a link changes, until the agent stops.
 pub async fn run(
     agent: Arc<Agent>,
     every: Duration,
     mut local_pods: tokio::sync::watch::Receiver<Option<LocalPods>>,
     mut scanner: VethScanner,
 ) {
+    let links_changed = Arc::new(tokio::sync::Notify::new());
+    if veth_scope(&agent.core.lock().await.config).0 {
+        watch_links(links_changed.clone());
+    }
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tokio::select! {
             changed = local_pods.changed() => if changed.is_err() { return },
+            () = links_changed.notified() => {}
             _ = tick.tick() => {}
         }
         let pods = local_pods.borrow_and_update().clone();
-        let needed = pods.is_some() || agent.core.lock().await.config.discover_workload_interfaces;
+        let config = agent.core.lock().await.config.clone();
         let veths;
-        (scanner, veths) = scan_veths(scanner, needed).await;
+        (scanner, veths) = scan_veths(scanner, &config).await;
         let mut core = agent.core.lock().await;
         reconcile(&mut core, pods.as_deref(), &veths);
         agent.refresh_names(&core);
@@ -186,19 +246,20 @@ pub async fn run(
 pub async fn facts_at_start(
     core: &AgentCore,
     scanner: VethScanner,
-) -> (VethScanner, BTreeMap<IpAddr, String>, InterfaceFacts) {
-    let needed = core.config.discover_workload_interfaces || core.config.kubernetes.enabled;
-    let (scanner, veths) = scan_veths(scanner, needed).await;
+) -> (VethScanner, Veths, InterfaceFacts) {
+    let (scanner, veths) = scan_veths(scanner, &core.config).await;
     let wanted = wanted_interfaces(core, None, &veths);
     let facts = InterfaceFacts::gather(&wanted, &veths, core.config.discover_workload_interfaces);
     (scanner, veths, facts)
 }
 
-/// Configured interfaces, then pod interfaces: (name, attach mode, origin).
+/// Configured interfaces, then pod interfaces: (name, attach mode, origin). Pod
+/// interfaces are the veths of this node's pods and of pod sandboxes; before the API
+/// server's view is synced, also those pinned by an earlier run.
 fn wanted_interfaces(
     core: &AgentCore,
     pods: Option<&BTreeMap<IpAddr, String>>,
-    veths: &BTreeMap<IpAddr, String>,
+    veths: &Veths,
 ) -> Vec<(String, AttachMode, &'static str)> {
     let configured: BTreeSet<&str> = core
         .config
@@ -206,15 +267,16 @@ fn wanted_interfaces(
         .iter()
         .map(|i| i.name.as_str())
         .collect();
-    let pod_wanted: BTreeSet<String> = match pods {
+    let mut pod_wanted: BTreeSet<String> = match pods {
         Some(pods) => pods
             .keys()
-            .filter_map(|address| veths.get(address))
-            .filter(|name| !configured.contains(name.as_str()))
+            .filter_map(|address| veths.by_address.get(address))
             .cloned()
             .collect(),
         None => core.interfaces.pod_interfaces.clone(),
     };
+    pod_wanted.extend(veths.sandboxes.iter().cloned());
+    pod_wanted.retain(|name| !configured.contains(name.as_str()));
     core.config
         .interfaces
         .iter()
@@ -227,30 +289,59 @@ fn wanted_interfaces(
         .collect()
 }
 
+/// How an interface may be bound to a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindRule {
+    /// Only by a workload naming it (`spec.interface`).
+    Named,
+    /// Also by the workload whose address its veth peer holds (a configured veth
+    /// with `discoverWorkloadInterfaces`).
+    NamedOrPeer,
+    /// A pod's veth: by the pod whose address its peer holds; until that pod is
+    /// known, it awaits policy.
+    Pod,
+}
+
 /// What binds interfaces to workloads, as far as it does not depend on the policy
 /// set: the interfaces enforced now and what their veth peers hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InterfaceFacts {
-    /// Name -> (ifindex, whether a veth peer's addresses may bind it).
-    pub interfaces: BTreeMap<String, (u32, bool)>,
+    /// Name -> (ifindex, how it may be bound).
+    pub interfaces: BTreeMap<String, (u32, BindRule)>,
     /// Veth name -> the addresses its peer holds.
     pub peers: BTreeMap<String, BTreeSet<IpAddr>>,
+}
+
+/// The interfaces' bindings under one policy set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bindings {
+    /// ifindex -> `namespace/name` of the workload it belongs to.
+    pub workloads: BTreeMap<u32, String>,
+    /// Pod interfaces whose pod the set does not have: they drop everything beyond
+    /// their link.
+    pub awaiting_policy: BTreeSet<u32>,
 }
 
 impl InterfaceFacts {
     fn gather(
         wanted: &[(String, AttachMode, &'static str)],
-        veths: &BTreeMap<IpAddr, String>,
+        veths: &Veths,
         discover_configured: bool,
     ) -> Self {
         let mut facts = Self::default();
         for (name, _, origin) in wanted {
             if let Some(ifindex) = links::ifindex(name) {
-                let discover = *origin == "pod" || discover_configured;
-                facts.interfaces.insert(name.clone(), (ifindex, discover));
+                let rule = if *origin == "pod" {
+                    BindRule::Pod
+                } else if discover_configured {
+                    BindRule::NamedOrPeer
+                } else {
+                    BindRule::Named
+                };
+                facts.interfaces.insert(name.clone(), (ifindex, rule));
             }
         }
-        for (address, veth) in veths {
+        for (address, veth) in &veths.by_address {
             if facts.interfaces.contains_key(veth) {
                 facts
                     .peers
@@ -262,24 +353,30 @@ impl InterfaceFacts {
         facts
     }
 
-    /// ifindex -> `namespace/name`: the workload naming the interface
-    /// (`spec.interface`), else the one whose addresses its veth peer holds, if
-    /// exactly one.
-    pub fn bindings(&self, set: &PolicySet) -> BTreeMap<u32, String> {
+    /// Each interface's workload: the one naming it (`spec.interface`), else the
+    /// one whose addresses its veth peer holds, if exactly one. A pod interface
+    /// with neither awaits policy.
+    pub fn bindings(&self, set: &PolicySet) -> Bindings {
         let claimed: BTreeMap<&str, String> = set
             .workloads
             .iter()
             .filter_map(|w| Some((w.interface.as_deref()?, w.key())))
             .collect();
-        let mut bindings = BTreeMap::new();
-        for (name, (ifindex, discover)) in &self.interfaces {
+        let mut bindings = Bindings::default();
+        for (name, (ifindex, rule)) in &self.interfaces {
             let owner = match claimed.get(name.as_str()) {
                 Some(workload) => Some(workload.clone()),
-                None if *discover => self.discovered_owner(set, name),
+                None if *rule != BindRule::Named => self.discovered_owner(set, name),
                 None => None,
             };
-            if let Some(workload) = owner {
-                bindings.insert(*ifindex, workload);
+            match owner {
+                Some(workload) => {
+                    bindings.workloads.insert(*ifindex, workload);
+                }
+                None if *rule == BindRule::Pod => {
+                    bindings.awaiting_policy.insert(*ifindex);
+                }
+                None => {}
             }
         }
         bindings
@@ -310,11 +407,7 @@ impl InterfaceFacts {
 
 /// One check: bind, attach (or adopt, or re-attach), detach pod interfaces that
 /// left, and record what the kernel says.
-pub fn reconcile(
-    core: &mut AgentCore,
-    pods: Option<&BTreeMap<IpAddr, String>>,
-    veths: &BTreeMap<IpAddr, String>,
-) {
+pub fn reconcile(core: &mut AgentCore, pods: Option<&BTreeMap<IpAddr, String>>, veths: &Veths) {
     let wanted = wanted_interfaces(core, pods, veths);
     let pod_wanted: BTreeSet<String> = wanted
         .iter()
@@ -331,7 +424,7 @@ pub fn reconcile(
         Ok(None) => {}
         Err(refused) => tracing::error!("binding interfaces: {}", refused.summary),
     }
-    let bound_to: BTreeMap<u32, String> = core.enforcer.bindings().clone();
+    let bound_to: Bindings = core.enforcer.bindings().clone();
 
     let mut status = BTreeMap::new();
     for (name, mode, origin) in &wanted {
@@ -354,10 +447,25 @@ pub fn reconcile(
                 origin,
                 ifindex,
                 hooks,
-                workload: ifindex.and_then(|index| bound_to.get(&index).cloned()),
+                workload: ifindex.and_then(|index| bound_to.workloads.get(&index).cloned()),
+                awaiting_policy: ifindex
+                    .is_some_and(|index| bound_to.awaiting_policy.contains(&index)),
                 enforcing,
             },
         );
+    }
+    for (name, status) in &status {
+        let was_awaiting = core
+            .interfaces
+            .status
+            .get(name)
+            .is_some_and(|previous| previous.awaiting_policy);
+        if status.awaiting_policy && !was_awaiting {
+            tracing::warn!(
+                interface = name,
+                "a pod's interface whose pod is not known yet: everything beyond its link is dropped until it is"
+            );
+        }
     }
     if pods.is_some() {
         for left in core.interfaces.pod_interfaces.difference(&pod_wanted) {
@@ -366,8 +474,10 @@ pub fn reconcile(
                 Err(e) => tracing::warn!("detaching from {left}: {e}"),
             }
         }
-        core.interfaces.pod_interfaces = pod_wanted;
     }
+    // Before the API server's view is synced nothing is detached; interfaces found
+    // meanwhile (sandboxes) are kept with the pinned ones.
+    core.interfaces.pod_interfaces = pod_wanted;
     core.interfaces.status = status;
     core.attached = core.interfaces.enforcing_hooks();
 }
@@ -428,19 +538,59 @@ mod tests {
             "apiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: vm, namespace: n}\nspec: {addresses: [10.0.0.7], interface: tap7}\n---\napiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: pod, namespace: n}\nspec: {addresses: [10.0.0.8]}\n",
         );
         let mut facts = InterfaceFacts::default();
-        facts.interfaces.insert("tap7".into(), (7, false));
-        facts.interfaces.insert("veth8".into(), (8, true));
-        facts.interfaces.insert("eth0".into(), (2, false));
+        facts.interfaces.insert("tap7".into(), (7, BindRule::Named));
+        facts
+            .interfaces
+            .insert("veth8".into(), (8, BindRule::NamedOrPeer));
+        facts.interfaces.insert("eth0".into(), (2, BindRule::Named));
         facts
             .peers
             .insert("veth8".into(), ["10.0.0.8".parse().unwrap()].into());
         let bindings = facts.bindings(&set);
         assert_eq!(
-            bindings,
+            bindings.workloads,
             [(7, "n/vm".to_owned()), (8, "n/pod".to_owned())].into()
         );
+        assert!(bindings.awaiting_policy.is_empty());
         // Discovery off for an interface: its peer's addresses do not bind it.
-        facts.interfaces.insert("veth8".into(), (8, false));
-        assert_eq!(facts.bindings(&set).len(), 1);
+        facts
+            .interfaces
+            .insert("veth8".into(), (8, BindRule::Named));
+        assert_eq!(facts.bindings(&set).workloads.len(), 1);
+    }
+
+    #[test]
+    fn a_pod_interface_whose_pod_is_unknown_or_ambiguous_awaits_policy() {
+        let set = set(
+            "apiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: a, namespace: n}\nspec: {addresses: [10.0.0.1]}\n---\napiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: b, namespace: n}\nspec: {addresses: [10.0.0.2]}\n",
+        );
+        let mut facts = InterfaceFacts::default();
+        for (name, ifindex) in [("known", 1), ("sandbox", 2), ("both", 3), ("config", 4)] {
+            let rule = if name == "config" {
+                BindRule::NamedOrPeer
+            } else {
+                BindRule::Pod
+            };
+            facts.interfaces.insert(name.into(), (ifindex, rule));
+        }
+        let address = |a: &str| -> IpAddr { a.parse().unwrap() };
+        facts
+            .peers
+            .insert("known".into(), [address("10.0.0.1")].into());
+        // A sandbox whose address no pod has (yet).
+        facts
+            .peers
+            .insert("sandbox".into(), [address("10.0.0.9")].into());
+        facts.peers.insert(
+            "both".into(),
+            [address("10.0.0.1"), address("10.0.0.2")].into(),
+        );
+        // A configured veth without an owner stays unbound (judged by policy alone).
+        facts
+            .peers
+            .insert("config".into(), [address("10.0.0.9")].into());
+        let bindings = facts.bindings(&set);
+        assert_eq!(bindings.workloads, [(1, "n/a".to_owned())].into());
+        assert_eq!(bindings.awaiting_policy, [2, 3].into());
     }
 }

@@ -11,6 +11,10 @@
 //! 2. `ip -j netns list`: namespace names and their ids as seen from here;
 //! 3. `ip -n <ns> -j addr show`: the addresses of the peer (only for veths not seen
 //!    before: the answer is cached by veth name, ifindex and namespace).
+//!
+//! A veth whose peer's namespace is named like a pod sandbox (`cni-` for containerd)
+//! is a pod's even before it has an address or its pod is known: it is enforced
+//! from the moment it is found, denying until its pod is known.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -54,16 +58,27 @@ pub struct VethScanner {
     peers: HashMap<(String, u32, String), Vec<IpAddr>>,
 }
 
-impl VethScanner {
+/// What one scan found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Veths {
     /// Address -> host-side veth, for every veth whose peer is in a named namespace.
-    pub fn scan(&mut self) -> anyhow::Result<BTreeMap<IpAddr, String>> {
+    pub by_address: BTreeMap<IpAddr, String>,
+    /// Host-side veths whose peer is in a pod sandbox's namespace (its name starts
+    /// with one of the sandbox prefixes), with or without an address yet.
+    pub sandboxes: BTreeSet<String>,
+}
+
+impl VethScanner {
+    /// Every veth whose peer is in a named namespace; those whose namespace's name
+    /// starts with one of `sandbox_prefixes` are pod sandboxes.
+    pub fn scan(&mut self, sandbox_prefixes: &[String]) -> anyhow::Result<Veths> {
         let links: Vec<Link> = ip_json(&["-j", "link", "show", "type", "veth"])?;
         let namespaces: Vec<NetnsEntry> = ip_json(&["-j", "netns", "list"])?;
         let by_id: HashMap<i64, String> = namespaces
             .into_iter()
             .filter_map(|ns| Some((ns.id?, ns.name)))
             .collect();
-        let mut found = BTreeMap::new();
+        let mut found = Veths::default();
         let mut seen = BTreeSet::new();
         for link in links {
             let (Some(peer_index), Some(nsid)) = (link.link_index, link.link_netnsid) else {
@@ -72,6 +87,12 @@ impl VethScanner {
             let Some(namespace) = by_id.get(&nsid) else {
                 continue;
             };
+            if sandbox_prefixes
+                .iter()
+                .any(|prefix| namespace.starts_with(prefix.as_str()))
+            {
+                found.sandboxes.insert(link.ifname.clone());
+            }
             let key = (link.ifname.clone(), link.ifindex, namespace.clone());
             seen.insert(key.clone());
             let addresses = match self.peers.get(&key) {
@@ -98,7 +119,7 @@ impl VethScanner {
                 }
             };
             for address in addresses {
-                found.insert(address, link.ifname.clone());
+                found.by_address.insert(address, link.ifname.clone());
             }
         }
         self.peers.retain(|key, _| seen.contains(key));

@@ -186,6 +186,10 @@ struct AgentArgs {
     /// This node's name (default: $NODE_NAME, then the host name).
     #[arg(long)]
     node_name: Option<String>,
+    /// Kubernetes mode: pod sandbox namespaces' names start with this (repeatable;
+    /// replaces `kubernetes.podSandboxPrefixes`, default `cni-`).
+    #[arg(long = "pod-sandbox-prefix")]
+    pod_sandbox_prefixes: Vec<String>,
     /// Unix socket of Hubble's Observer API (default: hubble.sock next to --socket);
     /// "" turns it off.
     #[arg(long)]
@@ -486,6 +490,9 @@ fn run_agent(args: AgentArgs, socket: &std::path::Path) -> anyhow::Result<()> {
     config.kubernetes.enabled |= args.kubernetes;
     if args.kubeconfig.is_some() {
         config.kubernetes.kubeconfig = args.kubeconfig;
+    }
+    if !args.pod_sandbox_prefixes.is_empty() {
+        config.kubernetes.pod_sandbox_prefixes = args.pod_sandbox_prefixes;
     }
     if args.hubble_socket.is_some() {
         config.hubble.socket = args.hubble_socket;

@@ -339,10 +339,13 @@ pub fn print_status(data: &Value, output: OutputFormat) -> anyhow::Result<()> {
             .flatten()
             .map(|(hook, _)| hook.clone())
             .collect();
-        let state = if interface["enforcing"].as_bool() == Some(true) {
-            "enforcing".to_owned()
-        } else {
+        let state = if interface["enforcing"].as_bool() != Some(true) {
             "NOT ENFORCING".to_owned()
+        } else if interface["awaitingPolicy"].as_bool() == Some(true) {
+            // A pod's veth whose pod the API server has not reported yet.
+            "awaiting pod: drops".to_owned()
+        } else {
+            "enforcing".to_owned()
         };
         interfaces.row(vec![
             text(&interface["name"]),

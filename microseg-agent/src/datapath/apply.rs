@@ -22,7 +22,7 @@ use aya::maps::{IterableMap, lpm_trie::Key};
 use ipnet::IpNet;
 use microseg_common::{
     AddrKey,
-    config::slot_of,
+    config::{SLOT_MARK_AWAITS_POLICY, SLOT_MARK_BINDS, slot_of},
     endpoint::{
         ENDPOINT_DERIVED_FLAGS, ENDPOINT_FLAG_ANY_PEER_RULES, ENDPOINT_FLAG_PREFIX_RULES,
         EndpointInfo,
@@ -171,7 +171,7 @@ pub fn apply_state(
     crate::fault::crash_at("after-standby-write");
     // Only the live slot's interface mark is read: each slot's is set here, before
     // the slot goes live.
-    maps.set_slot_binds_interfaces(standby, !new.interfaces.is_empty())?;
+    maps.set_slot_mark(standby, slot_mark(&new.interfaces))?;
     maps.set_live_generation(next)?;
     crate::fault::crash_at("after-switch");
     // From here on the new generation is live: failures only leave the standby slot
@@ -342,6 +342,19 @@ pub(super) fn policy_key(slot: u8, rule: &PolicyMatch) -> Key<PolicyKeyData> {
 /// Writes `diff` into `slot`: every deletion first, then every insertion, so that a
 /// map never holds more than the old and the new state of the slot together (what
 /// `check_capacity` allows for), whatever the order of keys.
+/// A slot's mark (`microseg_common::config`): whether it binds interfaces, and
+/// whether one of them awaits its workload's policy.
+fn slot_mark(interfaces: &BTreeMap<u32, InterfaceBinding>) -> u32 {
+    let mut mark = 0;
+    if !interfaces.is_empty() {
+        mark |= SLOT_MARK_BINDS;
+    }
+    if interfaces.values().any(InterfaceBinding::awaits_policy) {
+        mark |= SLOT_MARK_AWAITS_POLICY;
+    }
+    mark
+}
+
 fn write_diff(
     maps: &mut DatapathMaps<'_>,
     slot: u8,

@@ -127,19 +127,14 @@ impl<'a> DatapathMaps<'a> {
             .map_err(map_err(maps::GENERATION))
     }
 
-    /// Marks whether generation slot `slot` binds any interface (see
+    /// Sets generation slot `slot`'s mark (`SLOT_MARK_*` bits, see
     /// `microseg_common::config`); a no-op on a map pinned by an older agent, which
     /// has no marks (the programs then always look bindings up).
-    pub fn set_slot_binds_interfaces(
-        &mut self,
-        slot: u8,
-        binds: bool,
-    ) -> Result<(), DatapathError> {
-        match self.generation.set(
-            GENERATION_INDEX_BOUND + u32::from(slot),
-            u32::from(binds),
-            0,
-        ) {
+    pub fn set_slot_mark(&mut self, slot: u8, mark: u32) -> Result<(), DatapathError> {
+        match self
+            .generation
+            .set(GENERATION_INDEX_BOUND + u32::from(slot), mark, 0)
+        {
             Err(aya::maps::MapError::OutOfBounds { .. }) => Ok(()),
             other => other.map_err(map_err(maps::GENERATION)),
         }

@@ -404,6 +404,10 @@ mod tests {
         assert_eq!(drop_reason_of("INVALID_SOURCE_IP") as i32, 132);
         assert_eq!(drop_reason_of("INVALID_L4_HEADER") as i32, 135);
         assert_eq!(drop_reason_of("FORBIDDEN_ICMPV6") as i32, 176);
+        assert_eq!(
+            drop_reason_of("NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION") as i32,
+            165
+        );
         assert!(flow_of_line("not json").is_none());
     }
 }
