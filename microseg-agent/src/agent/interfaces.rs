@@ -179,8 +179,9 @@ async fn scan_veths(scanner: VethScanner, config: &AgentConfig) -> (VethScanner,
 /// Wakes `changed` whenever a link of the agent's network namespace is added,
 /// changed or removed (`ip monitor link`), so that a new pod's veth is enforced
 /// within milliseconds, not at the next periodic check. Without it (no iproute2
-/// monitor), the periodic check still finds every veth.
-fn watch_links(changed: Arc<tokio::sync::Notify>) {
+/// monitor), the periodic check still finds every veth. The monitor stops when the
+/// returned guard is dropped.
+fn watch_links(changed: Arc<tokio::sync::Notify>) -> Option<LinkWatch> {
     use tokio::io::AsyncBufReadExt;
     let child = tokio::process::Command::new("ip")
         .args(["-o", "monitor", "link"])
@@ -192,13 +193,11 @@ fn watch_links(changed: Arc<tokio::sync::Notify>) {
         Ok(child) => child,
         Err(e) => {
             tracing::warn!("watching links (ip monitor link): {e}; relying on the periodic check");
-            return;
+            return None;
         }
     };
-    let Some(stdout) = child.stdout.take() else {
-        return;
-    };
-    tokio::spawn(async move {
+    let stdout = child.stdout.take()?;
+    let reader = tokio::spawn(async move {
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         while let Ok(Some(_)) = lines.next_line().await {
             changed.notify_one();
@@ -207,6 +206,17 @@ fn watch_links(changed: Arc<tokio::sync::Notify>) {
         drop(child);
         tracing::warn!("the link monitor (ip monitor link) ended; relying on the periodic check");
     });
+    Some(LinkWatch(reader))
+}
+
+/// Stops the link monitor (and kills its `ip` process) when dropped: when the
+/// interface task ends or is restarted.
+struct LinkWatch(tokio::task::JoinHandle<()>);
+
+impl Drop for LinkWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Checks every interface now, then every `every`, whenever this node's pods
@@ -218,9 +228,11 @@ pub async fn run(
     mut scanner: VethScanner,
 ) {
     let links_changed = Arc::new(tokio::sync::Notify::new());
-    if veth_scope(&agent.core.lock().await.config).0 {
-        watch_links(links_changed.clone());
-    }
+    let _link_watch = if veth_scope(&agent.core.lock().await.config).0 {
+        watch_links(links_changed.clone())
+    } else {
+        None
+    };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;

@@ -195,6 +195,21 @@ pub async fn render(agent: &Agent) -> String {
     }
     family(
         &mut out,
+        "microseg_interfaces_awaiting_policy",
+        "gauge",
+        "Pods' interfaces whose pod is not known yet (Kubernetes mode): everything beyond their link is dropped until it is.",
+    );
+    let _ = writeln!(
+        out,
+        "microseg_interfaces_awaiting_policy {}",
+        snapshot
+            .interfaces
+            .iter()
+            .filter(|status| status.awaiting_policy)
+            .count()
+    );
+    family(
+        &mut out,
         "microseg_task_restarts_total",
         "counter",
         "Agent tasks restarted after they failed, panicked or ended.",
