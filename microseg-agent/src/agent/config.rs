@@ -355,6 +355,32 @@ mod tests {
         assert!(unknown.is_err(), "unknown keys are errors");
     }
 
+    /// The configurations shipped in `deploy/` are valid, every key known.
+    #[test]
+    fn the_deployed_configurations_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let systemd = AgentConfig::from_file(&root.join("deploy/systemd/agent.yaml"))
+            .expect("deploy/systemd/agent.yaml");
+        assert!(!systemd.kubernetes.enabled);
+        let configmap: serde_norway::Value = serde_norway::from_str(
+            &std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml"))
+                .expect("configmap"),
+        )
+        .expect("configmap yaml");
+        let text = configmap["data"]["agent.yaml"]
+            .as_str()
+            .expect("agent.yaml");
+        let daemonset: AgentConfig =
+            serde_norway::from_str(text).expect("the ConfigMap's agent.yaml");
+        daemonset.validate().expect("valid");
+        assert!(daemonset.kubernetes.enabled);
+        assert_eq!(daemonset.kubernetes.pod_sandbox_prefixes, ["cni-"]);
+        assert_eq!(
+            AgentConfig::default().kubernetes.pod_sandbox_prefixes,
+            ["cni-"]
+        );
+    }
+
     #[test]
     fn deny_events_are_on_unless_turned_off() {
         assert!(AgentConfig::default().deny_events);
