@@ -42,7 +42,67 @@ impl std::fmt::Display for ObjectKey {
 pub struct StoredObject {
     pub file: String,
     pub document: usize,
-    pub value: Arc<serde_json::Value>,
+    pub value: Arc<ObjectJson>,
+}
+
+impl StoredObject {
+    pub fn new(file: String, document: usize, value: &serde_json::Value) -> Self {
+        Self {
+            file,
+            document,
+            value: Arc::new(ObjectJson::new(value)),
+        }
+    }
+}
+
+/// An object's JSON, kept as its compact text. In Kubernetes mode the agent holds
+/// every pod of the cluster: as a `serde_json::Value` a slim pod takes about 5.7 KiB
+/// of heap (a B-tree node per map), as text about 0.4 KiB. It is parsed where it is
+/// read: when it changed (its conversion), for `get` and reviews. The text is
+/// serde_json's, keys in order, so equal objects have equal text.
+#[derive(Clone, Debug)]
+pub struct ObjectJson(Box<serde_json::value::RawValue>);
+
+impl ObjectJson {
+    pub fn new(value: &serde_json::Value) -> Self {
+        // A Value's maps have string keys: writing it cannot fail.
+        Self(serde_json::value::to_raw_value(value).unwrap_or_else(|_| Self::null()))
+    }
+
+    fn null() -> Box<serde_json::value::RawValue> {
+        serde_json::value::RawValue::from_string("null".to_owned()).unwrap_or_default()
+    }
+
+    /// The object as a JSON value.
+    pub fn parse(&self) -> serde_json::Value {
+        // Written from a Value: it parses.
+        serde_json::from_str(self.0.get()).unwrap_or_default()
+    }
+
+    /// Whether `value` is this object.
+    pub fn is(&self, value: &serde_json::Value) -> bool {
+        serde_json::value::to_raw_value(value).is_ok_and(|raw| raw.get() == self.0.get())
+    }
+}
+
+impl PartialEq for ObjectJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl Serialize for ObjectJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ObjectJson {
+    /// Through a value, so that the text is serde_json's compact form whatever the
+    /// input's layout.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(deserializer).map(|value| Self::new(&value))
+    }
 }
 
 pub type ObjectMap = BTreeMap<ObjectKey, StoredObject>;
@@ -66,14 +126,7 @@ pub fn parse_objects(file: &str, text: &str) -> Result<ObjectMap, Vec<String>> {
         for item in items {
             match key_of(&item) {
                 Ok(key) => {
-                    objects.insert(
-                        key,
-                        StoredObject {
-                            file: file.to_owned(),
-                            document: number,
-                            value: Arc::new(item),
-                        },
-                    );
+                    objects.insert(key, StoredObject::new(file.to_owned(), number, &item));
                 }
                 Err(reason) => errors.push(format!("{source}: {reason}")),
             }
@@ -168,7 +221,7 @@ pub struct ConversionCache {
 
 struct CachedConversion {
     /// Held, so that the allocation cannot be reused for another value.
-    value: Arc<serde_json::Value>,
+    value: Arc<ObjectJson>,
     file: String,
     document: usize,
     converted: ConvertedDocument,
@@ -199,7 +252,7 @@ pub fn build_policy_set_cached<'a>(
             document: object.document,
             converted: PolicySetBuilder::convert_document(
                 &Source::new(&object.file, object.document),
-                &object.value,
+                &object.value.parse(),
                 object.file.starts_with(API_SERVER_SOURCE),
             ),
         });
@@ -297,6 +350,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_objects_json_is_compact_text_equal_for_equal_objects_whatever_the_layout() {
+        let value = serde_json::json!({
+            "kind": "Pod",
+            "metadata": {"name": "a", "labels": {"b": "2", "a": "1"}},
+        });
+        let json = ObjectJson::new(&value);
+        assert_eq!(json.parse(), value);
+        assert!(json.is(&value));
+        assert!(!json.is(&serde_json::json!({"kind": "Pod"})));
+        // Read back from a pretty-printed file (the saved state): the same text.
+        let object = StoredObject::new("f".into(), 1, &value);
+        let pretty = serde_json::to_string_pretty(&object).unwrap();
+        let read: StoredObject = serde_json::from_str(&pretty).unwrap();
+        assert_eq!(read, object);
+        // As a value (the agent's export) it is the object, not its text.
+        let exported = serde_json::to_value(&object).unwrap();
+        assert_eq!(exported["value"], value);
+        let imported: StoredObject = serde_json::from_value(exported).unwrap();
+        assert_eq!(imported, object);
+    }
+
+    #[test]
     fn objects_are_keyed_and_lists_expanded() {
         let text = r#"
 apiVersion: v1
@@ -377,7 +452,7 @@ spec: {podSelector: {}}
         let changed = parse_objects("a.yaml", &text(8080, false)).unwrap();
         let pod_value = objects
             .values()
-            .find(|o| o.value["kind"] == "Pod")
+            .find(|o| o.value.parse()["kind"] == "Pod")
             .unwrap()
             .value
             .clone();
@@ -396,7 +471,7 @@ spec: {podSelector: {}}
             &cache
                 .entries
                 .values()
-                .find(|c| c.value["kind"] == "Pod")
+                .find(|c| c.value.parse()["kind"] == "Pod")
                 .unwrap()
                 .value,
             &pod_value

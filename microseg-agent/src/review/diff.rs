@@ -87,7 +87,12 @@ fn policy_changes(base: &ObjectMap, new: &ObjectMap) -> PolicyChanges {
             .map(|(key, object)| {
                 (
                     key.to_string(),
-                    object.value.get("spec").cloned().unwrap_or(Value::Null),
+                    object
+                        .value
+                        .parse()
+                        .get("spec")
+                        .cloned()
+                        .unwrap_or(Value::Null),
                 )
             })
             .collect()

@@ -195,12 +195,8 @@ fn objects_for(
                 .to_owned(),
         };
         let object = match previous.get(&key) {
-            Some(known) if *known.value == value => known.clone(),
-            _ => StoredObject {
-                file: "microseg-bench.yaml".to_owned(),
-                document: 1,
-                value: Arc::new(value),
-            },
+            Some(known) if known.value.is(&value) => known.clone(),
+            _ => StoredObject::new("microseg-bench.yaml".to_owned(), 1, &value),
         };
         ensure!(objects.insert(key, object).is_none(), "duplicate object");
     }

@@ -22,7 +22,7 @@ pub fn local_pod_addresses<'a>(
         let Some(object) = objects.get(key) else {
             continue;
         };
-        for address in pod_addresses(&object.value) {
+        for address in pod_addresses(&object.value.parse()) {
             addresses.insert(address, format!("{}/{}", key.namespace, key.name));
         }
     }

@@ -397,7 +397,7 @@ impl ClusterView {
             .objects
             .iter()
             .filter(|(key, _)| key.kind == "Pod")
-            .map(|(key, object)| (key.clone(), PodFacts::of(&object.value)))
+            .map(|(key, object)| (key.clone(), PodFacts::of(&object.value.parse())))
             .collect();
     }
 
@@ -408,7 +408,8 @@ impl ClusterView {
         }
         match self.objects.get(key) {
             Some(object) => {
-                self.pods.insert(key.clone(), PodFacts::of(&object.value));
+                self.pods
+                    .insert(key.clone(), PodFacts::of(&object.value.parse()));
             }
             None => {
                 self.pods.remove(key);
@@ -435,7 +436,7 @@ impl ClusterView {
                     // An unchanged object keeps its stored value (and so its
                     // conversion: `ConversionCache`).
                     let object = match self.objects.get(&key) {
-                        Some(known) if *known.value == value => known.clone(),
+                        Some(known) if known.value.is(&value) => known.clone(),
                         _ => stored(&key, value),
                     };
                     buffer.insert(key, object);
@@ -459,13 +460,15 @@ impl ClusterView {
                 if self
                     .objects
                     .get(&key)
-                    .is_some_and(|known| *known.value == value)
+                    .is_some_and(|known| known.value.is(&value))
                 {
                     return false;
                 }
+                if key.kind == "Pod" {
+                    self.pods.insert(key.clone(), PodFacts::of(&value));
+                }
                 let object = stored(&key, value);
-                self.objects.insert(key.clone(), object);
-                self.read_pod(&key);
+                self.objects.insert(key, object);
                 true
             }
             Change::Deleted(key) => {
@@ -550,14 +553,15 @@ impl ClusterView {
         }
         let mut objects = self.objects.clone();
         for key in losers {
-            if let Some(object) = objects.get_mut(&key)
-                && let Some(status) = std::sync::Arc::make_mut(&mut object.value)
-                    .get_mut("status")
-                    .and_then(|s| s.as_object_mut())
-            {
+            let Some(object) = objects.get_mut(&key) else {
+                continue;
+            };
+            let mut pod = object.value.parse();
+            if let Some(status) = pod.get_mut("status").and_then(|s| s.as_object_mut()) {
                 tracing::warn!("{key}: its address is also a newer pod's; not enforced for now");
                 status.remove("podIP");
                 status.remove("podIPs");
+                *object = stored(&key, pod);
             }
         }
         objects
@@ -565,11 +569,7 @@ impl ClusterView {
 }
 
 fn stored(key: &ObjectKey, value: serde_json::Value) -> StoredObject {
-    StoredObject {
-        file: source_name(key),
-        document: 1,
-        value: std::sync::Arc::new(value),
-    }
+    StoredObject::new(source_name(key), 1, &value)
 }
 
 /// How errors name an object from the API server: `api-server:Pod/ns/name`.
@@ -645,7 +645,7 @@ mod tests {
         assert!(view.apply(Change::Applied(pod_key("new"), newer)));
         assert!(view.apply(Change::Applied(pod_key("old"), older)));
         let enforceable = view.enforceable();
-        let ip = |name: &str| enforceable[&pod_key(name)].value["status"]["podIP"].clone();
+        let ip = |name: &str| enforceable[&pod_key(name)].value.parse()["status"]["podIP"].clone();
         assert_eq!(ip("new"), "10.1.0.9");
         assert!(ip("old").is_null(), "the older pod gives the address up");
 
