@@ -124,28 +124,27 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
 
     let generation = config::live_generation();
     let slot = slot_of(generation);
-    // Where the live slot binds no interface (hosts enforced on their own NICs), the
-    // lookup is skipped.
-    if is_ingress_hook(hook)
-        && config::slot_binds_interfaces(slot)
-        && let Err(reason) = interface::check_sent_by_workload(slot, ifindex, &info)
-    {
+    // A workload's own interface: what it receives was sent by the workload, and
+    // one whose workload is not known yet is delivered nothing (TC egress). The
+    // lookups are skipped where the live slot has no such binding (hosts enforced on
+    // their own NICs; delivery where no interface awaits policy).
+    let interface_check = if is_ingress_hook(hook) {
+        if config::slot_binds_interfaces(slot) {
+            interface::check_sent_by_workload(slot, ifindex, &info)
+                .map_err(|reason| (reason, Direction::Egress))
+        } else {
+            Ok(())
+        }
+    } else if config::slot_awaits_policy(slot) {
+        interface::check_delivery_to_workload(slot, ifindex, &info)
+            .map_err(|reason| (reason, Direction::Ingress))
+    } else {
+        Ok(())
+    };
+    if let Err((reason, direction)) = interface_check {
         let denial = Denial {
             reason,
-            direction: Direction::Egress as u8,
-            ..Denial::NONE
-        };
-        return finish_denied(&info, hook, ifindex, denial, info.src_port, info.dst_port);
-    }
-    // Delivery to an interface whose workload is not known yet (only looked up where
-    // the live slot has one).
-    if !is_ingress_hook(hook)
-        && config::slot_awaits_policy(slot)
-        && let Err(reason) = interface::check_delivery_to_workload(slot, ifindex, &info)
-    {
-        let denial = Denial {
-            reason,
-            direction: Direction::Ingress as u8,
+            direction: direction as u8,
             ..Denial::NONE
         };
         return finish_denied(&info, hook, ifindex, denial, info.src_port, info.dst_port);
