@@ -675,8 +675,12 @@ impl Installed {
     }
 }
 
-/// One window; if trafgen dies under it (it treats a transient send error as
-/// fatal), the window is measured again once.
+/// Attempts at one window before trafgen's death fails the run.
+const WINDOW_ATTEMPTS: u32 = 5;
+
+/// One window; if trafgen dies under it (it treats a transient send error, EAGAIN
+/// on its TX ring, as fatal; on some hosts that happens every few windows), the
+/// window is measured again, up to `WINDOW_ATTEMPTS` times. Each retry is printed.
 fn window(
     bed: &mut Testbed,
     installed: &mut Installed,
@@ -684,11 +688,18 @@ fn window(
     label: &'static str,
     config: &TrafficConfig,
 ) -> anyhow::Result<RunCounts> {
-    match window_once(bed, installed, sources, label, config) {
-        Err(error) if error.downcast_ref::<TrafgenDied>().is_some() => {
-            window_once(bed, installed, sources, label, config)
+    let mut attempt = 1;
+    loop {
+        match window_once(bed, installed, sources, label, config) {
+            Err(error)
+                if attempt < WINDOW_ATTEMPTS && error.downcast_ref::<TrafgenDied>().is_some() =>
+            {
+                eprintln!("  ({label}: {error:#}; measuring the window again)");
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
         }
-        other => other,
     }
 }
 
