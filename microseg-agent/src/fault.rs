@@ -8,11 +8,22 @@
 //! `after-switch` (switched, old slot not rewritten), `standby-rewrite` (fails the
 //! rewrite of the old slot instead), `standby-repair` (fails its repair),
 //! `before-state-commit` (maps switched, the saved state not yet replaced),
-//! `event-reader-panic` (the event reader panics on its first event, once).
+//! `event-reader-panic` (the event reader panics on its first event, once),
+//! `binding-write` (fails the switch that writes changed interface bindings).
+//!
+//! `point@/some/file` injects the fault only while that file exists, so that a
+//! test can end it and watch the agent recover.
 
 #[cfg(feature = "fault-injection")]
 fn active(point: &str) -> bool {
-    std::env::var("MICROSEG_FAULT").is_ok_and(|points| points.split(',').any(|p| p == point))
+    std::env::var("MICROSEG_FAULT").is_ok_and(|points| {
+        points.split(',').any(|p| match p.split_once('@') {
+            Some((name, while_exists)) => {
+                name == point && std::path::Path::new(while_exists).exists()
+            }
+            None => p == point,
+        })
+    })
 }
 
 /// Dies here if `point` is injected.

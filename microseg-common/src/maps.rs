@@ -57,6 +57,11 @@ pub const PROG_TC_EGRESS: &str = "microseg_tc_egress";
 /// packets start at the IP header.
 pub const PROG_TC_INGRESS_L3: &str = "microseg_tc_ingress_l3";
 pub const PROG_TC_EGRESS_L3: &str = "microseg_tc_egress_l3";
+/// The held programs: for an Ethernet interface whose binding could not be written,
+/// they drop everything beyond its link without reading any map.
+pub const PROG_XDP_HOLD: &str = "microseg_xdp_hold";
+pub const PROG_TC_HOLD_INGRESS: &str = "microseg_tc_hold_ingress";
+pub const PROG_TC_HOLD_EGRESS: &str = "microseg_tc_hold_egress";
 
 /// Where maps and links are pinned.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/microseg";

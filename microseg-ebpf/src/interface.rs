@@ -78,6 +78,26 @@ pub fn check_delivery_to_workload(
     Ok(())
 }
 
+/// What an interface awaiting its workload's policy lets through (`hold` judges
+/// every packet of a held interface by it): traffic that stays on the link, and
+/// from the workload (`sent_by_workload`) no router advertisement or redirect.
+#[inline(always)]
+pub fn check_awaiting_policy(info: &PacketInfo, sent_by_workload: bool) -> Result<(), DropReason> {
+    if sent_by_workload
+        && info.family == FAMILY_IPV6
+        && info.protocol == PROTO_ICMPV6
+        && info.transport == Transport::Known
+        && (info.icmp_type == ICMPV6_ROUTER_ADVERTISEMENT || info.icmp_type == ICMPV6_REDIRECT)
+    {
+        return Err(DropReason::ForbiddenIcmpv6);
+    }
+    if stays_on_link(&info.src, &info.dst) {
+        Ok(())
+    } else {
+        Err(DropReason::NoPolicyYet)
+    }
+}
+
 /// Traffic a workload may send from an address that is not its own: from a link-local
 /// or unspecified source (neighbour discovery, DHCP, MLD) to a link-local, multicast
 /// or broadcast destination. Routers do not forward it off the link.

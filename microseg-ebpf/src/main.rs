@@ -10,6 +10,7 @@ mod counters;
 mod endpoint;
 mod events;
 mod fragment;
+mod hold;
 mod identity;
 mod interface;
 mod packet;
@@ -61,12 +62,54 @@ pub fn microseg_tc_egress_l3(ctx: TcContext) -> i32 {
     judge_skb(&ctx, Hook::TcEgress, false)
 }
 
+/// The held programs (`hold`): for an interface whose binding the agent could not
+/// write. They read no map; Ethernet devices only.
+#[xdp]
+pub fn microseg_xdp_hold(ctx: XdpContext) -> u32 {
+    let packet = PacketView::new(ctx.data(), ctx.data_end());
+    let link = LinkLayer::Ethernet { skb_protocol: 0 };
+    match hold::judge_held(&packet, link, Hook::Xdp, ctx.ingress_ifindex() as u32) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+#[classifier]
+pub fn microseg_tc_hold_ingress(ctx: TcContext) -> i32 {
+    hold_skb(&ctx, Hook::TcIngress)
+}
+
+#[classifier]
+pub fn microseg_tc_hold_egress(ctx: TcContext) -> i32 {
+    hold_skb(&ctx, Hook::TcEgress)
+}
+
+#[inline(always)]
+fn hold_skb(ctx: &TcContext, hook: Hook) -> i32 {
+    let (packet, link, ifindex) = skb_view(ctx, true);
+    match hold::judge_held(&packet, link, hook, ifindex) {
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
 /// Bytes made linear before parsing: enough for Ethernet, two VLAN tags, IPv6 with
 /// extension headers and a transport header.
 const TC_LINEAR_BYTES: u32 = 256;
 
 #[inline(always)]
 fn judge_skb(ctx: &TcContext, hook: Hook, ethernet: bool) -> i32 {
+    let (packet, link, ifindex) = skb_view(ctx, ethernet);
+    match verdict::judge(&packet, link, hook, ifindex) {
+        // TC_ACT_UNSPEC lets later programs on the hook run (TCX_NEXT).
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+/// The packet's headers made linear, its link layer and the interface it is on.
+#[inline(always)]
+fn skb_view(ctx: &TcContext, ethernet: bool) -> (PacketView, LinkLayer, u32) {
     let wanted = ctx.len().min(TC_LINEAR_BYTES);
     if ((ctx.data_end() - ctx.data()) as u32) < wanted {
         // Headers in paged data: pull them into the linear area. On failure the parse
@@ -83,12 +126,7 @@ fn judge_skb(ctx: &TcContext, hook: Hook, ethernet: bool) -> i32 {
     } else {
         LinkLayer::None { skb_protocol }
     };
-    let packet = PacketView::new(ctx.data(), ctx.data_end());
-    match verdict::judge(&packet, link, hook, ifindex) {
-        // TC_ACT_UNSPEC lets later programs on the hook run (TCX_NEXT).
-        Verdict::Pass => TC_ACT_UNSPEC,
-        Verdict::Drop => TC_ACT_SHOT as i32,
-    }
+    (PacketView::new(ctx.data(), ctx.data_end()), link, ifindex)
 }
 
 #[cfg(not(test))]

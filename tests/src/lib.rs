@@ -9,6 +9,7 @@ pub mod cluster_run;
 pub mod cluster_scaling;
 pub mod corpus;
 pub mod fake_apiserver;
+pub mod foreign_tcx;
 pub mod fuzz;
 pub mod harness;
 pub mod lab;

@@ -20,7 +20,7 @@ use super::objects::{
 use crate::{
     datapath::{ApplyReport, Datapath, DatapathState, addr::to_mapped},
     event_view::EventNames,
-    policy::{Compiled, Compiler, PolicySet},
+    policy::{Compiled, Compiler, PolicySet, RefusedPolicy},
 };
 
 /// Why an apply was refused. Nothing was changed.
@@ -57,6 +57,11 @@ pub struct Enforcer {
     /// Interfaces bound to a workload in the live generation (ifindex ->
     /// `namespace/name`).
     bindings: Bindings,
+    /// Why the bindings the interface facts call for are not in force, while they
+    /// are not: the switch that carried them failed. It is tried again at every
+    /// interface check, and meanwhile the interfaces they would bind are held
+    /// ([`Enforcer::unwritten_bindings`]).
+    pub binding_error: Option<String>,
     /// Why the standby generation slot lags the live one, if it does (it is
     /// repaired before the next update).
     pub standby_error: Option<String>,
@@ -110,6 +115,7 @@ impl Enforcer {
             conversions: ConversionCache::default(),
             interface_facts: InterfaceFacts::default(),
             bindings: Bindings::default(),
+            binding_error: None,
             standby_error: None,
             enforced: None,
             default_audit,
@@ -123,14 +129,17 @@ impl Enforcer {
     }
 
     /// Validates, compiles and enforces `objects` (with per-workload audit switches),
-    /// or refuses them whole.
+    /// or refuses them whole. Policies `fail_closed` picks are enforced as their
+    /// fail-closed substitutes if the loader refuses them (see
+    /// `objects::build_policy_set_cached`).
     pub fn apply(
         &mut self,
         objects: &ObjectMap,
         audit: &BTreeMap<String, bool>,
+        fail_closed: &dyn Fn(&ObjectKey, &StoredObject) -> bool,
     ) -> Result<ApplyReport, ApplyRefused> {
         let started = Instant::now();
-        let result = self.try_apply(objects.iter(), audit);
+        let result = self.try_apply(objects.iter(), audit, fail_closed);
         match &result {
             Ok(report) => {
                 return_free_memory();
@@ -150,8 +159,9 @@ impl Enforcer {
         &mut self,
         objects: impl IntoIterator<Item = (&'a ObjectKey, &'a StoredObject)>,
         audit: &BTreeMap<String, bool>,
+        fail_closed: &dyn Fn(&ObjectKey, &StoredObject) -> bool,
     ) -> Result<ApplyReport, ApplyRefused> {
-        let set = build_policy_set_cached(objects, &mut self.conversions).map_err(|errors| ApplyRefused {
+        let set = build_policy_set_cached(objects, &mut self.conversions, fail_closed).map_err(|errors| ApplyRefused {
             summary: format!(
                 "the policy set is invalid ({} error{}); nothing was applied and the previous policy stays enforced",
                 errors.errors.len(),
@@ -172,6 +182,13 @@ impl Enforcer {
         state.interfaces = interface_bindings(&set, &bindings);
         let report = self.switch_to(state)?;
         self.bindings = bindings;
+        self.binding_error = None;
+        log_refusals(
+            self.enforced
+                .as_ref()
+                .map_or(&[][..], |e| &e.set.refused_policies),
+            &set.refused_policies,
+        );
         let names = Arc::new(EventNames::of(&set, &compiled));
         self.enforced = Some(Enforced {
             set,
@@ -216,12 +233,14 @@ impl Enforcer {
 
     /// Takes what the agent now knows of its interfaces; if that changes which
     /// interface is bound to which workload, the new bindings are enforced as the
-    /// next generation, with the policy unchanged.
+    /// next generation, with the policy unchanged. Bindings that could not be
+    /// written are tried again at every call until they are, even when the facts
+    /// did not change.
     pub fn set_interface_facts(
         &mut self,
         facts: InterfaceFacts,
     ) -> Result<Option<ApplyReport>, ApplyRefused> {
-        if facts == self.interface_facts {
+        if facts == self.interface_facts && self.binding_error.is_none() {
             return Ok(None);
         }
         self.interface_facts = facts;
@@ -231,16 +250,55 @@ impl Enforcer {
         };
         let bindings = self.interface_facts.bindings(&enforced.set);
         if bindings == self.bindings {
+            self.binding_error = None;
             return Ok(None);
         }
         let mut state = self.current.clone();
         state.interfaces = interface_bindings(&enforced.set, &bindings);
-        let report = self.switch_to(state)?;
+        let switched = if crate::fault::fails_at("binding-write") {
+            Err(ApplyRefused {
+                summary: "the data path refused the update: injected fault (binding-write)"
+                    .to_owned(),
+                details: Vec::new(),
+            })
+        } else {
+            self.switch_to(state)
+        };
+        let report = match switched {
+            Ok(report) => report,
+            Err(refused) => {
+                self.binding_error = Some(refused.summary.clone());
+                return Err(refused);
+            }
+        };
         self.bindings = bindings;
+        self.binding_error = None;
         if let Some(enforced) = &mut self.enforced {
             enforced.generation = report.generation;
         }
         Ok(Some(report))
+    }
+
+    /// Interfaces (ifindex) that the facts say should be bound, to a workload or
+    /// awaiting policy, and that the maps hold no binding for: their binding could
+    /// not be written yet (or nothing is enforced yet). They must not run the
+    /// decision unbound, which would judge a pod's traffic without source
+    /// validation, or not at all while its pod is unknown: they are held
+    /// (`ProgramRole::Hold`) until their binding is in the maps.
+    pub fn unwritten_bindings(&self) -> std::collections::BTreeSet<u32> {
+        let empty = PolicySet::default();
+        let set = self
+            .enforced
+            .as_ref()
+            .map_or(&empty, |enforced| &enforced.set);
+        let wanted = self.interface_facts.bindings(set);
+        wanted
+            .workloads
+            .keys()
+            .chain(&wanted.awaiting_policy)
+            .filter(|ifindex| !self.current.interfaces.contains_key(ifindex))
+            .copied()
+            .collect()
     }
 
     fn add_audit_flags(
@@ -263,6 +321,28 @@ impl Enforcer {
 
     pub fn current_state(&self) -> &DatapathState {
         &self.current
+    }
+}
+
+/// Logs policies newly refused (enforced as their fail-closed substitutes) and
+/// those enforced as written again.
+fn log_refusals(before: &[RefusedPolicy], now: &[RefusedPolicy]) {
+    for refused in now.iter().filter(|r| !before.contains(r)) {
+        tracing::error!(
+            policy = refused.key(),
+            "refused ({}); enforced instead as {}",
+            refused.reasons.join("; "),
+            refused.enforced_as
+        );
+    }
+    for accepted in before
+        .iter()
+        .filter(|b| !now.iter().any(|n| n.key() == b.key()))
+    {
+        tracing::info!(
+            policy = accepted.key(),
+            "no longer refused: enforced as written, or gone"
+        );
     }
 }
 

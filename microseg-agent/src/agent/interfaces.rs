@@ -36,7 +36,7 @@ use super::{
 };
 use crate::{
     datapath::{
-        AttachPoint,
+        AttachPoint, ProgramRole,
         links::{self, PinnedLinkState},
         loader::{AttachOutcome, detach_interface},
         pinned_links,
@@ -64,6 +64,10 @@ pub struct InterfaceStatus {
     /// A pod's interface whose pod is not known yet: everything beyond its link is
     /// dropped.
     pub awaiting_policy: bool,
+    /// Why the interface is held (its binding could not be written): everything
+    /// beyond its link is dropped, without reading any map, until it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
     /// Whether every hook enforces.
     pub enforcing: bool,
 }
@@ -75,6 +79,28 @@ pub struct InterfaceTable {
     pub status: BTreeMap<String, InterfaceStatus>,
     /// Pod interfaces this agent enforces (attached or adopted from pins).
     pod_interfaces: BTreeSet<String>,
+    /// What the last successful veth scan found; `None` until one succeeded. A
+    /// failed scan never replaces it: an empty answer from a failing `ip` would
+    /// otherwise detach every pod.
+    veths: Option<Veths>,
+    /// Veth scans that failed, and why the last one did while scans fail.
+    pub scan_failures: u64,
+    pub scan_error: Option<String>,
+    /// Pods' veths reported by the CNI plugin, by container id: enforced from the
+    /// plugin's ADD, before any scan finds them, until its DEL.
+    cni: BTreeMap<String, CniAttachment>,
+}
+
+/// A pod's veth as the CNI plugin reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CniAttachment {
+    /// The host-side end.
+    pub interface: String,
+    pub netns: String,
+    pub addresses: Vec<IpAddr>,
+    /// `namespace/name`, if the runtime said.
+    pub pod: Option<String>,
 }
 
 const ENFORCING: &str = "enforcing";
@@ -108,24 +134,58 @@ impl InterfaceTable {
             }
         }
         Self {
-            status: BTreeMap::new(),
             pod_interfaces,
+            ..Self::default()
         }
     }
 
-    /// Interfaces that should enforce and do not.
+    /// Takes a veth scan's outcome: a good scan becomes the view, a failed one is
+    /// counted and reported and the last good view stays.
+    pub fn record_scan(&mut self, scan: Result<Veths, String>) {
+        match scan {
+            Ok(veths) => {
+                if self.scan_error.take().is_some() {
+                    tracing::info!("looking for veths works again");
+                }
+                self.veths = Some(veths);
+            }
+            Err(error) => {
+                self.scan_failures += 1;
+                if self.scan_error.is_none() {
+                    tracing::error!(
+                        "looking for veths failed: {error}; keeping the last good view of the pods' interfaces until a scan succeeds"
+                    );
+                }
+                self.scan_error = Some(error);
+            }
+        }
+    }
+
+    /// The veths as the last good scan found them, if one succeeded.
+    pub fn veths(&self) -> Option<&Veths> {
+        self.veths.as_ref()
+    }
+
+    /// Interfaces that should enforce and do not, and a failing veth scan.
     pub fn problems(&self) -> Vec<String> {
-        self.status
-            .values()
-            .filter(|status| !status.enforcing)
-            .flat_map(|status| {
-                status
-                    .hooks
-                    .iter()
-                    .filter(|(_, state)| *state != ENFORCING)
-                    .map(move |(hook, state)| format!("{} {hook}: {state}", status.name))
-            })
-            .collect()
+        let scan = self.scan_error.iter().map(|error| {
+            format!("veth scan failing (the last good view is kept; new pods' veths are not found): {error}")
+        });
+        scan.chain(
+            self.status
+                .values()
+                .filter(|status| !status.enforcing)
+                .flat_map(|status| {
+                    status
+                        .hooks
+                        .iter()
+                        .filter(|(_, state)| *state != ENFORCING)
+                        .map(move |(hook, state)| {
+                            format!("interface {} {hook}: {state}", status.name)
+                        })
+                }),
+        )
+        .collect()
     }
 
     /// `interface.hook` for every hook that enforces.
@@ -155,10 +215,15 @@ fn veth_scope(config: &AgentConfig) -> (bool, Vec<String>) {
 }
 
 /// Looks for veths (when something needs them) without holding the agent's lock.
-async fn scan_veths(scanner: VethScanner, config: &AgentConfig) -> (VethScanner, Veths) {
+/// An error is returned as it is, for [`InterfaceTable::record_scan`]: it never
+/// stands for "no veths".
+async fn scan_veths(
+    scanner: VethScanner,
+    config: &AgentConfig,
+) -> (VethScanner, Result<Veths, String>) {
     let (needed, prefixes) = veth_scope(config);
     if !needed {
-        return (scanner, Veths::default());
+        return (scanner, Ok(Veths::default()));
     }
     let mut scanner = scanner;
     let (scanner, found) = tokio::task::spawn_blocking(move || {
@@ -167,13 +232,7 @@ async fn scan_veths(scanner: VethScanner, config: &AgentConfig) -> (VethScanner,
     })
     .await
     .unwrap_or_else(|e| (VethScanner::default(), Err(anyhow::anyhow!("{e}"))));
-    match found {
-        Ok(found) => (scanner, found),
-        Err(e) => {
-            tracing::warn!("looking for veths: {e:#}");
-            (scanner, Veths::default())
-        }
-    }
+    (scanner, found.map_err(|e| format!("{e:#}")))
 }
 
 /// Wakes `changed` whenever a link of the agent's network namespace is added,
@@ -244,10 +303,11 @@ pub async fn run(
         }
         let pods = local_pods.borrow_and_update().clone();
         let config = agent.core.lock().await.config.clone();
-        let veths;
-        (scanner, veths) = scan_veths(scanner, &config).await;
+        let scanned;
+        (scanner, scanned) = scan_veths(scanner, &config).await;
         let mut core = agent.core.lock().await;
-        reconcile(&mut core, pods.as_deref(), &veths);
+        core.interfaces.record_scan(scanned);
+        reconcile(&mut core, pods.as_deref());
         agent.refresh_names(&core);
     }
 }
@@ -256,22 +316,28 @@ pub async fn run(
 /// enforced: with it, a restarted agent binds its interfaces exactly as the pinned
 /// maps do, and applies no change.
 pub async fn facts_at_start(
-    core: &AgentCore,
+    core: &mut AgentCore,
     scanner: VethScanner,
-) -> (VethScanner, Veths, InterfaceFacts) {
-    let (scanner, veths) = scan_veths(scanner, &core.config).await;
-    let wanted = wanted_interfaces(core, None, &veths);
-    let facts = InterfaceFacts::gather(&wanted, &veths, core.config.discover_workload_interfaces);
-    (scanner, veths, facts)
+) -> (VethScanner, InterfaceFacts) {
+    let (scanner, scanned) = scan_veths(scanner, &core.config).await;
+    core.interfaces.record_scan(scanned);
+    let wanted = wanted_interfaces(core, None);
+    let facts = InterfaceFacts::gather(
+        &wanted,
+        core.interfaces.veths(),
+        &core.interfaces.cni,
+        core.config.discover_workload_interfaces,
+    );
+    (scanner, facts)
 }
 
 /// Configured interfaces, then pod interfaces: (name, attach mode, origin). Pod
 /// interfaces are the veths of this node's pods and of pod sandboxes; before the API
-/// server's view is synced, also those pinned by an earlier run.
+/// server's view is synced, or before any veth scan succeeded, also those enforced
+/// already (pinned by an earlier run, or found before).
 fn wanted_interfaces(
     core: &AgentCore,
     pods: Option<&BTreeMap<IpAddr, String>>,
-    veths: &Veths,
 ) -> Vec<(String, AttachMode, &'static str)> {
     let configured: BTreeSet<&str> = core
         .config
@@ -279,15 +345,31 @@ fn wanted_interfaces(
         .iter()
         .map(|i| i.name.as_str())
         .collect();
-    let mut pod_wanted: BTreeSet<String> = match pods {
-        Some(pods) => pods
+    let mut pod_wanted: BTreeSet<String> = match (pods, core.interfaces.veths()) {
+        (Some(pods), Some(veths)) => pods
             .keys()
             .filter_map(|address| veths.by_address.get(address))
             .cloned()
             .collect(),
-        None => core.interfaces.pod_interfaces.clone(),
+        _ => core.interfaces.pod_interfaces.clone(),
     };
-    pod_wanted.extend(veths.sandboxes.iter().cloned());
+    // Reported by the CNI plugin: enforced whatever the scans say, until its DEL.
+    pod_wanted.extend(
+        core.interfaces
+            .cni
+            .values()
+            .map(|attachment| attachment.interface.clone()),
+    );
+    if let Some(veths) = core.interfaces.veths() {
+        pod_wanted.extend(veths.sandboxes.iter().cloned());
+        // A pod's veth whose peer could not be read this time stays enforced.
+        pod_wanted.extend(
+            veths
+                .unreadable
+                .intersection(&core.interfaces.pod_interfaces)
+                .cloned(),
+        );
+    }
     pod_wanted.retain(|name| !configured.contains(name.as_str()));
     core.config
         .interfaces
@@ -337,7 +419,8 @@ pub struct Bindings {
 impl InterfaceFacts {
     fn gather(
         wanted: &[(String, AttachMode, &'static str)],
-        veths: &Veths,
+        veths: Option<&Veths>,
+        cni: &BTreeMap<String, CniAttachment>,
         discover_configured: bool,
     ) -> Self {
         let mut facts = Self::default();
@@ -353,7 +436,16 @@ impl InterfaceFacts {
                 facts.interfaces.insert(name.clone(), (ifindex, rule));
             }
         }
-        for (address, veth) in &veths.by_address {
+        let reported = cni.values().flat_map(|a| {
+            a.addresses
+                .iter()
+                .map(move |address| (address, &a.interface))
+        });
+        for (address, veth) in veths
+            .iter()
+            .flat_map(|veths| &veths.by_address)
+            .chain(reported)
+        {
             if facts.interfaces.contains_key(veth) {
                 facts
                     .peers
@@ -419,8 +511,8 @@ impl InterfaceFacts {
 
 /// One check: bind, attach (or adopt, or re-attach), detach pod interfaces that
 /// left, and record what the kernel says.
-pub fn reconcile(core: &mut AgentCore, pods: Option<&BTreeMap<IpAddr, String>>, veths: &Veths) {
-    let wanted = wanted_interfaces(core, pods, veths);
+pub fn reconcile(core: &mut AgentCore, pods: Option<&BTreeMap<IpAddr, String>>) {
+    let wanted = wanted_interfaces(core, pods);
     let pod_wanted: BTreeSet<String> = wanted
         .iter()
         .filter(|(_, _, origin)| *origin == "pod")
@@ -428,22 +520,47 @@ pub fn reconcile(core: &mut AgentCore, pods: Option<&BTreeMap<IpAddr, String>>, 
         .collect();
 
     // Bindings first: a new interface never enforces unbound.
-    let facts = InterfaceFacts::gather(&wanted, veths, core.config.discover_workload_interfaces);
+    let facts = InterfaceFacts::gather(
+        &wanted,
+        core.interfaces.veths(),
+        &core.interfaces.cni,
+        core.config.discover_workload_interfaces,
+    );
+    let was_failing = core.enforcer.binding_error.is_some();
     match core.enforcer.set_interface_facts(facts) {
         Ok(Some(report)) => {
             tracing::info!(generation = report.generation, "interface bindings changed")
         }
         Ok(None) => {}
-        Err(refused) => tracing::error!("binding interfaces: {}", refused.summary),
+        // Logged once per failing stretch; it is tried again at every check.
+        Err(refused) if was_failing => {
+            tracing::debug!("binding interfaces: {}", refused.summary)
+        }
+        Err(refused) => tracing::error!(
+            "binding interfaces: {}; the interfaces it would bind are held (nothing beyond their link passes) and it is tried again at every check",
+            refused.summary
+        ),
     }
     let bound_to: Bindings = core.enforcer.bindings().clone();
+    let unwritten = core.enforcer.unwritten_bindings();
 
     let mut status = BTreeMap::new();
     for (name, mode, origin) in &wanted {
         let ifindex = links::ifindex(name);
+        let held = ifindex.filter(|index| unwritten.contains(index)).map(|_| {
+            match &core.enforcer.binding_error {
+                Some(error) => format!("its binding could not be written: {error}"),
+                None => "its binding is not written yet".to_owned(),
+            }
+        });
+        let role = if held.is_some() {
+            ProgramRole::Hold
+        } else {
+            ProgramRole::Judge
+        };
         let mut hooks = BTreeMap::new();
         for point in mode.points() {
-            hooks.insert(point.name(), attach_one(core, name, point, ifindex));
+            hooks.insert(point.name(), attach_one(core, name, point, ifindex, role));
         }
         let enforcing = hooks.values().all(|state| state == ENFORCING);
         let previous = core.interfaces.status.get(name);
@@ -462,6 +579,7 @@ pub fn reconcile(core: &mut AgentCore, pods: Option<&BTreeMap<IpAddr, String>>, 
                 workload: ifindex.and_then(|index| bound_to.workloads.get(&index).cloned()),
                 awaiting_policy: ifindex
                     .is_some_and(|index| bound_to.awaiting_policy.contains(&index)),
+                held,
                 enforcing,
             },
         );
@@ -479,7 +597,9 @@ pub fn reconcile(core: &mut AgentCore, pods: Option<&BTreeMap<IpAddr, String>>, 
             );
         }
     }
-    if pods.is_some() {
+    // Nothing is detached on a view that may be incomplete: before the API server's
+    // view is synced, or before a veth scan has succeeded.
+    if pods.is_some() && core.interfaces.veths().is_some() {
         for left in core.interfaces.pod_interfaces.difference(&pod_wanted) {
             match detach_interface(&core.config.pin_dir, left) {
                 Ok(_) => tracing::info!(interface = left, "pod interface left; detached"),
@@ -494,17 +614,121 @@ pub fn reconcile(core: &mut AgentCore, pods: Option<&BTreeMap<IpAddr, String>>, 
     core.attached = core.interfaces.enforcing_hooks();
 }
 
-/// Makes `point` on `name` enforce; `enforcing`, or why it does not.
+/// The CNI plugin's ADD: the pod's veth is enforced now (bound, or awaiting policy
+/// until its pod is known, or held if its binding cannot be written). Answers once
+/// every hook enforces; an error tells the runtime not to start the pod.
+pub fn pod_network_added(
+    core: &mut AgentCore,
+    pods: Option<&BTreeMap<IpAddr, String>>,
+    container_id: String,
+    attachment: CniAttachment,
+) -> crate::api::Response {
+    use crate::api::Response;
+    if links::ifindex(&attachment.interface).is_none() {
+        return Response::error(
+            format!(
+                "interface {} does not exist in the agent's network namespace (is the agent on the host network?)",
+                attachment.interface
+            ),
+            vec![],
+        );
+    }
+    let interface = attachment.interface.clone();
+    tracing::info!(
+        interface,
+        container = container_id,
+        pod = attachment.pod.as_deref().unwrap_or("-"),
+        "CNI ADD: enforcing on the pod's veth"
+    );
+    core.interfaces.cni.insert(container_id.clone(), attachment);
+    reconcile(core, pods);
+    match core.interfaces.status.get(&interface) {
+        Some(status) if status.enforcing => Response::ok(serde_json::json!({
+            "interface": status,
+        })),
+        Some(status) => {
+            // The pod must not start unenforced; the runtime calls DEL next.
+            core.interfaces.cni.remove(&container_id);
+            Response::error(
+                format!("interface {interface} does not enforce"),
+                status
+                    .hooks
+                    .iter()
+                    .filter(|(_, state)| *state != ENFORCING)
+                    .map(|(hook, state)| format!("{hook}: {state}"))
+                    .collect(),
+            )
+        }
+        None => {
+            core.interfaces.cni.remove(&container_id);
+            Response::error(
+                format!("interface {interface} was not taken up (a configured interface?)"),
+                vec![],
+            )
+        }
+    }
+}
+
+/// The CNI plugin's DEL: forget the container's veth (idempotent). Its programs go
+/// with it when the veth is deleted; while it exists and its pod is on this node,
+/// the scans keep it enforced.
+pub fn pod_network_deleted(
+    core: &mut AgentCore,
+    pods: Option<&BTreeMap<IpAddr, String>>,
+    container_id: &str,
+) -> crate::api::Response {
+    if let Some(attachment) = core.interfaces.cni.remove(container_id) {
+        tracing::info!(
+            interface = attachment.interface,
+            container = container_id,
+            "CNI DEL"
+        );
+        reconcile(core, pods);
+    }
+    crate::api::Response::ok(serde_json::Value::Null)
+}
+
+/// The CNI plugin's CHECK: an error unless the container's veth enforces, as the
+/// last interface check found it (the agent may have restarted since the ADD).
+pub fn pod_network_check(
+    core: &AgentCore,
+    container_id: &str,
+    interface: &str,
+) -> crate::api::Response {
+    use crate::api::Response;
+    match core.interfaces.status.get(interface) {
+        Some(status) if status.enforcing => Response::ok(serde_json::json!({"interface": status})),
+        Some(status) => Response::error(
+            format!("interface {interface} of container {container_id} does not enforce"),
+            status
+                .hooks
+                .iter()
+                .filter(|(_, state)| *state != ENFORCING)
+                .map(|(hook, state)| format!("{hook}: {state}"))
+                .collect(),
+        ),
+        None => Response::error(
+            format!(
+                "interface {interface} of container {container_id} is not enforced by the agent"
+            ),
+            vec![],
+        ),
+    }
+}
+
+/// Makes `point` on `name` enforce with the program of `role`; `enforcing`, or why
+/// it does not.
 fn attach_one(
     core: &mut AgentCore,
     name: &str,
     point: AttachPoint,
     ifindex: Option<u32>,
+    role: ProgramRole,
 ) -> String {
     if ifindex.is_none() {
         return format!("interface {name} does not exist");
     }
-    match core.enforcer.datapath.ensure_attached(name, point) {
+    match core.enforcer.datapath.ensure_attached(name, point, role) {
         // Just checked against the kernel.
         Ok(AttachOutcome::Adopted) => return ENFORCING.to_owned(),
         Ok(AttachOutcome::Attached) => {
@@ -514,7 +738,15 @@ fn attach_one(
             tracing::info!(
                 interface = name,
                 hook = point.name(),
-                "replaced the program of the pinned link with this version's"
+                role = ?role,
+                "replaced the program of the pinned link (another version, or held <-> judging)"
+            );
+        }
+        Ok(AttachOutcome::MovedFirst(ahead)) => {
+            tracing::warn!(
+                interface = name,
+                hook = point.name(),
+                "other programs ({ahead:?}) had been attached ahead of microseg's and could have ended the chain unjudged; attached first again"
             );
         }
         Ok(AttachOutcome::Replaced(reason)) => {

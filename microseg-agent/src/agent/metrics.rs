@@ -41,6 +41,9 @@ struct Snapshot {
     entries_written: u64,
     apply_latency: super::enforcer::LatencyHistogram,
     interfaces: Vec<super::interfaces::InterfaceStatus>,
+    veth_scan_failures: u64,
+    /// Refused policies enforced as their fail-closed substitutes, by kind.
+    refused_policies: std::collections::BTreeMap<&'static str, usize>,
     healthy: bool,
 }
 
@@ -58,6 +61,16 @@ impl Snapshot {
             entries_written: core.enforcer.entries_written,
             apply_latency: core.enforcer.apply_latency.clone(),
             interfaces: core.interfaces.status.values().cloned().collect(),
+            veth_scan_failures: core.interfaces.scan_failures,
+            refused_policies: core
+                .enforcer
+                .enforced
+                .iter()
+                .flat_map(|e| &e.set.refused_policies)
+                .fold(Default::default(), |mut counts, refused| {
+                    *counts.entry(refused.kind).or_default() += 1;
+                    counts
+                }),
             healthy: core.problems().is_empty(),
         }
     }
@@ -207,6 +220,45 @@ pub async fn render(agent: &Agent) -> String {
             .iter()
             .filter(|status| status.awaiting_policy)
             .count()
+    );
+    family(
+        &mut out,
+        "microseg_interfaces_held",
+        "gauge",
+        "Interfaces whose binding could not be written: they run the held program, which drops everything beyond their link, until it is.",
+    );
+    let _ = writeln!(
+        out,
+        "microseg_interfaces_held {}",
+        snapshot
+            .interfaces
+            .iter()
+            .filter(|status| status.held.is_some())
+            .count()
+    );
+    family(
+        &mut out,
+        "microseg_policies_refused",
+        "gauge",
+        "Policies microseg refused (the API server or a watched directory holds them as written) and enforces as their fail-closed substitutes, by kind.",
+    );
+    for kind in ["NetworkPolicy", "ClusterNetworkPolicy"] {
+        let _ = writeln!(
+            out,
+            "microseg_policies_refused{{kind=\"{kind}\"}} {}",
+            snapshot.refused_policies.get(kind).copied().unwrap_or(0)
+        );
+    }
+    family(
+        &mut out,
+        "microseg_veth_scan_failures_total",
+        "counter",
+        "Scans for pods' veths that failed; the last good view of the interfaces was kept each time.",
+    );
+    let _ = writeln!(
+        out,
+        "microseg_veth_scan_failures_total {}",
+        snapshot.veth_scan_failures
     );
     family(
         &mut out,

@@ -137,7 +137,16 @@ impl AgentCore {
         } else {
             None
         };
-        let report = self.enforcer.apply(&all, &audit)?;
+        // What was applied through the API is refused whole if invalid (its author
+        // is told at once); a watched directory's or the API server's policy that
+        // microseg refuses is enforced as its fail-closed substitute and reported.
+        let from_api = |key: &objects::ObjectKey, object: &objects::StoredObject| {
+            api.get(key)
+                .is_some_and(|applied| Arc::ptr_eq(&applied.value, &object.value))
+        };
+        let report = self
+            .enforcer
+            .apply(&all, &audit, &|key, object| !from_api(key, object))?;
         self.api_objects = api;
         self.dir_objects = dirs;
         self.audit = audit;
@@ -165,12 +174,22 @@ impl AgentCore {
     /// Everything that keeps microseg from enforcing what it should, for `status`
     /// (first thing an operator reads) and the `microseg_healthy` metric.
     pub fn problems(&self) -> Vec<String> {
-        let mut problems: Vec<String> = self
-            .interfaces
-            .problems()
-            .into_iter()
-            .map(|p| format!("interface {p}"))
-            .collect();
+        let mut problems: Vec<String> = self.interfaces.problems();
+        if let Some(enforced) = &self.enforcer.enforced {
+            for refused in &enforced.set.refused_policies {
+                problems.push(format!(
+                    "{} refused ({}); enforced as {}",
+                    refused.key(),
+                    refused.reasons.join("; "),
+                    refused.enforced_as
+                ));
+            }
+        }
+        if let Some(error) = &self.enforcer.binding_error {
+            problems.push(format!(
+                "interface bindings not written (the interfaces they bind are held: nothing beyond their link passes; retried at every check): {error}"
+            ));
+        }
         if let Some(error) = &self.enforcer.standby_error {
             problems.push(format!("standby generation slot out of date: {error}"));
         }
@@ -262,7 +281,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     };
     // The interfaces' bindings go with the first generation, so that a restarted
     // agent enforces exactly what the pinned maps hold.
-    let (scanner, veths, facts) = interfaces::facts_at_start(&core, VethScanner::default()).await;
+    let (scanner, facts) = interfaces::facts_at_start(&mut core, VethScanner::default()).await;
     if let Err(refused) = core.enforcer.set_interface_facts(facts) {
         tracing::error!("binding interfaces: {}", refused.summary);
     }
@@ -326,7 +345,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
             );
         }
     }
-    interfaces::reconcile(&mut core, None, &veths);
+    interfaces::reconcile(&mut core, None);
 
     let log = match &config.event_log {
         Some(path) => Some(
@@ -480,7 +499,9 @@ async fn watch_directories(agent: Arc<Agent>) {
         )
     };
     if dirs.is_empty() {
-        return;
+        // Nothing to watch: the task stays idle rather than ending (a supervised
+        // task that ends is restarted and logged as a failure).
+        std::future::pending::<()>().await;
     }
     let mut last = fingerprint(&dirs);
     loop {

@@ -203,10 +203,19 @@ pub fn read_paths(paths: &[PathBuf]) -> Result<ObjectMap, Vec<String>> {
 pub const API_SERVER_SOURCE: &str = "api-server:";
 
 /// Builds and validates a policy set from objects: every error, or the whole set.
+/// A policy from the Kubernetes API server that the loader refuses is enforced as
+/// its fail-closed substitute, as the agent does ([`from_api_server`]).
 pub fn build_policy_set<'a>(
     objects: impl IntoIterator<Item = (&'a ObjectKey, &'a StoredObject)>,
 ) -> Result<PolicySet, LoadErrors> {
-    build_policy_set_cached(objects, &mut ConversionCache::default())
+    build_policy_set_cached(objects, &mut ConversionCache::default(), &|_, object| {
+        from_api_server(object)
+    })
+}
+
+/// Whether the object came from the Kubernetes API server.
+pub fn from_api_server(object: &StoredObject) -> bool {
+    object.file.starts_with(API_SERVER_SOURCE)
 }
 
 /// Each object's conversion ([`PolicySetBuilder::convert_document`]) from the last
@@ -224,14 +233,20 @@ struct CachedConversion {
     value: Arc<ObjectJson>,
     file: String,
     document: usize,
+    fail_closed: bool,
     converted: ConvertedDocument,
 }
 
 /// As [`build_policy_set`], converting only objects that changed since the last
-/// build with `cache` (which then holds this build's conversions).
+/// build with `cache` (which then holds this build's conversions). A policy that
+/// `fail_closed` picks and the loader refuses is enforced as its fail-closed
+/// substitute and reported in the set (`PolicySet::refused_policies`) rather than
+/// failing it: objects whose author cannot be told at once (the API server's, a
+/// watched directory's).
 pub fn build_policy_set_cached<'a>(
     objects: impl IntoIterator<Item = (&'a ObjectKey, &'a StoredObject)>,
     cache: &mut ConversionCache,
+    fail_closed: &dyn Fn(&ObjectKey, &StoredObject) -> bool,
 ) -> Result<PolicySet, LoadErrors> {
     let mut previous = std::mem::take(&mut cache.entries);
     let mut builder = PolicySetBuilder::new();
@@ -241,19 +256,23 @@ pub fn build_policy_set_cached<'a>(
             Some((key, cached)) => (key, Some(cached)),
             None => (key.clone(), None),
         };
+        let lenient = fail_closed(&key, object);
         let cached = cached.filter(|cached| {
             Arc::ptr_eq(&cached.value, &object.value)
                 && cached.file == object.file
                 && cached.document == object.document
+                && cached.fail_closed == lenient
         });
         let cached = cached.unwrap_or_else(|| CachedConversion {
             value: object.value.clone(),
             file: object.file.clone(),
             document: object.document,
-            converted: PolicySetBuilder::convert_document(
+            fail_closed: lenient,
+            converted: PolicySetBuilder::convert_document_with(
                 &Source::new(&object.file, object.document),
                 &object.value.parse(),
-                object.file.starts_with(API_SERVER_SOURCE),
+                from_api_server(object),
+                lenient,
             ),
         });
         builder.add_converted(&cached.converted);
@@ -443,10 +462,10 @@ spec: {podSelector: {}}
         };
         let mut cache = ConversionCache::default();
         let mut objects = parse_objects("a.yaml", &text(80, false)).unwrap();
-        let first = build_policy_set_cached(objects.iter(), &mut cache).unwrap();
+        let first = build_policy_set_cached(objects.iter(), &mut cache, &|_, _| false).unwrap();
         assert_eq!(cache.entries.len(), 2);
         // Unchanged: the same set, from the cache.
-        let again = build_policy_set_cached(objects.iter(), &mut cache).unwrap();
+        let again = build_policy_set_cached(objects.iter(), &mut cache, &|_, _| false).unwrap();
         assert_eq!(format!("{again:?}"), format!("{first:?}"));
         // One object replaced: its new content is read, the other is reused.
         let changed = parse_objects("a.yaml", &text(8080, false)).unwrap();
@@ -461,7 +480,7 @@ spec: {podSelector: {}}
                 objects.insert(key, object);
             }
         }
-        let updated = build_policy_set_cached(objects.iter(), &mut cache).unwrap();
+        let updated = build_policy_set_cached(objects.iter(), &mut cache, &|_, _| false).unwrap();
         assert_eq!(
             format!("{updated:?}"),
             format!("{:?}", build_policy_set(objects.iter()).unwrap())
@@ -478,14 +497,14 @@ spec: {podSelector: {}}
         ));
         // An invalid object is refused from the cache as from a fresh read.
         let invalid = parse_objects("a.yaml", &text(80, true)).unwrap();
-        assert!(build_policy_set_cached(invalid.iter(), &mut cache).is_err());
-        assert!(build_policy_set_cached(invalid.iter(), &mut cache).is_err());
+        assert!(build_policy_set_cached(invalid.iter(), &mut cache, &|_, _| false).is_err());
+        assert!(build_policy_set_cached(invalid.iter(), &mut cache, &|_, _| false).is_err());
         // Objects gone are forgotten.
         let only_pod: ObjectMap = objects
             .into_iter()
             .filter(|(k, _)| k.kind == "Pod")
             .collect();
-        build_policy_set_cached(only_pod.iter(), &mut cache).unwrap();
+        build_policy_set_cached(only_pod.iter(), &mut cache, &|_, _| false).unwrap();
         assert_eq!(cache.entries.len(), 1);
     }
 }

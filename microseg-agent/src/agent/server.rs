@@ -247,6 +247,35 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             enabled,
         } => audit(&mut core, &namespace, &name, enabled),
         Request::Flows { .. } => Response::error("events are streamed", vec![]),
+        Request::PodNetworkAdded {
+            container_id,
+            netns,
+            interface,
+            addresses,
+            pod,
+        } => {
+            let pods = agent.local_pods.borrow().clone();
+            let attachment = super::interfaces::CniAttachment {
+                interface,
+                netns,
+                addresses,
+                pod,
+            };
+            super::interfaces::pod_network_added(
+                &mut core,
+                pods.as_deref(),
+                container_id,
+                attachment,
+            )
+        }
+        Request::PodNetworkDeleted { container_id } => {
+            let pods = agent.local_pods.borrow().clone();
+            super::interfaces::pod_network_deleted(&mut core, pods.as_deref(), &container_id)
+        }
+        Request::PodNetworkCheck {
+            container_id,
+            interface,
+        } => super::interfaces::pod_network_check(&core, &container_id, &interface),
     };
     agent.refresh_names(&core);
     response
@@ -805,6 +834,15 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "directoryError": core.dir_error,
         "attached": core.attached,
         "interfaces": interfaces,
+        "refusedPolicies": core
+            .enforcer
+            .enforced
+            .as_ref()
+            .map_or(&[][..], |e| &e.set.refused_policies),
+        "vethScan": {
+            "failures": core.interfaces.scan_failures,
+            "failing": core.interfaces.scan_error,
+        },
         "pinDir": core.config.pin_dir,
         "uptimeSeconds": uptime,
         "lastApplyMs": core.enforcer.last_apply.map(|d| d.as_secs_f64() * 1000.0),

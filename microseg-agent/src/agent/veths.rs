@@ -66,6 +66,10 @@ pub struct Veths {
     /// Host-side veths whose peer is in a pod sandbox's namespace (its name starts
     /// with one of the sandbox prefixes), with or without an address yet.
     pub sandboxes: BTreeSet<String>,
+    /// Host-side veths whose peer's addresses could not be read this time (its
+    /// namespace may be going away, or `ip` failed there): not known to be gone, so
+    /// one already enforced stays enforced.
+    pub unreadable: BTreeSet<String>,
 }
 
 impl VethScanner {
@@ -101,7 +105,9 @@ impl VethScanner {
                     let Ok(peers) =
                         ip_json::<Vec<AddressedLink>>(&["-n", namespace, "-j", "addr", "show"])
                     else {
-                        // The pod (and its namespace) may be going away right now.
+                        // The pod (and its namespace) may be going away right now,
+                        // or `ip` failed there: the veth is not known to be gone.
+                        found.unreadable.insert(link.ifname.clone());
                         continue;
                     };
                     let addresses: Vec<IpAddr> = peers

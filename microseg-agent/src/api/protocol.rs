@@ -69,6 +69,36 @@ pub enum Request {
         name: String,
         enabled: bool,
     },
+    /// A pod's network was set up (the CNI plugin's ADD, chained after the plugin
+    /// that made the veth): enforce on its host-side veth now, before the runtime
+    /// starts the pod's containers. Answered once every hook of the veth enforces
+    /// (dropping everything beyond its link until the pod is known); an error
+    /// means the pod must not start.
+    PodNetworkAdded {
+        /// The runtime's container (sandbox) id, `CNI_CONTAINERID`.
+        container_id: String,
+        /// `CNI_NETNS`: the pod's network namespace.
+        netns: String,
+        /// The veth's host-side end, in the agent's network namespace.
+        interface: String,
+        /// The pod's addresses, from the main plugin's result.
+        #[serde(default)]
+        addresses: Vec<std::net::IpAddr>,
+        /// `namespace/name` from `CNI_ARGS` (K8S_POD_NAMESPACE, K8S_POD_NAME).
+        #[serde(default)]
+        pod: Option<String>,
+    },
+    /// The CNI plugin's DEL: the agent forgets the pod's veth (it stops enforcing
+    /// on it once the veth is gone or its pod left the node). Idempotent.
+    PodNetworkDeleted {
+        container_id: String,
+    },
+    /// The CNI plugin's CHECK: whether the pod's veth (its host-side end, from the
+    /// main plugin's result) enforces.
+    PodNetworkCheck {
+        container_id: String,
+        interface: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

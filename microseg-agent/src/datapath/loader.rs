@@ -13,8 +13,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
     },
 };
 use microseg_common::{config::Settings, maps};
@@ -81,6 +82,16 @@ pub enum XdpAttachMode {
     Generic,
 }
 
+/// Which program an interface's hook runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProgramRole {
+    /// The decision (`verdict::judge`): policy, conntrack, source validation.
+    Judge,
+    /// The held program (`hold`), for an interface whose binding could not be
+    /// written: nothing beyond its link passes, and no map is read. Ethernet only.
+    Hold,
+}
+
 impl AttachPoint {
     /// Short name used in link pin paths and in status output.
     pub fn name(self) -> &'static str {
@@ -141,8 +152,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        {
-            let name = maps::PROG_XDP;
+        for name in [maps::PROG_XDP, maps::PROG_XDP_HOLD] {
             let program: &mut Xdp = program_mut(&mut ebpf, name)?;
             program
                 .load()
@@ -153,6 +163,8 @@ impl Datapath {
             maps::PROG_TC_EGRESS,
             maps::PROG_TC_INGRESS_L3,
             maps::PROG_TC_EGRESS_L3,
+            maps::PROG_TC_HOLD_INGRESS,
+            maps::PROG_TC_HOLD_EGRESS,
         ] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             program
@@ -193,13 +205,28 @@ impl Datapath {
         &mut self.ebpf
     }
 
-    /// The program that serves `point` on a device of `kind`; XDP only runs on
-    /// Ethernet devices.
+    /// The program that serves `point` on a device of `kind` in `role`; XDP and
+    /// the held programs only run on Ethernet devices.
     fn program_for(
         interface: &str,
         point: AttachPoint,
         kind: DeviceKind,
+        role: ProgramRole,
     ) -> Result<&'static str, DatapathError> {
+        if role == ProgramRole::Hold {
+            return match (point, kind) {
+                (AttachPoint::Xdp(_), DeviceKind::Ethernet) => Ok(maps::PROG_XDP_HOLD),
+                (AttachPoint::TcIngress, DeviceKind::Ethernet) => Ok(maps::PROG_TC_HOLD_INGRESS),
+                (AttachPoint::TcEgress, DeviceKind::Ethernet) => Ok(maps::PROG_TC_HOLD_EGRESS),
+                (_, DeviceKind::Ip) => Err(DatapathError::Attach {
+                    interface: interface.to_owned(),
+                    point: point.name(),
+                    reason: format!(
+                        "{interface} has no link-layer header, and only Ethernet devices can be held while their binding is not written"
+                    ),
+                }),
+            };
+        }
         Ok(match (point, kind) {
             (AttachPoint::Xdp(_), DeviceKind::Ethernet) => maps::PROG_XDP,
             (AttachPoint::Xdp(_), DeviceKind::Ip) => {
@@ -218,16 +245,21 @@ impl Datapath {
         })
     }
 
-    /// Makes sure the program for `point` enforces on `interface`, and says how:
-    /// a link pinned by an earlier run is adopted if it is attached to the live
-    /// interface of that name and runs this very program; if it runs another
-    /// version, its program is replaced in place; if it is stale (the interface
-    /// was deleted or recreated meanwhile), a new link replaces it. Without a pin
-    /// directory the program is attached for this process's lifetime.
+    /// Makes sure the program for `point` in `role` enforces on `interface`, first
+    /// on its hook, and says how: a link pinned by an earlier run is adopted if it
+    /// is attached to the live interface of that name and runs this very program;
+    /// if it runs another version (or the other role's program), its program is
+    /// replaced in place (one link update); if it is stale (the interface was
+    /// deleted or recreated meanwhile), a new link replaces it. On a TC hook it must
+    /// run before any other program there: one ahead of it could end the chain
+    /// (TC_ACT_OK) before microseg judges, so microseg is moved first again (see
+    /// [`Datapath::move_first`]). Without a pin directory the program is attached
+    /// for this process's lifetime.
     pub fn ensure_attached(
         &mut self,
         interface: &str,
         point: AttachPoint,
+        role: ProgramRole,
     ) -> Result<AttachOutcome, DatapathError> {
         let attach_err = |reason: String| DatapathError::Attach {
             interface: interface.to_owned(),
@@ -235,7 +267,7 @@ impl Datapath {
             reason,
         };
         let kind = links::device_kind(interface).map_err(attach_err)?;
-        let name = Self::program_for(interface, point, kind)?;
+        let name = Self::program_for(interface, point, kind, role)?;
         let Some(dir) = self.pin_dir.clone() else {
             let link = self.attach_link(interface, point, name)?;
             self.links.push(link);
@@ -250,13 +282,21 @@ impl Datapath {
                         (Some(pinned), Some(loaded)) => pinned == loaded,
                         _ => false,
                     };
-                if same {
-                    return Ok(AttachOutcome::Adopted);
+                let outcome = if same {
+                    AttachOutcome::Adopted
+                } else {
+                    let fd = self.program_fd(name)?;
+                    bpf_sys::replace_link_program(&path, fd.as_fd()).map_err(|e| {
+                        attach_err(format!("replacing the pinned link's program: {e}"))
+                    })?;
+                    AttachOutcome::Upgraded
+                };
+                let ahead = self.programs_ahead(interface, point, name)?;
+                if ahead.is_empty() {
+                    return Ok(outcome);
                 }
-                let fd = self.program_fd(name)?;
-                bpf_sys::replace_link_program(&path, fd.as_fd())
-                    .map_err(|e| attach_err(format!("replacing the pinned link's program: {e}")))?;
-                return Ok(AttachOutcome::Upgraded);
+                self.move_first(interface, point, kind, name, &path)?;
+                return Ok(AttachOutcome::MovedFirst(ahead));
             }
             PinnedLinkState::NotPinned => None,
             PinnedLinkState::Stale(reason) => Some(reason),
@@ -291,7 +331,75 @@ impl Datapath {
 
     /// Attaches the program for `point` to `interface` (see `ensure_attached`).
     pub fn attach(&mut self, interface: &str, point: AttachPoint) -> Result<(), DatapathError> {
-        self.ensure_attached(interface, point).map(|_| ())
+        self.ensure_attached(interface, point, ProgramRole::Judge)
+            .map(|_| ())
+    }
+
+    /// The ids of the programs that run before program `name` on `point` of
+    /// `interface` (TC hooks; XDP has one program per device). Empty when it is
+    /// first, an error when it is not on the hook at all.
+    pub fn programs_ahead(
+        &self,
+        interface: &str,
+        point: AttachPoint,
+        name: &str,
+    ) -> Result<Vec<u32>, DatapathError> {
+        let attach_type = match point {
+            AttachPoint::Xdp(_) => return Ok(Vec::new()),
+            AttachPoint::TcIngress => TcAttachType::Ingress,
+            AttachPoint::TcEgress => TcAttachType::Egress,
+        };
+        let ours = self.program_id(name)?;
+        let (_, programs) = SchedClassifier::query_tcx(interface, attach_type).map_err(|e| {
+            DatapathError::Attach {
+                interface: interface.to_owned(),
+                point: point.name(),
+                reason: format!("listing the hook's programs: {e}"),
+            }
+        })?;
+        let ids: Vec<u32> = programs.iter().map(|program| program.id()).collect();
+        match ids.iter().position(|id| *id == ours) {
+            Some(position) => Ok(ids[..position].to_vec()),
+            None => Err(DatapathError::Attach {
+                interface: interface.to_owned(),
+                point: point.name(),
+                reason: format!(
+                    "the kernel lists programs {ids:?} on the hook, and not microseg's ({ours})"
+                ),
+            }),
+        }
+    }
+
+    /// Puts program `name` first on TC `point` of `interface` again, replacing the
+    /// pinned link at `path`. A program is on a hook at most once, so the link is
+    /// detached and attached anew; meanwhile the held program runs first (on
+    /// Ethernet devices), so the switch drops rather than passes what it cannot
+    /// judge. A device without a link layer has no held program: it is unguarded
+    /// for the few microseconds between the two calls.
+    fn move_first(
+        &mut self,
+        interface: &str,
+        point: AttachPoint,
+        kind: DeviceKind,
+        name: &'static str,
+        path: &Path,
+    ) -> Result<(), DatapathError> {
+        let guard = match Self::program_for(interface, point, kind, ProgramRole::Hold) {
+            Ok(hold) if hold != name => Some(self.attach_link(interface, point, hold)?),
+            _ => None,
+        };
+        if let Ok(old) = PinnedLink::from_pin(path) {
+            // Unpinning hands back the link; dropping it detaches.
+            let _ = old.unpin();
+        }
+        let _ = std::fs::remove_file(path);
+        let link = self.attach_link(interface, point, name)?;
+        link.pin(path).map_err(|e| DatapathError::Pin {
+            path: path.to_owned(),
+            source: std::io::Error::other(format!("{e:?}")),
+        })?;
+        drop(guard);
+        Ok(())
     }
 
     /// Whether `point` on `interface` is enforced by a live pinned link (always
@@ -374,8 +482,15 @@ impl Datapath {
                         &"TC enforcement needs TCX links (Linux 6.6 or later)",
                     ));
                 }
+                // First on the hook (BPF_F_BEFORE with no anchor): a program ahead of
+                // microseg that returns TC_ACT_OK would end the chain unjudged.
+                // Allowed packets return TCX_NEXT, so programs after it still run.
                 let id = program
-                    .attach(interface, attach_type)
+                    .attach_with_options(
+                        interface,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )
                     .map_err(|e| attach_err(&e))?;
                 let link = program.take_link(id).map_err(|e| attach_err(&e))?;
                 FdLink::try_from(link).map_err(|e| attach_err(&e))
@@ -395,6 +510,9 @@ pub enum AttachOutcome {
     Upgraded,
     /// The pinned link was stale (why); a new link replaced it.
     Replaced(String),
+    /// Other programs (these ids) had been put ahead of microseg's on the TC hook:
+    /// it was attached first again.
+    MovedFirst(Vec<u32>),
 }
 
 /// Refuses a pinned map whose type, key or value size differs from this version's

@@ -19,7 +19,8 @@ use std::path::PathBuf;
 
 pub use apply::{ApplyReport, StateDiff};
 pub use loader::{
-    AttachPoint, Capacities, Datapath, LoadOptions, XdpAttachMode, detach_pinned, pinned_links,
+    AttachPoint, Capacities, Datapath, LoadOptions, ProgramRole, XdpAttachMode, detach_pinned,
+    pinned_links,
 };
 pub use state::{DatapathState, PolicyMatch, StateCounts};
 pub use test_run::ProgramVerdict;

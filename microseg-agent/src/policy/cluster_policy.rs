@@ -38,7 +38,7 @@ const MAX_PEERS: usize = 25;
 const MAX_PROTOCOLS: usize = 25;
 const MAX_NETWORKS: usize = 25;
 const MAX_RULE_NAME: usize = 100;
-const MAX_PRIORITY: i64 = 1000;
+pub(crate) const MAX_PRIORITY: i64 = 1000;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -18,6 +18,7 @@ use super::cluster_policy::{
     convert_cluster_network_policy, convert_node,
 };
 use super::error::{LoadErrors, PolicyError, Source};
+use super::fail_closed::{self, RefusedPolicy, Substitute};
 use super::files::{documents, policy_files};
 use super::model::{ClusterPolicy, Labels, NamespaceInfo, NodeInfo, Policy, PolicySet, Workload};
 use super::validate::{
@@ -66,12 +67,13 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, LoadErrors> {
 /// [`PolicySetBuilder::convert_document`]).
 #[derive(Clone, Debug, Default)]
 pub struct ConvertedDocument {
-    namespaces: Vec<NamespaceInfo>,
-    workloads: Vec<Workload>,
-    policies: Vec<Policy>,
-    cluster_policies: Vec<ClusterPolicy>,
-    nodes: Vec<NodeInfo>,
-    errors: Vec<PolicyError>,
+    pub(crate) namespaces: Vec<NamespaceInfo>,
+    pub(crate) workloads: Vec<Workload>,
+    pub(crate) policies: Vec<Policy>,
+    pub(crate) cluster_policies: Vec<ClusterPolicy>,
+    pub(crate) nodes: Vec<NodeInfo>,
+    pub(crate) refused: Vec<RefusedPolicy>,
+    pub(crate) errors: Vec<PolicyError>,
 }
 
 /// Accumulates documents and errors; [`PolicySetBuilder::finish`] validates the whole.
@@ -82,10 +84,16 @@ pub struct PolicySetBuilder {
     policies: Vec<Policy>,
     cluster_policies: Vec<ClusterPolicy>,
     nodes: Vec<NodeInfo>,
+    /// Policies refused and enforced as their substitutes (`fail_closed`).
+    refused: Vec<RefusedPolicy>,
     errors: Vec<PolicyError>,
     /// The document being added comes from the Kubernetes API server (see
     /// [`PolicySetBuilder::add_api_server_document`]).
     from_api_server: bool,
+    /// A policy the loader refuses is enforced as its fail-closed substitute and
+    /// reported, rather than failing the set (`fail_closed`): for documents whose
+    /// author cannot be told at once (the API server's, a watched directory's).
+    fail_closed: bool,
 }
 
 /// What to do with fields a document has and its kind does not.
@@ -96,6 +104,10 @@ enum UnknownFields {
     /// inventory exported from a newer cluster has spec and status fields this
     /// version does not know, and microseg reads none of them.
     RefusedInMetadata,
+    /// Refused under `spec` (a policy field this version does not know may narrow
+    /// what the policy allows), ignored elsewhere (the API server's metadata and
+    /// status fields).
+    RefusedInSpec,
     Ignored,
 }
 
@@ -125,6 +137,7 @@ fn read_object<T: serde::de::DeserializeOwned>(
         .filter(|path| match unknown {
             UnknownFields::Refused => true,
             UnknownFields::RefusedInMetadata => path.starts_with("metadata."),
+            UnknownFields::RefusedInSpec => path.starts_with("spec."),
             UnknownFields::Ignored => false,
         })
         .collect();
@@ -264,24 +277,28 @@ impl PolicySetBuilder {
         match (api_version, kind) {
             ("networking.k8s.io/v1", "NetworkPolicy") => {
                 // Every field of a policy counts: a misspelt one (`exept`) would
-                // silently change what it allows.
+                // silently change what it allows. From the API server, which checked
+                // the spelling, a spec field this version does not know still counts.
                 let unknown = match unknown {
-                    UnknownFields::Ignored => UnknownFields::Ignored,
+                    UnknownFields::Ignored => UnknownFields::RefusedInSpec,
                     _ => UnknownFields::Refused,
                 };
+                let errors_before = checker.errors.len();
                 if let Some(policy) =
                     read_object::<NetworkPolicy>(&mut checker, "NetworkPolicy", value, unknown)
                     && let Some(policy) = convert_network_policy(&mut checker, &policy)
                 {
                     self.policies.push(policy);
                 }
+                self.substitute_if_refused(source, kind, value, errors_before);
             }
             (CLUSTER_NETWORK_POLICY_API_VERSION, "ClusterNetworkPolicy") => {
                 // As for NetworkPolicy, every field counts.
                 let unknown = match unknown {
-                    UnknownFields::Ignored => UnknownFields::Ignored,
+                    UnknownFields::Ignored => UnknownFields::RefusedInSpec,
                     _ => UnknownFields::Refused,
                 };
+                let errors_before = checker.errors.len();
                 if let Some(document) = read_object::<ClusterNetworkPolicyDocument>(
                     &mut checker,
                     "ClusterNetworkPolicy",
@@ -292,6 +309,7 @@ impl PolicySetBuilder {
                 {
                     self.cluster_policies.push(policy);
                 }
+                self.substitute_if_refused(source, kind, value, errors_before);
             }
             ("v1", "Node") => {
                 if let Some(node) = read_object::<Node>(&mut checker, "Node", value, unknown)
@@ -353,6 +371,39 @@ impl PolicySetBuilder {
         }
     }
 
+    /// With fail-closed substitution on, a policy document the loader refuses is
+    /// enforced as its substitute and reported instead of being an error
+    /// ([`super::fail_closed`]).
+    pub fn fail_closed(mut self, on: bool) -> Self {
+        self.fail_closed = on;
+        self
+    }
+
+    /// If the policy document just read (errors from `errors_before` on) was
+    /// refused and substitution is on, puts its substitute in its place.
+    fn substitute_if_refused(
+        &mut self,
+        source: &Source,
+        kind: &str,
+        value: &serde_json::Value,
+        errors_before: usize,
+    ) {
+        if !self.fail_closed || self.errors.len() == errors_before {
+            return;
+        }
+        let errors = self.errors.split_off(errors_before);
+        match fail_closed::substitute(source, kind, value, &errors) {
+            Some((substitute, report)) => {
+                match substitute {
+                    Substitute::Policy(policy) => self.policies.push(policy),
+                    Substitute::ClusterPolicy(policy) => self.cluster_policies.push(policy),
+                }
+                self.refused.push(report);
+            }
+            None => self.errors.extend(errors),
+        }
+    }
+
     /// Converts one document on its own, as `add_document` (or, with
     /// `from_api_server`, `add_api_server_document`) would: a document's conversion
     /// depends on nothing else, so the agent keeps it per object and adds it again
@@ -362,7 +413,18 @@ impl PolicySetBuilder {
         value: &serde_json::Value,
         from_api_server: bool,
     ) -> ConvertedDocument {
-        let mut builder = PolicySetBuilder::new();
+        Self::convert_document_with(source, value, from_api_server, false)
+    }
+
+    /// As [`PolicySetBuilder::convert_document`], with fail-closed substitution
+    /// on or off ([`PolicySetBuilder::fail_closed`]).
+    pub fn convert_document_with(
+        source: &Source,
+        value: &serde_json::Value,
+        from_api_server: bool,
+        fail_closed: bool,
+    ) -> ConvertedDocument {
+        let mut builder = PolicySetBuilder::new().fail_closed(fail_closed);
         builder.from_api_server = from_api_server;
         builder.add_object(source, String::new(), value);
         ConvertedDocument {
@@ -371,6 +433,7 @@ impl PolicySetBuilder {
             policies: builder.policies,
             cluster_policies: builder.cluster_policies,
             nodes: builder.nodes,
+            refused: builder.refused,
             errors: builder.errors,
         }
     }
@@ -383,6 +446,7 @@ impl PolicySetBuilder {
         self.cluster_policies
             .extend(converted.cluster_policies.iter().cloned());
         self.nodes.extend(converted.nodes.iter().cloned());
+        self.refused.extend(converted.refused.iter().cloned());
         self.errors.extend(converted.errors.iter().cloned());
     }
 
@@ -430,8 +494,10 @@ impl PolicySetBuilder {
             mut policies,
             mut cluster_policies,
             mut nodes,
+            mut refused,
             mut errors,
             from_api_server: _,
+            fail_closed: _,
         } = self;
 
         let mut namespaces: BTreeMap<String, NamespaceInfo> = BTreeMap::new();
@@ -587,12 +653,14 @@ impl PolicySetBuilder {
                     .map(move |address| (*address, index))
             })
             .collect();
+        refused.sort_by_key(RefusedPolicy::key);
         Ok(PolicySet {
             namespaces,
             workloads,
             policies,
             cluster_policies,
             nodes,
+            refused_policies: refused,
             address_index,
         })
     }

@@ -15,6 +15,7 @@ mod compile;
 mod error;
 mod evaluate;
 mod expected;
+mod fail_closed;
 mod files;
 mod inventory;
 mod labels;
@@ -37,6 +38,7 @@ pub use expected::{
     ExpectationFailure, ExpectedFlow, ExpectedVerdict, check_expected, load_expected,
     parse_expected,
 };
+pub use fail_closed::RefusedPolicy;
 pub use files::{documents, is_policy_file, policy_files};
 pub use inventory::EndpointRef;
 pub use load::{ConvertedDocument, MICROSEG_API_VERSION, PolicySetBuilder, load_paths};

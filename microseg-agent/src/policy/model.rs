@@ -499,6 +499,9 @@ pub struct PolicySet {
     pub cluster_policies: Vec<ClusterPolicy>,
     /// Sorted by name.
     pub nodes: Vec<NodeInfo>,
+    /// Policies the loader refused and enforces as their fail-closed substitutes
+    /// (which are in `policies` and `cluster_policies`), by key.
+    pub refused_policies: Vec<super::fail_closed::RefusedPolicy>,
     /// Address -> index into `workloads`.
     pub(crate) address_index: BTreeMap<IpAddr, usize>,
 }

@@ -207,7 +207,7 @@ fn objects_for(
 /// the last build with `cache` are not read again); and how long that took.
 fn build_set(objects: &ObjectMap, cache: &mut ConversionCache) -> anyhow::Result<(PolicySet, f64)> {
     let start = Instant::now();
-    let set = build_policy_set_cached(objects.iter(), cache)
+    let set = build_policy_set_cached(objects.iter(), cache, &|_, _| false)
         .map_err(|errors| anyhow::anyhow!("the control-plane policy set is invalid: {errors:?}"))?;
     Ok((set, start.elapsed().as_secs_f64() * 1e3))
 }

@@ -28,7 +28,7 @@ pub mod status;
 pub mod watch;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     io::Write,
     path::{Path, PathBuf},
     sync::Arc,
@@ -36,6 +36,7 @@ use std::{
 };
 
 use anyhow::Context;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{Client, config::KubeConfigOptions};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -52,7 +53,7 @@ use super::{
     interfaces::LocalPods,
     objects::{ObjectKey, ObjectMap, StoredObject},
 };
-use crate::datapath::ApplyReport;
+use crate::{datapath::ApplyReport, policy::RefusedPolicy};
 
 /// The cache of the last cluster view, in the state directory.
 const CACHE_FILE: &str = "kubernetes.json";
@@ -158,6 +159,7 @@ pub async fn run(agent: Arc<Agent>) {
         cache,
         enforced_once: false,
         refused: None,
+        substituted: BTreeMap::new(),
         outage: None,
         absent: BTreeSet::new(),
         published: None,
@@ -214,6 +216,9 @@ struct Reconciler {
     enforced_once: bool,
     /// The objects left out of the last apply because the loader refused them.
     refused: Option<Vec<ObjectKey>>,
+    /// Policies refused and enforced as their fail-closed substitutes, as last
+    /// reported on their objects.
+    substituted: BTreeMap<String, RefusedPolicy>,
     /// Since when the watches have been failing (as last seen).
     outage: Option<Instant>,
     /// This node's pods as last enforced, for the interface task.
@@ -244,6 +249,7 @@ impl Reconciler {
                 if lasted >= OUTAGE_WORTH_REPORTING {
                     self.status.report(Status {
                         warning: false,
+                        regarding: None,
                         reason: "Reconnected",
                         note: format!(
                             "the API server was unreachable for {:.1} s; the last known state stayed enforced and the agent has caught up",
@@ -264,6 +270,7 @@ impl Reconciler {
         for kind in now.difference(&self.absent) {
             self.status.report(Status {
                 warning: false,
+                regarding: None,
                 reason: "CRDNotInstalled",
                 note: absent_note(kind),
             });
@@ -271,6 +278,7 @@ impl Reconciler {
         for kind in self.absent.difference(&now) {
             self.status.report(Status {
                 warning: false,
+                regarding: None,
                 reason: "CRDInstalled",
                 note: format!(
                     "the {kind} CRD is installed: {kind} objects are watched and enforced"
@@ -307,6 +315,12 @@ impl Reconciler {
         let result = enforce_objects(&mut core, objects);
         self.agent.refresh_names(&core);
         let enforced = core.kube_objects.clone();
+        let refused_policies = core
+            .enforcer
+            .enforced
+            .as_ref()
+            .map(|e| e.set.refused_policies.clone())
+            .unwrap_or_default();
         drop(core);
         match result {
             Ok((report, left_out)) => {
@@ -332,6 +346,7 @@ impl Reconciler {
                     let count = |kind: &str| enforced.keys().filter(|k| k.kind == kind).count();
                     self.status.report(Status {
                         warning: false,
+                        regarding: None,
                         reason: "Synced",
                         note: format!(
                             "enforcing {} NetworkPolicies and {} ClusterNetworkPolicies for {} pods on this node ({} in the cluster, {} nodes), policy generation {}",
@@ -345,12 +360,14 @@ impl Reconciler {
                     });
                 }
                 self.report_left_out(left_out);
+                self.report_substituted(refused_policies);
                 let _ = self.cache.send(Arc::new(enforced));
                 true
             }
             Err(refused) => {
                 self.status.report(Status {
                     warning: true,
+                    regarding: None,
                     reason: "PolicyRefused",
                     note: format!("{}: {}", refused.summary, refused.details.join("; ")),
                 });
@@ -359,11 +376,77 @@ impl Reconciler {
         }
     }
 
+    /// Reports, on each policy's own object, that microseg refused it and what it
+    /// enforces instead (a Warning), and once it is enforced as written again or
+    /// gone (Normal); only transitions.
+    fn report_substituted(&mut self, refused: Vec<RefusedPolicy>) {
+        let now: BTreeMap<String, RefusedPolicy> = refused
+            .into_iter()
+            .filter(|r| r.source.starts_with(super::objects::API_SERVER_SOURCE))
+            .map(|r| (r.key(), r))
+            .collect();
+        for (key, refused) in &now {
+            if self.substituted.get(key) == Some(refused) {
+                continue;
+            }
+            self.status.report(Status {
+                warning: true,
+                regarding: Some(self.reference_to(refused)),
+                reason: "PolicyRefused",
+                note: format!(
+                    "microseg cannot enforce this policy as written ({}); it enforces instead: {}",
+                    refused.reasons.join("; "),
+                    refused.enforced_as
+                ),
+            });
+        }
+        for (key, refused) in &self.substituted {
+            if !now.contains_key(key) {
+                self.status.report(Status {
+                    warning: false,
+                    regarding: Some(self.reference_to(refused)),
+                    reason: "PolicyAccepted",
+                    note: "microseg enforces this policy as written again (or it was deleted)"
+                        .to_owned(),
+                });
+            }
+        }
+        self.substituted = now;
+    }
+
+    /// An object reference to a refused policy, with its uid if the view has it.
+    fn reference_to(&self, refused: &RefusedPolicy) -> ObjectReference {
+        let api_version = if refused.kind == watch::CLUSTER_NETWORK_POLICY {
+            format!("{}/{}", watch::CNP_GROUP, watch::CNP_VERSION)
+        } else {
+            "networking.k8s.io/v1".to_owned()
+        };
+        let key = ObjectKey {
+            kind: refused.kind.to_owned(),
+            namespace: refused.namespace.clone(),
+            name: refused.name.clone(),
+        };
+        let uid = self.view.objects().get(&key).and_then(|object| {
+            object.value.parse()["metadata"]["uid"]
+                .as_str()
+                .map(str::to_owned)
+        });
+        ObjectReference {
+            api_version: Some(api_version),
+            kind: Some(refused.kind.to_owned()),
+            namespace: (!refused.namespace.is_empty()).then(|| refused.namespace.clone()),
+            name: Some(refused.name.clone()),
+            uid,
+            ..ObjectReference::default()
+        }
+    }
+
     fn report_left_out(&mut self, left_out: Vec<ObjectKey>) {
         if left_out.is_empty() {
             if self.refused.take().is_some() {
                 self.status.report(Status {
                     warning: false,
+                    regarding: None,
                     reason: "PolicyAccepted",
                     note: "every object from the API server is enforced again".into(),
                 });
@@ -374,6 +457,7 @@ impl Reconciler {
             let names: Vec<String> = left_out.iter().map(ToString::to_string).collect();
             self.status.report(Status {
                 warning: true,
+                regarding: None,
                 reason: "ObjectsSkipped",
                 note: format!(
                     "not enforced (invalid for microseg; the rest is): {}",

@@ -1,5 +1,6 @@
 //! The agent's status where `kubectl` users look: Kubernetes Events (events.k8s.io/v1)
-//! about this node's `Node` object, reported by `microseg-agent`.
+//! about this node's `Node` object, or about the object concerned (a policy microseg
+//! refused), reported by `microseg-agent`.
 //!
 //! `kubectl describe node <node>` and `kubectl get events -n default
 //! --field-selector reportingComponent=microseg-agent` show them. Events, rather than
@@ -24,6 +25,8 @@ pub const REPORTER: &str = "microseg-agent";
 /// What the agent reports.
 pub struct Status {
     pub warning: bool,
+    /// The object the report is about; `None`: this node's `Node`.
+    pub regarding: Option<ObjectReference>,
     /// PascalCase reason: `Synced`, `PolicyRefused`, `Reconnected`, ...
     pub reason: &'static str,
     pub note: String,
@@ -68,7 +71,8 @@ impl StatusReporter {
                     action: "Enforce".to_owned(),
                     secondary: None,
                 };
-                if let Err(e) = recorder.publish(&event, &node_reference).await {
+                let regarding = status.regarding.as_ref().unwrap_or(&node_reference);
+                if let Err(e) = recorder.publish(&event, regarding).await {
                     tracing::warn!(reason = status.reason, "could not post a status event: {e}");
                 }
             }
