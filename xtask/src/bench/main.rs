@@ -231,6 +231,20 @@ fn main() -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let counter_disagreements: Vec<String> = traffic
+        .iter()
+        .flat_map(traffic::TrafficRow::counter_disagreements)
+        .collect();
+    if !traffic.is_empty() {
+        let compared: usize = traffic.iter().map(|row| row.counter_windows_compared).sum();
+        progress.line(format!(
+            "drop counters: {compared} windows compared with processed - delivered, {} disagreeing",
+            counter_disagreements.len()
+        ));
+        for disagreement in &counter_disagreements {
+            progress.line(format!("  flagged: {disagreement}"));
+        }
+    }
 
     machine.load_average_end = machine::load_average();
     let targets = report::targets(&cost.rows, &traffic, control_plane.as_ref());
@@ -258,6 +272,11 @@ fn main() -> anyhow::Result<()> {
         methods: report::methods(),
         notes: notes(cli.quick),
     };
+    report
+        .notes
+        .extend(counter_disagreements.iter().map(|disagreement| {
+            format!("Drop counter disagrees with processed - delivered: {disagreement}.")
+        }));
     report.issue_11 = report::issue_11(&report);
     let dir = output_dir(&cli);
     progress.step("writing the report and plots");

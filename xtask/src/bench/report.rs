@@ -113,11 +113,11 @@ pub fn methods() -> BTreeMap<&'static str, &'static str> {
         ),
         (
             "traffic",
-            "processed = sender veth tx_packets; delivered = receiver UDP InDatagrams+NoPorts+InErrors (/proc/net/snmp of its namespace); dropped = processed - delivered, confirmed by the engine's counter (microseg denied counters, iptables DROP rule, nft counter); interface counters from /proc/net/dev of each namespace (the figures /sys/class/net/IF/statistics shows). pps_delivered comes from the allowed-source window, pps_dropped from the denied-source window. Each engine runs `rounds` times per scale, interleaved (round-robin over the engines, each round starting one engine further on; installed, measured, removed each time); pps_delivered and pps_dropped are the medians over the rounds (mean of the middle two for an even count), with _min and _max beside them and every round under `runs`. Every ratio in this report uses the medians",
+            "processed = sender veth tx_packets; delivered = receiver UDP InDatagrams+NoPorts+InErrors (/proc/net/snmp of its namespace); dropped = processed - delivered. In every window (allowed and denied sources) the engine's own drop counter (named under `engines`) is compared with processed - delivered, in packets, over the window's whole traffic run: read before trafgen starts and after it has stopped and the receiver's counters have settled, so both sides stand still at both reads (reading iptables' or nft's counter runs a program for tens of ms, more with many rules, while thousands of packets pass). The two should be equal: a window whose counts differ by more than 0.1% of its processed packets (at least 16 packets) has counter_check.agrees = false, is printed, counted in the row's counter_windows_disagreeing and listed in the notes; the run goes on, as it does for a timing. Each window also records processed_packets, delivered_packets, dropped_packets and the engine's count over the measured window alone (engine_dropped_packets, engine_dropped_pps; read just before each end's snapshot, so skewed by the read). `none` has no filter and no drop counter: nothing is compared, and its processed - delivered must stay under 5% (the verdict check). Interface counters from /proc/net/dev of each namespace (the figures /sys/class/net/IF/statistics shows). pps_delivered comes from the allowed-source window, pps_dropped from the denied-source window. Each engine runs `rounds` times per scale, interleaved (round-robin over the engines, each round starting one engine further on; installed, measured, removed each time); pps_delivered and pps_dropped are the medians over the rounds (mean of the middle two for an even count), with _min and _max beside them and every round under `runs`. Every ratio in this report uses the medians",
         ),
         (
             "engines",
-            "microseg-xdp: XDP in driver (native) mode on the receiver veth; microseg-tc: TC ingress (TCX); iptables: iptables-restore in the receiver namespace, one `-s <client>/32 -j ACCEPT` per client then `-j DROP` (Debian's iptables, nf_tables backend); iptables-ipset: one ipset `hash:ip` holding the clients (ipset restore), then `-m set --match-set msbench-allowed src -j ACCEPT` and `-j DROP`; nftables: table ip, a set of allowed sources, an input-hook chain with `policy drop` and a counter; nftables-netdev: table netdev, the same set, a chain at the ingress hook of the receiver veth (priority -500, the earliest nftables can drop: before IP receive and conntrack) accepting the set's sources and counting and dropping the other IPv4 packets; none: no filter",
+            "microseg-xdp: XDP in driver (native) mode on the receiver veth; microseg-tc: TC ingress (TCX); iptables: iptables-restore in the receiver namespace, one `-s <client>/32 -j ACCEPT` per client then `-j DROP` (Debian's iptables, nf_tables backend); iptables-ipset: one ipset `hash:ip` holding the clients (ipset restore), then `-m set --match-set msbench-allowed src -j ACCEPT` and `-j DROP`; nftables: table ip, a set of allowed sources, an input-hook chain with `policy drop` and a counter; nftables-netdev: table netdev, the same set, a chain at the ingress hook of the receiver veth (priority -500, the earliest nftables can drop: before IP receive and conntrack) accepting the set's sources and counting and dropping the other IPv4 packets; none: no filter. Drop counters compared (traffic): microseg, the per-CPU counters DeniedIngress + DeniedEgress (every drop, whatever its reason, counts there); iptables and iptables-ipset, the packet count of the `-j DROP` rule (`iptables -w -nvxL INPUT N`, refused unless that rule is the DROP; the ipset itself keeps no counter, the rule after it does); nftables and nftables-netdev, the named counter `dropped` (`nft list counter`), the last rule before the policy drop (ip) or on the drop rule (netdev); none: no counter, nothing dropped by design",
         ),
         (
             "control_plane",
@@ -868,6 +868,7 @@ pub fn tables(report: &Report) -> String {
             );
         }
         md.push('\n');
+        md.push_str(&counter_table(&report.traffic));
     }
     if let Some(control) = &report.control_plane {
         let _ = writeln!(
@@ -1011,4 +1012,57 @@ pub fn write(dir: &Path, report: &Report, plots: &[String]) -> anyhow::Result<()
     )?;
     std::fs::write(dir.join("report.md"), markdown(report, plots))?;
     Ok(())
+}
+
+/// Each engine's own drop counter beside processed - delivered, per engine and scale.
+fn counter_table(traffic: &[TrafficRow]) -> String {
+    let mut md = String::from(
+        "#### Drop counters: each engine's own against processed - delivered\n\nEvery window (allowed and denied sources, every round). Over each window's whole traffic run, from before the sender starts to after it has stopped and the receiver settled, so both counters stand still when read. A window is flagged when the two differ by more than 0.1% of its processed packets (at least 16). Packets over each window's whole run; medians over the rounds.\n\n| engine | rules | windows compared | flagged | denied: processed - delivered | denied: engine's counter | largest difference (packets, % of processed) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for row in traffic {
+        let checks: Vec<&crate::traffic::CounterCheck> = row
+            .runs
+            .iter()
+            .filter_map(|run| run.denied.counter_check.as_ref())
+            .collect();
+        if checks.is_empty() {
+            let _ = writeln!(
+                md,
+                "| {} | {} | 0 | - | - | no counter | - |",
+                row.engine,
+                human(u64::from(row.rules))
+            );
+            continue;
+        }
+        let median = |values: Vec<f64>| crate::traffic::Spread::of(values).median;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {}{} | {:.0} | {:.0} | {} ({:.3}%) |",
+            row.engine,
+            human(u64::from(row.rules)),
+            row.counter_windows_compared,
+            row.counter_windows_disagreeing,
+            if row.counter_windows_disagreeing > 0 {
+                " **disagree**"
+            } else {
+                ""
+            },
+            median(
+                checks
+                    .iter()
+                    .map(|check| check.kernel_dropped_packets as f64)
+                    .collect()
+            ),
+            median(
+                checks
+                    .iter()
+                    .map(|check| check.engine_dropped_packets as f64)
+                    .collect()
+            ),
+            row.counter_largest_difference_packets,
+            row.counter_largest_difference_ratio * 100.0
+        );
+    }
+    md.push('\n');
+    md
 }

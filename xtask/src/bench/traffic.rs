@@ -15,8 +15,21 @@
 //!   processed by the receiver, in the sender's call);
 //! - delivered: UDP datagrams that reached the receiver's transport layer
 //!   (/proc/net/snmp Udp InDatagrams + NoPorts + InErrors of its namespace);
-//! - dropped: processed - delivered, confirmed by the engine's own counter (microseg's
-//!   denied counters, the iptables DROP rule's packet count, the nft counter).
+//! - dropped: processed - delivered.
+//!
+//! The engine's own drop counter is compared with processed - delivered in every
+//! window (allowed and denied sources): microseg's DeniedIngress + DeniedEgress, the
+//! packet count of the iptables DROP rule (`iptables -nvxL INPUT N`, also for
+//! iptables-ipset, whose ipset keeps no counter), the nft named counter on the
+//! dropping rule (`nft list counter`); `none` filters nothing and has no counter.
+//! Reading iptables' or nft's counter runs a program (tens of ms, more with many
+//! rules), during which thousands of packets pass, so the comparison is made where
+//! both sides stand still: from before trafgen starts to after it has stopped and the
+//! receiver's counters have settled (warm-up, measured window and stop). There the
+//! two counts should be equal; a difference beyond `COUNTER_TOLERANCE` is flagged
+//! (printed, marked in the report and listed in its notes), not hidden. The counter
+//! over the measured window alone (read at each end just before the snapshot, so
+//! skewed by the read) is reported beside it.
 //!
 //! Interface counters are read from /proc/net/dev of each namespace: the same
 //! `dev_get_stats` figures as /sys/class/net/IF/statistics, which the root
@@ -122,6 +135,17 @@ pub struct RunCounts {
     /// The engine's own drop counter over the window, per second (None: the engine
     /// has none, i.e. `none`).
     pub engine_dropped_pps: Option<f64>,
+    /// Measured window totals in packets: processed, delivered, processed -
+    /// delivered, and the engine's drop counter (read at each end just before the
+    /// snapshot; reading iptables' or nft's counter takes tens of ms, so this one is
+    /// skewed by what passes meanwhile: `counter_check` is the exact comparison).
+    pub processed_packets: u64,
+    pub delivered_packets: u64,
+    pub dropped_packets: u64,
+    pub engine_dropped_packets: Option<u64>,
+    /// The engine's own drop counter beside processed - delivered over the whole
+    /// traffic run of this window, both read standing still (None for `none`).
+    pub counter_check: Option<CounterCheck>,
     pub receiver_rx_packets_pps: f64,
     pub receiver_rx_dropped_pps: f64,
     /// Whole receive path per packet: 1e9 / processed_pps.
@@ -194,6 +218,15 @@ pub struct TrafficRow {
     pub denied_ns_per_packet: Spread,
     /// Rule set-up, install to ready: median over the rounds.
     pub setup_ms: f64,
+    /// Windows (allowed and denied, every round) whose engine drop counter was
+    /// compared with processed - delivered, and how many of them disagreed (0 and 0
+    /// for `none`, which has no counter).
+    pub counter_windows_compared: usize,
+    pub counter_windows_disagreeing: usize,
+    /// The largest |engine - (processed - delivered)| over those windows, in packets
+    /// and as a share of that window's processed packets.
+    pub counter_largest_difference_packets: u64,
+    pub counter_largest_difference_ratio: f64,
     /// Every round, in the order measured.
     pub runs: Vec<TrafficRun>,
 }
@@ -210,6 +243,24 @@ impl TrafficRow {
             .iter()
             .filter_map(|run| run.denied.engine_dropped_pps)
             .collect();
+        let checks: Vec<&CounterCheck> = runs
+            .iter()
+            .flat_map(|run| [&run.allowed, &run.denied])
+            .filter_map(|counts| counts.counter_check.as_ref())
+            .collect();
+        let counter_windows_compared = checks.len();
+        let counter_windows_disagreeing = checks.iter().filter(|check| !check.agrees).count();
+        let (counter_largest_difference_packets, counter_largest_difference_ratio) = checks
+            .iter()
+            .map(|check| {
+                let difference = check.difference_packets.unsigned_abs();
+                (
+                    difference,
+                    difference as f64 / check.processed_packets.max(1) as f64,
+                )
+            })
+            .max_by_key(|(difference, _)| *difference)
+            .unwrap_or((0, 0.0));
         Self {
             engine: engine.name(),
             rules,
@@ -225,8 +276,34 @@ impl TrafficRow {
             engine_dropped_pps: (!engine_dropped.is_empty()).then(|| Spread::of(engine_dropped)),
             denied_ns_per_packet: Spread::of(runs.iter().map(|run| run.denied.ns_per_packet)),
             setup_ms: Spread::of(runs.iter().map(|run| run.setup_ms)).median,
+            counter_windows_compared,
+            counter_windows_disagreeing,
+            counter_largest_difference_packets,
+            counter_largest_difference_ratio,
             runs,
         }
+    }
+
+    /// Each window whose engine drop counter disagrees with processed - delivered:
+    /// "iptables at 100k rules, round 2, denied sources: ...".
+    pub fn counter_disagreements(&self) -> Vec<String> {
+        self.runs
+            .iter()
+            .flat_map(|run| [(run, &run.allowed), (run, &run.denied)])
+            .filter_map(|(run, counts)| {
+                let check = counts.counter_check.as_ref()?;
+                (!check.agrees).then(|| {
+                    format!(
+                        "{} at {} rules, round {}, {} sources: {}",
+                        self.engine,
+                        scenario::human(u64::from(self.rules)),
+                        run.round + 1,
+                        counts.sources,
+                        check.describe(),
+                    )
+                })
+            })
+            .collect()
     }
 }
 
@@ -292,8 +369,22 @@ impl Testbed {
             rx_packets: receiver.rx_packets,
             rx_dropped: receiver.rx_dropped,
             udp_delivered: field("InDatagrams") + field("NoPorts") + field("InErrors"),
-            engine_dropped: None,
         })
+    }
+
+    /// A snapshot once the receiver has settled after the sender stopped: two
+    /// snapshots 10 ms apart that agree (up to 100 tries).
+    fn quiet_snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        let mut last = self.snapshot()?;
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(10));
+            let next = self.snapshot()?;
+            if (next.tx_packets, next.udp_delivered) == (last.tx_packets, last.udp_delivered) {
+                return Ok(next);
+            }
+            last = next;
+        }
+        Ok(last)
     }
 }
 
@@ -303,7 +394,64 @@ struct Snapshot {
     rx_packets: u64,
     rx_dropped: u64,
     udp_delivered: u64,
-    engine_dropped: Option<u64>,
+}
+
+/// How far an engine's drop count may differ from processed - delivered over the
+/// same still-standing span: this share of the packets processed, or
+/// `COUNTER_TOLERANCE_PACKETS` if that is more.
+pub const COUNTER_TOLERANCE: f64 = 0.001;
+pub const COUNTER_TOLERANCE_PACKETS: u64 = 16;
+
+/// A window's traffic counted by the engine's own drop counter and by the kernel's
+/// interface and UDP counters, from before the sender starts to after it has stopped
+/// and the receiver has settled: both sides stand still at both reads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CounterCheck {
+    pub processed_packets: u64,
+    /// processed - delivered.
+    pub kernel_dropped_packets: u64,
+    pub engine_dropped_packets: u64,
+    /// engine - kernel.
+    pub difference_packets: i64,
+    pub tolerance_packets: u64,
+    /// False: the two differ by more than the tolerance. Such a window is flagged,
+    /// not hidden.
+    pub agrees: bool,
+}
+
+impl CounterCheck {
+    pub fn new(processed: u64, delivered: u64, engine_dropped: u64) -> Self {
+        let kernel_dropped = processed.saturating_sub(delivered);
+        let tolerance =
+            ((processed as f64 * COUNTER_TOLERANCE).ceil() as u64).max(COUNTER_TOLERANCE_PACKETS);
+        let difference = engine_dropped as i64 - kernel_dropped as i64;
+        Self {
+            processed_packets: processed,
+            kernel_dropped_packets: kernel_dropped,
+            engine_dropped_packets: engine_dropped,
+            difference_packets: difference,
+            tolerance_packets: tolerance,
+            agrees: difference.unsigned_abs() <= tolerance,
+        }
+    }
+
+    /// "engine's counter 1234 vs processed - delivered 1230 (+4)", with the flag.
+    pub fn describe(&self) -> String {
+        format!(
+            "engine's counter {} vs processed - delivered {} ({:+}{})",
+            self.engine_dropped_packets,
+            self.kernel_dropped_packets,
+            self.difference_packets,
+            if self.agrees {
+                String::new()
+            } else {
+                format!(
+                    "; DISAGREE: more than {} apart, of {} processed",
+                    self.tolerance_packets, self.processed_packets
+                )
+            }
+        )
+    }
 }
 
 struct DevStats {
@@ -646,11 +794,9 @@ impl Installed {
                     ],
                 )?;
                 let text = String::from_utf8_lossy(&output.stdout);
-                let packets = text
-                    .split_whitespace()
-                    .next()
-                    .and_then(|value| value.parse().ok())
-                    .context("reading the iptables DROP rule's counter")?;
+                let packets = iptables_drop_rule_packets(&text).with_context(|| {
+                    format!("reading the iptables DROP rule's counter (rule {number}): {text}")
+                })?;
                 Ok(Some(packets))
             }
             Installed::Nftables { namespace, family } => {
@@ -662,17 +808,39 @@ impl Installed {
                     ],
                 )?;
                 let text = String::from_utf8_lossy(&output.stdout);
-                let mut words = text.split_whitespace();
-                let packets = words
-                    .by_ref()
-                    .skip_while(|word| *word != "packets")
-                    .nth(1)
-                    .and_then(|value| value.parse().ok())
-                    .context("reading the nft counter")?;
+                let packets = nft_counter_packets(&text)
+                    .with_context(|| format!("reading the nft counter: {text}"))?;
                 Ok(Some(packets))
             }
         }
     }
+}
+
+/// The packet count of the rule `iptables -nvxL CHAIN N` lists, which must be a DROP
+/// (so a rule number that is off is an error, not another rule's count):
+/// "       7        420 DROP       0    --  *      *       0.0.0.0/0    0.0.0.0/0".
+fn iptables_drop_rule_packets(listing: &str) -> Option<u64> {
+    let mut lines = listing.lines().filter(|line| !line.trim().is_empty());
+    let rule = lines.next()?;
+    if lines.next().is_some() {
+        return None;
+    }
+    let mut fields = rule.split_whitespace();
+    let packets = fields.next()?.parse().ok()?;
+    let _bytes = fields.next()?;
+    (fields.next()? == "DROP").then_some(packets)
+}
+
+/// The packet count in `nft list counter FAMILY TABLE NAME`'s output
+/// ("counter dropped {\n\t\tpackets 7 bytes 420\n\t}").
+fn nft_counter_packets(listing: &str) -> Option<u64> {
+    let mut words = listing.split_whitespace();
+    words
+        .by_ref()
+        .skip_while(|word| *word != "packets")
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Attempts at one window before trafgen's death fails the run.
@@ -710,37 +878,57 @@ fn window_once(
     label: &'static str,
     config: &TrafficConfig,
 ) -> anyhow::Result<RunCounts> {
+    // Both sides standing still before the sender starts (the previous window's
+    // sender has stopped and the receiver settled).
+    let still_before = bed.snapshot()?;
+    let engine_still_before = installed.dropped()?;
     let mut trafgen = Trafgen::start(bed, sources)?;
     std::thread::sleep(config.warmup);
     trafgen.check_running()?;
     // The engine's counter is read just before each interface snapshot, in the same
-    // order at both ends, so the time the read takes cancels out.
+    // order at both ends, so the time the read takes cancels out of the rates.
     let engine_before = installed.dropped()?;
-    let mut before = bed.snapshot()?;
-    before.engine_dropped = engine_before;
+    let before = bed.snapshot()?;
     std::thread::sleep(config.window);
     let engine_after = installed.dropped()?;
-    let mut after = bed.snapshot()?;
-    after.engine_dropped = engine_after;
+    let after = bed.snapshot()?;
     trafgen.check_running()?;
     drop(trafgen);
+    let still_after = bed.quiet_snapshot()?;
+    let engine_still_after = installed.dropped()?;
     let seconds = (after.at - before.at).as_secs_f64().max(1e-6);
     let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / seconds;
-    let processed = rate(before.tx_packets, after.tx_packets);
-    let delivered = rate(before.udp_delivered, after.udp_delivered);
-    if processed <= 0.0 {
+    let delta = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+    let processed_packets = after.tx_packets.saturating_sub(before.tx_packets);
+    let delivered_packets = after.udp_delivered.saturating_sub(before.udp_delivered);
+    if processed_packets == 0 {
         bail!("no packet left the sender in the {label} window");
     }
+    let processed = processed_packets as f64 / seconds;
+    let delivered = delivered_packets as f64 / seconds;
+    let engine_dropped = delta(engine_before, engine_after);
     Ok(RunCounts {
         sources: label,
         window_s: seconds,
         processed_pps: processed,
         delivered_pps: delivered,
         dropped_pps: (processed - delivered).max(0.0),
-        engine_dropped_pps: match (before.engine_dropped, after.engine_dropped) {
-            (Some(a), Some(b)) => Some(rate(a, b)),
-            _ => None,
-        },
+        engine_dropped_pps: engine_dropped.map(|packets| packets as f64 / seconds),
+        processed_packets,
+        delivered_packets,
+        dropped_packets: processed_packets.saturating_sub(delivered_packets),
+        engine_dropped_packets: engine_dropped,
+        counter_check: delta(engine_still_before, engine_still_after).map(|engine| {
+            CounterCheck::new(
+                still_after
+                    .tx_packets
+                    .saturating_sub(still_before.tx_packets),
+                still_after
+                    .udp_delivered
+                    .saturating_sub(still_before.udp_delivered),
+                engine,
+            )
+        }),
         receiver_rx_packets_pps: rate(before.rx_packets, after.rx_packets),
         receiver_rx_dropped_pps: rate(before.rx_dropped, after.rx_dropped),
         ns_per_packet: 1e9 / processed,
@@ -782,6 +970,19 @@ pub fn run(config: &TrafficConfig, progress: &Progress) -> anyhow::Result<Vec<Tr
                     if engine == Engine::None { 0.0 } else { run.denied.dropped_pps },
                     run.denied.processed_pps,
                 ));
+                for counts in [&run.allowed, &run.denied] {
+                    if let Some(check) = &counts.counter_check {
+                        progress.line(format!(
+                            "  {:<15} {:>5} rules, round {}/{rounds}, {} sources: {}{}",
+                            engine.name(),
+                            scenario::human(u64::from(rules)),
+                            round + 1,
+                            counts.sources,
+                            check.describe(),
+                            if check.agrees { "" } else { "  <- flagged" },
+                        ));
+                    }
+                }
                 runs[index].push(TrafficRun {
                     round,
                     position,
@@ -881,4 +1082,62 @@ fn check_engine(engine: Engine, allowed: &RunCounts, denied: &RunCounts) -> anyh
         bail!("no filter, yet packets were lost");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_iptables_drop_rule_count_is_read_and_any_other_rule_refused() {
+        // `iptables -w -nvxL INPUT 2` (iptables-nft 1.8.9) after 7 denied packets.
+        let drop = "       7      420 DROP       0    --  *      *       0.0.0.0/0            0.0.0.0/0           \n";
+        assert_eq!(iptables_drop_rule_packets(drop), Some(7));
+        let accept = "       9      540 ACCEPT     0    --  *      *       10.1.0.1             0.0.0.0/0           \n";
+        assert_eq!(iptables_drop_rule_packets(accept), None);
+        // The whole chain (no rule number): not one rule.
+        let chain = "Chain INPUT (policy ACCEPT 0 packets, 0 bytes)\n    pkts      bytes target     prot opt in     out     source               destination         \n       0        0 DROP       0    --  *      *       0.0.0.0/0            0.0.0.0/0\n";
+        assert_eq!(iptables_drop_rule_packets(chain), None);
+        assert_eq!(iptables_drop_rule_packets(""), None);
+    }
+
+    #[test]
+    fn the_nft_counter_is_read() {
+        // `nft list counter ip msbench dropped` (nftables 1.0.6).
+        let listing =
+            "table ip msbench {\n\tcounter dropped {\n\t\tpackets 431532 bytes 25891920\n\t}\n}\n";
+        assert_eq!(nft_counter_packets(listing), Some(431_532));
+        assert_eq!(nft_counter_packets("table ip msbench {\n}\n"), None);
+    }
+
+    #[test]
+    fn equal_counts_agree_and_a_few_packets_apart_still_do() {
+        let check = CounterCheck::new(900_000, 10, 899_990);
+        assert!(check.agrees, "{check:?}");
+        assert_eq!(check.difference_packets, 0);
+        let check = CounterCheck::new(900_000, 10, 899_500);
+        assert_eq!(
+            (check.tolerance_packets, check.difference_packets),
+            (900, -490)
+        );
+        assert!(check.agrees, "{check:?}");
+    }
+
+    #[test]
+    fn counts_apart_by_more_than_the_tolerance_are_flagged() {
+        // The engine counted 1% fewer drops than the kernel lost.
+        let check = CounterCheck::new(900_000, 0, 891_000);
+        assert!(!check.agrees, "{check:?}");
+        assert!(
+            check.describe().contains("DISAGREE"),
+            "{}",
+            check.describe()
+        );
+        // An engine counting drops that never happened (allowed sources, all
+        // delivered) is flagged too, beyond the minimum of a few packets.
+        let phantom = CounterCheck::new(10_000, 10_000, 40);
+        assert!(!phantom.agrees, "{phantom:?}");
+        let few = CounterCheck::new(10_000, 10_000, 3);
+        assert!(few.agrees, "{few:?}");
+    }
 }
