@@ -555,7 +555,7 @@ fn get(core: &AgentCore, kind: ObjectKind) -> Value {
                 .identities
                 .identities
                 .keys()
-                .map(|id| json!({"identity": id, "description": compiled.identities.describe(*id, set)}))
+                .map(|id| json!({"identity": id, "description": compiled.identities.describe(*id)}))
                 .collect(),
         ),
         ObjectKind::Endpoints => Value::Array(
@@ -563,7 +563,7 @@ fn get(core: &AgentCore, kind: ObjectKind) -> Value {
                 .endpoints
                 .iter()
                 .map(|(id, e)| {
-                    let workload = set.workloads.get(e.workload_index);
+                    let workload = set.workload_by_key(&e.workload);
                     // In evaluation order: Admin tier, NetworkPolicies, Baseline tier.
                     let selecting = |direction| -> Vec<String> {
                         let Some(w) = workload else {
