@@ -29,6 +29,12 @@ use super::{
 /// The compiled programs, embedded at build time.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/microseg"));
 
+/// The eBPF object this binary loads (empty when built with `AYA_BUILD_SKIP=1`): the
+/// tests read its instructions (stack budget) and map definitions.
+pub fn program_object() -> &'static [u8] {
+    PROGRAMS
+}
+
 /// Capacities of the maps that grow with policy and traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {

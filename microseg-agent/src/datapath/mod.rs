@@ -20,6 +20,7 @@ use std::path::PathBuf;
 pub use apply::{ApplyReport, StateDiff};
 pub use loader::{
     AttachPoint, Capacities, Datapath, LoadOptions, XdpAttachMode, detach_pinned, pinned_links,
+    program_object,
 };
 pub use state::{DatapathState, PolicyMatch, StateCounts};
 pub use test_run::ProgramVerdict;
