@@ -24,6 +24,8 @@ pub struct Function {
     pub frame: u32,
     /// Indices (into `StackReport::functions`) of the functions it calls.
     pub callees: Vec<usize>,
+    /// A global symbol outside `.text` is a program's entry point.
+    pub is_global: bool,
 }
 
 /// How the kernel rounds a frame before adding it to a chain.
@@ -55,7 +57,7 @@ pub struct Chain {
 
 pub struct StackReport {
     pub functions: Vec<Function>,
-    /// Indices of the programs' entry points (functions outside `.text`).
+    /// Indices of the programs' entry points (global functions outside `.text`).
     pub programs: Vec<usize>,
 }
 
@@ -85,6 +87,7 @@ impl StackReport {
                 section: section.name().unwrap_or("?").to_owned(),
                 frame: 0,
                 callees: Vec::new(),
+                is_global: symbol.is_global(),
             });
         }
         for (index, &(section_index, start, size)) in extents.iter().enumerate() {
@@ -129,7 +132,7 @@ impl StackReport {
         let programs = functions
             .iter()
             .enumerate()
-            .filter(|(_, f)| f.section != ".text")
+            .filter(|(_, f)| f.is_global && f.section != ".text")
             .map(|(i, _)| i)
             .collect();
         Ok(Self {
