@@ -1027,12 +1027,13 @@ fn the_event_budget_holds_for_the_node_whichever_cpus_spend_it() {
     let frame = Probe::tcp(ip(OTHER), 1, ip(SERVER), 80).to_frame();
     let fresh = || {
         let mut h = harness_with(server_policy()).expect("kernel available");
-        let mut maps = h.datapath.maps().unwrap();
         // One event a second, a burst of 40: the burst is all a test of a few
         // seconds can spend.
-        maps.set_settings(&microseg_common::config::Settings::new(1, BURST as u32, 0))
+        h.datapath
+            .maps()
+            .unwrap()
+            .set_settings(&microseg_common::config::Settings::new(1, BURST as u32, 0))
             .unwrap();
-        drop(maps);
         h.events();
         h
     };
