@@ -222,9 +222,15 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     config.validate()?;
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: Some(config.pin_dir.clone()),
-        capacities: Capacities::default(),
+        capacities: Capacities {
+            conntrack: config.conntrack.capacity(),
+            ..Capacities::default()
+        },
     })
     .context("loading the data path")?;
+    for replaced in datapath.replaced_maps() {
+        tracing::warn!("{replaced}");
+    }
     {
         let mut maps = datapath.maps()?;
         maps.set_settings(

@@ -753,6 +753,25 @@ fn counters_json(core: &AgentCore, agent: &Agent) -> Value {
     })
 }
 
+/// The conntrack table for `status`: its pressure (entries over capacity, counted
+/// every 5 s) and the flows it lost (evicted while live) or let expire.
+fn conntrack_json(agent: &Agent) -> Value {
+    use std::sync::atomic::Ordering;
+    let usage = agent.kernel.conntrack_usage();
+    let counters = agent.kernel.counters();
+    let counted_at = agent.kernel.counted_at.load(Ordering::Relaxed);
+    json!({
+        "entries": usage.entries,
+        "capacity": usage.capacity,
+        "pressure": (usage.pressure() * 1000.0).round() / 1000.0,
+        "countedAt": (counted_at > 0).then(|| {
+            chrono::DateTime::from_timestamp(counted_at as i64, 0).map(|t| t.to_rfc3339())
+        }).flatten(),
+        "flowsLost": counters.as_ref().map(|c| c.get(Counter::ConntrackFlowLost)),
+        "flowsExpired": counters.as_ref().map(|c| c.get(Counter::ConntrackFlowExpired)),
+    })
+}
+
 fn stats(core: &AgentCore, agent: &Agent) -> Response {
     Response::ok(counters_json(core, agent))
 }
@@ -817,6 +836,7 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
             "traceAllowed": core.config.trace_allowed,
         },
     });
+    status["conntrack"] = conntrack_json(agent);
     if let Some(kubernetes) = &core.kubernetes {
         status["kubernetes"] = json!(kubernetes);
     }
