@@ -50,6 +50,7 @@ fn endpoint_name(compiled: &Compiled, id: u32) -> String {
 
 fn slot_name(compiled: &Compiled, slot: u16) -> String {
     match compiled.hit_slots.owners.get(&slot) {
+        // Slot 0, or the default deny of a direction not enforced.
         _ if slot == 0 => "uncounted".into(),
         Some(HitSlotOwner::Rule(id)) => format!("rule {}", rule_name(compiled, *id)),
         Some(HitSlotOwner::DefaultDeny {
@@ -59,7 +60,7 @@ fn slot_name(compiled: &Compiled, slot: u16) -> String {
             "default deny {} {direction:?}",
             endpoint_name(compiled, *endpoint_id)
         ),
-        None => format!("unowned slot {slot}"),
+        None => "unowned slot".into(),
     }
 }
 
@@ -77,10 +78,11 @@ fn canonical(compiled: &Compiled) -> BTreeMap<String, String> {
         out.insert(
             format!("endpoint {address}"),
             format!(
-                "{} flags {:#x} default deny {}",
+                "{} flags {:#x} default denies [{}, {}]",
                 endpoint_name(compiled, info.endpoint_id),
                 info.flags,
-                slot_name(compiled, info.default_deny_hit_slot)
+                slot_name(compiled, info.default_deny_hit_slot(true)),
+                slot_name(compiled, info.default_deny_hit_slot(false))
             ),
         );
     }
