@@ -1,32 +1,35 @@
 //! Policy events as users see them: JSON after Hubble's Flow (field names users'
 //! `jq` filters already know) and the compact line `hubble observe` prints.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-};
+use std::{net::IpAddr, sync::Arc};
 
 use serde_json::{Value, json};
 
 use crate::{
     datapath::events::{DecodedEvent, monotonic_to_unix_ns},
-    policy::{Compiled, HitSlotOwner, PolicyDirection, PolicySet, RuleRef},
+    policy::{
+        Compiled, Compiler, HitSlotOwner, PolicyDirection, PolicySet, RuleRef, SetChanges, Workload,
+    },
 };
 use microseg_common::{event::EventVerdict, identity::IDENTITY_WORLD, policy::Direction};
 
-/// Lookup tables that turn the numbers in events into names.
-#[derive(Default)]
+/// Lookup tables that turn the numbers in events into names. Persistent maps: the
+/// event reader holds a snapshot (a clone costs a reference count) while each
+/// policy update changes the agent's copy key by key ([`EventNames::update`]).
+#[derive(Clone, Default)]
 pub struct EventNames {
     /// Workload address -> (namespace, name, labels as `k8s:key=value`).
-    pub workloads: HashMap<IpAddr, WorkloadName>,
+    pub workloads: imbl::HashMap<IpAddr, Arc<WorkloadName>>,
     /// Endpoint id -> `namespace/name`.
-    pub endpoints: BTreeMap<u32, String>,
+    pub endpoints: imbl::OrdMap<u32, String>,
     /// Rule id -> the rule (NetworkPolicy or ClusterNetworkPolicy).
-    pub rules: BTreeMap<u32, RuleRef>,
+    pub rules: imbl::OrdMap<u32, RuleRef>,
     /// (endpoint id, direction) -> policies selecting it, for default denies.
-    pub selecting: BTreeMap<(u32, PolicyDirection), Vec<(String, String)>>,
+    pub selecting: imbl::OrdMap<(u32, PolicyDirection), Vec<(String, String)>>,
     /// Hit slot -> what it counts (see `agent::rule_hits`).
-    pub hit_slots: BTreeMap<u16, HitSlotOwner>,
+    pub hit_slots: imbl::OrdMap<u16, HitSlotOwner>,
+    /// `namespace/name` -> the addresses named for it (to forget them).
+    addresses_of: imbl::HashMap<String, Vec<IpAddr>>,
 }
 
 #[derive(Clone, Debug)]
@@ -36,46 +39,108 @@ pub struct WorkloadName {
     pub labels: Vec<String>,
 }
 
+impl WorkloadName {
+    fn of(workload: &Workload) -> Self {
+        let mut labels: Vec<String> = workload
+            .labels
+            .iter()
+            .map(|(k, v)| format!("k8s:{k}={v}"))
+            .collect();
+        labels.sort();
+        Self {
+            namespace: workload.namespace.clone(),
+            name: workload.name.clone(),
+            labels,
+        }
+    }
+}
+
 impl EventNames {
     /// The tables for a policy set and its compiled form.
     pub fn of(set: &PolicySet, compiled: &Compiled) -> Self {
         let mut names = EventNames::default();
         for workload in &set.workloads {
-            let mut labels: Vec<String> = workload
-                .labels
-                .iter()
-                .map(|(k, v)| format!("k8s:{k}={v}"))
-                .collect();
-            labels.sort();
-            for address in &workload.addresses {
-                names.workloads.insert(
-                    *address,
-                    WorkloadName {
-                        namespace: workload.namespace.clone(),
-                        name: workload.name.clone(),
-                        labels: labels.clone(),
-                    },
-                );
-            }
+            names.name_workload(workload.key(), Some(workload));
         }
-        for (id, endpoint) in &compiled.endpoints {
-            names.endpoints.insert(*id, endpoint.workload.clone());
-            let Some(workload) = set.workload_by_key(&endpoint.workload) else {
-                continue;
-            };
-            for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
-                let policies: Vec<(String, String)> = set
-                    .policies_selecting(workload, direction)
-                    .map(|p| (p.namespace.clone(), p.name.clone()))
-                    .collect();
-                names.selecting.insert((*id, direction), policies);
-            }
+        for id in compiled.endpoints.keys() {
+            names.name_endpoint(
+                set,
+                *id,
+                compiled.endpoints.get(id).map(|e| e.workload.as_str()),
+            );
         }
         for (id, rule) in compiled.rules.iter() {
             names.rules.insert(id, rule.clone());
         }
-        names.hit_slots = compiled.hit_slots.owners.clone();
+        names.hit_slots = compiled
+            .hit_slots
+            .owners
+            .iter()
+            .map(|(slot, owner)| (*slot, *owner))
+            .collect();
         names
+    }
+
+    /// Brings the tables up to date with one update of the compiler: the workloads
+    /// that changed, and what the compiler says it touched.
+    pub fn update(&mut self, set: &PolicySet, changes: &SetChanges, compiler: &Compiler) {
+        for (namespace, name) in &changes.workloads {
+            self.name_workload(format!("{namespace}/{name}"), set.workload(namespace, name));
+        }
+        let touched = compiler.touched();
+        for id in &touched.rules {
+            match compiler.rule_table().get(*id) {
+                Some(rule) => self.rules.insert(*id, rule.clone()),
+                None => self.rules.remove(id),
+            };
+        }
+        for id in &touched.endpoints {
+            let workload = compiler
+                .endpoint_table()
+                .get(id)
+                .map(|e| e.workload.as_str());
+            self.name_endpoint(set, *id, workload);
+        }
+        for slot in &touched.slots {
+            match compiler.hit_slot_owner(*slot) {
+                Some(owner) => self.hit_slots.insert(*slot, owner),
+                None => self.hit_slots.remove(slot),
+            };
+        }
+    }
+
+    fn name_workload(&mut self, key: String, workload: Option<&Workload>) {
+        for address in self.addresses_of.remove(&key).unwrap_or_default() {
+            self.workloads.remove(&address);
+        }
+        let Some(workload) = workload else {
+            return;
+        };
+        let name = Arc::new(WorkloadName::of(workload));
+        for address in &workload.addresses {
+            self.workloads.insert(*address, name.clone());
+        }
+        self.addresses_of.insert(key, workload.addresses.clone());
+    }
+
+    /// Names endpoint `id` (the workload `namespace/name`, or gone).
+    fn name_endpoint(&mut self, set: &PolicySet, id: u32, workload: Option<&str>) {
+        let workload = workload.and_then(|key| Some((key, set.workload_by_key(key)?)));
+        let Some((key, workload)) = workload else {
+            self.endpoints.remove(&id);
+            for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
+                self.selecting.remove(&(id, direction));
+            }
+            return;
+        };
+        self.endpoints.insert(id, key.to_owned());
+        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
+            let policies: Vec<(String, String)> = set
+                .policies_selecting(workload, direction)
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect();
+            self.selecting.insert((id, direction), policies);
+        }
     }
 }
 

@@ -13,7 +13,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{
-    ConvertedDocument, LoadErrors, PolicySet, PolicySetBuilder, Source, documents, policy_files,
+    ConvertedDocument, LoadErrors, PolicySet, PolicySetBuilder, PolicyStore, SetChanges, Source,
+    documents, policy_files,
 };
 
 /// Identity of an object: applying an object with the same key replaces it.
@@ -279,6 +280,107 @@ pub fn build_policy_set_cached<'a>(
         cache.entries.insert(key, cached);
     }
     builder.finish()
+}
+
+/// The objects the agent enforces, kept converted in a [`PolicyStore`]: a change
+/// converts the objects it names (an object still holding the same value is not
+/// read again) and updates the policy set in place.
+#[derive(Default)]
+pub struct ObjectStore {
+    store: PolicyStore<ObjectKey>,
+    /// The value each object was converted from, and with what leniency.
+    sources: foldhash::HashMap<ObjectKey, (Arc<ObjectJson>, String, usize, bool)>,
+}
+
+/// One object changed: its new value, or `None` when it went.
+pub type ObjectChange = (ObjectKey, Option<StoredObject>);
+
+impl ObjectStore {
+    pub fn set(&self) -> &PolicySet {
+        self.store.set()
+    }
+
+    /// The object held under `key`, as it was given.
+    pub fn object(&self, key: &ObjectKey) -> Option<StoredObject> {
+        self.sources
+            .get(key)
+            .map(|(value, file, document, _)| StoredObject {
+                file: file.clone(),
+                document: *document,
+                value: value.clone(),
+            })
+    }
+
+    /// The object held under `key` and whether it was converted leniently.
+    pub fn object_and_leniency(&self, key: &ObjectKey) -> Option<(StoredObject, bool)> {
+        let lenient = self.sources.get(key)?.3;
+        Some((self.object(key)?, lenient))
+    }
+
+    /// The changes that would take the objects `changes` names back to what is held
+    /// now (to undo `changes` once applied).
+    pub fn undo_of(&self, changes: &[ObjectChange]) -> Vec<ObjectChange> {
+        changes
+            .iter()
+            .map(|(key, _)| (key.clone(), self.object(key)))
+            .collect()
+    }
+
+    /// Applies `changes` whole or not at all (see [`PolicyStore::apply`]); a policy
+    /// `fail_closed` picks is enforced as its fail-closed substitute if refused.
+    /// Returns what changed in the set.
+    pub fn apply(
+        &mut self,
+        changes: &[ObjectChange],
+        fail_closed: &dyn Fn(&ObjectKey, &StoredObject) -> bool,
+    ) -> Result<SetChanges, LoadErrors> {
+        let mut converted = Vec::with_capacity(changes.len());
+        let mut sources = Vec::with_capacity(changes.len());
+        for (key, object) in changes {
+            let Some(object) = object else {
+                converted.push((key.clone(), None));
+                sources.push((key.clone(), None));
+                continue;
+            };
+            let lenient = fail_closed(key, object);
+            let unchanged = self
+                .sources
+                .get(key)
+                .is_some_and(|(value, file, document, was)| {
+                    Arc::ptr_eq(value, &object.value)
+                        && *file == object.file
+                        && *document == object.document
+                        && *was == lenient
+                });
+            let document = match (unchanged, self.store.document(key)) {
+                (true, Some(document)) => document.clone(),
+                _ => PolicySetBuilder::convert_document_with(
+                    &Source::new(&object.file, object.document),
+                    &object.value.parse(),
+                    from_api_server(object),
+                    lenient,
+                ),
+            };
+            converted.push((key.clone(), Some(document)));
+            sources.push((
+                key.clone(),
+                Some((
+                    object.value.clone(),
+                    object.file.clone(),
+                    object.document,
+                    lenient,
+                )),
+            ));
+        }
+        let touched = self.store.apply(converted)?;
+        for (key, source) in sources {
+            match source {
+                Some(source) => self.sources.insert(key, source),
+                None => self.sources.remove(&key),
+            };
+        }
+        Ok(touched)
+    }
 }
 
 /// What the agent persists: the objects applied through the API, and audit switches.

@@ -184,9 +184,8 @@ fn feed(
         if old == new {
             continue;
         }
-        let converted = new.map(|value| {
-            PolicySetBuilder::convert_document(&document_source(key), value, false)
-        });
+        let converted = new
+            .map(|value| PolicySetBuilder::convert_document(&document_source(key), value, false));
         changes.push((key.clone(), converted));
     }
     let touched = store
@@ -217,7 +216,11 @@ fn the_store_and_the_compiler_follow_changes_as_a_fresh_build_and_compile_would(
             let touched;
             (touched, documents) = feed(&mut store, &documents, &scenario)?;
             compiler.update(store.set(), &touched);
-            assert_same(&format!("after step {index}: {mutation:?}"), &compiler, store.set())?;
+            assert_same(
+                &format!("after step {index}: {mutation:?}"),
+                &compiler,
+                store.set(),
+            )?;
         }
         Ok(())
     });

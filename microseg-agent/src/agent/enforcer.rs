@@ -1,6 +1,11 @@
-//! The enforced state: objects in, validated and compiled policy out, written to the
-//! data path as one atomic generation. Anything invalid is refused whole and the
-//! previous policy stays enforced.
+//! The enforced state: object changes in, validated and compiled policy out, written
+//! to the data path as one atomic generation. Anything invalid is refused whole and
+//! the previous policy stays enforced.
+//!
+//! A change costs what it touches: the object store converts the changed objects
+//! and updates the policy set in place (`objects::ObjectStore`), the compiler works
+//! out the entries the change reaches (`policy::compile`), and the data path writes
+//! those (`Datapath::apply_changes`). The event names follow the same way.
 
 use std::{
     collections::BTreeMap,
@@ -14,13 +19,11 @@ use microseg_common::{
 };
 
 use super::interfaces::{Bindings, InterfaceFacts};
-use crate::objects::{
-    ConversionCache, ObjectKey, ObjectMap, StoredObject, build_policy_set_cached,
-};
+use crate::objects::{ObjectChange, ObjectKey, ObjectStore, StoredObject};
 use crate::{
-    datapath::{ApplyReport, Datapath, DatapathState, addr::to_mapped},
+    datapath::{ApplyReport, Datapath, DatapathState, StateDiff, addr::to_mapped},
     event_view::EventNames,
-    policy::{Compiled, Compiler, PolicySet, RefusedPolicy},
+    policy::{Compiled, Compiler, CompilerCounters, PolicySet, RefusedPolicy},
 };
 
 /// Why an apply was refused. Nothing was changed.
@@ -32,11 +35,6 @@ pub struct ApplyRefused {
 
 /// What the data path enforces now, and how to name what it reports.
 pub struct Enforced {
-    pub set: PolicySet,
-    /// The compiler's tables; its `state` is moved out to the enforcer's current
-    /// state ([`Enforcer::current_state`]), which also carries audit flags and
-    /// interface bindings.
-    pub compiled: Compiled,
     pub generation: u32,
     pub names: Arc<EventNames>,
 }
@@ -45,12 +43,18 @@ pub struct Enforcer {
     pub datapath: Datapath,
     /// What both generation slots of the maps hold.
     current: DatapathState,
-    /// Keeps identity, endpoint and rule ids from one compile to the next, so that
-    /// an update writes only the entries its change affects.
+    /// The maps may hold something other than `current` says plus the compiler's
+    /// changes (at start: what was pinned; after an update the data path refused):
+    /// the next update compares the whole desired state with `current`.
+    diverged: bool,
+    /// The objects enforced, converted, and the policy set they make.
+    store: ObjectStore,
+    /// Keeps ids, identities, selectors and endpoints from one update to the next.
     compiler: Compiler,
-    /// Each object's conversion from the last build: only changed objects are read
-    /// again.
-    conversions: ConversionCache,
+    /// The event names, kept up to date with each update (published as snapshots).
+    names: EventNames,
+    /// Audit switches as enforced (workload -> on).
+    audit: BTreeMap<String, bool>,
     /// What the agent knows of its interfaces (`agent::interfaces`), from which
     /// every generation's bindings are derived with its policy set.
     interface_facts: InterfaceFacts,
@@ -111,8 +115,11 @@ impl Enforcer {
         Self {
             datapath,
             current,
+            diverged: true,
+            store: ObjectStore::default(),
             compiler,
-            conversions: ConversionCache::default(),
+            names: EventNames::default(),
+            audit: BTreeMap::new(),
             interface_facts: InterfaceFacts::default(),
             bindings: Bindings::default(),
             binding_error: None,
@@ -128,18 +135,38 @@ impl Enforcer {
         }
     }
 
-    /// Validates, compiles and enforces `objects` (with per-workload audit switches),
-    /// or refuses them whole. Policies `fail_closed` picks are enforced as their
-    /// fail-closed substitutes if the loader refuses them (see
-    /// `objects::build_policy_set_cached`).
+    /// The enforced policy set.
+    pub fn set(&self) -> &PolicySet {
+        self.store.set()
+    }
+
+    /// The object enforced under `key`, and whether it was read leniently (a
+    /// refused policy enforced as its fail-closed substitute).
+    pub fn held(&self, key: &ObjectKey) -> Option<(StoredObject, bool)> {
+        self.store.object_and_leniency(key)
+    }
+
+    /// The compiled state and tables (a copy, for `get` and `describe`).
+    pub fn compiled(&self) -> Compiled {
+        self.compiler.compiled()
+    }
+
+    pub fn compiler_counters(&self) -> CompilerCounters {
+        self.compiler.counters
+    }
+
+    /// Validates, compiles and enforces `changes` (objects added, replaced or
+    /// removed) with per-workload audit switches, or refuses them whole. Policies
+    /// `fail_closed` picks are enforced as their fail-closed substitutes if the
+    /// loader refuses them (see `objects::ObjectStore::apply`).
     pub fn apply(
         &mut self,
-        objects: &ObjectMap,
+        changes: &[ObjectChange],
         audit: &BTreeMap<String, bool>,
         fail_closed: &dyn Fn(&ObjectKey, &StoredObject) -> bool,
     ) -> Result<ApplyReport, ApplyRefused> {
         let started = Instant::now();
-        let result = self.try_apply(objects.iter(), audit, fail_closed);
+        let result = self.try_apply(changes, audit, fail_closed);
         match &result {
             Ok(report) => {
                 return_free_memory();
@@ -155,13 +182,15 @@ impl Enforcer {
         result
     }
 
-    fn try_apply<'a>(
+    fn try_apply(
         &mut self,
-        objects: impl IntoIterator<Item = (&'a ObjectKey, &'a StoredObject)>,
+        changes: &[ObjectChange],
         audit: &BTreeMap<String, bool>,
         fail_closed: &dyn Fn(&ObjectKey, &StoredObject) -> bool,
     ) -> Result<ApplyReport, ApplyRefused> {
-        let set = build_policy_set_cached(objects, &mut self.conversions, fail_closed).map_err(|errors| ApplyRefused {
+        let undo = self.store.undo_of(changes);
+        let refused_before = self.set().refused_policies.clone();
+        let set_changes = self.store.apply(changes, fail_closed).map_err(|errors| ApplyRefused {
             summary: format!(
                 "the policy set is invalid ({} error{}); nothing was applied and the previous policy stays enforced",
                 errors.errors.len(),
@@ -169,47 +198,67 @@ impl Enforcer {
             ),
             details: errors.errors.iter().map(ToString::to_string).collect(),
         })?;
-        let mut compiled = self.compiler.compile(&set);
+        let compiled = self.compiler.update(self.store.set(), &set_changes);
         // Slots handed out anew start from zero, whatever they counted before; zeroed
-        // even if the update then fails, since the next compile keeps them.
-        if let Err(e) = self.datapath.reset_rule_hits(&compiled.hit_slots.fresh) {
+        // even if the update then fails, since the compiler keeps them.
+        let fresh = self.compiler.hit_slot_table().fresh;
+        if let Err(e) = self.datapath.reset_rule_hits(&fresh) {
             tracing::warn!("zeroing rule hit counters: {e}");
         }
-        // The state moves to the data path side (`current`): one copy, not two.
-        let mut state = std::mem::take(&mut compiled.state);
-        self.add_audit_flags(&compiled, &mut state, audit);
-        let bindings = self.interface_facts.bindings(&set);
-        state.interfaces = interface_bindings(&set, &bindings);
-        let report = self.switch_to(state)?;
-        self.bindings = bindings;
-        self.binding_error = None;
-        log_refusals(
-            self.enforced
-                .as_ref()
-                .map_or(&[][..], |e| &e.set.refused_policies),
-            &set.refused_policies,
-        );
-        let names = Arc::new(EventNames::of(&set, &compiled));
-        self.enforced = Some(Enforced {
-            set,
-            compiled,
-            generation: report.generation,
-            names,
-        });
-        Ok(report)
+        let bindings = self.interface_facts.bindings(self.store.set());
+        let mut diff = StateDiff {
+            endpoints: compiled.endpoints,
+            peer_hosts: compiled.peer_hosts,
+            peer_prefixes: compiled.peer_prefixes,
+            policy: compiled.policy,
+            interfaces: BTreeMap::new(),
+        };
+        self.add_audit(&mut diff, audit);
+        self.add_bindings(&mut diff, &bindings);
+        match self.switch(diff) {
+            Ok(report) => {
+                self.audit = audit.clone();
+                self.bindings = bindings;
+                self.binding_error = None;
+                log_refusals(&refused_before, &self.store.set().refused_policies);
+                self.names
+                    .update(self.store.set(), &set_changes, &self.compiler);
+                self.publish(report.generation);
+                Ok(report)
+            }
+            Err(refused) => {
+                // Back to what the maps hold: the objects as they were, compiled
+                // again; the maps are compared whole at the next update.
+                if self.store.apply(&undo, fail_closed).is_ok() {
+                    let back = self.store.set();
+                    let touched = self.compiler.update(back, &set_changes);
+                    drop(touched);
+                    self.names.update(back, &set_changes, &self.compiler);
+                }
+                self.diverged = true;
+                Err(refused)
+            }
+        }
     }
 
-    /// Writes `state` as the next generation; once switched, it is what the agent
-    /// believes enforced, even if the standby slot could not follow.
-    fn switch_to(&mut self, state: DatapathState) -> Result<ApplyReport, ApplyRefused> {
+    /// Writes `diff` as the next generation: the changes, or (when the maps may
+    /// hold something else) the whole desired state compared with what they hold.
+    /// Once switched, it is what the agent believes enforced, even if the standby
+    /// slot could not follow.
+    fn switch(&mut self, diff: StateDiff) -> Result<ApplyReport, ApplyRefused> {
+        let diff = if self.diverged {
+            self.whole_diff(&diff)
+        } else {
+            diff
+        };
         let report = self
             .datapath
-            .apply(&self.current, &state)
+            .apply_changes(&mut self.current, &diff)
             .map_err(|e| ApplyRefused {
                 summary: format!("the data path refused the update: {e}"),
                 details: Vec::new(),
             })?;
-        self.current = state;
+        self.diverged = false;
         if let Some(error) = &report.standby_error {
             tracing::error!(
                 "{error}; the new generation is live, the standby slot is repaired before the next update"
@@ -224,6 +273,110 @@ impl Enforcer {
             self.standby_error = None;
         }
         Ok(report)
+    }
+
+    /// Every difference between what the maps hold (`current`) and the whole
+    /// desired state (the compiler's, with audit flags and bindings: `diff`'s
+    /// endpoints and interfaces as the last word where it has them).
+    fn whole_diff(&self, diff: &StateDiff) -> StateDiff {
+        let desired = self.compiler.state();
+        let mut endpoints: BTreeMap<_, _> = desired
+            .endpoints
+            .iter()
+            .map(|(address, info)| (*address, Some(self.with_audit(*info, &self.audit))))
+            .collect();
+        endpoints.extend(diff.endpoints.iter().map(|(a, v)| (*a, *v)));
+        let mut interfaces: BTreeMap<_, _> = self
+            .current
+            .interfaces
+            .iter()
+            .map(|(ifindex, binding)| (*ifindex, Some(*binding)))
+            .collect();
+        interfaces.extend(diff.interfaces.iter().map(|(i, v)| (*i, *v)));
+        let want = DatapathState {
+            endpoints: endpoints
+                .into_iter()
+                .filter_map(|(a, v)| Some((a, v?)))
+                .collect(),
+            peer_hosts: desired.peer_hosts.clone(),
+            peer_prefixes: desired.peer_prefixes.clone(),
+            policy: desired.policy.clone(),
+            interfaces: interfaces
+                .into_iter()
+                .filter_map(|(i, v)| Some((i, v?)))
+                .collect(),
+        };
+        StateDiff::between(&self.current, &want)
+    }
+
+    /// `info` with its workload's audit flag.
+    fn with_audit(
+        &self,
+        mut info: microseg_common::endpoint::EndpointInfo,
+        audit: &BTreeMap<String, bool>,
+    ) -> microseg_common::endpoint::EndpointInfo {
+        let workload = self
+            .compiler
+            .endpoint_table()
+            .get(&info.endpoint_id)
+            .map(|e| e.workload.as_str())
+            .unwrap_or_default();
+        if audit.get(workload).copied().unwrap_or(self.default_audit) {
+            info.flags |= ENDPOINT_FLAG_AUDIT;
+        } else {
+            info.flags &= !ENDPOINT_FLAG_AUDIT;
+        }
+        info
+    }
+
+    /// Adds audit flags to the endpoints `diff` writes, and writes again the
+    /// endpoints of workloads whose switch changed.
+    fn add_audit(&self, diff: &mut StateDiff, audit: &BTreeMap<String, bool>) {
+        for info in diff.endpoints.values_mut().flatten() {
+            *info = self.with_audit(*info, audit);
+        }
+        let switched: Vec<&String> = audit
+            .keys()
+            .chain(self.audit.keys())
+            .filter(|workload| audit.get(*workload) != self.audit.get(*workload))
+            .collect();
+        for key in switched {
+            let Some(workload) = self.store.set().workload_by_key(key) else {
+                continue;
+            };
+            for address in &workload.addresses {
+                if diff.endpoints.contains_key(address) {
+                    continue;
+                }
+                if let Some(info) = self.compiler.state().endpoints.get(address) {
+                    diff.endpoints
+                        .insert(*address, Some(self.with_audit(*info, audit)));
+                }
+            }
+        }
+    }
+
+    /// Adds to `diff` the interface bindings that differ from those in force.
+    fn add_bindings(&self, diff: &mut StateDiff, bindings: &Bindings) {
+        let wanted = interface_bindings(self.store.set(), bindings);
+        for (ifindex, binding) in &wanted {
+            if self.current.interfaces.get(ifindex) != Some(binding) {
+                diff.interfaces.insert(*ifindex, Some(*binding));
+            }
+        }
+        for ifindex in self.current.interfaces.keys() {
+            if !wanted.contains_key(ifindex) {
+                diff.interfaces.insert(*ifindex, None);
+            }
+        }
+    }
+
+    /// Publishes the event names of the live generation.
+    fn publish(&mut self, generation: u32) {
+        self.enforced = Some(Enforced {
+            generation,
+            names: Arc::new(self.names.clone()),
+        });
     }
 
     /// The interface bindings in force.
@@ -244,17 +397,17 @@ impl Enforcer {
             return Ok(None);
         }
         self.interface_facts = facts;
-        let Some(enforced) = &self.enforced else {
+        if self.enforced.is_none() {
             // Nothing enforced yet: the bindings go with the first generation.
             return Ok(None);
-        };
-        let bindings = self.interface_facts.bindings(&enforced.set);
+        }
+        let bindings = self.interface_facts.bindings(self.store.set());
         if bindings == self.bindings {
             self.binding_error = None;
             return Ok(None);
         }
-        let mut state = self.current.clone();
-        state.interfaces = interface_bindings(&enforced.set, &bindings);
+        let mut diff = StateDiff::default();
+        self.add_bindings(&mut diff, &bindings);
         let switched = if crate::fault::fails_at("binding-write") {
             Err(ApplyRefused {
                 summary: "the data path refused the update: injected fault (binding-write)"
@@ -262,7 +415,7 @@ impl Enforcer {
                 details: Vec::new(),
             })
         } else {
-            self.switch_to(state)
+            self.switch(diff)
         };
         let report = match switched {
             Ok(report) => report,
@@ -286,12 +439,7 @@ impl Enforcer {
     /// validation, or not at all while its pod is unknown: they are held
     /// (`ProgramRole::Hold`) until their binding is in the maps.
     pub fn unwritten_bindings(&self) -> std::collections::BTreeSet<u32> {
-        let empty = PolicySet::default();
-        let set = self
-            .enforced
-            .as_ref()
-            .map_or(&empty, |enforced| &enforced.set);
-        let wanted = self.interface_facts.bindings(set);
+        let wanted = self.interface_facts.bindings(self.store.set());
         wanted
             .workloads
             .keys()
@@ -299,24 +447,6 @@ impl Enforcer {
             .filter(|ifindex| !self.current.interfaces.contains_key(ifindex))
             .copied()
             .collect()
-    }
-
-    fn add_audit_flags(
-        &self,
-        compiled: &Compiled,
-        state: &mut DatapathState,
-        audit: &BTreeMap<String, bool>,
-    ) {
-        for info in state.endpoints.values_mut() {
-            let workload = compiled
-                .endpoints
-                .get(&info.endpoint_id)
-                .map(|e| e.workload.as_str())
-                .unwrap_or_default();
-            if audit.get(workload).copied().unwrap_or(self.default_audit) {
-                info.flags |= ENDPOINT_FLAG_AUDIT;
-            }
-        }
     }
 
     pub fn current_state(&self) -> &DatapathState {
@@ -389,7 +519,7 @@ fn interface_bindings(set: &PolicySet, bindings: &Bindings) -> BTreeMap<u32, Int
 
 /// The objects of a kind, for `get`.
 pub fn objects_of_kind<'a>(
-    objects: &'a ObjectMap,
+    objects: &'a crate::objects::ObjectMap,
     kind: &'a str,
 ) -> impl Iterator<Item = (&'a ObjectKey, &'a StoredObject)> {
     objects.iter().filter(move |(key, _)| key.kind == kind)

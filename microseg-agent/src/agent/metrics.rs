@@ -51,26 +51,20 @@ impl Snapshot {
     fn of(core: &super::AgentCore) -> Self {
         Self {
             counts: core.enforcer.current_state().counts(),
-            policies: core
-                .enforcer
-                .enforced
-                .as_ref()
-                .map_or(0, |e| e.set.policies.len()),
+            policies: core.enforcer.set().policies.len(),
             applies_ok: core.enforcer.applies_ok,
             applies_failed: core.enforcer.applies_failed,
             entries_written: core.enforcer.entries_written,
             apply_latency: core.enforcer.apply_latency.clone(),
             interfaces: core.interfaces.status.values().cloned().collect(),
             veth_scan_failures: core.interfaces.scan_failures,
-            refused_policies: core
-                .enforcer
-                .enforced
-                .iter()
-                .flat_map(|e| &e.set.refused_policies)
-                .fold(Default::default(), |mut counts, refused| {
+            refused_policies: core.enforcer.set().refused_policies.iter().fold(
+                Default::default(),
+                |mut counts, refused| {
                     *counts.entry(refused.kind).or_default() += 1;
                     counts
-                }),
+                },
+            ),
             healthy: core.problems().is_empty(),
         }
     }

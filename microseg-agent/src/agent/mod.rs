@@ -39,7 +39,7 @@ use crate::{
     datapath::{Capacities, Datapath, LoadOptions},
     event_view::EventNames,
     flow_history::{EventHub, log as event_log},
-    objects::{self, ObjectMap, PersistedState},
+    objects::{self, ObjectKey, ObjectMap, PersistedState, StoredObject},
     policy::Compiler,
 };
 use microseg_common::config::Settings;
@@ -102,6 +102,82 @@ impl AgentCore {
         all
     }
 
+    /// The object the agent enforces under `key`: the API's, else the API server's,
+    /// else a watched directory's.
+    fn effective<'a>(
+        key: &ObjectKey,
+        api: &'a ObjectMap,
+        kube: &'a ObjectMap,
+        dirs: &'a ObjectMap,
+    ) -> Option<&'a StoredObject> {
+        api.get(key)
+            .or_else(|| kube.get(key))
+            .or_else(|| dirs.get(key))
+    }
+
+    /// The changes of the objects the agent enforces if its API objects became
+    /// `api`, its directories' `dirs`, and (with `kube`) the API server's objects
+    /// named in `kube.1` became those of `kube.0`. Reads the API's and the
+    /// directories' objects (few), never the whole cluster's.
+    fn changes_to(
+        &self,
+        api: &ObjectMap,
+        dirs: &ObjectMap,
+        kube: Option<(&ObjectMap, &[ObjectKey])>,
+    ) -> Vec<objects::ObjectChange> {
+        let mut keys: std::collections::BTreeSet<&ObjectKey> = std::collections::BTreeSet::new();
+        for (old, new) in [(&self.api_objects, api), (&self.dir_objects, dirs)] {
+            keys.extend(old.keys().filter(|key| old.get(*key) != new.get(*key)));
+            keys.extend(new.keys().filter(|key| old.get(*key) != new.get(*key)));
+        }
+        let kube_now = kube.map_or(&self.kube_objects, |(objects, _)| objects);
+        if let Some((_, changed)) = kube {
+            keys.extend(changed.iter());
+        }
+        if self.enforcer.enforced.is_none() {
+            // Nothing enforced yet (a start): everything the agent holds.
+            keys.extend(api.keys().chain(kube_now.keys()).chain(dirs.keys()));
+        }
+        // Compared with what the enforcer holds, which is what was last enforced,
+        // and as leniently (an object applied through the API is refused whole if
+        // invalid; another is enforced as its fail-closed substitute).
+        keys.into_iter()
+            .filter_map(|key| {
+                let new = Self::effective(key, api, kube_now, dirs);
+                let lenient = !api.contains_key(key);
+                let held = self.enforcer.held(key);
+                let same = match (&held, new) {
+                    (Some((old, was_lenient)), Some(new)) => old == new && *was_lenient == lenient,
+                    (None, None) => true,
+                    _ => false,
+                };
+                (!same).then(|| (key.clone(), new.cloned()))
+            })
+            .collect()
+    }
+
+    /// Enforces `kube` as the API server's objects (`changed` naming those that
+    /// differ from the enforced ones); on success they become the agent's. On
+    /// failure nothing changes.
+    pub fn enforce_kube(
+        &mut self,
+        kube: ObjectMap,
+        changed: &[ObjectKey],
+    ) -> Result<crate::datapath::ApplyReport, ApplyRefused> {
+        let (api, dirs) = (self.api_objects.clone(), self.dir_objects.clone());
+        let changes = self.changes_to(&api, &dirs, Some((&kube, changed)));
+        let audit = self.audit.clone();
+        let from_api = |key: &ObjectKey, object: &StoredObject| {
+            api.get(key)
+                .is_some_and(|applied| Arc::ptr_eq(&applied.value, &object.value))
+        };
+        let report = self
+            .enforcer
+            .apply(&changes, &audit, &|key, object| !from_api(key, object))?;
+        self.kube_objects = kube;
+        Ok(report)
+    }
+
     /// Enforces `api` and `dirs` with `audit`; on success they become the agent's and
     /// are persisted. On failure nothing changes. A change to what is persisted is
     /// written first and put in place once enforced: if it cannot be written (a full
@@ -113,7 +189,7 @@ impl AgentCore {
         dirs: ObjectMap,
         audit: BTreeMap<String, bool>,
     ) -> Result<crate::datapath::ApplyReport, ApplyRefused> {
-        let all = self.all_objects(&api, &dirs);
+        let changes = self.changes_to(&api, &dirs, None);
         let persist = api != self.api_objects || audit != self.audit;
         let prepared = if persist {
             let state = PersistedState {
@@ -144,7 +220,7 @@ impl AgentCore {
         };
         let report = self
             .enforcer
-            .apply(&all, &audit, &|key, object| !from_api(key, object))?;
+            .apply(&changes, &audit, &|key, object| !from_api(key, object))?;
         self.api_objects = api;
         self.dir_objects = dirs;
         self.audit = audit;
@@ -173,8 +249,8 @@ impl AgentCore {
     /// (first thing an operator reads) and the `microseg_healthy` metric.
     pub fn problems(&self) -> Vec<String> {
         let mut problems: Vec<String> = self.interfaces.problems();
-        if let Some(enforced) = &self.enforcer.enforced {
-            for refused in &enforced.set.refused_policies {
+        if self.enforcer.enforced.is_some() {
+            for refused in &self.enforcer.set().refused_policies {
                 problems.push(format!(
                     "{} refused ({}); enforced as {}",
                     refused.key(),

@@ -363,11 +363,7 @@ fn delete_object(core: &mut AgentCore, kind: &str, namespace: &str, name: &str) 
 
 fn audit(core: &mut AgentCore, namespace: &str, name: &str, enabled: bool) -> Response {
     let workload = format!("{namespace}/{name}");
-    let known = core
-        .enforcer
-        .enforced
-        .as_ref()
-        .is_some_and(|e| e.set.workloads.iter().any(|w| w.key() == workload));
+    let known = core.enforcer.set().workload_by_key(&workload).is_some();
     if !known {
         return Response::error(format!("workload {workload} not found"), vec![]);
     }
@@ -453,15 +449,15 @@ fn add_rule_hits(detail: &mut Value, records: &[super::rule_hits::HitRecord]) {
 }
 
 fn set_of(core: &AgentCore) -> Option<&PolicySet> {
-    core.enforcer.enforced.as_ref().map(|e| &e.set)
+    core.enforcer.enforced.as_ref().map(|_| core.enforcer.set())
 }
 
 fn get(core: &AgentCore, kind: ObjectKind) -> Value {
-    let Some(enforced) = core.enforcer.enforced.as_ref() else {
+    if core.enforcer.enforced.is_none() {
         return json!([]);
-    };
-    let set = &enforced.set;
-    let compiled = &enforced.compiled;
+    }
+    let set = core.enforcer.set();
+    let compiled = &core.enforcer.compiled();
     let state = core.enforcer.current_state();
     match kind {
         ObjectKind::Policies => Value::Array(
@@ -778,19 +774,14 @@ fn stats(core: &AgentCore, agent: &Agent) -> Response {
 
 fn status(core: &mut AgentCore, agent: &Agent) -> Response {
     let generation = agent.kernel.live_generation();
-    let (policies, cluster_policies, nodes, workloads, enforced) = core
-        .enforcer
-        .enforced
-        .as_ref()
-        .map_or((0, 0, 0, 0, 0), |e| {
-            (
-                e.set.policies.len(),
-                e.set.cluster_policies.len(),
-                e.set.nodes.len(),
-                e.set.workloads.len(),
-                e.compiled.endpoints.len(),
-            )
-        });
+    let set = core.enforcer.set();
+    let (policies, cluster_policies, nodes, workloads, enforced) = (
+        set.policies.len(),
+        set.cluster_policies.len(),
+        set.nodes.len(),
+        set.workloads.len(),
+        core.enforcer.compiler_counters().endpoints,
+    );
     let uptime = core.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
     let problems = core.problems();
     let interfaces: Vec<&super::interfaces::InterfaceStatus> =
@@ -810,11 +801,7 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "directoryError": core.dir_error,
         "attached": core.attached,
         "interfaces": interfaces,
-        "refusedPolicies": core
-            .enforcer
-            .enforced
-            .as_ref()
-            .map_or(&[][..], |e| &e.set.refused_policies),
+        "refusedPolicies": core.enforcer.set().refused_policies,
         "vethScan": {
             "failures": core.interfaces.scan_failures,
             "failing": core.interfaces.scan_error,

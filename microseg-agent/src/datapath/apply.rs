@@ -38,7 +38,7 @@ use microseg_common::{
 };
 
 use super::{
-    DatapathError, DatapathState, PolicyMatch,
+    DatapathError, DatapathState, PolicyMatch, StateCounts,
     addr::{from_mapped, from_mapped_prefix, to_mapped},
     grace::GracePeriod,
     maps::{DatapathMaps, capacity_of, prefix_key},
@@ -63,6 +63,18 @@ impl StateDiff {
                 &endpoints_with_derived_flags(old),
                 &endpoints_with_derived_flags(new),
             ),
+            peer_hosts: diff_maps(&old.peer_hosts, &new.peer_hosts),
+            peer_prefixes: diff_maps(&old.peer_prefixes, &new.peer_prefixes),
+            policy: diff_maps(&old.policy, &new.policy),
+            interfaces: diff_maps(&old.interfaces, &new.interfaces),
+        }
+    }
+
+    /// Every difference between two states, as changes (endpoints as given, no
+    /// derived flags): what makes `old` into `new`.
+    pub fn between(old: &DatapathState, new: &DatapathState) -> Self {
+        Self {
+            endpoints: diff_maps(&old.endpoints, &new.endpoints),
             peer_hosts: diff_maps(&old.peer_hosts, &new.peer_hosts),
             peer_prefixes: diff_maps(&old.peer_prefixes, &new.peer_prefixes),
             policy: diff_maps(&old.policy, &new.policy),
@@ -196,6 +208,328 @@ pub fn apply_state(
     })
 }
 
+/// Applies `changes` (what the compiler says changed, endpoints without the flags
+/// the data path derives) over `current` (what both slots hold; updated in place
+/// once the switch is done) as the next generation. The same steps as
+/// [`apply_state`], at the cost of the change: only the changed entries are
+/// validated and written, the derived flags are worked out for the endpoints whose
+/// entries changed, and capacity is checked from counts.
+pub fn apply_changes(
+    maps: &mut DatapathMaps<'_>,
+    grace: &GracePeriod,
+    current: &mut DatapathState,
+    exact_entries: &mut usize,
+    changes: &StateDiff,
+) -> Result<ApplyReport, DatapathError> {
+    validate_changes(changes)?;
+    let diff = maps_diff(current, changes);
+    let live = maps.live_generation()?;
+    if diff.is_empty() {
+        apply_to(current, changes);
+        return Ok(ApplyReport {
+            generation: live,
+            changes: 0,
+            standby_error: None,
+        });
+    }
+    let old_counts = current.counts_with_exact(*exact_entries);
+    let new_counts = counts_after(current, old_counts, changes);
+    check_capacity_counts(maps, old_counts, new_counts)?;
+    let next = live.wrapping_add(1);
+    let standby = slot_of(next);
+    if let Err(error) = write_diff(maps, standby, &diff) {
+        // Undo: make the standby slot hold `current` again.
+        let undo = inverse(current, &diff);
+        if let Err(undo_error) = write_diff(maps, standby, &undo) {
+            tracing::error!(%undo_error, "could not restore the standby generation slot");
+        }
+        return Err(error);
+    }
+    crate::fault::crash_at("after-standby-write");
+    apply_to(current, changes);
+    *exact_entries = new_counts.policy_exact;
+    maps.set_slot_mark(standby, slot_mark(&current.interfaces))?;
+    maps.set_live_generation(next)?;
+    crate::fault::crash_at("after-switch");
+    let standby_error = match grace.wait() {
+        Ok(()) if crate::fault::fails_at("standby-rewrite") => {
+            Some("rewriting the standby generation slot: injected failure".to_owned())
+        }
+        Ok(()) => write_diff(maps, slot_of(live), &diff)
+            .err()
+            .map(|e| format!("rewriting the standby generation slot: {e}")),
+        Err(e) => Some(format!(
+            "waiting for programs still running on the old generation: {e}"
+        )),
+    };
+    Ok(ApplyReport {
+        generation: next,
+        changes: diff.len(),
+        standby_error,
+    })
+}
+
+/// The changed entries are ones the maps can represent (see `validate_state`).
+fn validate_changes(changes: &StateDiff) -> Result<(), DatapathError> {
+    let state = DatapathState {
+        peer_prefixes: changes
+            .peer_prefixes
+            .iter()
+            .filter_map(|(prefix, id)| Some((*prefix, (*id)?)))
+            .collect(),
+        policy: changes
+            .policy
+            .iter()
+            .filter_map(|(key, entry)| Some((*key, (*entry)?)))
+            .collect(),
+        ..DatapathState::default()
+    };
+    validate_state(&state)
+}
+
+/// The derived flags of endpoint `endpoint_id` in `policy`.
+fn derived_flags(policy: &BTreeMap<PolicyMatch, PolicyEntry>, endpoint_id: u32) -> u16 {
+    let mut flags = 0;
+    for rule in endpoint_entries(policy, endpoint_id) {
+        if !rule.is_exact_port() {
+            flags |= ENDPOINT_FLAG_PREFIX_RULES;
+        }
+        if rule.identity == IDENTITY_ANY {
+            flags |= ENDPOINT_FLAG_ANY_PEER_RULES;
+        }
+        if flags == ENDPOINT_FLAG_PREFIX_RULES | ENDPOINT_FLAG_ANY_PEER_RULES {
+            break;
+        }
+    }
+    flags
+}
+
+/// The policy keys of one endpoint (keys sort by endpoint first).
+fn endpoint_entries(
+    policy: &BTreeMap<PolicyMatch, PolicyEntry>,
+    endpoint_id: u32,
+) -> impl Iterator<Item = &PolicyMatch> {
+    let first = PolicyMatch {
+        endpoint_id,
+        identity: 0,
+        direction: microseg_common::policy::Direction::Ingress,
+        protocol: None,
+        port_block: None,
+    };
+    policy
+        .range(first..)
+        .map(|(key, _)| key)
+        .take_while(move |key| key.endpoint_id == endpoint_id)
+}
+
+fn with_flags(info: EndpointInfo, derived: u16) -> EndpointInfo {
+    let mut info = info;
+    info.flags = (info.flags & !ENDPOINT_DERIVED_FLAGS) | derived;
+    info
+}
+
+/// What to write to a slot holding `current` to make it hold `current` changed by
+/// `changes`, endpoints with their derived flags.
+fn maps_diff(current: &DatapathState, changes: &StateDiff) -> StateDiff {
+    // The policy entries after the change, for the endpoints whose entries changed.
+    let touched: std::collections::BTreeSet<u32> =
+        changes.policy.keys().map(|key| key.endpoint_id).collect();
+    let mut after_flags: BTreeMap<u32, (u16, u16)> = BTreeMap::new();
+    for endpoint_id in &touched {
+        let before = derived_flags(&current.policy, *endpoint_id);
+        let mut entries: BTreeMap<PolicyMatch, PolicyEntry> =
+            endpoint_entries(&current.policy, *endpoint_id)
+                .map(|key| (*key, current.policy[key]))
+                .collect();
+        for (key, entry) in changes.policy.range(
+            PolicyMatch {
+                endpoint_id: *endpoint_id,
+                identity: 0,
+                direction: microseg_common::policy::Direction::Ingress,
+                protocol: None,
+                port_block: None,
+            }..,
+        ) {
+            if key.endpoint_id != *endpoint_id {
+                break;
+            }
+            match entry {
+                Some(entry) => entries.insert(*key, *entry),
+                None => entries.remove(key),
+            };
+        }
+        after_flags.insert(
+            *endpoint_id,
+            (before, derived_flags(&entries, *endpoint_id)),
+        );
+    }
+    let mut endpoints: BTreeMap<IpAddr, Option<EndpointInfo>> = BTreeMap::new();
+    // Endpoints the change writes.
+    for (address, info) in &changes.endpoints {
+        let old = current
+            .endpoints
+            .get(address)
+            .map(|info| with_flags(*info, derived_flags(&current.policy, info.endpoint_id)));
+        let new = info.map(|info| {
+            let derived = after_flags
+                .get(&info.endpoint_id)
+                .map_or_else(|| derived_flags(&current.policy, info.endpoint_id), |f| f.1);
+            with_flags(info, derived)
+        });
+        if old != new {
+            endpoints.insert(*address, new);
+        }
+    }
+    // Endpoints whose derived flags changed with their entries.
+    let flipped: std::collections::BTreeSet<u32> = after_flags
+        .iter()
+        .filter(|(_, (before, after))| before != after)
+        .map(|(id, _)| *id)
+        .collect();
+    if !flipped.is_empty() {
+        for (address, info) in &current.endpoints {
+            if !flipped.contains(&info.endpoint_id) || changes.endpoints.contains_key(address) {
+                continue;
+            }
+            endpoints.insert(
+                *address,
+                Some(with_flags(*info, after_flags[&info.endpoint_id].1)),
+            );
+        }
+    }
+    StateDiff {
+        endpoints,
+        peer_hosts: changes
+            .peer_hosts
+            .iter()
+            .filter(|(address, id)| current.peer_hosts.get(address) != id.as_ref())
+            .map(|(address, id)| (*address, *id))
+            .collect(),
+        peer_prefixes: changes
+            .peer_prefixes
+            .iter()
+            .filter(|(prefix, id)| current.peer_prefixes.get(prefix) != id.as_ref())
+            .map(|(prefix, id)| (*prefix, *id))
+            .collect(),
+        policy: changes
+            .policy
+            .iter()
+            .filter(|(key, entry)| current.policy.get(key) != entry.as_ref())
+            .map(|(key, entry)| (*key, *entry))
+            .collect(),
+        interfaces: changes
+            .interfaces
+            .iter()
+            .filter(|(ifindex, binding)| current.interfaces.get(ifindex) != binding.as_ref())
+            .map(|(ifindex, binding)| (*ifindex, *binding))
+            .collect(),
+    }
+}
+
+/// The diff that undoes `diff` over `current` (as the maps held it before).
+fn inverse(current: &DatapathState, diff: &StateDiff) -> StateDiff {
+    StateDiff {
+        endpoints: diff
+            .endpoints
+            .keys()
+            .map(|address| {
+                let old = current.endpoints.get(address).map(|info| {
+                    with_flags(*info, derived_flags(&current.policy, info.endpoint_id))
+                });
+                (*address, old)
+            })
+            .collect(),
+        peer_hosts: diff
+            .peer_hosts
+            .keys()
+            .map(|a| (*a, current.peer_hosts.get(a).copied()))
+            .collect(),
+        peer_prefixes: diff
+            .peer_prefixes
+            .keys()
+            .map(|p| (*p, current.peer_prefixes.get(p).copied()))
+            .collect(),
+        policy: diff
+            .policy
+            .keys()
+            .map(|k| (*k, current.policy.get(k).copied()))
+            .collect(),
+        interfaces: diff
+            .interfaces
+            .keys()
+            .map(|i| (*i, current.interfaces.get(i).copied()))
+            .collect(),
+    }
+}
+
+fn apply_map<K: Ord + Copy, V: Copy>(map: &mut BTreeMap<K, V>, changes: &BTreeMap<K, Option<V>>) {
+    for (key, value) in changes {
+        match value {
+            Some(value) => map.insert(*key, *value),
+            None => map.remove(key),
+        };
+    }
+}
+
+/// `current` changed by `changes`.
+fn apply_to(current: &mut DatapathState, changes: &StateDiff) {
+    apply_map(&mut current.endpoints, &changes.endpoints);
+    apply_map(&mut current.peer_hosts, &changes.peer_hosts);
+    apply_map(&mut current.peer_prefixes, &changes.peer_prefixes);
+    apply_map(&mut current.policy, &changes.policy);
+    apply_map(&mut current.interfaces, &changes.interfaces);
+}
+
+/// Entry counts (`counts`, of `current`) after `changes`.
+fn counts_after(current: &DatapathState, counts: StateCounts, changes: &StateDiff) -> StateCounts {
+    fn delta<K: Ord, V>(map: &BTreeMap<K, V>, changes: &BTreeMap<K, Option<V>>) -> isize {
+        changes
+            .iter()
+            .map(
+                |(key, value)| match (map.contains_key(key), value.is_some()) {
+                    (false, true) => 1,
+                    (true, false) => -1,
+                    _ => 0,
+                },
+            )
+            .sum()
+    }
+    let mut counts = counts;
+    let apply = |count: &mut usize, d: isize| *count = (*count as isize + d).max(0) as usize;
+    apply(
+        &mut counts.endpoints,
+        delta(&current.endpoints, &changes.endpoints),
+    );
+    apply(
+        &mut counts.peer_hosts,
+        delta(&current.peer_hosts, &changes.peer_hosts),
+    );
+    apply(
+        &mut counts.peer_prefixes,
+        delta(&current.peer_prefixes, &changes.peer_prefixes),
+    );
+    apply(
+        &mut counts.interfaces,
+        delta(&current.interfaces, &changes.interfaces),
+    );
+    let policy_delta = delta(&current.policy, &changes.policy);
+    apply(&mut counts.policy, policy_delta);
+    let exact_delta: isize = changes
+        .policy
+        .iter()
+        .filter(|(key, _)| key.is_exact_port())
+        .map(
+            |(key, value)| match (current.policy.contains_key(key), value.is_some()) {
+                (false, true) => 1,
+                (true, false) => -1,
+                _ => 0,
+            },
+        )
+        .sum();
+    apply(&mut counts.policy_exact, exact_delta);
+    counts
+}
+
 /// Endpoints as the maps hold them: those with range or wildcard rules (entries in
 /// the prefix trie) carry `ENDPOINT_FLAG_PREFIX_RULES`, the others skip the trie;
 /// those with rules for any peer carry `ENDPOINT_FLAG_ANY_PEER_RULES`, the others
@@ -264,8 +598,15 @@ fn check_capacity(
     current: &DatapathState,
     new: &DatapathState,
 ) -> Result<(), DatapathError> {
-    let old = current.counts();
-    let counts = new.counts();
+    check_capacity_counts(maps, current.counts(), new.counts())
+}
+
+/// As [`check_capacity`], from the two states' entry counts.
+fn check_capacity_counts(
+    maps: &DatapathMaps<'_>,
+    old: StateCounts,
+    counts: StateCounts,
+) -> Result<(), DatapathError> {
     let checks = [
         (
             maps::ENDPOINTS,

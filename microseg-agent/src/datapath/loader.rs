@@ -136,6 +136,9 @@ pub struct Datapath {
     pub(super) standby_stale: bool,
     /// Tags of programs seen on pinned links, by program id (see `ensure_attached`).
     program_tags: std::collections::HashMap<u32, [u8; 8]>,
+    /// (policy entries, exact-port entries among them) of the state last applied by
+    /// `apply_changes`, so that it need not count them again.
+    pub(super) exact_entries: Option<(usize, usize)>,
     /// Pinned caches this load replaced (see `check_pinned_maps`), with why.
     replaced_maps: Vec<String>,
 }
@@ -205,6 +208,7 @@ impl Datapath {
             grace,
             standby_stale: false,
             program_tags: std::collections::HashMap::new(),
+            exact_entries: None,
             replaced_maps,
         };
         // A fresh SETTINGS is all zeroes (no rate limit); give it the defaults. Reused
@@ -316,16 +320,18 @@ impl Datapath {
                             (Some(pinned), Some(loaded)) => pinned == loaded,
                             _ => false,
                         });
-                let outcome = if same {
-                    AttachOutcome::Adopted
+                // The program on the hook: the pinned one (an earlier run's load of
+                // this very program), or ours once it replaced it.
+                let (outcome, on_hook) = if same {
+                    (AttachOutcome::Adopted, program_id)
                 } else {
                     let fd = self.program_fd(name)?;
                     bpf_sys::replace_link_program(&path, fd.as_fd()).map_err(|e| {
                         attach_err(format!("replacing the pinned link's program: {e}"))
                     })?;
-                    AttachOutcome::Upgraded
+                    (AttachOutcome::Upgraded, ours)
                 };
-                let ahead = self.programs_ahead(interface, point, name)?;
+                let ahead = self.programs_ahead(interface, point, on_hook)?;
                 if ahead.is_empty() {
                     return Ok(outcome);
                 }
@@ -369,21 +375,20 @@ impl Datapath {
             .map(|_| ())
     }
 
-    /// The ids of the programs that run before program `name` on `point` of
+    /// The ids of the programs that run before program `ours` (an id) on `point` of
     /// `interface` (TC hooks; XDP has one program per device). Empty when it is
     /// first, an error when it is not on the hook at all.
     pub fn programs_ahead(
         &self,
         interface: &str,
         point: AttachPoint,
-        name: &str,
+        ours: u32,
     ) -> Result<Vec<u32>, DatapathError> {
         let attach_type = match point {
             AttachPoint::Xdp(_) => return Ok(Vec::new()),
             AttachPoint::TcIngress => TcAttachType::Ingress,
             AttachPoint::TcEgress => TcAttachType::Egress,
         };
-        let ours = self.program_id(name)?;
         let (_, programs) = SchedClassifier::query_tcx(interface, attach_type).map_err(|e| {
             DatapathError::Attach {
                 interface: interface.to_owned(),

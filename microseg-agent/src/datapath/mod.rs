@@ -111,6 +111,32 @@ impl Datapath {
         Ok(report)
     }
 
+    /// Applies `changes` over `current` as the next generation, at the cost of the
+    /// change (see `apply::apply_changes`); `current` is updated once switched. If
+    /// an earlier update left the standby slot behind, it is repaired first.
+    pub fn apply_changes(
+        &mut self,
+        current: &mut DatapathState,
+        changes: &StateDiff,
+    ) -> Result<ApplyReport, DatapathError> {
+        if self.standby_stale {
+            self.repair_standby()?;
+        }
+        // Exact-port entries, counted once and then kept from the changes.
+        let exact = match self.exact_entries {
+            Some((policy, exact)) if policy == current.policy.len() => exact,
+            _ => current.counts().policy_exact,
+        };
+        let mut exact_after = exact;
+        let mut maps = maps::DatapathMaps::new(&mut self.ebpf)?;
+        let result =
+            apply::apply_changes(&mut maps, &self.grace, current, &mut exact_after, changes);
+        self.exact_entries = Some((current.policy.len(), exact_after));
+        let report = result?;
+        self.standby_stale = report.standby_error.is_some();
+        Ok(report)
+    }
+
     /// Makes the standby slot equal to the live one (after an update whose rewrite
     /// of the old slot failed).
     pub fn repair_standby(&mut self) -> Result<(), DatapathError> {

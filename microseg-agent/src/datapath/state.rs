@@ -51,6 +51,19 @@ impl PolicyMatch {
 }
 
 impl DatapathState {
+    /// Entry counts per map, the exact-port entries given (`counts` reads every
+    /// policy key for them).
+    pub fn counts_with_exact(&self, policy_exact: usize) -> StateCounts {
+        StateCounts {
+            endpoints: self.endpoints.len(),
+            peer_hosts: self.peer_hosts.len(),
+            peer_prefixes: self.peer_prefixes.len(),
+            policy: self.policy.len(),
+            policy_exact,
+            interfaces: self.interfaces.len(),
+        }
+    }
+
     /// Entry counts per map, for capacity checks and `--stats`.
     pub fn counts(&self) -> StateCounts {
         let policy_exact = self.policy.keys().filter(|m| m.is_exact_port()).count();

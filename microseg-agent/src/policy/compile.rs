@@ -339,6 +339,16 @@ fn direction_index(direction: PolicyDirection) -> usize {
 
 const DIRECTIONS: [PolicyDirection; 2] = [PolicyDirection::Ingress, PolicyDirection::Egress];
 
+/// What the last update touched in the compiler's tables: rules (added or
+/// removed), endpoints (by id, old and new), hit slots (owner changed). Readers of
+/// those tables (the event names) bring just these up to date.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub rules: BTreeSet<u32>,
+    pub endpoints: BTreeSet<u32>,
+    pub slots: BTreeSet<u16>,
+}
+
 /// Counts of the compiler's work, for `status` and the benchmark.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -351,6 +361,8 @@ pub struct CompilerCounters {
     pub endpoints_recompiled: u64,
     /// Rules reduced again, in all updates.
     pub rules_reduced: u64,
+    /// Endpoints compiled now.
+    pub endpoints: usize,
 }
 
 /// Compiles policy sets one after another, each as the change from the last: ids
@@ -382,6 +394,7 @@ pub struct Compiler {
     output: Output,
     /// What `compile` saw last, to find what changed (see `Compiler::compile`).
     seen: Fingerprints,
+    touched: Touched,
     pub counters: CompilerCounters,
 }
 
@@ -487,6 +500,7 @@ impl Compiler {
     pub fn update(&mut self, set: &PolicySet, changes: &SetChanges) -> CompiledChanges {
         self.counters.updates += 1;
         self.hit_slots.begin_update();
+        self.touched = Touched::default();
         let mut changes = changes.clone();
         if self.numbering.exhausted() || self.counters.updates == 1 {
             if self.numbering.exhausted() {
@@ -601,7 +615,14 @@ impl Compiler {
             self.compile_endpoint(set, key, &universe);
         }
         self.hit_slots.end_update();
+        self.touched.slots = self.hit_slots.take_touched();
+        self.counters.endpoints = self.endpoint_table.len();
         self.output.take_changes()
+    }
+
+    /// What the last update touched in the tables.
+    pub fn touched(&self) -> &Touched {
+        &self.touched
     }
 
     /// Forgets the output: the next update writes every entry anew.
@@ -685,6 +706,7 @@ impl Compiler {
         let direction = rule_ref.direction;
         let rule_id = self.numbering.rule(&rule_ref);
         self.hit_slots.rule(rule_id);
+        self.touched.rules.insert(rule_id);
         self.rule_table.rules.insert(rule_id, rule_ref.clone());
         let selectors: Option<Vec<PeerSelector>> =
             peers.map(|peers| peers.iter().map(PeerSelector::of).collect());
@@ -843,6 +865,7 @@ impl Compiler {
                 }
             }
             if kept.is_none() {
+                self.touched.rules.insert(rule_id);
                 self.any_peer_named_rules.remove(&rule_id);
                 self.numbering.release_rule(&rule.rule_ref);
                 self.rule_table.rules.remove(&rule_id);
@@ -993,6 +1016,7 @@ impl Compiler {
         };
         self.counters.endpoints_recompiled += 2;
         let endpoint_id = self.numbering.endpoint(&key.0, &key.1);
+        self.touched.endpoints.insert(endpoint_id);
         let first_slot = self.hit_slots.endpoint(endpoint_id);
         let mut flags = 0;
         let mut entries: [BTreeMap<PolicyMatch, PolicyEntry>; 2] = Default::default();
@@ -1140,6 +1164,7 @@ impl Compiler {
         if old.id == 0 {
             return;
         }
+        self.touched.endpoints.insert(old.id);
         for entries in &old.entries {
             for entry in entries.keys() {
                 self.output.set_policy(*entry, None);
@@ -1213,6 +1238,33 @@ impl Compiler {
             );
         }
         table
+    }
+
+    /// What hit slot `slot` counts.
+    pub fn hit_slot_owner(&self, slot: u16) -> Option<HitSlotOwner> {
+        self.hit_slots.owner(slot)
+    }
+
+    /// The set of identities the compiled state knows, with what each stands for:
+    /// the identity table for one id.
+    pub fn identity_info(&self, id: u32) -> Option<IdentityInfo> {
+        if let Some(identity) = self.identities.workload_identities.get(&id) {
+            return Some(IdentityInfo::Workload {
+                key: identity.key.clone(),
+                members: identity
+                    .members
+                    .keys()
+                    .map(|(namespace, name)| format!("{namespace}/{name}"))
+                    .collect(),
+            });
+        }
+        self.identities
+            .cidr_identities
+            .get(&id)
+            .map(|cidr| IdentityInfo::Cidr {
+                prefixes: cidr.prefixes.iter().copied().collect(),
+                ip_blocks: cidr.ip_blocks.clone(),
+            })
     }
 
     /// The hit slot table (owners, and the slots the last update handed out).

@@ -21,11 +21,11 @@ use super::error::{LoadErrors, PolicyError, Source};
 use super::fail_closed::{self, RefusedPolicy, Substitute};
 use super::files::{documents, policy_files};
 use super::model::{ClusterPolicy, Labels, NamespaceInfo, NodeInfo, Policy, PolicySet, Workload};
-use super::workloads::Workloads;
 use super::validate::{
     Checker, convert_namespace, convert_network_policy, convert_pod, convert_workload_document,
     namespace_labels,
 };
+use super::workloads::Workloads;
 
 /// Reports each object of `sorted` (sorted by `key`) whose key its predecessor has:
 /// "duplicate KIND key (first defined at ...)".
@@ -663,6 +663,10 @@ impl PolicySetBuilder {
             return Err(LoadErrors::from(errors));
         }
 
+        // Slots in (namespace, name) order, as a fresh set's positions.
+        workloads.sort_by(|left, right| {
+            (&left.namespace, &left.name).cmp(&(&right.namespace, &right.name))
+        });
         let workloads: Workloads = workloads.into_iter().collect();
         let address_index = workloads
             .iter_slots()

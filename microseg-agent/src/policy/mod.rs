@@ -30,7 +30,7 @@ pub use cluster_policy::CLUSTER_NETWORK_POLICY_API_VERSION;
 pub use compile::{
     CompileStats, Compiled, CompiledChanges, CompiledEndpoint, Compiler, CompilerCounters,
     HitSlotOwner, HitSlotTable, IdentityInfo, IdentityTable, Numbering, RuleTable, SetChanges,
-    WorkloadIdentityKey, compile,
+    Touched, WorkloadIdentityKey, compile,
 };
 pub use error::{LoadErrors, PolicyError, Source};
 pub use evaluate::{
@@ -46,14 +46,14 @@ pub use files::{documents, is_policy_file, policy_files};
 pub use inventory::EndpointRef;
 pub use load::{ConvertedDocument, MICROSEG_API_VERSION, PolicySetBuilder, load_paths};
 pub use map_eval::{MapDirectionVerdict, MapEvaluator, MapVerdict, evaluate_state};
-pub use store::PolicyStore;
-pub use workloads::Workloads;
 pub use model::{
     ClusterPolicy, ClusterRule, ClusterSubject, IpBlock, LabelSelector, Labels,
     NAMESPACE_NAME_LABEL, NamedPort, NamespaceInfo, NamespaceScope, NodeInfo, Peer, Policy,
     PolicyDirection, PolicySet, PortRule, PortSpec, Protocol, Rule, RuleAction, SelectorOperator,
     SelectorRequirement, Tier, Workload,
 };
+pub use store::PolicyStore;
+pub use workloads::Workloads;
 
 #[cfg(test)]
 mod tests;

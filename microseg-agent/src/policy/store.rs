@@ -227,7 +227,11 @@ impl<K: Ord + Hash + Clone> PolicyStore<K> {
                 ));
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 
     fn add_items(&mut self, doc: &ConvertedDocument, touched: &mut SetChanges) {

@@ -19,9 +19,11 @@ pub struct Workloads {
 impl Workloads {
     /// Workloads in `(namespace, name)` order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Workload> + ExactSizeIterator {
-        self.by_key
-            .values()
-            .map(|slot| self.slots[*slot].as_ref().expect("indexed slots are filled"))
+        self.by_key.values().map(|slot| {
+            self.slots[*slot]
+                .as_ref()
+                .expect("indexed slots are filled")
+        })
     }
 
     /// (slot, workload) in `(namespace, name)` order.

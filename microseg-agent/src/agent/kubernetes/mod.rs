@@ -315,15 +315,21 @@ impl Reconciler {
     async fn enforce(&mut self, received: Instant) -> bool {
         let objects = self.view.enforceable();
         let mut core = self.agent.core.lock().await;
-        let result = enforce_objects(&mut core, objects);
+        let changed: Vec<ObjectKey> = objects
+            .iter()
+            .filter(|(key, object)| core.kube_objects.get(*key) != Some(*object))
+            .map(|(key, _)| key.clone())
+            .chain(
+                core.kube_objects
+                    .keys()
+                    .filter(|key| !objects.contains_key(*key))
+                    .cloned(),
+            )
+            .collect();
+        let result = enforce_objects(&mut core, objects, &changed);
         self.agent.refresh_names(&core);
         let enforced = core.kube_objects.clone();
-        let refused_policies = core
-            .enforcer
-            .enforced
-            .as_ref()
-            .map(|e| e.set.refused_policies.clone())
-            .unwrap_or_default();
+        let refused_policies = core.enforcer.set().refused_policies.clone();
         drop(core);
         match result {
             Ok((report, left_out)) => {
@@ -472,46 +478,39 @@ impl Reconciler {
     }
 }
 
-/// Enforces `objects` as the API server's part of the state. Objects the loader
-/// refuses (named in its errors) are left out and the rest is enforced: one bad
-/// object must not freeze the whole cluster's policy. Returns the objects left out.
-/// If even the rest is refused, the previous state stays enforced.
+/// Enforces `objects` as the API server's part of the state, the objects `changed`
+/// names being those that differ from what is enforced. Objects the loader refuses
+/// (named in its errors) are left out and the rest is enforced: one bad object must
+/// not freeze the whole cluster's policy. Returns the objects left out. If even the
+/// rest is refused, the previous state stays enforced.
 fn enforce_objects(
     core: &mut AgentCore,
-    objects: ObjectMap,
+    mut objects: ObjectMap,
+    changed: &[ObjectKey],
 ) -> Result<(ApplyReport, Vec<ObjectKey>), ApplyRefused> {
-    let previous = std::mem::replace(&mut core.kube_objects, objects);
-    let (api, dirs, audit) = (
-        core.api_objects.clone(),
-        core.dir_objects.clone(),
-        core.audit.clone(),
-    );
-    let refused = match core.enforce(api.clone(), dirs.clone(), audit.clone()) {
+    let refused = match core.enforce_kube(objects.clone(), changed) {
         Ok(report) => return Ok((report, Vec::new())),
         Err(refused) => refused,
     };
-    let named: Vec<ObjectKey> = core
-        .kube_objects
+    let named: Vec<ObjectKey> = changed
         .iter()
-        .filter(|(_, object)| {
-            let source = format!("{}: document {}", object.file, object.document);
-            refused.details.iter().any(|d| d.starts_with(&source))
+        .filter(|key| {
+            objects.get(*key).is_some_and(|object| {
+                let source = format!("{}: document {}", object.file, object.document);
+                refused.details.iter().any(|d| d.starts_with(&source))
+            })
         })
-        .map(|(key, _)| key.clone())
+        .cloned()
         .collect();
     if named.is_empty() {
-        core.kube_objects = previous;
         return Err(refused);
     }
     for key in &named {
-        core.kube_objects.remove(key);
+        objects.remove(key);
     }
-    match core.enforce(api, dirs, audit) {
+    match core.enforce_kube(objects, changed) {
         Ok(report) => Ok((report, named)),
-        Err(refused) => {
-            core.kube_objects = previous;
-            Err(refused)
-        }
+        Err(refused) => Err(refused),
     }
 }
 

@@ -60,6 +60,8 @@ pub struct HitSlots {
     /// Rules and endpoints left uncounted because every slot was taken.
     uncounted_rules: BTreeSet<u32>,
     uncounted_endpoints: BTreeSet<u32>,
+    /// Slots whose owner changed since the last `take_touched`.
+    touched: BTreeSet<u16>,
 }
 
 impl Default for HitSlots {
@@ -77,6 +79,7 @@ impl Default for HitSlots {
             fresh: Vec::new(),
             uncounted_rules: BTreeSet::new(),
             uncounted_endpoints: BTreeSet::new(),
+            touched: BTreeSet::new(),
         }
     }
 }
@@ -108,6 +111,7 @@ impl HitSlots {
             Some(slot) => {
                 self.rules.insert(rule_id, slot);
                 self.owners.insert(slot, HitSlotOwner::Rule(rule_id));
+                self.touched.insert(slot);
                 self.fresh.push(slot);
             }
             None => {
@@ -120,6 +124,7 @@ impl HitSlots {
         self.uncounted_rules.remove(&rule_id);
         if let Some(slot) = self.rules.remove(&rule_id) {
             self.owners.remove(&slot);
+            self.touched.insert(slot);
             self.released.0.push(slot);
         }
     }
@@ -160,16 +165,17 @@ impl HitSlots {
             (0, Direction::Ingress, ingress),
             (1, Direction::Egress, egress),
         ] {
-            if enforced {
-                self.owners.insert(
-                    first + offset,
-                    HitSlotOwner::DefaultDeny {
-                        endpoint_id,
-                        direction,
-                    },
-                );
-            } else {
-                self.owners.remove(&(first + offset));
+            let owner = enforced.then_some(HitSlotOwner::DefaultDeny {
+                endpoint_id,
+                direction,
+            });
+            let slot = first + offset;
+            if self.owners.get(&slot) != owner.as_ref() {
+                self.touched.insert(slot);
+                match owner {
+                    Some(owner) => self.owners.insert(slot, owner),
+                    None => self.owners.remove(&slot),
+                };
             }
         }
     }
@@ -179,8 +185,18 @@ impl HitSlots {
         if let Some(first) = self.default_denies.remove(&endpoint_id) {
             self.owners.remove(&first);
             self.owners.remove(&(first + 1));
+            self.touched.extend([first, first + 1]);
             self.released.1.push(first);
         }
+    }
+
+    pub fn owner(&self, slot: u16) -> Option<HitSlotOwner> {
+        self.owners.get(&slot).copied()
+    }
+
+    /// Slots whose owner changed since the last call.
+    pub fn take_touched(&mut self) -> BTreeSet<u16> {
+        std::mem::take(&mut self.touched)
     }
 
     /// The slots as they stand, and those the last update handed out.
