@@ -450,7 +450,12 @@ fn a_new_pods_first_packets_are_judged_from_its_cni_add() {
         runtime.status()
     );
 
+    let started = Instant::now();
     let added = runtime.invoke(1, "ADD", &client, Some(&bridge_result));
+    println!(
+        "microseg-cni ADD (the agent attaching and binding the veth): {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     assert!(
         added.ok(),
         "microseg-cni ADD: {}\nagent log:\n{}",
