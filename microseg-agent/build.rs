@@ -19,6 +19,7 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
     println!("cargo:rerun-if-changed={root_dir}/src");
+    println!("cargo:rerun-if-changed={root_dir}/build.rs");
     println!("cargo:rerun-if-changed=../microseg-common/src");
     let skipped = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v == "true");
     if skipped {

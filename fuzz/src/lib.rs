@@ -19,7 +19,7 @@
 use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
 use microseg::{
-    agent::objects::{build_policy_set, parse_objects},
+    objects::{build_policy_set, parse_objects},
     policy::{
         Flow, MapEvaluator, Peer, PolicyError, PolicySet, PolicySetBuilder, PortSpec, Protocol,
         compile, documents, evaluate,

@@ -60,7 +60,7 @@ impl EventNames {
         }
         for (id, endpoint) in &compiled.endpoints {
             names.endpoints.insert(*id, endpoint.workload.clone());
-            let Some(workload) = set.workloads.get(endpoint.workload_index) else {
+            let Some(workload) = set.workload_by_key(&endpoint.workload) else {
                 continue;
             };
             for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {

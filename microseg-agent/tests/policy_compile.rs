@@ -126,7 +126,7 @@ fn rule_table_names_policy_direction_and_index() {
     assert!(
         compiled
             .identities
-            .describe(map.ingress.peer_identity, &set)
+            .describe(map.ingress.peer_identity)
             .contains("prod/api")
     );
 }

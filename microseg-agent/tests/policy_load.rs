@@ -465,16 +465,26 @@ status: {podIP: 10.0.0.5, anotherFutureField: {x: 1}}
         errors("pods.yaml", &misspelt),
         ["pods.yaml: document 1: metadata.lables: unknown field of a Pod (misspelt?)"]
     );
-    // The API server validated its objects: nothing of theirs is refused for fields
-    // newer than this version's Kubernetes types.
-    let mut builder = PolicySetBuilder::new();
+    // The API server validated its objects, but a policy field this version does not
+    // know may narrow what the policy allows: the policy is refused (and, where its
+    // author cannot be told at once, enforced as its fail-closed substitute).
     let value: serde_json::Value = serde_norway::from_str(
         r#"{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy,
-            metadata: {name: p, namespace: n}, spec: {podSelector: {}, futureField: 1}}"#,
+            metadata: {name: p, namespace: n, futureMetadata: 1}, spec: {podSelector: {}, futureField: 1},
+            status: {futureStatus: 1}}"#,
     )
     .unwrap();
-    builder.add_api_server_document(&microseg::policy::Source::new("api-server:x", 1), &value);
-    assert!(builder.finish().is_ok());
+    let source = microseg::policy::Source::new("api-server:x", 1);
+    let mut builder = PolicySetBuilder::new();
+    builder.add_api_server_document(&source, &value);
+    let errors = builder.finish().expect_err("a spec field it does not know");
+    assert_eq!(errors.errors.len(), 1, "{errors:?}");
+    assert!(errors.errors[0].to_string().contains("spec.futureField"));
+    let mut builder = PolicySetBuilder::new().fail_closed(true);
+    builder.add_api_server_document(&source, &value);
+    let set = builder.finish().expect("substituted");
+    assert_eq!(set.refused_policies.len(), 1);
+    assert_eq!(set.policies[0].ingress.as_deref(), Some(&[][..]));
 }
 
 #[test]

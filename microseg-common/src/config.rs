@@ -36,9 +36,10 @@ pub const fn slot_of(generation: u32) -> u8 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// Policy events (deny and audit) each CPU may emit per second; 0 = unlimited.
+    /// Policy events (deny, audit, trace) the node may emit per second, all CPUs
+    /// together; 0 = unlimited.
     pub events_per_second: u32,
-    /// Burst of events above the steady rate, per CPU.
+    /// Events the node may emit at once above the steady rate.
     pub events_burst: u32,
     /// `SETTINGS_FLAG_*` bits.
     pub flags: u32,
@@ -138,14 +139,18 @@ impl Default for ConntrackLifetimes {
 pub const DEFAULT_EVENTS_PER_SECOND: u32 = 100_000;
 pub const DEFAULT_EVENTS_BURST: u32 = 10_000;
 
-/// Per-CPU token bucket state of the event rate limiter (`EVENT_RATE`).
+/// The node's event budget (`EVENT_RATE`, one element shared by every CPU): the
+/// generic cell rate algorithm's "theoretical arrival time". Each event sent moves it
+/// `1e9 / events_per_second` ns later; an event is refused while it would lie more
+/// than `events_burst` such intervals ahead of now. The programs update it with one
+/// compare-and-exchange, so the rate and the burst hold for the node whatever its CPU
+/// count, and any one CPU may use all of it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventRateState {
-    /// Tokens available, scaled by `TOKEN_SCALE` so refill needs no division per packet.
-    pub tokens: u64,
-    pub last_refill_ns: u64,
+    /// CLOCK_MONOTONIC (coarse) ns; 0 in a fresh map: the whole burst is available.
+    pub theoretical_arrival_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<EventRateState>() == 16);
+const _: () = assert!(core::mem::size_of::<EventRateState>() == 8);
 
 crate::impl_pod!(Settings, EventRateState);

@@ -4,6 +4,13 @@
 //! sorts lower is side A. `FlowState::origin` records which side opened the flow, so a
 //! packet from the other side is a reply. TCP flows also record what was seen of the
 //! connection (`FLOW_SEEN_*`), which sets how long an idle entry lives.
+//!
+//! Keys as nf_conntrack's: TCP, UDP and SCTP by ports; an ICMP or ICMPv6 query
+//! (echo, timestamp, information, address mask; ICMPv6 echo and node information) by
+//! its identifier (in both port fields) and its request type (`icmp_query`), so that
+//! only that exchange's reply matches; every other protocol by its address pair
+//! alone (nf_conntrack's generic tracker). ICMP messages other than queries are not
+//! tracked.
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -13,7 +20,10 @@ pub struct FlowKey {
     pub port_a: u16,
     pub port_b: u16,
     pub protocol: u8,
-    _pad: [u8; 3],
+    /// The request type of an ICMP query flow (8, 13, 15, 17; ICMPv6 128, 139), its
+    /// request and its reply alike; 0 for every other flow.
+    pub icmp_query: u8,
+    _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
@@ -24,6 +34,7 @@ impl FlowKey {
         addr_b: [u8; 16],
         port_b: u16,
         protocol: u8,
+        icmp_query: u8,
     ) -> Self {
         Self {
             addr_a,
@@ -31,7 +42,8 @@ impl FlowKey {
             port_a,
             port_b,
             protocol,
-            _pad: [0; 3],
+            icmp_query,
+            _pad: [0; 2],
         }
     }
 }

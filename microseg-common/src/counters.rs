@@ -27,12 +27,19 @@ pub enum Counter {
     EventsLostRateLimit = 11,
     /// Events written to the ring buffer.
     EventsSent = 12,
+    /// A packet that continues a flow (a TCP segment other than a bare SYN, an ICMP
+    /// query's reply) involving an enforced endpoint found no conntrack entry at all:
+    /// its flow was evicted from the full LRU map (or began before it was tracked).
+    /// The packet is judged by policy in its own direction.
+    ConntrackFlowLost = 13,
+    /// Such a packet found its flow's entry past the flow's idle lifetime.
+    ConntrackFlowExpired = 14,
 }
 
 pub const COUNTER_SLOTS: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 15] = [
         Self::AllowedIngress,
         Self::AllowedEgress,
         Self::DeniedIngress,
@@ -46,6 +53,8 @@ impl Counter {
         Self::EventsLostRingFull,
         Self::EventsLostRateLimit,
         Self::EventsSent,
+        Self::ConntrackFlowLost,
+        Self::ConntrackFlowExpired,
     ];
 
     pub const fn index(self) -> u32 {
@@ -67,6 +76,8 @@ impl Counter {
             Self::EventsLostRingFull => "events_lost_ring_full",
             Self::EventsLostRateLimit => "events_lost_rate_limit",
             Self::EventsSent => "events_sent",
+            Self::ConntrackFlowLost => "conntrack_flows_lost",
+            Self::ConntrackFlowExpired => "conntrack_flows_expired",
         }
     }
 }

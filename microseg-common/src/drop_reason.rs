@@ -30,6 +30,9 @@ pub enum DropReason {
     /// policy can judge it (a sandbox's veth before the API server reports its pod;
     /// Hubble: `NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION`).
     NoPolicyYet = 10,
+    /// The program's per-CPU working memory (a map element) could not be had, so the
+    /// packet could not be judged. Never expected: counted and dropped all the same.
+    ScratchUnavailable = 11,
 }
 
 impl DropReason {
@@ -49,6 +52,7 @@ impl DropReason {
             8 => Self::ForbiddenIcmpv6,
             9 => Self::UnsupportedL3Protocol,
             10 => Self::NoPolicyYet,
+            11 => Self::ScratchUnavailable,
             _ => return None,
         })
     }
@@ -66,10 +70,11 @@ impl DropReason {
             Self::ForbiddenIcmpv6 => "FORBIDDEN_ICMPV6",
             Self::UnsupportedL3Protocol => "UNSUPPORTED_L3_PROTOCOL",
             Self::NoPolicyYet => "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
+            Self::ScratchUnavailable => "SCRATCH_UNAVAILABLE",
         }
     }
 
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         Self::PolicyDenied,
         Self::PolicyDeny,
         Self::MalformedIp,
@@ -80,6 +85,7 @@ impl DropReason {
         Self::ForbiddenIcmpv6,
         Self::UnsupportedL3Protocol,
         Self::NoPolicyYet,
+        Self::ScratchUnavailable,
     ];
 }
 

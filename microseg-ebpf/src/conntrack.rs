@@ -2,6 +2,8 @@
 //! policy lookup, and so do their replies. TCP connections are followed through
 //! opening, established, half-closed and closed, each stage with its own idle
 //! lifetime (`Settings::lifetimes`); a bare SYN always opens a new connection.
+//! ICMP queries are tracked per (request type, identifier); other ICMP messages are
+//! not tracked (see `microseg_common::conntrack`).
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, macros::map, maps::LruHashMap};
 use microseg_common::{
@@ -31,6 +33,13 @@ pub enum Tracked {
     /// No live entry (or the packet opens a new connection): judge by policy in the
     /// packet's own direction.
     New,
+    /// The packet continues a flow (a TCP segment other than a bare SYN, an ICMP
+    /// query's reply) and no entry has it at all: the flow was evicted from the full
+    /// LRU map, or began before it was tracked. Judged as `New`, and counted.
+    Lost,
+    /// The packet continues a flow whose entry outlived its idle lifetime. Judged as
+    /// `New`, and counted apart from `Lost`.
+    Expired,
     /// Allowed under the live generation: pass, counted in the allowing rule's
     /// hit slot.
     Current { hit_slot: u16 },
@@ -40,11 +49,19 @@ pub enum Tracked {
     Stale { is_reply: bool, seen: u8 },
 }
 
-/// Out of line: ordering and copying two 16-byte addresses takes many registers,
-/// whose spills would otherwise grow the decision's stack frame.
+/// Writes the packet's flow into `flow`. Out of line: ordering and copying two
+/// 16-byte addresses takes many registers, whose spills would otherwise grow the
+/// decision's stack frame.
 #[inline(never)]
-pub fn flow_of(info: &PacketInfo, src_port: u16, dst_port: u16) -> Flow {
-    flow_between(&info.src, src_port, &info.dst, dst_port, info.protocol)
+pub fn flow_of(info: &PacketInfo, src_port: u16, dst_port: u16, flow: &mut Flow) {
+    *flow = flow_between(
+        &info.src,
+        src_port,
+        &info.dst,
+        dst_port,
+        info.protocol,
+        info.icmp_query,
+    );
 }
 
 /// The flow of a packet from `src:src_port` to `dst:dst_port`.
@@ -55,15 +72,16 @@ pub fn flow_between(
     dst: &[u8; 16],
     dst_port: u16,
     protocol: u8,
+    icmp_query: u8,
 ) -> Flow {
     if side_of(src, src_port, dst, dst_port) == FLOW_ORIGIN_A {
         Flow {
-            key: FlowKey::new(*src, src_port, *dst, dst_port, protocol),
+            key: FlowKey::new(*src, src_port, *dst, dst_port, protocol, icmp_query),
             sender: FLOW_ORIGIN_A,
         }
     } else {
         Flow {
-            key: FlowKey::new(*dst, dst_port, *src, src_port, protocol),
+            key: FlowKey::new(*dst, dst_port, *src, src_port, protocol, icmp_query),
             sender: FLOW_ORIGIN_B,
         }
     }
@@ -92,7 +110,7 @@ pub fn key_is_current(key: &FlowKey, generation: u32) -> bool {
 
 /// Looks the packet's flow up; a flow allowed under the live generation has this
 /// packet's TCP flags (and direction) recorded. `opens` = the packet starts a new
-/// connection (a bare TCP SYN, an ICMP echo request): it is never a reply.
+/// connection (a bare TCP SYN, an ICMP query request): it is never a reply.
 #[inline(always)]
 pub fn lookup(
     flow: &Flow,
@@ -105,8 +123,13 @@ pub fn lookup(
     if opens {
         return Tracked::New;
     }
+    let continues = info.protocol == PROTO_TCP || info.is_icmp_query_reply();
     let Some(state) = CONNTRACK.get_ptr_mut(&flow.key) else {
-        return Tracked::New;
+        return if continues {
+            Tracked::Lost
+        } else {
+            Tracked::New
+        };
     };
     // SAFETY: the pointer comes from a successful LRU lookup and stays valid while the
     // program runs (RCU); fields are plain integers, racing updates only lose a refresh.
@@ -114,7 +137,11 @@ pub fn lookup(
     let stage = FlowStage::of(flow.key.protocol, state.seen);
     let idle = now_ns.saturating_sub(state.last_seen_ns);
     if idle > lifetimes.of(stage) {
-        return Tracked::New;
+        return if continues {
+            Tracked::Expired
+        } else {
+            Tracked::New
+        };
     }
     let is_reply = state.origin != flow.sender;
     if state.generation != generation {
@@ -136,7 +163,7 @@ pub fn lookup(
     }
 }
 
-/// Whether this opening packet (a bare SYN, an echo request) was already allowed under
+/// Whether this opening packet (a bare SYN, an ICMP query request) was already allowed under
 /// `generation` and is still unanswered: the same packet seen again at a second hook
 /// of this node (or its retransmission). It is judged again all the same; only its
 /// event and its count as a new flow are not repeated.

@@ -1,15 +1,18 @@
 //! Policy verdict events: a fixed record per denied or audited packet into a ring
-//! buffer, rate limited per CPU by a token bucket; what is not sent is counted.
+//! buffer, rate limited for the whole node by one shared budget (the ring and its
+//! reader are one per node too); what is not sent is counted.
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{Array, RingBuf},
 };
 use microseg_common::{
-    config::{EventRateState, SETTINGS_FLAG_NO_DENY_EVENTS},
+    config::EventRateState,
     counters::Counter,
-    event::PolicyEvent,
+    event::{Hook, PolicyEvent},
     maps::EVENTS_BYTES,
 };
 
@@ -21,44 +24,43 @@ use crate::{
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
+/// One element for the node, updated by every CPU with compare-and-exchange.
 #[map]
-static EVENT_RATE: PerCpuArray<EventRateState> = PerCpuArray::with_max_entries(1, 0);
+static EVENT_RATE: Array<EventRateState> = Array::with_max_entries(1, 0);
 
-/// Tokens are kept in units of 1/1e9 event, so a refill is `elapsed_ns * rate`.
-const TOKEN_SCALE: u64 = 1_000_000_000;
+const NS_PER_SECOND: u64 = 1_000_000_000;
 
-/// What an event says beyond the packet's own fields.
-pub struct EventFields {
-    pub hook: u8,
+/// Compare-and-exchange attempts before an event is given up (counted as rate
+/// limited): another CPU won each race, so the budget is being spent anyway.
+const BUDGET_ATTEMPTS: usize = 4;
+
+/// What every event about one packet carries beyond the packet's own fields.
+pub struct EventSite {
+    pub hook: Hook,
+    pub ifindex: u32,
+    /// The packet's ports (a later fragment's from its first fragment).
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// Why an event is sent: the verdict, and what decided it.
+pub struct EventCause {
     /// `EventVerdict` code.
     pub verdict: u8,
     /// `Direction` code of the deciding policy, 0 if none.
     pub direction: u8,
     /// `DropReason` code, 0 for a forwarded packet.
     pub reason: u8,
-    pub ifindex: u32,
     pub endpoint_id: u32,
     pub peer_identity: u32,
     pub rule_id: u32,
-    pub src_port: u16,
-    pub dst_port: u16,
-}
-
-/// Sends a deny event unless deny events are off. The switch is read here, before
-/// the call and any clock read, so a deny with events off costs one settings load.
-#[inline(always)]
-pub fn send_denial(info: Option<&PacketInfo>, fields: &EventFields) {
-    if config::settings().flags & SETTINGS_FLAG_NO_DENY_EVENTS != 0 {
-        return;
-    }
-    send(info, fields);
 }
 
 /// Sends an event for `info` (None: the IP header was unreadable), written in place
 /// in the ring buffer. Kept out of line: it is off the allow path and its stack
 /// frame should not add to the hot path's.
 #[inline(never)]
-pub fn send(info: Option<&PacketInfo>, fields: &EventFields) {
+pub fn send(info: Option<&PacketInfo>, site: &EventSite, cause: &EventCause) {
     // The bucket runs on the coarse clock (one jiffy, 4 ms at HZ=250): a packet the
     // limit refuses never pays for the precise one. See `take_token` for why a tick
     // that coarse keeps the rate.
@@ -77,14 +79,14 @@ pub fn send(info: Option<&PacketInfo>, fields: &EventFields) {
     };
     let event = slot.write(PolicyEvent::ZERO);
     event.timestamp_ns = now;
-    event.ifindex = fields.ifindex;
-    event.endpoint_id = fields.endpoint_id;
-    event.peer_identity = fields.peer_identity;
-    event.rule_id = fields.rule_id;
-    event.direction = fields.direction;
-    event.hook = fields.hook;
-    event.verdict = fields.verdict;
-    event.reason = fields.reason;
+    event.ifindex = site.ifindex;
+    event.endpoint_id = cause.endpoint_id;
+    event.peer_identity = cause.peer_identity;
+    event.rule_id = cause.rule_id;
+    event.direction = cause.direction;
+    event.hook = site.hook as u8;
+    event.verdict = cause.verdict;
+    event.reason = cause.reason;
     if let Some(info) = info {
         event.src_addr = info.src;
         event.dst_addr = info.dst;
@@ -95,50 +97,57 @@ pub fn send(info: Option<&PacketInfo>, fields: &EventFields) {
             event.src_port = info.icmp_type as u16;
             event.dst_port = info.icmp_code as u16;
         } else {
-            event.src_port = fields.src_port;
-            event.dst_port = fields.dst_port;
+            event.src_port = site.src_port;
+            event.dst_port = site.dst_port;
         }
     }
     slot.submit(0);
     counters::count(Counter::EventsSent);
 }
 
-/// Takes one token from this CPU's bucket at `now_ns` of the coarse clock.
+/// Takes one event from the node's budget at `now_ns` of the coarse clock: the
+/// generic cell rate algorithm (as a token bucket of `burst` tokens refilled at
+/// `rate`, kept as one number). Each event moves the theoretical arrival time one
+/// interval (`1e9 / rate` ns) on from itself or from now, whichever is later; an
+/// event that would move it more than `burst` intervals past now is refused. Over
+/// any window of W seconds the node sends at most `burst + rate * W` events, on one
+/// CPU or many. One compare-and-exchange publishes the move; a CPU that loses the
+/// race reads the new time and tries again.
 ///
-/// That clock moves in steps of one jiffy (1-10 ms, CONFIG_HZ 1000-100), so tokens
-/// arrive in lumps of `rate * tick`: the refill is the whole elapsed time times the
-/// rate, so the long-run rate is exact, and within a tick the burst is what may be
-/// spent. The rate holds while `rate * tick <= burst` (a lump is capped at the burst);
-/// the defaults (100,000/s, burst 10,000) give 400 tokens a tick at HZ=250 and 1,000
-/// at HZ=100, far below the cap. Above it the rate is at most `burst / tick`.
+/// The coarse clock moves in steps of one jiffy (1-10 ms): the budget then grows in
+/// lumps of `rate * tick` events, so the long-run rate is exact while that lump is
+/// below the burst (the defaults, 100,000/s and 10,000, give 400 a tick at HZ=250).
 #[inline(always)]
 fn take_token(now_ns: u64) -> bool {
     let settings = config::settings();
-    if settings.events_per_second == 0 {
+    let Some(rate) = core::num::NonZeroU64::new(settings.events_per_second as u64) else {
         return true;
-    }
+    };
     let Some(state) = EVENT_RATE.get_ptr_mut(0) else {
         return true;
     };
-    // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run and not
-    // shared with any other running program instance.
-    let state = unsafe { &mut *state };
-    let rate = settings.events_per_second as u64;
-    let capacity = settings.events_burst.max(1) as u64 * TOKEN_SCALE;
-    let elapsed = now_ns.saturating_sub(state.last_refill_ns);
-    state.last_refill_ns = now_ns;
-    // A long pause refills the whole burst (and a fresh bucket starts full); the
-    // comparison keeps `elapsed * rate` far below u64::MAX.
-    let refill = if elapsed >= capacity / rate {
-        capacity
-    } else {
-        elapsed * rate
-    };
-    state.tokens = (state.tokens + refill).min(capacity);
-    if state.tokens >= TOKEN_SCALE {
-        state.tokens -= TOKEN_SCALE;
-        true
-    } else {
-        false
+    let interval = (NS_PER_SECOND / rate).max(1);
+    let tolerance = settings.events_burst.max(1) as u64 * interval;
+    // SAFETY: `state` points to the map's one element, valid and 8-byte aligned for
+    // the program's run; `theoretical_arrival_ns` is its only field.
+    let arrival = unsafe { core::ptr::addr_of_mut!((*state).theoretical_arrival_ns) };
+    for _ in 0..BUDGET_ATTEMPTS {
+        // SAFETY: as above; a volatile read, since other CPUs write it.
+        let seen = unsafe { core::ptr::read_volatile(arrival) };
+        let next = seen.max(now_ns) + interval;
+        if next - now_ns > tolerance {
+            return false;
+        }
+        // SAFETY: as above: an aligned u64 of the shared map element, which the
+        // kernel lets programs update atomically (BPF_CMPXCHG, Linux 5.12+).
+        let (_, exchanged) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                arrival, seen, next,
+            )
+        };
+        if exchanged {
+            return true;
+        }
     }
+    false
 }

@@ -11,14 +11,15 @@
 
 use microseg_common::{
     DropReason,
+    config::SETTINGS_FLAG_NO_DENY_EVENTS,
     counters::Counter,
     event::{EventVerdict, Hook},
     policy::RULE_ID_DEFAULT_DENY,
 };
 
 use crate::{
-    counters,
-    events::{self, EventFields},
+    config, counters,
+    events::{self, EventCause, EventSite},
     interface,
     packet::PacketView,
     parse::{self, LinkLayer, PacketInfo, Parsed},
@@ -60,19 +61,24 @@ fn drop_held(info: Option<&PacketInfo>, hook: Hook, ifindex: u32, reason: DropRe
         Counter::DeniedIngress
     });
     counters::count_drop(reason);
+    if config::settings().flags & SETTINGS_FLAG_NO_DENY_EVENTS != 0 {
+        return Verdict::Drop;
+    }
     let (src_port, dst_port) = info.map_or((0, 0), |info| (info.src_port, info.dst_port));
-    let fields = EventFields {
-        hook: hook as u8,
-        verdict: EventVerdict::Dropped as u8,
-        direction: 0,
-        reason: reason.code(),
+    let site = EventSite {
+        hook,
         ifindex,
-        endpoint_id: 0,
-        peer_identity: 0,
-        rule_id: RULE_ID_DEFAULT_DENY,
         src_port,
         dst_port,
     };
-    events::send_denial(info, &fields);
+    let cause = EventCause {
+        verdict: EventVerdict::Dropped as u8,
+        direction: 0,
+        reason: reason.code(),
+        endpoint_id: 0,
+        peer_identity: 0,
+        rule_id: RULE_ID_DEFAULT_DENY,
+    };
+    events::send(info, &site, &cause);
     Verdict::Drop
 }

@@ -21,7 +21,9 @@ static PEER_HOSTS: HashMap<AddrKey, PeerIdentity> =
 static PEER_PREFIXES: LpmTrie<PrefixKeyData, PeerIdentity> =
     LpmTrie::with_max_entries(PEER_PREFIXES_CAPACITY, 0);
 
-#[inline(always)]
+/// The peer identity of `addr`. Out of line: its two keys (24 bytes each) stay out of
+/// the caller's stack frame.
+#[inline(never)]
 pub fn resolve(slot: u8, addr: &[u8; 16]) -> u32 {
     // SAFETY: the value is copied out at once (see endpoint::lookup).
     if let Some(host) = unsafe { PEER_HOSTS.get(&AddrKey::new(slot, *addr)) } {

@@ -3,6 +3,13 @@
 //! maps the verdict to the hook's return code.
 #![no_std]
 #![no_main]
+// The event budget is shared by every CPU and updated with BPF_CMPXCHG: the bpfel
+// target offers no atomic read-modify-write types, the intrinsic emits it directly.
+#![expect(
+    internal_features,
+    reason = "core::intrinsics::atomic_cxchg (events.rs)"
+)]
+#![feature(core_intrinsics)]
 
 mod config;
 mod conntrack;
@@ -18,6 +25,7 @@ mod parse;
 mod policy;
 mod related;
 mod rule_hits;
+mod scratch;
 mod verdict;
 
 use aya_ebpf::{

@@ -68,12 +68,15 @@ pub struct PacketInfo {
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub protocol: u8,
-    /// Transport ports; for ICMP echo both are the echo identifier (so a request and
+    /// Transport ports; for an ICMP query both are its identifier (so a request and
     /// its reply share a flow); 0 where the protocol has no ports.
     pub src_port: u16,
     pub dst_port: u16,
     pub icmp_type: u8,
     pub icmp_code: u8,
+    /// The request type of an ICMP query, request or reply (see `icmp_query_of`); 0
+    /// for any other packet.
+    pub icmp_query: u8,
     pub tcp_flags: u8,
     /// IPv4 TTL or IPv6 hop limit.
     pub hop_limit: u8,
@@ -95,6 +98,7 @@ impl PacketInfo {
         dst_port: 0,
         icmp_type: 0,
         icmp_code: 0,
+        icmp_query: 0,
         tcp_flags: 0,
         hop_limit: 0,
         transport: Transport::Known,
@@ -103,17 +107,37 @@ impl PacketInfo {
     };
 
     /// The port a policy rule matched when this packet's flow was opened by the other
-    /// side: the opener's destination port (`src_port` here), or for an ICMP echo
-    /// reply the request's type and code.
+    /// side: the opener's destination port (`src_port` here), or for an ICMP query's
+    /// reply the request's type (code 0).
     #[inline(always)]
     pub fn request_policy_port(&self, src_port: u16) -> u16 {
-        if self.protocol == PROTO_ICMP && self.icmp_type == 0 {
-            ICMP_ECHO_REQUEST << 8
-        } else if self.protocol == PROTO_ICMPV6 && self.icmp_type == 129 {
-            ICMPV6_ECHO_REQUEST << 8
+        if self.is_icmp_query_reply() {
+            (self.icmp_query as u16) << 8
         } else {
             src_port
         }
+    }
+
+    /// An ICMP query's request (echo, timestamp, ...): like a bare TCP SYN it opens a
+    /// flow, and is never taken for a reply.
+    #[inline(always)]
+    pub fn is_icmp_query_request(&self) -> bool {
+        self.icmp_query != 0 && self.icmp_type == self.icmp_query
+    }
+
+    /// An ICMP query's reply: it continues the flow its request opened.
+    #[inline(always)]
+    pub fn is_icmp_query_reply(&self) -> bool {
+        self.icmp_query != 0 && self.icmp_type != self.icmp_query
+    }
+
+    /// An ICMP or ICMPv6 message other than a query (an error, a redirect, a router
+    /// message, an unknown type): not tracked, as nf_conntrack does not track them.
+    /// Each is judged by policy; an error is first matched to the flow it quotes
+    /// (`related`).
+    #[inline(always)]
+    pub fn is_untracked_icmp(&self) -> bool {
+        self.icmp_query == 0 && self.protocol == icmp_of(self.family)
     }
 
     /// ICMPv6 neighbour discovery: router solicitation and advertisement, neighbour
@@ -377,10 +401,12 @@ fn parse_transport(packet: &PacketView, l4: usize, info: &mut PacketInfo) {
             };
             info.icmp_type = icmp[0];
             info.icmp_code = icmp[1];
-            if is_echo(info.protocol, icmp[0]) {
+            let query = icmp_query_of(info.protocol, icmp[0]);
+            if query != 0 {
                 let identifier = u16::from_be_bytes([icmp[4], icmp[5]]);
                 info.src_port = identifier;
                 info.dst_port = identifier;
+                info.icmp_query = query;
             }
         }
         // Other protocols have no ports to read.
@@ -412,22 +438,28 @@ pub fn is_icmp_error(protocol: u8, icmp_type: u8) -> bool {
     }
 }
 
-const ICMP_ECHO_REQUEST: u16 = 8;
-const ICMPV6_ECHO_REQUEST: u16 = 128;
-
-/// An echo request: like a bare TCP SYN it opens a flow, and is never a reply.
+/// The request type of an ICMP query message, for its request and its reply alike
+/// (nf_conntrack's ICMP and ICMPv6 trackers: the messages with an identifier whose
+/// reply answers one request): echo 8/0, timestamp 13/14, information 15/16, address
+/// mask 17/18; ICMPv6 echo 128/129, node information 139/140. 0 for any other
+/// message (0 is no request type).
 #[inline(always)]
-pub fn is_echo_request(protocol: u8, icmp_type: u8) -> bool {
-    (protocol == PROTO_ICMP && icmp_type as u16 == ICMP_ECHO_REQUEST)
-        || (protocol == PROTO_ICMPV6 && icmp_type as u16 == ICMPV6_ECHO_REQUEST)
-}
-
-/// Echo request or reply, whose identifier ties a reply to its request.
-#[inline(always)]
-pub fn is_echo(protocol: u8, icmp_type: u8) -> bool {
+pub fn icmp_query_of(protocol: u8, icmp_type: u8) -> u8 {
     if protocol == PROTO_ICMP {
-        icmp_type == 8 || icmp_type == 0
+        match icmp_type {
+            8 | 0 => 8,
+            13 | 14 => 13,
+            15 | 16 => 15,
+            17 | 18 => 17,
+            _ => 0,
+        }
+    } else if protocol == PROTO_ICMPV6 {
+        match icmp_type {
+            128 | 129 => 128,
+            139 | 140 => 139,
+            _ => 0,
+        }
     } else {
-        icmp_type == 128 || icmp_type == 129
+        0
     }
 }

@@ -13,7 +13,9 @@ use microseg_common::{
 use crate::{
     conntrack,
     packet::PacketView,
-    parse::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PacketInfo, is_echo},
+    parse::{
+        PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PacketInfo, icmp_query_of,
+    },
 };
 
 /// Bytes of the ICMP header before the quoted packet.
@@ -31,8 +33,8 @@ pub fn icmp_error_is_related(packet: &PacketView, info: &PacketInfo, generation:
         return false;
     };
     // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run and not
-    // used by any other running program instance. Its padding is never written, so
-    // it stays zero as the map created it.
+    // used by any other running program instance. Every field but the padding is
+    // written below before the lookup; the padding stays zero as the map created it.
     let key = unsafe { &mut *key };
     let quoted = info.l4_offset as usize + ICMP_HEADER_LEN;
     let inner_l4 = if info.protocol == PROTO_ICMP {
@@ -72,12 +74,21 @@ pub fn icmp_error_is_related(packet: &PacketView, info: &PacketInfo, generation:
     let Ok(l4) = packet.read::<[u8; 8]>(inner_l4) else {
         return false;
     };
+    // Keyed as `parse` keys the quoted packet's own flow.
     let (src_port, dst_port) = match key.protocol {
-        PROTO_TCP | PROTO_UDP | PROTO_SCTP => (
-            u16::from_be_bytes([l4[0], l4[1]]),
-            u16::from_be_bytes([l4[2], l4[3]]),
-        ),
-        PROTO_ICMP | PROTO_ICMPV6 if is_echo(key.protocol, l4[0]) => {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            key.icmp_query = 0;
+            (
+                u16::from_be_bytes([l4[0], l4[1]]),
+                u16::from_be_bytes([l4[2], l4[3]]),
+            )
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            // Only ICMP queries are tracked.
+            key.icmp_query = icmp_query_of(key.protocol, l4[0]);
+            if key.icmp_query == 0 {
+                return false;
+            }
             let identifier = u16::from_be_bytes([l4[4], l4[5]]);
             (identifier, identifier)
         }

@@ -357,11 +357,14 @@ impl Lab {
             self.pin_dir().display().to_string(),
             "--policy-dir".into(),
             self.policy_dir().display().to_string(),
-            "--metrics-address".into(),
-            String::new(),
             "--event-log".into(),
             self.dir.join("events.jsonl").display().to_string(),
         ];
+        // No metrics endpoint unless the test asks for one.
+        if !extra.contains(&"--metrics-address") {
+            args.push("--metrics-address".into());
+            args.push(String::new());
+        }
         for host in self.hosts.iter().filter(|_| mode.is_some()) {
             args.push("--interface".into());
             args.push(format!("{}:{}", host.node_if, mode.unwrap_or("tc")));
@@ -381,6 +384,25 @@ impl Lab {
             .expect("starting the agent");
         *self.agent.lock().expect("agent lock") = Some(child);
         self.wait_ready();
+    }
+
+    /// The agent's metrics page, from `address` (ip:port) in the node's namespace,
+    /// where the agent runs.
+    pub fn metrics(&self, address: &str) -> String {
+        use std::io::{Read, Write};
+        let address = address.to_owned();
+        self.node.run_in(move || {
+            let mut stream = std::net::TcpStream::connect(&address)
+                .unwrap_or_else(|e| panic!("connecting to the metrics endpoint {address}: {e}"));
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: microseg\r\n\r\n")
+                .expect("metrics request");
+            let mut response = String::new();
+            stream
+                .read_to_string(&mut response)
+                .expect("metrics response");
+            response
+        })
     }
 
     /// Waits until the agent answers `status`.

@@ -2,6 +2,7 @@
 //! under CI, a recorded skip elsewhere), and network namespaces and veth pairs that
 //! are always removed, even when a test fails.
 
+pub mod bpf_stack;
 pub mod client_server;
 pub mod cluster;
 pub mod cluster_conformance;

@@ -315,7 +315,7 @@ fn cluster_policy_strategy() -> impl Strategy<Value = Value> {
 }
 
 #[derive(Debug, Clone)]
-struct WorkloadSpec {
+pub struct WorkloadSpec {
     namespace: usize,
     labels: Value,
     octet: u8,
@@ -353,11 +353,12 @@ fn workload_strategy() -> impl Strategy<Value = WorkloadSpec> {
 #[derive(Debug, Clone)]
 pub struct Scenario {
     namespace_teams: Vec<Option<&'static str>>,
-    workloads: Vec<WorkloadSpec>,
-    policies: Vec<(usize, Value)>,
+    /// `None`: a workload removed (by a [`Mutation`]); the others keep their names.
+    workloads: Vec<Option<WorkloadSpec>>,
+    policies: Vec<Option<(usize, Value)>>,
     /// ClusterNetworkPolicy specs (none in a third of the cases, so that
     /// NetworkPolicy alone stays well covered).
-    cluster_policies: Vec<Value>,
+    cluster_policies: Vec<Option<Value>>,
     pub flows: Vec<GeneratedFlow>,
 }
 
@@ -427,9 +428,9 @@ pub fn scenario_strategy() -> impl Strategy<Value = Scenario> {
         .prop_map(
             |(namespace_teams, workloads, policies, cluster_policies, flows)| Scenario {
                 namespace_teams,
-                workloads,
-                policies,
-                cluster_policies,
+                workloads: workloads.into_iter().map(Some).collect(),
+                policies: policies.into_iter().map(Some).collect(),
+                cluster_policies: cluster_policies.into_iter().map(Some).collect(),
                 flows,
             },
         )
@@ -458,6 +459,9 @@ impl Scenario {
             );
         }
         for (index, workload) in self.workloads.iter().enumerate() {
+            let Some(workload) = workload else {
+                continue;
+            };
             let host = index + 1;
             let mut addresses = vec![format!("10.0.{}.{host}", workload.octet)];
             if workload.ipv6 {
@@ -482,7 +486,10 @@ impl Scenario {
                        "spec": {"addresses": addresses, "ports": ports}}),
             );
         }
-        for (index, (namespace, spec)) in self.policies.iter().enumerate() {
+        for (index, policy) in self.policies.iter().enumerate() {
+            let Some((namespace, spec)) = policy else {
+                continue;
+            };
             add(
                 &mut builder,
                 json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -491,6 +498,9 @@ impl Scenario {
             );
         }
         for (index, spec) in self.cluster_policies.iter().enumerate() {
+            let Some(spec) = spec else {
+                continue;
+            };
             add(
                 &mut builder,
                 json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
@@ -515,6 +525,81 @@ impl Scenario {
         builder
             .finish()
             .unwrap_or_else(|errors| panic!("generated input must be valid:\n{errors}"))
+    }
+}
+
+/// One change to a [`Scenario`]: a workload, namespace's team label, NetworkPolicy
+/// or ClusterNetworkPolicy set (added or replaced) or removed, by slot.
+#[derive(Debug, Clone)]
+pub enum Mutation {
+    Workload(usize, Option<WorkloadSpec>),
+    NamespaceTeam(usize, Option<&'static str>),
+    Policy(usize, Option<(usize, Value)>),
+    ClusterPolicy(usize, Option<Value>),
+}
+
+/// What a [`Mutation`] changed, as the keys the compiler is told
+/// (`microseg::policy::SetChanges`).
+#[derive(Debug, Clone, Default)]
+pub struct Changed {
+    pub workloads: Vec<(String, String)>,
+    pub policies: Vec<(String, String)>,
+    pub cluster_policies: Vec<String>,
+    pub namespaces: Vec<String>,
+}
+
+/// Mutations over a scenario's slots (a few past its end, to add).
+pub fn mutation_strategy() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        3 => (0..8usize, prop::option::weighted(0.7, workload_strategy()))
+            .prop_map(|(slot, spec)| Mutation::Workload(slot, spec)),
+        1 => (0..NAMESPACES.len(), prop::option::of(prop::sample::select(vec!["x", "y"])))
+            .prop_map(|(slot, team)| Mutation::NamespaceTeam(slot, team)),
+        2 => (0..6usize, prop::option::weighted(0.7, policy_strategy()))
+            .prop_map(|(slot, policy)| Mutation::Policy(slot, policy)),
+        2 => (0..4usize, prop::option::weighted(0.7, cluster_policy_strategy()))
+            .prop_map(|(slot, policy)| Mutation::ClusterPolicy(slot, policy)),
+    ]
+}
+
+fn put<T>(slots: &mut Vec<Option<T>>, slot: usize, value: Option<T>) -> Option<T> {
+    if slots.len() <= slot {
+        slots.resize_with(slot + 1, || None);
+    }
+    std::mem::replace(&mut slots[slot], value)
+}
+
+impl Scenario {
+    /// Applies `mutation`; returns the keys it changed.
+    pub fn apply(&mut self, mutation: &Mutation) -> Changed {
+        let mut changed = Changed::default();
+        match mutation {
+            Mutation::Workload(slot, spec) => {
+                let name = format!("w{}", slot + 1);
+                let old = put(&mut self.workloads, *slot, spec.clone());
+                for namespace in old.iter().chain(spec).map(|w| NAMESPACES[w.namespace]) {
+                    changed.workloads.push((namespace.to_owned(), name.clone()));
+                }
+            }
+            Mutation::NamespaceTeam(slot, team) => {
+                self.namespace_teams[*slot] = *team;
+                changed.namespaces.push(NAMESPACES[*slot].to_owned());
+            }
+            Mutation::Policy(slot, policy) => {
+                let name = format!("p{slot}");
+                let old = put(&mut self.policies, *slot, policy.clone());
+                for (namespace, _) in old.iter().chain(policy) {
+                    changed
+                        .policies
+                        .push((NAMESPACES[*namespace].to_owned(), name.clone()));
+                }
+            }
+            Mutation::ClusterPolicy(slot, policy) => {
+                put(&mut self.cluster_policies, *slot, policy.clone());
+                changed.cluster_policies.push(format!("c{slot}"));
+            }
+        }
+        changed
     }
 }
 

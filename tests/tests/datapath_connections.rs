@@ -563,3 +563,95 @@ fn workloads_may_not_advertise_routes_but_the_network_may() {
             > 0
     );
 }
+
+/// ICMP is tracked as nf_conntrack tracks it: a query (echo, timestamp, information,
+/// address mask; ICMPv6 echo, node information) by its request type and identifier,
+/// so only that exchange's reply passes, and any other ICMP message is judged by
+/// policy. Before, every ICMP message without an echo identifier shared one entry
+/// per address pair (as did an echo with identifier 0): once one was allowed, the
+/// other side could send any ICMP type back.
+#[test]
+fn icmp_queries_are_tracked_per_type_and_identifier_and_other_icmp_is_judged() {
+    // The workload may send any ICMP to the server; it accepts nothing unsolicited.
+    let builder = StateBuilder::default()
+        .endpoint(WORKLOAD, 1, true, true, false)
+        .endpoint(WORKLOAD6, 1, true, true, false)
+        .host(SERVER, 300)
+        .host(SERVER6, 300)
+        .allow(1, 300, Direction::Egress, ICMP, None, 1)
+        .allow(1, 300, Direction::Egress, Some(58), None, 2);
+    let Some(mut h) = harness(
+        "icmp_queries_are_tracked_per_type_and_identifier_and_other_icmp_is_judged",
+        builder,
+    ) else {
+        return;
+    };
+    let lost = |h: &mut Harness| {
+        h.datapath
+            .maps()
+            .unwrap()
+            .counters()
+            .unwrap()
+            .get(Counter::ConntrackFlowLost)
+    };
+    // (workload, server, echo request, echo reply, other query request and reply,
+    // a message that is no query)
+    for (workload, server, echo, echo_reply, query, query_reply, other) in [
+        (WORKLOAD, SERVER, 8, 0, 13, 14, 5),
+        (WORKLOAD6, SERVER6, 128, 129, 139, 140, 200),
+    ] {
+        let icmp = |src: &str, dst: &str, icmp_type: u8, identifier: u16| {
+            Probe::icmp(ip(src), ip(dst), icmp_type, 0, identifier)
+        };
+        // An echo exchange (identifier 0, as a raw-socket ping may use): the reply
+        // passes.
+        assert_eq!(h.verdict(&icmp(workload, server, echo, 0)), PASS);
+        assert_eq!(
+            h.verdict(&icmp(server, workload, echo_reply, 0)),
+            PASS,
+            "the echo reply"
+        );
+        // Nothing else comes back on it: another query, its reply, another type.
+        for (icmp_type, what) in [
+            (query, "another query's request"),
+            (query_reply, "another query's reply"),
+            (other, "a message that is no query"),
+            (echo, "an echo request"),
+        ] {
+            assert_eq!(
+                h.verdict(&icmp(server, workload, icmp_type, 0)),
+                DROP,
+                "{what} (type {icmp_type}) from the server after an allowed echo exchange"
+            );
+        }
+        // The other query, asked by the workload: its reply passes, for its
+        // identifier only, and as that query's reply only.
+        assert_eq!(h.verdict(&icmp(workload, server, query, 7)), PASS);
+        assert_eq!(
+            h.verdict(&icmp(server, workload, query_reply, 7)),
+            PASS,
+            "the reply to the workload's query (type {query})"
+        );
+        let lost_before = lost(&mut h);
+        assert_eq!(
+            h.verdict(&icmp(server, workload, query_reply, 8)),
+            DROP,
+            "a reply with another identifier"
+        );
+        assert_eq!(
+            h.verdict(&icmp(server, workload, echo_reply, 7)),
+            DROP,
+            "an echo reply with the query's identifier"
+        );
+        // A reply that finds no entry is counted as a lost flow, at each of the
+        // three programs the probes run through.
+        assert_eq!(lost(&mut h) - lost_before, 6, "replies without an entry");
+        // A message that is no query is judged by policy each time, both ways.
+        assert_eq!(h.verdict(&icmp(workload, server, other, 0)), PASS);
+        assert_eq!(
+            h.verdict(&icmp(server, workload, other, 0)),
+            DROP,
+            "type {other} back, after the workload sent one"
+        );
+    }
+}

@@ -482,3 +482,38 @@ fn a_program_put_before_microseg_on_its_hook_cannot_let_packets_bypass_it() {
         serde_json::from_str(&lab.cli_ok(&["status", "-o", "json"])).expect("status");
     assert_eq!(status["healthy"], true, "{status:#}");
 }
+
+#[test]
+fn an_agent_without_a_policy_directory_has_no_watcher_failing_in_a_loop() {
+    if !microseg_tests::kernel_available("no_policy_dir") {
+        return;
+    }
+    let lab = Lab::new(&[("client", CLIENT)]);
+    // As `Lab::start_agent`, without `--policy-dir`.
+    let log = std::fs::File::create(lab.dir.join("agent.log")).expect("log");
+    let mut agent = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", lab.node.name))
+        .arg(microseg_tests::lab::microseg_binary())
+        .args(["agent", "--metrics-address", ""])
+        .arg("--socket")
+        .arg(lab.socket())
+        .arg("--state-dir")
+        .arg(lab.dir.join("state"))
+        .arg("--pin-dir")
+        .arg(lab.pin_dir())
+        .stderr(log)
+        .spawn()
+        .expect("agent");
+    lab.wait_ready();
+    // A task that ended would be restarted after 100, 200, 400 ms...
+    std::thread::sleep(Duration::from_millis(1500));
+    let status: Value =
+        serde_json::from_str(&lab.cli_ok(&["status", "-o", "json"])).expect("status");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        status["taskRestarts"].get("directory-watcher").is_none(),
+        "{status:#}"
+    );
+    assert!(!lab.agent_log().contains("ERROR"), "{}", lab.agent_log());
+}

@@ -101,7 +101,7 @@ pub struct AgentConfig {
     pub event_log_files: u32,
     /// Longest API request line accepted, in bytes (an `apply` carries its files).
     pub api_max_request_bytes: usize,
-    /// In-kernel event rate limit per CPU, and burst.
+    /// In-kernel event rate limit for the node (all CPUs together), and burst.
     pub events_per_second: u32,
     pub events_burst: u32,
     /// Deny events on (the default) or off (`denyEvents: false`): off, the programs
@@ -165,11 +165,16 @@ impl Default for KubernetesConfig {
     }
 }
 
-/// Idle lifetimes of tracked connections, in seconds (see
-/// `microseg_common::config::ConntrackLifetimes` for the defaults and their origin).
+/// Connection tracking: the table's size, and idle lifetimes of tracked connections
+/// in seconds (see `microseg_common::config::ConntrackLifetimes` for the defaults and
+/// their origin).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ConntrackConfig {
+    /// Flows the node's table holds (an LRU: when full, the least recently used flow
+    /// is forgotten and judged by policy again at its next packet). Unset: sized from
+    /// the host's memory, see `conntrack_entries_for_memory`.
+    pub max_entries: Option<u32>,
     /// A TCP connection opened (SYN) and not yet answered.
     pub tcp_opening_seconds: u32,
     pub tcp_established_seconds: u32,
@@ -186,6 +191,7 @@ impl Default for ConntrackConfig {
     fn default() -> Self {
         let d = ConntrackLifetimes::DEFAULT;
         Self {
+            max_entries: None,
             tcp_opening_seconds: d.tcp_opening_s,
             tcp_established_seconds: d.tcp_established_s,
             tcp_half_closed_seconds: d.tcp_half_closed_s,
@@ -196,7 +202,58 @@ impl Default for ConntrackConfig {
     }
 }
 
+/// Share of the host's memory the conntrack table is sized for when
+/// `conntrack.maxEntries` is not set: Cilium's `bpf-map-dynamic-size-ratio` default.
+pub const CONNTRACK_MEMORY_RATIO: f64 = 0.0025;
+/// What one conntrack entry costs the kernel, in bytes: the 40-byte key and 16-byte
+/// value of an LRU hash element, its header (hash node, LRU node, hash) and
+/// rounding. Measured on Linux 6.18: 59,731,704 bytes (the map's memlock) for
+/// 493,675 entries, 121 an entry; rounded up.
+pub const CONNTRACK_ENTRY_BYTES: u64 = 128;
+/// The table is never sized below this (microseg's former fixed size, Cilium's
+/// `LimitTableMin`)...
+pub const CONNTRACK_MIN_ENTRIES: u32 = 131_072;
+/// ...nor above this (Cilium's `LimitTableMax`, 2 GiB of entries).
+pub const CONNTRACK_MAX_ENTRIES: u32 = 16_777_216;
+/// The smallest table `conntrack.maxEntries` may ask for.
+pub const CONNTRACK_CONFIGURABLE_MIN: u32 = 1024;
+
+/// The conntrack table's default size on a host with `total_memory_bytes` of RAM:
+/// `total_memory_bytes * 0.0025 / 128`, kept within 131,072 and 16,777,216 entries
+/// (4 GiB of RAM or less: 131,072; 24 GiB: 503,316; 64 GiB: 1,342,177).
+pub fn conntrack_entries_for_memory(total_memory_bytes: u64) -> u32 {
+    let entries =
+        (total_memory_bytes as f64 * CONNTRACK_MEMORY_RATIO) as u64 / CONNTRACK_ENTRY_BYTES;
+    entries.clamp(
+        u64::from(CONNTRACK_MIN_ENTRIES),
+        u64::from(CONNTRACK_MAX_ENTRIES),
+    ) as u32
+}
+
+/// The host's memory (`MemTotal` of /proc/meminfo), in bytes.
+pub fn total_memory_bytes() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    text.lines()
+        .find_map(|line| {
+            let kib = line.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?;
+            kib.trim().parse::<u64>().ok()
+        })
+        .map(|kib| kib * 1024)
+        .context("/proc/meminfo has no MemTotal")
+}
+
 impl ConntrackConfig {
+    /// The table's size: `maxEntries`, else sized from the host's memory (the floor
+    /// where the memory cannot be read).
+    pub fn capacity(&self) -> u32 {
+        match self.max_entries {
+            Some(entries) => entries,
+            None => total_memory_bytes()
+                .map(conntrack_entries_for_memory)
+                .unwrap_or(CONNTRACK_MIN_ENTRIES),
+        }
+    }
+
     pub fn lifetimes(&self) -> ConntrackLifetimes {
         ConntrackLifetimes::new(
             self.tcp_opening_seconds,
@@ -220,6 +277,13 @@ impl ConntrackConfig {
             if value == 0 {
                 bail!("conntrack.{name} must be at least 1 second");
             }
+        }
+        if let Some(entries) = self.max_entries
+            && !(CONNTRACK_CONFIGURABLE_MIN..=CONNTRACK_MAX_ENTRIES).contains(&entries)
+        {
+            bail!(
+                "conntrack.maxEntries must be within {CONNTRACK_CONFIGURABLE_MIN} and {CONNTRACK_MAX_ENTRIES}, not {entries}"
+            );
         }
         Ok(())
     }
@@ -379,6 +443,27 @@ mod tests {
             AgentConfig::default().kubernetes.pod_sandbox_prefixes,
             ["cni-"]
         );
+    }
+
+    #[test]
+    fn the_conntrack_table_is_sized_from_memory_within_a_floor_and_a_cap() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(conntrack_entries_for_memory(2 * GIB), CONNTRACK_MIN_ENTRIES);
+        assert_eq!(conntrack_entries_for_memory(24 * GIB), 503_316);
+        assert_eq!(conntrack_entries_for_memory(64 * GIB), 1_342_177);
+        assert_eq!(
+            conntrack_entries_for_memory(16 * 1024 * GIB),
+            CONNTRACK_MAX_ENTRIES
+        );
+        let configured: AgentConfig =
+            serde_norway::from_str("conntrack:\n  maxEntries: 4096\n").unwrap();
+        configured.validate().unwrap();
+        assert_eq!(configured.conntrack.capacity(), 4096);
+        let default = AgentConfig::default().conntrack.capacity();
+        assert!((CONNTRACK_MIN_ENTRIES..=CONNTRACK_MAX_ENTRIES).contains(&default));
+        let too_small: AgentConfig =
+            serde_norway::from_str("conntrack:\n  maxEntries: 10\n").unwrap();
+        assert!(too_small.validate().is_err());
     }
 
     #[test]

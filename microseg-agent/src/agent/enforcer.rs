@@ -14,7 +14,7 @@ use microseg_common::{
 };
 
 use super::interfaces::{Bindings, InterfaceFacts};
-use super::objects::{
+use crate::objects::{
     ConversionCache, ObjectKey, ObjectMap, StoredObject, build_policy_set_cached,
 };
 use crate::{

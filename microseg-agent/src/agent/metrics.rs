@@ -147,6 +147,28 @@ pub async fn render(agent: &Agent) -> String {
         );
         family(
             &mut out,
+            "microseg_conntrack_flows_lost_total",
+            "counter",
+            "Packets continuing a flow (a TCP segment other than a bare SYN, an ICMP query reply) that found no conntrack entry: the flow was evicted from the full table (or began before it was tracked). Judged by policy again.",
+        );
+        let _ = writeln!(
+            out,
+            "microseg_conntrack_flows_lost_total {}",
+            c.get(Counter::ConntrackFlowLost)
+        );
+        family(
+            &mut out,
+            "microseg_conntrack_flows_expired_total",
+            "counter",
+            "Packets continuing a flow whose conntrack entry had outlived its idle lifetime. Judged by policy again.",
+        );
+        let _ = writeln!(
+            out,
+            "microseg_conntrack_flows_expired_total {}",
+            c.get(Counter::ConntrackFlowExpired)
+        );
+        family(
+            &mut out,
             "microseg_parse_failures_total",
             "counter",
             "Packets that could not be parsed.",
@@ -300,7 +322,8 @@ pub async fn render(agent: &Agent) -> String {
         let _ = writeln!(
             out,
             "microseg_bpf_map_entries{{map_name=\"{}\"}} {}",
-            u.map, u.entries
+            u.label(),
+            u.entries
         );
     }
     family(
@@ -313,21 +336,22 @@ pub async fn render(agent: &Agent) -> String {
         let _ = writeln!(
             out,
             "microseg_bpf_map_capacity{{map_name=\"{}\"}} {}",
-            u.map, u.capacity
+            u.label(),
+            u.capacity
         );
     }
     family(
         &mut out,
         "microseg_bpf_map_pressure",
         "gauge",
-        "Map usage against capacity (1 = full).",
+        "Map usage against capacity (1 = full); conntrack's counted every 5 s.",
     );
     for u in &usage {
-        let pressure = u.entries as f64 / u.capacity.max(1) as f64;
         let _ = writeln!(
             out,
-            "microseg_bpf_map_pressure{{map_name=\"{}\"}} {pressure}",
-            u.map
+            "microseg_bpf_map_pressure{{map_name=\"{}\"}} {}",
+            u.label(),
+            u.pressure()
         );
     }
     family(

@@ -9,13 +9,11 @@
 
 pub mod config;
 pub mod enforcer;
-pub mod event_log;
 pub mod events;
 pub mod interfaces;
 pub mod kernel_stats;
 pub mod kubernetes;
 pub mod metrics;
-pub mod objects;
 pub mod rule_hits;
 pub mod server;
 pub mod tasks;
@@ -34,14 +32,14 @@ use tokio::sync::Mutex;
 use self::{
     config::AgentConfig,
     enforcer::{ApplyRefused, Enforcer},
-    events::EventHub,
     interfaces::{InterfaceTable, LocalPods},
-    objects::{ObjectMap, PersistedState},
     veths::VethScanner,
 };
 use crate::{
     datapath::{Capacities, Datapath, LoadOptions},
     event_view::EventNames,
+    flow_history::{EventHub, log as event_log},
+    objects::{self, ObjectMap, PersistedState},
     policy::Compiler,
 };
 use microseg_common::config::Settings;
@@ -224,9 +222,15 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     config.validate()?;
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: Some(config.pin_dir.clone()),
-        capacities: Capacities::default(),
+        capacities: Capacities {
+            conntrack: config.conntrack.capacity(),
+            ..Capacities::default()
+        },
     })
     .context("loading the data path")?;
+    for replaced in datapath.replaced_maps() {
+        tracing::warn!("{replaced}");
+    }
     {
         let mut maps = datapath.maps()?;
         maps.set_settings(
@@ -372,6 +376,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         log,
     ));
     hub.preload(earlier_flows);
+    let started = core.started;
     let agent = Arc::new(Agent {
         rule_hits,
         hub,
@@ -466,7 +471,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
             metrics::serve(agent.clone(), address)
         }));
     }
-    tasks.extend(crate::hubble::start(&agent, &config, &restarts)?);
+    tasks.extend(start_hubble(&agent, started, &config, &restarts)?);
     tracing::info!(socket = %config.socket.display(), "microseg agent ready");
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -478,7 +483,9 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         task.abort();
     }
     let _ = std::fs::remove_file(&config.socket);
-    crate::hubble::remove_socket(&config);
+    if let Some(path) = config.hubble.socket_path(&config.socket) {
+        let _ = std::fs::remove_file(path);
+    }
     if detach_on_exit {
         let detached = crate::datapath::detach_pinned(&config.pin_dir)?;
         tracing::info!(detached, "detached; enforcement removed");
@@ -486,6 +493,39 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         tracing::info!("stopped; enforcement stays in place (pinned)");
     }
     Ok(())
+}
+
+/// Starts Hubble's Observer API as supervised tasks (`hubble` on the Unix socket,
+/// `hubble-tcp` on the loopback port when one is set), serving the flow history.
+fn start_hubble(
+    agent: &Arc<Agent>,
+    started: SystemTime,
+    config: &AgentConfig,
+    restarts: &Arc<tasks::TaskRestarts>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let served = crate::hubble::Served {
+        history: agent.hub.clone(),
+        node_name: config.node_name(),
+        started,
+    };
+    let mut handles = Vec::new();
+    if let Some(path) = config.hubble.socket_path(&config.socket) {
+        let (served, mode) = (served.clone(), config.socket_mode_bits()?);
+        tracing::info!(socket = %path.display(), "serving Hubble's Observer API");
+        handles.push(tasks::supervise("hubble", restarts.clone(), move || {
+            let (served, path) = (served.clone(), path.clone());
+            async move { crate::hubble::serve_unix(served, &path, mode).await }
+        }));
+    }
+    if let Some(address) = config.hubble.listen_socket_address()? {
+        tracing::info!(%address, "serving Hubble's Observer API");
+        handles.push(tasks::supervise(
+            "hubble-tcp",
+            restarts.clone(),
+            move || crate::hubble::serve_tcp(served.clone(), address),
+        ));
+    }
+    Ok(handles)
 }
 
 /// Re-reads the watched directories when they change and applies them whole; an

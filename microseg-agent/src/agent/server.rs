@@ -1,27 +1,24 @@
 //! The API server: a Unix socket (mode from the configuration, 0600 by default),
 //! one JSON request per line.
 
-use std::{os::unix::fs::PermissionsExt, sync::Arc};
+use std::sync::Arc;
 
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    net::UnixStream,
 };
 
-use super::{
-    Agent, AgentCore,
-    config::AgentConfig,
-    objects::{ObjectKey, ObjectMap, parse_objects},
-};
+use super::{Agent, AgentCore, config::AgentConfig};
 use crate::{
     api::{ObjectKind, Request, Response, SourceText},
+    objects::{ObjectKey, ObjectMap, parse_objects},
     policy::{NamespaceScope, Peer, PolicyDirection, PolicySet, Tier},
 };
 use microseg_common::counters::Counter;
 
 pub async fn serve(agent: Arc<Agent>, config: AgentConfig) -> anyhow::Result<()> {
-    let listener = bind_private(&config.socket, config.socket_mode_bits()?)?;
+    let listener = crate::socket::bind_private(&config.socket, config.socket_mode_bits()?)?;
     let limit = config.api_max_request_bytes;
     loop {
         let (stream, _) = listener.accept().await?;
@@ -32,46 +29,6 @@ pub async fn serve(agent: Arc<Agent>, config: AgentConfig) -> anyhow::Result<()>
             }
         });
     }
-}
-
-/// Binds the API socket so that no moment exists where another user could connect:
-/// the socket is created inside a fresh directory only root can enter, given its
-/// mode there, and then renamed into place. A missing parent directory is created
-/// with mode 0700.
-pub(crate) fn bind_private(path: &std::path::Path, mode: u32) -> anyhow::Result<UnixListener> {
-    use anyhow::Context;
-    use std::os::unix::fs::DirBuilderExt;
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    if !parent.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    // Named after the socket too: the agent binds several sockets at once (API, Hubble).
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let staging = parent.join(format!(".microseg-socket-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&staging)
-        .with_context(|| format!("creating {}", staging.display()))?;
-    let staged = staging.join("socket");
-    let bound = (|| -> anyhow::Result<UnixListener> {
-        let listener =
-            UnixListener::bind(&staged).with_context(|| format!("binding {}", staged.display()))?;
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
-        // A stale socket from a killed agent is replaced by the rename.
-        std::fs::rename(&staged, path)
-            .with_context(|| format!("moving the socket to {}", path.display()))?;
-        Ok(listener)
-    })();
-    let _ = std::fs::remove_dir_all(&staging);
-    bound
 }
 
 /// Reads one request line of at most `limit` bytes: `Ok(None)` at the end of the
@@ -395,7 +352,7 @@ fn delete_object(core: &mut AgentCore, kind: &str, namespace: &str, name: &str) 
     };
     let key = ObjectKey {
         kind: kind.to_owned(),
-        namespace: if super::objects::cluster_scoped(kind) {
+        namespace: if crate::objects::cluster_scoped(kind) {
             String::new()
         } else {
             namespace.to_owned()
@@ -608,7 +565,7 @@ fn get(core: &AgentCore, kind: ObjectKind) -> Value {
                 .identities
                 .identities
                 .keys()
-                .map(|id| json!({"identity": id, "description": compiled.identities.describe(*id, set)}))
+                .map(|id| json!({"identity": id, "description": compiled.identities.describe(*id)}))
                 .collect(),
         ),
         ObjectKind::Endpoints => Value::Array(
@@ -616,7 +573,7 @@ fn get(core: &AgentCore, kind: ObjectKind) -> Value {
                 .endpoints
                 .iter()
                 .map(|(id, e)| {
-                    let workload = set.workloads.get(e.workload_index);
+                    let workload = set.workload_by_key(&e.workload);
                     // In evaluation order: Admin tier, NetworkPolicies, Baseline tier.
                     let selecting = |direction| -> Vec<String> {
                         let Some(w) = workload else {
@@ -806,6 +763,25 @@ fn counters_json(core: &AgentCore, agent: &Agent) -> Value {
     })
 }
 
+/// The conntrack table for `status`: its pressure (entries over capacity, counted
+/// every 5 s) and the flows it lost (evicted while live) or let expire.
+fn conntrack_json(agent: &Agent) -> Value {
+    use std::sync::atomic::Ordering;
+    let usage = agent.kernel.conntrack_usage();
+    let counters = agent.kernel.counters();
+    let counted_at = agent.kernel.counted_at.load(Ordering::Relaxed);
+    json!({
+        "entries": usage.entries,
+        "capacity": usage.capacity,
+        "pressure": (usage.pressure() * 1000.0).round() / 1000.0,
+        "countedAt": (counted_at > 0).then(|| {
+            chrono::DateTime::from_timestamp(counted_at as i64, 0).map(|t| t.to_rfc3339())
+        }).flatten(),
+        "flowsLost": counters.as_ref().map(|c| c.get(Counter::ConntrackFlowLost)),
+        "flowsExpired": counters.as_ref().map(|c| c.get(Counter::ConntrackFlowExpired)),
+    })
+}
+
 fn stats(core: &AgentCore, agent: &Agent) -> Response {
     Response::ok(counters_json(core, agent))
 }
@@ -870,6 +846,7 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
             "traceAllowed": core.config.trace_allowed,
         },
     });
+    status["conntrack"] = conntrack_json(agent);
     if let Some(kubernetes) = &core.kubernetes {
         status["kubernetes"] = json!(kubernetes);
     }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use crate::{
-    agent::objects::{ObjectKey, ObjectMap, StoredObject, read_paths},
     api::{Request, client::Client},
+    objects::{ObjectKey, ObjectMap, StoredObject, read_paths},
     review::flows::{ObservedFlow, parse_event, read_flows_file},
 };
 

@@ -251,3 +251,132 @@ pub fn replace_link_program(
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
+
+/// `struct bpf_map_info` up to its name: what a pinned map was created as. The
+/// buffer is larger than the kernel needs to fill.
+#[repr(C, align(8))]
+struct RawMapInfo {
+    map_type: u32,
+    id: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    name: [u8; 16],
+    rest: [u64; 16],
+}
+
+/// A map's definition as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    /// `BPF_MAP_TYPE_*`.
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+pub fn map_layout(map: std::os::fd::BorrowedFd<'_>) -> io::Result<MapLayout> {
+    use std::os::fd::AsRawFd;
+    let mut info = RawMapInfo {
+        map_type: 0,
+        id: 0,
+        key_size: 0,
+        value_size: 0,
+        max_entries: 0,
+        map_flags: 0,
+        name: [0; 16],
+        rest: [0; 16],
+    };
+    let mut attr = GetInfoAttr {
+        bpf_fd: map.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<RawMapInfo>() as u32,
+        info: &mut info as *mut RawMapInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(MapLayout {
+        map_type: info.map_type,
+        key_size: info.key_size,
+        value_size: info.value_size,
+        max_entries: info.max_entries,
+    })
+}
+
+/// The kernel's name of a map type, for messages.
+pub fn map_type_name(map_type: u32) -> String {
+    match map_type {
+        1 => "hash".to_owned(),
+        2 => "array".to_owned(),
+        5 => "percpu_hash".to_owned(),
+        6 => "percpu_array".to_owned(),
+        9 => "lru_hash".to_owned(),
+        10 => "lru_percpu_hash".to_owned(),
+        11 => "lpm_trie".to_owned(),
+        12 => "array_of_maps".to_owned(),
+        27 => "ringbuf".to_owned(),
+        other => format!("type {other}"),
+    }
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Elements fetched per BPF_MAP_LOOKUP_BATCH call.
+const BATCH_ELEMENTS: usize = 8192;
+
+/// Counts a hash map's entries with BPF_MAP_LOOKUP_BATCH (Linux 5.6+): one syscall
+/// per `BATCH_ELEMENTS` entries rather than two per entry, so a full table of a
+/// million flows is counted in about 120 calls. The count is a snapshot of a map
+/// the programs keep changing, as any walk is.
+pub fn count_entries(
+    map: std::os::fd::BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut keys = vec![0u8; key_size * BATCH_ELEMENTS];
+    let mut values = vec![0u8; value_size * BATCH_ELEMENTS];
+    // Hash maps' batch token is a bucket index (4 bytes); room for any key anyway.
+    let mut in_token = vec![0u8; key_size.max(8)];
+    let mut out_token = vec![0u8; key_size.max(8)];
+    let mut total = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                in_token.as_mut_ptr() as u64
+            },
+            out_batch: out_token.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH_ELEMENTS as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // The kernel reports what it copied even when it says the walk is done.
+        total += u64::from(attr.count);
+        match result {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+            Err(e) => return Err(e),
+        }
+        std::mem::swap(&mut in_token, &mut out_token);
+        first = false;
+    }
+}

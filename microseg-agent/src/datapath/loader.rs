@@ -30,6 +30,12 @@ use super::{
 /// The compiled programs, embedded at build time.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/microseg"));
 
+/// The eBPF object this binary loads (empty when built with `AYA_BUILD_SKIP=1`): the
+/// tests read its instructions (stack budget) and map definitions.
+pub fn program_object() -> &'static [u8] {
+    PROGRAMS
+}
+
 /// Capacities of the maps that grow with policy and traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
@@ -39,6 +45,21 @@ pub struct Capacities {
     pub policy: u32,
     pub conntrack: u32,
     pub fragments: u32,
+}
+
+impl Capacities {
+    /// The configured capacity of map `name`, for the maps that have one.
+    pub fn of(&self, name: &str) -> Option<u32> {
+        Some(match name {
+            maps::ENDPOINTS => self.endpoints,
+            maps::PEER_HOSTS => self.peer_hosts,
+            maps::PEER_PREFIXES => self.peer_prefixes,
+            maps::POLICY | maps::POLICY_EXACT => self.policy,
+            maps::CONNTRACK => self.conntrack,
+            maps::FRAGMENTS => self.fragments,
+            _ => return None,
+        })
+    }
 }
 
 impl Default for Capacities {
@@ -115,6 +136,8 @@ pub struct Datapath {
     pub(super) standby_stale: bool,
     /// Tags of programs seen on pinned links, by program id (see `ensure_attached`).
     program_tags: std::collections::HashMap<u32, [u8; 8]>,
+    /// Pinned caches this load replaced (see `check_pinned_maps`), with why.
+    replaced_maps: Vec<String>,
 }
 
 impl Datapath {
@@ -145,7 +168,7 @@ impl Datapath {
             }
             None => Vec::new(),
         };
-        check_pinned_maps(&map_paths)?;
+        let replaced_maps = check_pinned_maps(&map_paths, &caps)?;
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -182,6 +205,7 @@ impl Datapath {
             grace,
             standby_stale: false,
             program_tags: std::collections::HashMap::new(),
+            replaced_maps,
         };
         // A fresh SETTINGS is all zeroes (no rate limit); give it the defaults. Reused
         // pinned settings are kept.
@@ -190,6 +214,12 @@ impl Datapath {
             handles.set_settings(&Settings::default())?;
         }
         Ok(datapath)
+    }
+
+    /// The pinned maps this load replaced rather than reused, each with why: caches
+    /// whose definition changed (see `check_pinned_maps`).
+    pub fn replaced_maps(&self) -> &[String] {
+        &self.replaced_maps
     }
 
     /// Typed handles on every map.
@@ -277,11 +307,15 @@ impl Datapath {
         let stale = match links::pinned_link_state(&path, interface) {
             PinnedLinkState::Live { program_id } => {
                 let ours = self.program_id(name)?;
+                // A program's tag hashes its instructions, not the maps it uses: where
+                // this load replaced a pinned map, the pinned program still uses the
+                // old one and must be replaced even though its tag is the same.
                 let same = program_id == ours
-                    || match (self.tag_of(program_id), self.tag_of(ours)) {
-                        (Some(pinned), Some(loaded)) => pinned == loaded,
-                        _ => false,
-                    };
+                    || (self.replaced_maps.is_empty()
+                        && match (self.tag_of(program_id), self.tag_of(ours)) {
+                            (Some(pinned), Some(loaded)) => pinned == loaded,
+                            _ => false,
+                        });
                 let outcome = if same {
                     AttachOutcome::Adopted
                 } else {
@@ -515,12 +549,26 @@ pub enum AttachOutcome {
     MovedFirst(Vec<u32>),
 }
 
-/// Refuses a pinned map whose type, key or value size differs from this version's
-/// definition of it (a pin left by an older microseg): reusing it would fail in the
-/// verifier with an obscure error, or worse, be read with the wrong layout.
-fn check_pinned_maps(map_paths: &[(&'static str, PathBuf)]) -> Result<(), DatapathError> {
+/// Pinned maps that only cache what the programs learn from traffic: connection
+/// tracking (losing it re-judges each flow by policy at its next packet) and the
+/// event budget. A pin of one whose definition differs from what this load wants
+/// (a changed `conntrack.maxEntries`, an older version's layout) is replaced by a
+/// fresh map instead of refused.
+const REPLACEABLE_MAPS: [&str; 2] = [maps::CONNTRACK, maps::EVENT_RATE];
+
+/// Checks every pinned map against this version's definition of it: type, key and
+/// value sizes, and capacity (the object's, or the configured one for maps that
+/// grow). A cache that differs is unpinned, so the load creates it anew (returned,
+/// each with why, for the log); any other difference is refused: reusing the map
+/// would fail in the verifier with an obscure error, or worse, be read with the
+/// wrong layout. The error names the map and both definitions, and the way out.
+fn check_pinned_maps(
+    map_paths: &[(&'static str, PathBuf)],
+    capacities: &Capacities,
+) -> Result<Vec<String>, DatapathError> {
+    let mut replaced = Vec::new();
     if !map_paths.iter().any(|(_, path)| path.exists()) {
-        return Ok(());
+        return Ok(replaced);
     }
     let object = aya_obj::Object::parse(PROGRAMS).map_err(|e| {
         DatapathError::InvalidState(format!("parsing the embedded eBPF object: {e}"))
@@ -530,33 +578,69 @@ fn check_pinned_maps(map_paths: &[(&'static str, PathBuf)]) -> Result<(), Datapa
             .maps
             .get(*name)
             .ok_or_else(|| DatapathError::MissingMap((*name).to_owned()))?;
-        check_pinned_map(name, path, expected)?;
-    }
-    Ok(())
-}
-
-fn check_pinned_map(
-    name: &'static str,
-    path: &Path,
-    expected: &aya_obj::Map,
-) -> Result<(), DatapathError> {
-    let pinned = aya::maps::MapInfo::from_pin(path).map_err(|e| DatapathError::Map {
-        map: name,
-        source: Box::new(e),
-    })?;
-    let (pinned_layout, expected_layout) = (
-        (pinned.key_size(), pinned.value_size()),
-        (expected.key_size(), expected.value_size()),
-    );
-    if pinned_layout != expected_layout {
+        let wanted = bpf_sys::MapLayout {
+            map_type: expected.map_type(),
+            key_size: expected.key_size(),
+            value_size: expected.value_size(),
+            max_entries: capacities
+                .of(name)
+                .unwrap_or_else(|| expected.max_entries()),
+        };
+        let Some(difference) = pinned_map_difference(name, path, &wanted)? else {
+            continue;
+        };
+        if REPLACEABLE_MAPS.contains(name) {
+            std::fs::remove_file(path).map_err(|source| DatapathError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            replaced.push(format!(
+                "pinned map {name} replaced by a new, empty one ({difference}): flows are judged by policy again at their next packet"
+            ));
+            continue;
+        }
         return Err(DatapathError::IncompatiblePin {
             map: name,
-            detail: format!(
-                "key and value sizes {pinned_layout:?}, this version needs {expected_layout:?}"
-            ),
+            detail: difference,
         });
     }
-    Ok(())
+    Ok(replaced)
+}
+
+/// How the map pinned at `path` differs from `wanted`, if it does.
+fn pinned_map_difference(
+    name: &'static str,
+    path: &Path,
+    wanted: &bpf_sys::MapLayout,
+) -> Result<Option<String>, DatapathError> {
+    let kernel_err = |source| DatapathError::Kernel {
+        what: format!("reading pinned map {name} at {}", path.display()),
+        source,
+    };
+    let fd = bpf_sys::open_pinned(path).map_err(kernel_err)?;
+    let pinned = bpf_sys::map_layout(fd.as_fd()).map_err(kernel_err)?;
+    let mut differences = Vec::new();
+    if pinned.map_type != wanted.map_type {
+        differences.push(format!(
+            "type {} pinned, {} wanted",
+            bpf_sys::map_type_name(pinned.map_type),
+            bpf_sys::map_type_name(wanted.map_type)
+        ));
+    }
+    if (pinned.key_size, pinned.value_size) != (wanted.key_size, wanted.value_size) {
+        differences.push(format!(
+            "key and value sizes {:?} pinned, {:?} wanted",
+            (pinned.key_size, pinned.value_size),
+            (wanted.key_size, wanted.value_size)
+        ));
+    }
+    if pinned.max_entries != wanted.max_entries {
+        differences.push(format!(
+            "capacity {} pinned, {} wanted",
+            pinned.max_entries, wanted.max_entries
+        ));
+    }
+    Ok((!differences.is_empty()).then(|| differences.join("; ")))
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, DatapathError>

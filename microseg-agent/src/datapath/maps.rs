@@ -243,6 +243,34 @@ pub struct MapUsage {
     pub capacity: usize,
 }
 
+impl MapUsage {
+    /// Entries over capacity, as Cilium's `bpf_map_pressure` (1 = full).
+    pub fn pressure(&self) -> f64 {
+        self.entries as f64 / self.capacity.max(1) as f64
+    }
+
+    /// The map's name as metrics label it (`map_name="conntrack"`).
+    pub fn label(&self) -> String {
+        self.map.to_ascii_lowercase()
+    }
+}
+
+/// Entries of the hash map (LRU included) `data`, counted with batched lookups
+/// (BPF_MAP_LOOKUP_BATCH: one syscall per 8,192 entries, where a walk of its keys
+/// costs two per entry).
+pub fn count_entries<K, V>(map: &'static str, data: &MapData) -> Result<u64, DatapathError> {
+    use std::os::fd::AsFd;
+    super::bpf_sys::count_entries(
+        data.fd().as_fd(),
+        std::mem::size_of::<K>(),
+        std::mem::size_of::<V>(),
+    )
+    .map_err(|source| DatapathError::Kernel {
+        what: format!("counting the entries of {map}"),
+        source,
+    })
+}
+
 pub(super) fn capacity_of(map: &'static str, data: &MapData) -> Result<usize, DatapathError> {
     Ok(data.info().map_err(map_err(map))?.max_entries() as usize)
 }

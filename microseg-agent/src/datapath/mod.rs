@@ -20,7 +20,7 @@ use std::path::PathBuf;
 pub use apply::{ApplyReport, StateDiff};
 pub use loader::{
     AttachPoint, Capacities, Datapath, LoadOptions, ProgramRole, XdpAttachMode, detach_pinned,
-    pinned_links,
+    pinned_links, program_object,
 };
 pub use state::{DatapathState, PolicyMatch, StateCounts};
 pub use test_run::ProgramVerdict;
@@ -72,7 +72,7 @@ pub enum DatapathError {
         source: std::io::Error,
     },
     #[error(
-        "pinned map {map} was created by an incompatible version of microseg ({detail}); `microseg detach` removes the old enforcement and its maps"
+        "pinned map {map} differs from what this version needs ({detail}): it was created by another version of microseg or with other capacities; run `microseg detach` (it removes enforcement and the pinned maps) and start the agent again, which re-applies its saved state"
     )]
     IncompatiblePin { map: &'static str, detail: String },
     #[error("invalid data path state: {0}")]

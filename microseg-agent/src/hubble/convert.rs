@@ -106,6 +106,9 @@ pub fn drop_reason_of(name: &str) -> DropReason {
         "FRAGMENT_WITHOUT_HEAD" => DropReason::FirstLogicalDatagramFragmentNotFound,
         "IPV6_EXTENSION_HEADERS_TOO_LONG" => DropReason::InvalidIpv6ExtensionHeader,
         "FORBIDDEN_ICMPV6" => DropReason::ForbiddenIcmpv6Message,
+        // The program could not judge the packet at all (its working memory could
+        // not be had): as a packet no policy decision could be made for.
+        "SCRATCH_UNAVAILABLE" => DropReason::NoConfigurationAvailableToPerformPolicyDecision,
         // POLICY_DENIED, POLICY_DENY, INVALID_PACKET_DROPPED, INVALID_SOURCE_IP and
         // UNSUPPORTED_L3_PROTOCOL are Hubble's own names.
         other => DropReason::from_str_name(other).unwrap_or(DropReason::Unknown),

@@ -24,75 +24,50 @@ pub mod convert;
 pub mod filter;
 pub mod server;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::SystemTime};
 
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use self::{proto::observer::observer_server::ObserverServer, server::HubbleObserver};
-use crate::agent::{Agent, config::AgentConfig, tasks};
+use crate::flow_history::EventHub;
 
-/// Starts the Hubble API's listeners as supervised tasks (`hubble` on the Unix
-/// socket, `hubble-tcp` on the loopback port when one is set).
-pub fn start(
-    agent: &Arc<Agent>,
-    config: &AgentConfig,
-    restarts: &Arc<tasks::TaskRestarts>,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let mut handles = Vec::new();
-    if let Some(path) = config.hubble.socket_path(&config.socket) {
-        let (agent, mode) = (agent.clone(), config.socket_mode_bits()?);
-        tracing::info!(socket = %path.display(), "serving Hubble's Observer API");
-        handles.push(tasks::supervise("hubble", restarts.clone(), move || {
-            serve_unix(agent.clone(), path.clone(), mode)
-        }));
-    }
-    if let Some(address) = config.hubble.listen_socket_address()? {
-        let agent = agent.clone();
-        tracing::info!(%address, "serving Hubble's Observer API");
-        handles.push(tasks::supervise(
-            "hubble-tcp",
-            restarts.clone(),
-            move || serve_tcp(agent.clone(), address),
-        ));
-    }
-    Ok(handles)
+/// What the Hubble server serves: the flow history, and what `ServerStatus` says of
+/// the node. The agent hands it over; the server knows no daemon.
+#[derive(Clone)]
+pub struct Served {
+    pub history: Arc<EventHub>,
+    pub node_name: String,
+    /// When the agent started (ServerStatus' uptime).
+    pub started: SystemTime,
 }
 
-/// Removes the Unix socket when the agent stops.
-pub fn remove_socket(config: &AgentConfig) {
-    if let Some(path) = config.hubble.socket_path(&config.socket) {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
-async fn router(agent: &Agent) -> tonic::transport::server::Router {
-    let (started, node_name) = {
-        let core = agent.core.lock().await;
-        (core.started, core.config.node_name())
-    };
+async fn router(served: &Served) -> tonic::transport::server::Router {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ObserverServer<HubbleObserver>>().await;
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(ObserverServer::new(HubbleObserver::new(
-            agent.hub.clone(),
-            started,
-            node_name,
+            served.history.clone(),
+            served.started,
+            served.node_name.clone(),
         )))
 }
 
-async fn serve_unix(agent: Arc<Agent>, path: PathBuf, mode: u32) -> anyhow::Result<()> {
-    let listener = crate::agent::server::bind_private(&path, mode)?;
-    router(&agent)
+/// Serves the Observer API on the Unix socket `path` (created with `mode`, see
+/// `crate::socket`) until an error.
+pub async fn serve_unix(served: Served, path: &Path, mode: u32) -> anyhow::Result<()> {
+    let listener = crate::socket::bind_private(path, mode)?;
+    router(&served)
         .await
         .serve_with_incoming(UnixListenerStream::new(listener))
         .await?;
     Ok(())
 }
 
-async fn serve_tcp(agent: Arc<Agent>, address: SocketAddr) -> anyhow::Result<()> {
+/// Serves the Observer API on a TCP `address` until an error.
+pub async fn serve_tcp(served: Served, address: SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(address).await?;
-    router(&agent)
+    router(&served)
         .await
         .serve_with_incoming(TcpListenerStream::new(listener))
         .await?;

@@ -24,7 +24,7 @@ use super::{
         relay::NodeState,
     },
 };
-use crate::agent::events::EventHub;
+use crate::flow_history::EventHub;
 
 /// Responses buffered per GetFlows stream before the sender waits for the client.
 const STREAM_BUFFER: usize = 256;
@@ -205,10 +205,10 @@ fn key(time: &prost_types::Timestamp) -> (i64, i32) {
 /// `lost_events`.
 async fn follow(
     query: &Query,
-    subscription: crate::agent::events::Subscription,
+    subscription: crate::flow_history::Subscription,
     sender: &mpsc::Sender<Result<GetFlowsResponse, Status>>,
 ) {
-    let crate::agent::events::Subscription {
+    let crate::flow_history::Subscription {
         history,
         mut live,
         lost,

@@ -1,5 +1,6 @@
 //! The compiler: a [`PolicySet`] becomes the content of the data path's maps
-//! ([`DatapathState`]).
+//! ([`DatapathState`]), and each later change of the set becomes the change of that
+//! content, worked out from what the change touches.
 //!
 //! Peers are reduced to identities so that policy entries grow with
 //! endpoints x distinct (peer identity, port) pairs, not with rules x addresses:
@@ -12,17 +13,36 @@
 //! Each enforced workload gets an endpoint id; each rule selecting it becomes entries
 //! (endpoint, peer identity or ANY, direction, protocol, port block) -> allow(rule id).
 //!
-//! Ids stay with what they number from one compile to the next ([`Compiler`],
-//! `numbering`), so that a changed pod or policy changes only its own entries.
-//! Selectors are matched through label indexes (`label_index`), so a compile costs
-//! about the size of its output, not policies x workloads.
+//! The work is kept in layers, as Cilium and Calico keep theirs, and an update goes
+//! through each only as far as its change reaches:
+//! - `identities` (the ipcache): a changed workload re-keys its own addresses; an
+//!   identity comes with its first member and goes with its last;
+//! - `selectors` (the selector cache): each rule peer and the identities it selects;
+//!   a new identity is matched against the selectors that could select it;
+//! - rules: each rule reduced to endpoint-independent entries, again only when one
+//!   of its selectors changed, and only for policies that select a local endpoint;
+//! - endpoints: which policies select each local workload and its entries, again
+//!   only for the endpoints a change reaches (its own change, a change of a policy
+//!   selecting it or of one of those policies' rules; for endpoints a
+//!   ClusterNetworkPolicy selects, a change of the set of identities);
+//! - `output`: the state, and the keys the update touched, from which its diff is
+//!   read.
+//!
+//! Ids stay with what they number from one update to the next (`numbering`), so
+//! that a changed pod or policy changes only its own entries. Selectors are matched
+//! through label indexes (`label_index`), so a first compile costs about the size of
+//! its output, not policies x workloads, and is the same code fed everything.
 
 mod hit_slots;
+mod identities;
 mod label_index;
 mod numbering;
+mod output;
+mod selectors;
 mod tiers;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use foldhash::{HashMap, HashMapExt};
 use std::fmt;
@@ -34,19 +54,23 @@ use microseg_common::endpoint::{
     ENDPOINT_FLAG_INGRESS_DEFAULT_ALLOW, ENDPOINT_FLAG_INGRESS_ENFORCED, EndpointInfo,
 };
 use microseg_common::identity::{IDENTITY_ANY, IDENTITY_WORLD};
-use microseg_common::policy::{PolicyEntry, port_range_blocks};
+use microseg_common::policy::{Direction, PolicyEntry, RULE_ID_DEFAULT_DENY, port_range_blocks};
+use microseg_common::rule_hits::HIT_SLOT_NONE;
 
 use super::evaluate::RuleRef;
 use super::model::{
-    IpBlock, LabelSelector, Labels, NamedPort, NamespaceScope, Peer, PolicyDirection, PolicySet,
-    PortRule, PortSpec, Protocol, RuleAction, Workload,
+    ClusterPolicy, IpBlock, LabelSelector, Labels, Peer, Policy, PolicyDirection, PolicySet,
+    PortRule, PortSpec, Protocol, RuleAction, Tier, Workload,
 };
 use crate::datapath::state::{DatapathState, PolicyMatch, StateCounts};
 pub use hit_slots::{HitSlotOwner, HitSlotTable, HitSlots};
-use label_index::LabelIndex;
+use identities::{IdentityChanges, IdentityLayer, WorkloadKey};
+use label_index::OwnedLabelIndex;
 pub use numbering::Numbering;
-use numbering::NumberingPass;
 pub use numbering::WorkloadIdentityKey;
+pub use output::CompiledChanges;
+use output::Output;
+use selectors::{PeerSelector, SelectorCache};
 
 /// Rule ids as stored in policy entries. Id 0 is `RULE_ID_DEFAULT_DENY`; a rule keeps
 /// its id from one compile to the next while its policy exists (see [`Numbering`]).
@@ -82,8 +106,8 @@ pub enum IdentityInfo {
     Workload {
         /// What they share (the key the id is kept by from one compile to the next).
         key: Arc<WorkloadIdentityKey>,
-        /// The workloads, as indexes into the compiled set's `workloads`.
-        members: Vec<usize>,
+        /// The workloads, as `namespace/name`.
+        members: Vec<String>,
     },
     /// Addresses outside the inventory covered by the same set of ipBlocks.
     Cidr {
@@ -104,17 +128,12 @@ impl IdentityTable {
         self.identities.get(&identity)
     }
 
-    /// A one-line description of any identity, reserved ones included; `set` is the
-    /// policy set the table was compiled from.
-    pub fn describe(&self, identity: u32, set: &PolicySet) -> String {
+    /// A one-line description of any identity, reserved ones included.
+    pub fn describe(&self, identity: u32) -> String {
         match (identity, self.identities.get(&identity)) {
             (IDENTITY_ANY, _) => "any".to_string(),
             (IDENTITY_WORLD, _) => "world".to_string(),
             (_, Some(IdentityInfo::Workload { members, .. })) => {
-                let members: Vec<String> = members
-                    .iter()
-                    .filter_map(|&index| set.workloads.get(index).map(Workload::key))
-                    .collect();
                 format!("identity {identity} (workloads {})", members.join(", "))
             }
             (
@@ -140,8 +159,6 @@ impl IdentityTable {
 /// An enforced workload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompiledEndpoint {
-    /// Index into `PolicySet::workloads`.
-    pub workload_index: usize,
     /// `ns/name`.
     pub workload: String,
     pub ingress_enforced: bool,
@@ -209,6 +226,7 @@ impl Compiled {
 type EntryTail = (u32, Option<u8>, Option<(u16, u8)>);
 
 /// A rule reduced to what does not depend on the endpoint it applies to.
+#[derive(Clone, Debug)]
 struct CompiledRule {
     rule_id: u32,
     entries: Vec<EntryTail>,
@@ -218,36 +236,168 @@ struct CompiledRule {
     peer_identities: Vec<u32>,
 }
 
-/// What a workload identity stands for, by reference into the set: namespace, labels,
-/// ipBlocks (indexes) containing the address, named ports egress rules resolve on it.
-type IdentityView<'a> = (&'a str, &'a Labels, Vec<usize>, Vec<&'a NamedPort>);
+/// What changed in a policy set since the compiler last saw it: the keys of the
+/// objects added, changed or removed. The compiler reads each in the new set (absent:
+/// removed) and knows what it made of the old one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetChanges {
+    /// `(namespace, name)`.
+    pub workloads: BTreeSet<(String, String)>,
+    /// `(namespace, name)`.
+    pub policies: BTreeSet<(String, String)>,
+    /// By name.
+    pub cluster_policies: BTreeSet<String>,
+    /// Namespaces whose labels may have changed.
+    pub namespaces: BTreeSet<String>,
+    pub nodes: bool,
+}
 
-/// A workload identity while compiling: what it stands for, by reference into the set.
-struct WorkloadIdentity<'a> {
+impl SetChanges {
+    pub fn is_empty(&self) -> bool {
+        self.workloads.is_empty()
+            && self.policies.is_empty()
+            && self.cluster_policies.is_empty()
+            && self.namespaces.is_empty()
+            && !self.nodes
+    }
+
+    /// Everything `set` holds (a first compile).
+    pub fn everything(set: &PolicySet) -> Self {
+        Self {
+            workloads: set
+                .workloads
+                .iter()
+                .map(|w| (w.namespace.clone(), w.name.clone()))
+                .collect(),
+            policies: set
+                .policies
+                .iter()
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect(),
+            cluster_policies: set
+                .cluster_policies
+                .iter()
+                .map(|p| p.name.clone())
+                .collect(),
+            namespaces: set.namespaces.keys().cloned().collect(),
+            nodes: true,
+        }
+    }
+}
+
+/// A policy, as the compiler keys it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum PolicyId {
+    Network(String, String),
+    Cluster(String),
+}
+
+/// One rule as registered.
+#[derive(Clone, Debug)]
+struct RuleState {
+    rule_ref: RuleRef,
+    policy: PolicyId,
+    direction: PolicyDirection,
+    action: RuleAction,
+    /// `None`: every peer.
+    peers: Option<Vec<PeerSelector>>,
+    ports: Option<Vec<PortRule>>,
+    /// The reduction, while it is current.
+    reduced: Option<Arc<CompiledRule>>,
+}
+
+/// One policy as registered.
+#[derive(Clone, Debug, Default)]
+struct PolicyState {
+    /// Rule ids per direction (ingress, egress), in rule order.
+    rules: [Vec<u32>; 2],
+    /// Local endpoints it selects (in either direction).
+    subjects: BTreeSet<WorkloadKey>,
+    /// What it registered with the identity layer, to release.
+    blocks: Vec<IpBlock>,
+    named_ports: Vec<(String, Protocol)>,
+    node_peers: usize,
+}
+
+/// An enforced endpoint as compiled.
+#[derive(Clone, Debug, Default)]
+struct EndpointState {
     id: u32,
-    key: Arc<WorkloadIdentityKey>,
-    namespace: &'a str,
-    labels: &'a Labels,
-    /// Indexes into the compile's distinct ipBlocks.
-    blocks: Vec<usize>,
-    named_ports: Vec<&'a NamedPort>,
-    /// Indexes into `PolicySet::workloads`.
-    members: Vec<usize>,
+    addresses: Vec<IpAddr>,
+    /// Policies selecting it, per direction, in evaluation order.
+    selected: [Vec<PolicyId>; 2],
+    /// Its policy entries, per direction (its share of the state's).
+    entries: [BTreeMap<PolicyMatch, PolicyEntry>; 2],
+    /// A ClusterNetworkPolicy selects it in the direction: its entries depend on
+    /// every identity there is (`tiers`).
+    tiered: [bool; 2],
 }
 
-/// IPv4-mapped IPv6 space, where the data path keeps IPv4 addresses.
-fn ipv4_mapped_range() -> IpNet {
-    "::ffff:0:0/96".parse().expect("constant prefix")
+fn direction_index(direction: PolicyDirection) -> usize {
+    usize::from(direction == PolicyDirection::Egress)
 }
 
-/// Compiles policy sets one after another, keeping ids stable between them (see
-/// [`Numbering`]): the agent keeps one, so that an update's diff holds only the map
-/// entries the change affects.
+const DIRECTIONS: [PolicyDirection; 2] = [PolicyDirection::Ingress, PolicyDirection::Egress];
+
+/// Counts of the compiler's work, for `status` and the benchmark.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompilerCounters {
+    /// Updates compiled.
+    pub updates: u64,
+    /// Updates that compiled everything afresh (a first compile, ids exhausted).
+    pub full_compiles: u64,
+    /// Endpoint directions whose entries were worked out again, in all updates.
+    pub endpoints_recompiled: u64,
+    /// Rules reduced again, in all updates.
+    pub rules_reduced: u64,
+}
+
+/// Compiles policy sets one after another, each as the change from the last: ids
+/// stay with what they number, identities, selectors, rules and endpoints are kept,
+/// and an update works out again only what its change touches (see the module doc).
+/// The agent keeps one per node.
 #[derive(Clone, Debug, Default)]
 pub struct Compiler {
     numbering: Numbering,
     hit_slots: HitSlots,
     enforcing_node: Option<String>,
+    identities: IdentityLayer,
+    selectors: SelectorCache,
+    rules: HashMap<u32, RuleState>,
+    rules_by_selector: HashMap<PeerSelector, BTreeSet<u32>>,
+    /// Egress rules without peers that name ports: they resolve on every identity
+    /// with named ports.
+    any_peer_named_rules: BTreeSet<u32>,
+    policies: HashMap<PolicyId, PolicyState>,
+    rule_table: RuleTable,
+    /// Local workloads (enforced here if a policy selects them), by namespace,
+    /// indexed by label.
+    local: BTreeMap<String, OwnedLabelIndex<u32>>,
+    local_handles: HashMap<WorkloadKey, (u32, Labels)>,
+    local_keys: HashMap<u32, WorkloadKey>,
+    next_local: u32,
+    endpoints: BTreeMap<WorkloadKey, EndpointState>,
+    endpoint_table: BTreeMap<u32, CompiledEndpoint>,
+    output: Output,
+    /// What `compile` saw last, to find what changed (see `Compiler::compile`).
+    seen: Fingerprints,
+    pub counters: CompilerCounters,
+}
+
+/// Hashes of the objects of the last set `compile` saw.
+#[derive(Clone, Debug, Default)]
+struct Fingerprints {
+    workloads: HashMap<WorkloadKey, u64>,
+    policies: HashMap<(String, String), u64>,
+    cluster_policies: HashMap<String, u64>,
+    namespaces: HashMap<String, u64>,
+    nodes: u64,
+}
+
+fn fingerprint(value: &impl std::hash::Hash) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::quality::FixedState::with_seed(0).hash_one(value)
 }
 
 impl Compiler {
@@ -264,302 +414,466 @@ impl Compiler {
         }
     }
 
-    pub fn compile(&mut self, set: &PolicySet) -> Compiled {
-        let mut numbering = self.numbering.start();
-        let mut compiled = compile_numbered(set, &mut numbering, self.enforcing_node.as_deref());
-        self.numbering = numbering.finish();
-        self.hit_slots.assign(&mut compiled);
-        compiled
-    }
-
     pub fn numbering(&self) -> &Numbering {
         &self.numbering
     }
-}
 
-/// Compiles the policies and inventory of `set` into map content, with fresh ids.
-pub fn compile(set: &PolicySet) -> Compiled {
-    Compiler::default().compile(set)
-}
+    /// Compiles `set`, finding what changed since the last set by comparing the
+    /// objects' hashes with the last ones (a pass over the set). Callers that know
+    /// what changed use [`Compiler::update`].
+    pub fn compile(&mut self, set: &PolicySet) -> Compiled {
+        let changes = self.changes_since_last(set);
+        self.update(set, &changes);
+        self.compiled()
+    }
 
-/// `node`: see [`Compiler::enforcing_node`] (`None`: every workload is enforced).
-fn compile_numbered<'a>(
-    set: &'a PolicySet,
-    numbering: &mut NumberingPass,
-    node: Option<&str>,
-) -> Compiled {
-    let mut compiled = Compiled::default();
-
-    // Distinct ipBlocks and the named ports egress rules use.
-    let mut block_set: BTreeSet<&IpBlock> = BTreeSet::new();
-    let mut egress_named: BTreeSet<(&str, Protocol)> = BTreeSet::new();
-    for policy in &set.policies {
-        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
-            for rule in policy.rules(direction).unwrap_or_default() {
-                for peer in rule.peers.iter().flatten() {
-                    if let Peer::IpBlock(block) = peer {
-                        block_set.insert(block);
-                    }
-                }
-                if direction == PolicyDirection::Egress {
-                    for port in rule.ports.iter().flatten() {
-                        if let PortSpec::Named(name) = &port.port {
-                            egress_named.insert((name.as_str(), port.protocol));
-                        }
-                    }
-                }
+    /// What differs between `set` and the last set this compiler saw.
+    fn changes_since_last(&mut self, set: &PolicySet) -> SetChanges {
+        let mut changes = SetChanges::default();
+        let mut workloads = HashMap::with_capacity(set.workloads.len());
+        for workload in &set.workloads {
+            let key = (workload.namespace.clone(), workload.name.clone());
+            let hash = fingerprint(workload);
+            if self.seen.workloads.remove(&key) != Some(hash) {
+                changes.workloads.insert(key.clone());
             }
+            workloads.insert(key, hash);
         }
-    }
-    let mut uses_node_peers = false;
-    for policy in &set.cluster_policies {
-        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
-            for rule in policy.rules(direction) {
-                for peer in rule.peers.iter().flatten() {
-                    match peer {
-                        Peer::IpBlock(block) => {
-                            block_set.insert(block);
-                        }
-                        Peer::Nodes(_) => uses_node_peers = true,
-                        Peer::Workloads { .. } => {}
-                    }
-                }
-                if direction == PolicyDirection::Egress {
-                    for port in rule.ports.iter().flatten() {
-                        if let PortSpec::Named(name) = &port.port {
-                            egress_named.insert((name.as_str(), port.protocol));
-                        }
-                    }
-                }
+        changes
+            .workloads
+            .extend(std::mem::replace(&mut self.seen.workloads, workloads).into_keys());
+        let mut policies = HashMap::with_capacity(set.policies.len());
+        for policy in &set.policies {
+            let key = (policy.namespace.clone(), policy.name.clone());
+            let hash = fingerprint(policy);
+            if self.seen.policies.remove(&key) != Some(hash) {
+                changes.policies.insert(key.clone());
             }
+            policies.insert(key, hash);
         }
+        changes
+            .policies
+            .extend(std::mem::replace(&mut self.seen.policies, policies).into_keys());
+        let mut cluster = HashMap::new();
+        for policy in &set.cluster_policies {
+            let hash = fingerprint(policy);
+            if self.seen.cluster_policies.remove(&policy.name) != Some(hash) {
+                changes.cluster_policies.insert(policy.name.clone());
+            }
+            cluster.insert(policy.name.clone(), hash);
+        }
+        changes
+            .cluster_policies
+            .extend(std::mem::replace(&mut self.seen.cluster_policies, cluster).into_keys());
+        let mut namespaces = HashMap::new();
+        for (name, namespace) in &set.namespaces {
+            let hash = fingerprint(&namespace.labels);
+            if self.seen.namespaces.remove(name) != Some(hash) {
+                changes.namespaces.insert(name.clone());
+            }
+            namespaces.insert(name.clone(), hash);
+        }
+        changes
+            .namespaces
+            .extend(std::mem::replace(&mut self.seen.namespaces, namespaces).into_keys());
+        let nodes = fingerprint(&set.nodes);
+        changes.nodes = nodes != self.seen.nodes;
+        self.seen.nodes = nodes;
+        changes
     }
-    // Node addresses are single-address blocks, so that they get identities as
-    // ipBlocks do (a node peer is the identities of its nodes' blocks).
-    if uses_node_peers {
-        block_set.extend(set.nodes.iter().flat_map(|node| &node.address_blocks));
-    }
-    let blocks: Vec<&IpBlock> = block_set.into_iter().collect();
 
-    // Workload identities: addresses grouped by what the identity stands for.
-    let mut workload_identities: Vec<WorkloadIdentity<'_>> = Vec::new();
-    let mut identity_by_view: HashMap<IdentityView<'_>, usize> =
-        HashMap::with_capacity(set.workloads.len());
-    let mut namespace_names: HashMap<&str, Arc<str>> = HashMap::new();
-    for (workload_index, workload) in set.workloads.iter().enumerate() {
-        let named_ports: Vec<&NamedPort> = if egress_named.is_empty() {
-            Vec::new()
-        } else {
-            workload
-                .ports
-                .iter()
-                .filter(|port| egress_named.contains(&(port.name.as_str(), port.protocol)))
-                .collect()
-        };
-        for address in &workload.addresses {
-            let address_blocks: Vec<usize> = (0..blocks.len())
-                .filter(|&index| blocks[index].contains(*address))
-                .collect();
-            let view = (
-                workload.namespace.as_str(),
-                &workload.labels,
-                address_blocks,
-                named_ports.clone(),
+    /// Compiles the change `changes` made to the set, `set` being the set after it.
+    /// Returns what the compiled state gained, lost and changed.
+    pub fn update(&mut self, set: &PolicySet, changes: &SetChanges) -> CompiledChanges {
+        self.counters.updates += 1;
+        self.hit_slots.begin_update();
+        let mut changes = changes.clone();
+        if self.numbering.exhausted() || self.counters.updates == 1 {
+            if self.numbering.exhausted() {
+                // Start afresh: every id is handed out again.
+                let node = self.enforcing_node.clone();
+                let (counters, output) = (self.counters, std::mem::take(&mut self.output));
+                *self = Self {
+                    enforcing_node: node,
+                    counters,
+                    output,
+                    ..Self::default()
+                };
+                self.forget_output();
+            }
+            self.counters.full_compiles += 1;
+            changes = SetChanges::everything(set);
+        }
+        let mut dirty: BTreeSet<WorkloadKey> = BTreeSet::new();
+
+        // Policies: the new version is registered before the old one is released,
+        // so that what both have (a rule's id, a selector, a block) stays.
+        for key in &changes.policies {
+            let id = PolicyId::Network(key.0.clone(), key.1.clone());
+            let old = self.take_policy(&id);
+            if let Some(policy) = set.policy(&key.0, &key.1) {
+                self.register_network_policy(set, policy, &mut dirty);
+            }
+            self.release_policy(set, old, &mut dirty);
+        }
+        for name in &changes.cluster_policies {
+            let id = PolicyId::Cluster(name.clone());
+            let old = self.take_policy(&id);
+            if let Some(policy) = set.cluster_policies.iter().find(|p| &p.name == name) {
+                self.register_cluster_policy(set, policy, &mut dirty);
+            }
+            self.release_policy(set, old, &mut dirty);
+        }
+        if changes.nodes {
+            self.identities.sync_node_blocks(set);
+        }
+
+        // Workloads: identities of their addresses, and the local ones' selection.
+        let mut identity_changes = IdentityChanges::default();
+        for key in &changes.workloads {
+            self.identities.update_workload(
+                set,
+                key,
+                &mut self.numbering,
+                &mut self.output,
+                &mut identity_changes,
             );
-            let index = match identity_by_view.get(&view) {
-                Some(&index) => index,
-                None => {
-                    let (namespace, labels, address_blocks, named_ports) = view.clone();
-                    let namespace_name = namespace_names
-                        .entry(namespace)
-                        .or_insert_with(|| Arc::from(namespace))
-                        .clone();
-                    let (id, key) = numbering.workload_identity(WorkloadIdentityKey {
-                        namespace: namespace_name,
-                        labels: labels.clone(),
-                        ip_blocks: address_blocks.iter().map(|&i| blocks[i].clone()).collect(),
-                        named_ports: named_ports.iter().map(|&port| port.clone()).collect(),
-                    });
-                    workload_identities.push(WorkloadIdentity {
-                        id,
-                        key,
-                        namespace,
-                        labels,
-                        blocks: address_blocks,
-                        named_ports,
-                        members: Vec::new(),
-                    });
-                    identity_by_view.insert(view, workload_identities.len() - 1);
-                    workload_identities.len() - 1
-                }
-            };
-            let identity = &mut workload_identities[index];
-            if identity.members.last() != Some(&workload_index) {
-                identity.members.push(workload_index);
-            }
-            compiled.state.peer_hosts.insert(*address, identity.id);
+            self.update_local(set, key);
+            dirty.insert(key.clone());
         }
-    }
-    drop(identity_by_view);
-    for identity in &mut workload_identities {
-        let info = IdentityInfo::Workload {
-            key: identity.key.clone(),
-            members: std::mem::take(&mut identity.members),
-        };
-        compiled.identities.identities.insert(identity.id, info);
-    }
-
-    // CIDR identities: each distinct prefix gets the set of ipBlocks covering all of it.
-    let mut prefixes: BTreeSet<IpNet> = BTreeSet::new();
-    for block in &blocks {
-        prefixes.insert(block.cidr);
-        prefixes.extend(block.except.iter().copied());
-    }
-    // The data path keeps IPv4 as IPv4-mapped IPv6, so an IPv6 prefix covering that
-    // range (::/0 ...) would catch IPv4 traffic. An IPv4 /0 always wins over it.
-    let mapped = ipv4_mapped_range();
-    if prefixes.iter().any(|prefix| prefix.contains(&mapped)) {
-        prefixes.insert("0.0.0.0/0".parse().expect("constant prefix"));
-    }
-    // ipBlock index -> identities (workload and CIDR) it covers.
-    let mut block_identities: Vec<Vec<u32>> = vec![Vec::new(); blocks.len()];
-    for identity in &workload_identities {
-        for &index in &identity.blocks {
-            block_identities[index].push(identity.id);
-        }
-    }
-    let mut cidr_identity_by_set: HashMap<Vec<usize>, u32> = HashMap::new();
-    for prefix in &prefixes {
-        let covering: Vec<usize> = (0..blocks.len())
-            .filter(|&index| {
-                let block = &blocks[index];
-                block.cidr.contains(prefix)
-                    && !block.except.iter().any(|except| except.contains(prefix))
-            })
-            .collect();
-        let identity = if covering.is_empty() {
-            IDENTITY_WORLD
-        } else {
-            match cidr_identity_by_set.get(&covering) {
-                Some(identity) => *identity,
-                None => {
-                    let identity = numbering
-                        .cidr_identity(covering.iter().map(|&i| blocks[i].clone()).collect());
-                    for &index in &covering {
-                        block_identities[index].push(identity);
-                    }
-                    compiled.identities.identities.insert(
-                        identity,
-                        IdentityInfo::Cidr {
-                            prefixes: Vec::new(),
-                            ip_blocks: covering.iter().map(|&i| blocks[i].clone()).collect(),
-                        },
-                    );
-                    cidr_identity_by_set.insert(covering, identity);
-                    identity
-                }
-            }
-        };
-        if let Some(IdentityInfo::Cidr { prefixes, .. }) =
-            compiled.identities.identities.get_mut(&identity)
-        {
-            prefixes.push(*prefix);
-        }
-        if prefix.prefix_len() == prefix.max_prefix_len() {
-            // A workload's own identity already accounts for its ipBlocks.
-            if set.workload_by_address(prefix.addr()).is_none() {
-                compiled.state.peer_hosts.insert(prefix.addr(), identity);
-            }
-        } else {
-            compiled.state.peer_prefixes.insert(*prefix, identity);
-        }
-    }
-
-    // Peer -> identities, through per-namespace label indexes of the identities.
-    let block_index: HashMap<&IpBlock, usize> = blocks
-        .iter()
-        .enumerate()
-        .map(|(index, block)| (*block, index))
-        .collect();
-    let mut identities_by_namespace: BTreeMap<&str, LabelIndex<'_>> = BTreeMap::new();
-    for (index, identity) in workload_identities.iter().enumerate() {
-        identities_by_namespace
-            .entry(identity.namespace)
-            .or_default()
-            .add(index, identity.labels);
-    }
-    let named_port_identities: Vec<&WorkloadIdentity<'_>> = workload_identities
-        .iter()
-        .filter(|identity| !identity.named_ports.is_empty())
-        .collect();
-    // Namespaces a namespaceSelector matches, worked out once per distinct selector.
-    let mut namespaces_selected: HashMap<&'a LabelSelector, Vec<&'a str>> = HashMap::new();
-    // Identities of one namespace that `pods` selects.
-    let selected_in = |index: &LabelIndex<'_>, pods: &LabelSelector, out: &mut Vec<u32>| {
-        out.extend(
-            index
-                .candidates(pods)
-                .iter()
-                .map(|&i| &workload_identities[i])
-                .filter(|identity| pods.matches(identity.labels))
-                .map(|identity| identity.id),
+        self.identities.settle(
+            set,
+            &mut self.numbering,
+            &mut self.output,
+            &mut identity_changes,
         );
-    };
-    let mut peer_identities = |peer: &'a Peer, out: &mut Vec<u32>| match peer {
-        Peer::Workloads {
-            namespaces: NamespaceScope::Named(name),
-            pods,
-        } => {
-            if let Some(index) = identities_by_namespace.get(name.as_str()) {
-                selected_in(index, pods, out);
-            }
-        }
-        Peer::Workloads {
-            namespaces: NamespaceScope::Selected(selector),
-            pods,
-        } => {
-            let namespaces = namespaces_selected.entry(selector).or_insert_with(|| {
-                identities_by_namespace
-                    .keys()
-                    .copied()
-                    .filter(|namespace| selector.matches(set.namespace_labels(namespace)))
-                    .collect()
-            });
-            for namespace in namespaces.iter() {
-                selected_in(&identities_by_namespace[namespace], pods, out);
-            }
-        }
-        Peer::IpBlock(block) => {
-            out.extend(block_identities[block_index[block]].iter().copied());
-        }
-        Peer::Nodes(selector) => {
-            for node in set
-                .nodes
-                .iter()
-                .filter(|node| selector.matches(&node.labels))
-            {
-                for block in &node.address_blocks {
-                    out.extend(block_identities[block_index[block]].iter().copied());
-                }
-            }
-        }
-    };
 
-    // A rule reduced to entries that do not depend on the endpoint it applies to.
-    let mut reduce = |peers: Option<&'a Vec<Peer>>,
-                      ports: Option<&'a Vec<PortRule>>,
-                      direction: PolicyDirection,
-                      rule_id: u32|
-     -> CompiledRule {
-        let identities: Vec<u32> = match peers {
-            None => vec![IDENTITY_ANY],
-            Some(peers) => {
-                // Sorted and deduplicated once, not kept sorted per insert: a rule may
-                // name a million identities.
-                let mut identities = Vec::new();
-                for peer in peers {
-                    peer_identities(peer, &mut identities);
+        // A relabelled namespace may change which cluster policies select its pods.
+        for namespace in &changes.namespaces {
+            if let Some(index) = self.local.get(namespace) {
+                dirty.extend(
+                    index
+                        .items()
+                        .filter_map(|h| self.local_keys.get(&h).cloned()),
+                );
+            }
+        }
+
+        // Selectors, then the rules whose peers they are.
+        self.selectors.update(
+            set,
+            &self.identities,
+            &identity_changes,
+            &changes.namespaces,
+            changes.nodes,
+        );
+        let mut stale_rules: BTreeSet<u32> = BTreeSet::new();
+        for selector in self.selectors.take_changed() {
+            if let Some(rules) = self.rules_by_selector.get(&selector) {
+                stale_rules.extend(rules.iter().copied());
+            }
+        }
+        if identity_changes.named_ports_changed {
+            stale_rules.extend(self.any_peer_named_rules.iter().copied());
+        }
+        for rule_id in stale_rules {
+            let Some(rule) = self.rules.get_mut(&rule_id) else {
+                continue;
+            };
+            if rule.reduced.take().is_some()
+                && let Some(policy) = self.policies.get(&rule.policy)
+            {
+                dirty.extend(policy.subjects.iter().cloned());
+            }
+        }
+        // Tiered endpoints depend on every identity there is.
+        if !identity_changes.added.is_empty() || !identity_changes.removed.is_empty() {
+            dirty.extend(
+                self.endpoints
+                    .iter()
+                    .filter(|(_, e)| e.tiered[0] || e.tiered[1])
+                    .map(|(key, _)| key.clone()),
+            );
+        }
+
+        let universe: Vec<u32> = self.identities.universe.iter().copied().collect();
+        for key in &dirty {
+            self.compile_endpoint(set, key, &universe);
+        }
+        self.hit_slots.end_update();
+        self.output.take_changes()
+    }
+
+    /// Forgets the output: the next update writes every entry anew.
+    fn forget_output(&mut self) {
+        let old = std::mem::take(&mut self.output.state);
+        for address in old.endpoints.keys() {
+            self.output.set_endpoint(*address, None);
+        }
+        for address in old.peer_hosts.keys() {
+            self.output.set_peer_host(*address, None);
+        }
+        for prefix in old.peer_prefixes.keys() {
+            self.output.set_peer_prefix(*prefix, None);
+        }
+        for key in old.policy.keys() {
+            self.output.set_policy(*key, None);
+        }
+    }
+
+    /// Whether `workload` is enforced here (see [`Compiler::enforcing_node`]).
+    fn enforced_here(&self, workload: &Workload) -> bool {
+        match (self.enforcing_node.as_deref(), workload.node.as_deref()) {
+            (Some(here), Some(there)) => here == there,
+            _ => true,
+        }
+    }
+
+    /// Keeps the index of local workloads (with addresses, enforced here).
+    fn update_local(&mut self, set: &PolicySet, key: &WorkloadKey) {
+        let workload = set
+            .workload(&key.0, &key.1)
+            .filter(|w| !w.addresses.is_empty() && self.enforced_here(w));
+        if let Some((handle, labels)) = self.local_handles.remove(key) {
+            if let Some(index) = self.local.get_mut(&key.0) {
+                index.remove(handle, &labels);
+                if index.is_empty() {
+                    self.local.remove(&key.0);
                 }
+            }
+            self.local_keys.remove(&handle);
+        }
+        if let Some(workload) = workload {
+            let handle = self.next_local;
+            self.next_local += 1;
+            self.local
+                .entry(key.0.clone())
+                .or_default()
+                .add(handle, &workload.labels);
+            self.local_handles
+                .insert(key.clone(), (handle, workload.labels.clone()));
+            self.local_keys.insert(handle, key.clone());
+        }
+    }
+
+    /// Local workloads `selector` matches in `namespace`.
+    fn local_matching(&self, namespace: &str, selector: &LabelSelector) -> Vec<WorkloadKey> {
+        let Some(index) = self.local.get(namespace) else {
+            return Vec::new();
+        };
+        index
+            .candidates(selector)
+            .iter()
+            .filter_map(|handle| {
+                let key = self.local_keys.get(handle)?;
+                let (_, labels) = self.local_handles.get(key)?;
+                selector.matches(labels).then(|| key.clone())
+            })
+            .collect()
+    }
+
+    fn register_rule(
+        &mut self,
+        set: &PolicySet,
+        policy: &PolicyId,
+        state: &mut PolicyState,
+        rule_ref: RuleRef,
+        action: RuleAction,
+        peers: Option<&Vec<Peer>>,
+        ports: Option<&Vec<PortRule>>,
+    ) {
+        let direction = rule_ref.direction;
+        let rule_id = self.numbering.rule(&rule_ref);
+        self.hit_slots.rule(rule_id);
+        self.rule_table.rules.insert(rule_id, rule_ref.clone());
+        let selectors: Option<Vec<PeerSelector>> =
+            peers.map(|peers| peers.iter().map(PeerSelector::of).collect());
+        for peer in peers.into_iter().flatten() {
+            match peer {
+                Peer::IpBlock(block) => {
+                    self.identities.use_block(set, block);
+                    state.blocks.push(block.clone());
+                }
+                Peer::Nodes(_) => {
+                    self.identities.use_node_peers(set, true);
+                    state.node_peers += 1;
+                }
+                Peer::Workloads { .. } => {}
+            }
+        }
+        for selector in selectors.iter().flatten() {
+            self.selectors.add_use(selector, set, &self.identities);
+            self.rules_by_selector
+                .entry(selector.clone())
+                .or_default()
+                .insert(rule_id);
+        }
+        if direction == PolicyDirection::Egress {
+            for port in ports.into_iter().flatten() {
+                if let PortSpec::Named(name) = &port.port {
+                    self.identities.use_named_port(set, name, port.protocol);
+                    state.named_ports.push((name.clone(), port.protocol));
+                    if selectors.is_none() {
+                        self.any_peer_named_rules.insert(rule_id);
+                    }
+                }
+            }
+        }
+        state.rules[direction_index(direction)].push(rule_id);
+        self.rules.insert(
+            rule_id,
+            RuleState {
+                rule_ref,
+                policy: policy.clone(),
+                direction,
+                action,
+                peers: selectors,
+                ports: ports.cloned(),
+                reduced: None,
+            },
+        );
+    }
+
+    fn register_network_policy(
+        &mut self,
+        set: &PolicySet,
+        policy: &Policy,
+        dirty: &mut BTreeSet<WorkloadKey>,
+    ) {
+        let id = PolicyId::Network(policy.namespace.clone(), policy.name.clone());
+        let mut state = PolicyState::default();
+        for direction in DIRECTIONS {
+            for (index, rule) in policy
+                .rules(direction)
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                self.register_rule(
+                    set,
+                    &id,
+                    &mut state,
+                    RuleRef::network_policy(policy, direction, index),
+                    RuleAction::Accept,
+                    rule.peers.as_ref(),
+                    rule.ports.as_ref(),
+                );
+            }
+        }
+        // Subjects: worked out when each endpoint is compiled.
+        dirty.extend(self.local_matching(&policy.namespace, &policy.pod_selector));
+        self.policies.insert(id, state);
+    }
+
+    fn register_cluster_policy(
+        &mut self,
+        set: &PolicySet,
+        policy: &ClusterPolicy,
+        dirty: &mut BTreeSet<WorkloadKey>,
+    ) {
+        let id = PolicyId::Cluster(policy.name.clone());
+        let mut state = PolicyState::default();
+        for direction in DIRECTIONS {
+            for (index, rule) in policy.rules(direction).iter().enumerate() {
+                self.register_rule(
+                    set,
+                    &id,
+                    &mut state,
+                    RuleRef::cluster_policy(policy, direction, index),
+                    rule.action,
+                    rule.peers.as_ref(),
+                    rule.ports.as_ref(),
+                );
+            }
+        }
+        let namespaces: Vec<String> = self
+            .local
+            .keys()
+            .filter(|namespace| {
+                policy
+                    .subject
+                    .namespaces
+                    .matches(set.namespace_labels(namespace))
+            })
+            .cloned()
+            .collect();
+        for namespace in namespaces {
+            dirty.extend(self.local_matching(&namespace, &policy.subject.pods));
+        }
+        self.policies.insert(id, state);
+    }
+
+    /// Takes policy `id` and its rules out (to be released once its new version, if
+    /// any, is registered).
+    fn take_policy(&mut self, id: &PolicyId) -> Option<(PolicyState, Vec<(u32, RuleState)>)> {
+        let state = self.policies.remove(id)?;
+        let rules = state
+            .rules
+            .iter()
+            .flatten()
+            .filter_map(|rule_id| Some((*rule_id, self.rules.remove(rule_id)?)))
+            .collect();
+        Some((state, rules))
+    }
+
+    /// Releases what an old version of a policy registered, except what the new
+    /// version (already registered) uses too; its subjects are compiled again.
+    fn release_policy(
+        &mut self,
+        set: &PolicySet,
+        old: Option<(PolicyState, Vec<(u32, RuleState)>)>,
+        dirty: &mut BTreeSet<WorkloadKey>,
+    ) {
+        let Some((state, rules)) = old else {
+            return;
+        };
+        dirty.extend(state.subjects.iter().cloned());
+        for (rule_id, rule) in rules {
+            let kept = self.rules.get(&rule_id);
+            for selector in rule.peers.iter().flatten() {
+                self.selectors.release(selector);
+                let still_used = kept
+                    .and_then(|k| k.peers.as_ref())
+                    .is_some_and(|peers| peers.contains(selector));
+                if !still_used && let Some(rules) = self.rules_by_selector.get_mut(selector) {
+                    rules.remove(&rule_id);
+                    if rules.is_empty() {
+                        self.rules_by_selector.remove(selector);
+                    }
+                }
+            }
+            if kept.is_none() {
+                self.any_peer_named_rules.remove(&rule_id);
+                self.numbering.release_rule(&rule.rule_ref);
+                self.rule_table.rules.remove(&rule_id);
+                self.hit_slots.release_rule(rule_id);
+            }
+        }
+        for block in &state.blocks {
+            self.identities.release_block(set, block);
+        }
+        for (name, protocol) in &state.named_ports {
+            self.identities.release_named_port(set, name, *protocol);
+        }
+        for _ in 0..state.node_peers {
+            self.identities.use_node_peers(set, false);
+        }
+    }
+
+    /// Rule `rule_id` reduced to endpoint-independent entries (cached while current).
+    fn reduced(&mut self, rule_id: u32) -> Option<Arc<CompiledRule>> {
+        let rule = self.rules.get(&rule_id)?;
+        if let Some(reduced) = &rule.reduced {
+            return Some(reduced.clone());
+        }
+        self.counters.rules_reduced += 1;
+        let identities: Vec<u32> = match &rule.peers {
+            None => vec![IDENTITY_ANY],
+            Some(selectors) => {
+                let mut identities: Vec<u32> = selectors
+                    .iter()
+                    .flat_map(|selector| self.selectors.identities(selector))
+                    .collect();
                 identities.sort_unstable();
                 identities.dedup();
                 identities
@@ -567,21 +881,17 @@ fn compile_numbered<'a>(
         };
         let mut entries: Vec<EntryTail> = Vec::new();
         let mut endpoint_named_ports = Vec::new();
-        match ports {
-            None => {
-                entries.extend(identities.iter().map(|&identity| (identity, None, None)));
-            }
+        match &rule.ports {
+            None => entries.extend(identities.iter().map(|&identity| (identity, None, None))),
             Some(ports) => {
                 for port in ports {
                     let protocol = Some(port.protocol.number());
                     match &port.port {
-                        PortSpec::Any => {
-                            entries.extend(
-                                identities
-                                    .iter()
-                                    .map(|&identity| (identity, protocol, None)),
-                            );
-                        }
+                        PortSpec::Any => entries.extend(
+                            identities
+                                .iter()
+                                .map(|&identity| (identity, protocol, None)),
+                        ),
                         PortSpec::Range { first, last } => {
                             port_range_blocks(*first, *last, |start, bits| {
                                 entries.extend(
@@ -591,26 +901,26 @@ fn compile_numbered<'a>(
                                 );
                             });
                         }
-                        PortSpec::Named(name) => match direction {
+                        PortSpec::Named(name) => match rule.direction {
                             PolicyDirection::Ingress => {
                                 endpoint_named_ports.push((name.clone(), port.protocol));
                             }
                             PolicyDirection::Egress => {
                                 // Resolved on each destination identity; a rule without
                                 // peers reaches every workload identity.
-                                for identity in &named_port_identities {
-                                    let peer_ok = identities.binary_search(&identity.id).is_ok()
-                                        || identities.binary_search(&IDENTITY_ANY).is_ok();
-                                    if !peer_ok {
+                                let any = identities.binary_search(&IDENTITY_ANY).is_ok();
+                                for id in &self.identities.with_named_ports {
+                                    if !any && identities.binary_search(id).is_err() {
                                         continue;
                                     }
-                                    for named in &identity.named_ports {
+                                    let Some(identity) =
+                                        self.identities.workload_identities.get(id)
+                                    else {
+                                        continue;
+                                    };
+                                    for named in &identity.key.named_ports {
                                         if named.name == *name && named.protocol == port.protocol {
-                                            entries.push((
-                                                identity.id,
-                                                protocol,
-                                                Some((named.port, 16)),
-                                            ));
+                                            entries.push((*id, protocol, Some((named.port, 16))));
                                         }
                                     }
                                 }
@@ -622,224 +932,300 @@ fn compile_numbered<'a>(
         }
         entries.sort_unstable();
         entries.dedup();
-        CompiledRule {
+        let reduced = Arc::new(CompiledRule {
             rule_id,
             entries,
             endpoint_named_ports,
             peer_identities: identities,
+        });
+        if let Some(rule) = self.rules.get_mut(&rule_id) {
+            rule.reduced = Some(reduced.clone());
         }
-    };
+        Some(reduced)
+    }
 
-    // Rules, reduced once each: index 2 x policy + direction.
-    let mut compiled_rules: Vec<Vec<CompiledRule>> = Vec::with_capacity(2 * set.policies.len());
-    for policy in &set.policies {
-        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
-            let rules = policy.rules(direction).unwrap_or_default();
-            let mut reduced = Vec::with_capacity(rules.len());
-            for (rule_index, rule) in rules.iter().enumerate() {
-                let rule_ref = RuleRef::network_policy(policy, direction, rule_index);
-                let rule_id = numbering.rule(&rule_ref);
-                compiled.rules.rules.insert(rule_id, rule_ref);
-                reduced.push(reduce(
-                    rule.peers.as_ref(),
-                    rule.ports.as_ref(),
-                    direction,
-                    rule_id,
-                ));
+    /// Works out again which policies select workload `key` and its entries.
+    fn compile_endpoint(&mut self, set: &PolicySet, key: &WorkloadKey, universe: &[u32]) {
+        let workload = set
+            .workload(&key.0, &key.1)
+            .filter(|w| !w.addresses.is_empty() && self.enforced_here(w));
+        // Selection, per direction, in evaluation order.
+        let mut selected: [Vec<PolicyId>; 2] = Default::default();
+        let mut network_selects = [false; 2];
+        if let Some(workload) = workload {
+            for direction in DIRECTIONS {
+                let d = direction_index(direction);
+                for policy in set.policies_selecting(workload, direction) {
+                    selected[d].push(PolicyId::Network(
+                        policy.namespace.clone(),
+                        policy.name.clone(),
+                    ));
+                }
+                network_selects[d] = !selected[d].is_empty();
+                for policy in set.cluster_policies_selecting(workload, direction) {
+                    selected[d].push(PolicyId::Cluster(policy.name.clone()));
+                }
             }
-            compiled_rules.push(reduced);
         }
-    }
-    // ClusterNetworkPolicy rules likewise, with their actions; same indexing.
-    let mut compiled_cluster_rules: Vec<Vec<(RuleAction, CompiledRule)>> =
-        Vec::with_capacity(2 * set.cluster_policies.len());
-    for policy in &set.cluster_policies {
-        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
-            let rules = policy.rules(direction);
-            let mut reduced = Vec::with_capacity(rules.len());
-            for (rule_index, rule) in rules.iter().enumerate() {
-                let rule_ref = RuleRef::cluster_policy(policy, direction, rule_index);
-                let rule_id = numbering.rule(&rule_ref);
-                compiled.rules.rules.insert(rule_id, rule_ref);
-                reduced.push((
-                    rule.action,
-                    reduce(rule.peers.as_ref(), rule.ports.as_ref(), direction, rule_id),
-                ));
+        // Subjects follow.
+        let old_selected: BTreeSet<PolicyId> = self
+            .endpoints
+            .get(key)
+            .map(|e| e.selected.iter().flatten().cloned().collect())
+            .unwrap_or_default();
+        let new_selected: BTreeSet<PolicyId> = selected.iter().flatten().cloned().collect();
+        for id in old_selected.difference(&new_selected) {
+            if let Some(policy) = self.policies.get_mut(id) {
+                policy.subjects.remove(key);
             }
-            compiled_cluster_rules.push(reduced);
         }
-    }
-    let rules_of = |policy_index: usize, direction: PolicyDirection| {
-        &compiled_rules[2 * policy_index + usize::from(direction == PolicyDirection::Egress)]
-    };
-
-    // Which policies select which workloads, through per-namespace label indexes of
-    // the workloads: (workload, direction, policy), in policy order per workload.
-    let mut workloads_by_namespace: BTreeMap<&str, LabelIndex<'_>> = BTreeMap::new();
-    let enforced_here = |workload: &Workload| match (node, workload.node.as_deref()) {
-        (Some(here), Some(there)) => here == there,
-        _ => true,
-    };
-    for (index, workload) in set.workloads.iter().enumerate() {
-        if !workload.addresses.is_empty() && enforced_here(workload) {
-            workloads_by_namespace
-                .entry(workload.namespace.as_str())
-                .or_default()
-                .add(index, &workload.labels);
+        // Every selecting policy has it (one registered anew starts without).
+        for id in &new_selected {
+            if let Some(policy) = self.policies.get_mut(id) {
+                policy.subjects.insert(key.clone());
+            }
         }
-    }
-    // (workload, direction, which kind, policy index): NetworkPolicies, then
-    // ClusterNetworkPolicies in evaluation order.
-    let mut selections: Vec<(usize, PolicyDirection, SelectedBy, usize)> = Vec::new();
-    for (policy_index, policy) in set.policies.iter().enumerate() {
-        let Some(index) = workloads_by_namespace.get(policy.namespace.as_str()) else {
-            continue;
+        let old = self.endpoints.remove(key).unwrap_or_default();
+        let (Some(workload), false) = (workload, new_selected.is_empty()) else {
+            // Not enforced here: its entries and addresses go.
+            self.retire_endpoint(key, old);
+            return;
         };
-        let selected: Vec<usize> = index
-            .candidates(&policy.pod_selector)
-            .iter()
-            .copied()
-            .filter(|&w| policy.pod_selector.matches(&set.workloads[w].labels))
-            .collect();
-        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
-            if policy.rules(direction).is_some() {
-                selections.extend(
-                    selected
-                        .iter()
-                        .map(|&w| (w, direction, SelectedBy::NetworkPolicy, policy_index)),
-                );
-            }
-        }
-    }
-    for (policy_index, policy) in set.cluster_policies.iter().enumerate() {
-        let subject = &policy.subject;
-        let mut selected: Vec<usize> = Vec::new();
-        for (namespace, index) in &workloads_by_namespace {
-            if !subject.namespaces.matches(set.namespace_labels(namespace)) {
+        self.counters.endpoints_recompiled += 2;
+        let endpoint_id = self.numbering.endpoint(&key.0, &key.1);
+        let first_slot = self.hit_slots.endpoint(endpoint_id);
+        let mut flags = 0;
+        let mut entries: [BTreeMap<PolicyMatch, PolicyEntry>; 2] = Default::default();
+        let mut tiered = [false; 2];
+        for direction in DIRECTIONS {
+            let d = direction_index(direction);
+            if selected[d].is_empty() {
                 continue;
             }
-            selected.extend(
-                index
-                    .candidates(&subject.pods)
-                    .iter()
-                    .copied()
-                    .filter(|&w| subject.pods.matches(&set.workloads[w].labels)),
-            );
-        }
-        for direction in [PolicyDirection::Ingress, PolicyDirection::Egress] {
-            if !policy.rules(direction).is_empty() {
-                selections.extend(
-                    selected
-                        .iter()
-                        .map(|&w| (w, direction, SelectedBy::ClusterPolicy, policy_index)),
-                );
-            }
-        }
-    }
-    // Stable: policy order is kept within each workload, direction and kind.
-    selections.sort_by_key(|&(workload, direction, by, _)| (workload, direction, by));
-
-    // Every identity (built when a cluster policy first needs it).
-    let mut universe: Vec<u32> = Vec::new();
-    // Endpoints and their entries.
-    for per_workload in selections.chunk_by(|a, b| a.0 == b.0) {
-        let workload_index = per_workload[0].0;
-        let workload = &set.workloads[workload_index];
-        let endpoint_id = numbering.endpoint(&workload.namespace, &workload.name);
-        let mut flags = 0;
-        for per_direction in per_workload.chunk_by(|a, b| a.1 == b.1) {
-            let direction = per_direction[0].1;
-            let network_policies: Vec<usize> = per_direction
-                .iter()
-                .filter(|s| s.2 == SelectedBy::NetworkPolicy)
-                .map(|s| s.3)
-                .collect();
-            let cluster_policies: Vec<usize> = per_direction
-                .iter()
-                .filter(|s| s.2 == SelectedBy::ClusterPolicy)
-                .map(|s| s.3)
-                .collect();
             flags |= match direction {
                 PolicyDirection::Ingress => ENDPOINT_FLAG_INGRESS_ENFORCED,
                 PolicyDirection::Egress => ENDPOINT_FLAG_EGRESS_ENFORCED,
             };
-            if network_policies.is_empty() {
+            if !network_selects[d] {
                 // Only cluster policies: what no tier decides is allowed.
                 flags |= match direction {
                     PolicyDirection::Ingress => ENDPOINT_FLAG_INGRESS_DEFAULT_ALLOW,
                     PolicyDirection::Egress => ENDPOINT_FLAG_EGRESS_DEFAULT_ALLOW,
                 };
             }
-            if cluster_policies.is_empty() {
-                // NetworkPolicy alone: every entry allows, so any matching entry says
-                // the same, and a miss is the default deny.
-                for &policy_index in &network_policies {
-                    for rule in rules_of(policy_index, direction) {
-                        insert_rule_entries(
-                            &mut compiled.state,
-                            endpoint_id,
-                            direction,
-                            rule,
-                            workload,
-                        );
+            let mut network_rules: Vec<Arc<CompiledRule>> = Vec::new();
+            let mut cluster_rules: Vec<(Tier, RuleAction, Arc<CompiledRule>)> = Vec::new();
+            for policy in &selected[d] {
+                let rule_ids = self
+                    .policies
+                    .get(policy)
+                    .map(|p| p.rules[d].clone())
+                    .unwrap_or_default();
+                for rule_id in rule_ids {
+                    let Some(reduced) = self.reduced(rule_id) else {
+                        continue;
+                    };
+                    match policy {
+                        PolicyId::Network(..) => network_rules.push(reduced),
+                        PolicyId::Cluster(name) => {
+                            let tier = set
+                                .cluster_policies
+                                .iter()
+                                .find(|p| &p.name == name)
+                                .map_or(Tier::Admin, |p| p.tier);
+                            let action = self
+                                .rules
+                                .get(&rule_id)
+                                .map_or(RuleAction::Deny, |r| r.action);
+                            cluster_rules.push((tier, action, reduced));
+                        }
                     }
                 }
-                continue;
             }
-            let cluster_rules = cluster_policies.iter().flat_map(|&policy_index| {
-                let tier = set.cluster_policies[policy_index].tier;
-                compiled_cluster_rules
-                    [2 * policy_index + usize::from(direction == PolicyDirection::Egress)]
-                .iter()
-                .map(move |(action, rule)| (tier, *action, rule))
-            });
-            let network_rules = network_policies
-                .iter()
-                .flat_map(|&policy_index| rules_of(policy_index, direction));
-            if universe.is_empty() {
-                universe = compiled.identities.identities.keys().copied().collect();
-                universe.push(IDENTITY_WORLD);
-                universe.sort_unstable();
+            if cluster_rules.is_empty() {
+                // NetworkPolicy alone: every entry allows, so any matching entry says
+                // the same, and a miss is the default deny.
+                for rule in &network_rules {
+                    insert_rule_entries(&mut entries[d], endpoint_id, direction, rule, workload);
+                }
+            } else {
+                tiered[d] = true;
+                tiers::insert_resolved_entries(
+                    &mut entries[d],
+                    &tiers::Resolution {
+                        endpoint_id,
+                        direction,
+                        workload,
+                        universe,
+                        network_policy_selects: network_selects[d],
+                    },
+                    cluster_rules
+                        .iter()
+                        .map(|(tier, action, rule)| (*tier, *action, &**rule)),
+                    network_rules.iter().map(|rule| &**rule),
+                );
             }
-            tiers::insert_resolved_entries(
-                &mut compiled.state,
-                &tiers::Resolution {
-                    endpoint_id,
-                    direction,
-                    workload,
-                    universe: &universe,
-                    network_policy_selects: !network_policies.is_empty(),
-                },
-                cluster_rules,
-                network_rules,
-            );
+            // Where each entry's hits are counted.
+            for (key, entry) in entries[d].iter_mut() {
+                let slot = if entry.rule_id != RULE_ID_DEFAULT_DENY {
+                    self.hit_slots.slot_of_rule(entry.rule_id)
+                } else if entry.is_deny() {
+                    // A resolved default deny counts as the endpoint's default deny.
+                    first_slot.map(|first| first + u16::from(key.direction == Direction::Egress))
+                } else {
+                    None
+                };
+                *entry = entry.with_hit_slot(slot.unwrap_or(HIT_SLOT_NONE));
+            }
+        }
+        // The entries' changes.
+        for d in 0..2 {
+            for key in old.entries[d].keys() {
+                if !entries[d].contains_key(key) {
+                    self.output.set_policy(*key, None);
+                }
+            }
+            for (key, entry) in &entries[d] {
+                if old.entries[d].get(key) != Some(entry) {
+                    self.output.set_policy(*key, Some(*entry));
+                }
+            }
+        }
+        let info = EndpointInfo::new(endpoint_id, flags)
+            .with_default_deny_hit_slot(first_slot.unwrap_or(HIT_SLOT_NONE));
+        for address in &old.addresses {
+            // Another workload may have it now (its update writes it).
+            if !workload.addresses.contains(address)
+                && self
+                    .output
+                    .state
+                    .endpoints
+                    .get(address)
+                    .map(|i| i.endpoint_id)
+                    == Some(old.id)
+            {
+                self.output.set_endpoint(*address, None);
+            }
+        }
+        for address in &workload.addresses {
+            self.output.set_endpoint(*address, Some(info));
         }
         let ingress_enforced = flags & ENDPOINT_FLAG_INGRESS_ENFORCED != 0;
         let egress_enforced = flags & ENDPOINT_FLAG_EGRESS_ENFORCED != 0;
-        for address in &workload.addresses {
-            compiled
-                .state
-                .endpoints
-                .insert(*address, EndpointInfo::new(endpoint_id, flags));
-        }
-        compiled.endpoints.insert(
+        self.hit_slots
+            .set_default_denies(endpoint_id, ingress_enforced, egress_enforced);
+        self.endpoint_table.insert(
             endpoint_id,
             CompiledEndpoint {
-                workload_index,
                 workload: workload.key(),
                 ingress_enforced,
                 egress_enforced,
             },
         );
+        self.endpoints.insert(
+            key.clone(),
+            EndpointState {
+                id: endpoint_id,
+                addresses: workload.addresses.clone(),
+                selected,
+                entries,
+                tiered,
+            },
+        );
     }
-    compiled
+
+    /// An endpoint no longer enforced here: its entries and addresses go, its id and
+    /// slots are released.
+    fn retire_endpoint(&mut self, key: &WorkloadKey, old: EndpointState) {
+        if old.id == 0 {
+            return;
+        }
+        for entries in &old.entries {
+            for entry in entries.keys() {
+                self.output.set_policy(*entry, None);
+            }
+        }
+        for address in &old.addresses {
+            // Another workload may have it now (its update writes it).
+            if self
+                .output
+                .state
+                .endpoints
+                .get(address)
+                .map(|i| i.endpoint_id)
+                == Some(old.id)
+            {
+                self.output.set_endpoint(*address, None);
+            }
+        }
+        self.numbering.release_endpoint(&key.0, &key.1);
+        self.hit_slots.release_endpoint(old.id);
+        self.endpoint_table.remove(&old.id);
+    }
+
+    /// The compiled state and tables (copies).
+    pub fn compiled(&self) -> Compiled {
+        Compiled {
+            state: self.output.state.clone(),
+            rules: self.rule_table.clone(),
+            identities: self.identity_table(),
+            endpoints: self.endpoint_table.clone(),
+            hit_slots: self.hit_slots.table(),
+        }
+    }
+
+    /// The compiled state (policy-bearing maps' content).
+    pub fn state(&self) -> &DatapathState {
+        &self.output.state
+    }
+
+    pub fn rule_table(&self) -> &RuleTable {
+        &self.rule_table
+    }
+
+    pub fn endpoint_table(&self) -> &BTreeMap<u32, CompiledEndpoint> {
+        &self.endpoint_table
+    }
+
+    /// Identity -> what it stands for.
+    pub fn identity_table(&self) -> IdentityTable {
+        let mut table = IdentityTable::default();
+        for (id, identity) in &self.identities.workload_identities {
+            table.identities.insert(
+                *id,
+                IdentityInfo::Workload {
+                    key: identity.key.clone(),
+                    members: identity
+                        .members
+                        .keys()
+                        .map(|(namespace, name)| format!("{namespace}/{name}"))
+                        .collect(),
+                },
+            );
+        }
+        for (id, cidr) in &self.identities.cidr_identities {
+            table.identities.insert(
+                *id,
+                IdentityInfo::Cidr {
+                    prefixes: cidr.prefixes.iter().copied().collect(),
+                    ip_blocks: cidr.ip_blocks.clone(),
+                },
+            );
+        }
+        table
+    }
+
+    /// The hit slot table (owners, and the slots the last update handed out).
+    pub fn hit_slot_table(&self) -> HitSlotTable {
+        self.hit_slots.table()
+    }
 }
 
-/// Which kind of policy selects a workload (NetworkPolicies sort first).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum SelectedBy {
-    NetworkPolicy,
-    ClusterPolicy,
+/// Compiles the policies and inventory of `set` into map content, with fresh ids.
+pub fn compile(set: &PolicySet) -> Compiled {
+    let mut compiler = Compiler::default();
+    compiler.update(set, &SetChanges::everything(set));
+    compiler.compiled()
 }
 
 /// Calls `emit` with each entry tail of `rule` for the endpoint `workload`: the rule's
@@ -858,15 +1244,14 @@ fn rule_entry_tails(rule: &CompiledRule, workload: &Workload, mut emit: impl FnM
 }
 
 fn insert_rule_entries(
-    state: &mut DatapathState,
+    entries: &mut BTreeMap<PolicyMatch, PolicyEntry>,
     endpoint_id: u32,
     direction: PolicyDirection,
     rule: &CompiledRule,
     workload: &Workload,
 ) {
     rule_entry_tails(rule, workload, |(identity, protocol, port_block)| {
-        state
-            .policy
+        entries
             .entry(PolicyMatch {
                 endpoint_id,
                 identity,

@@ -67,6 +67,22 @@ impl PolicySet {
             .map(|index| &self.workloads[index])
     }
 
+    /// The workload `namespace/name`.
+    pub fn workload_by_key(&self, key: &str) -> Option<&Workload> {
+        let (namespace, name) = key.split_once('/')?;
+        self.workload(namespace, name)
+    }
+
+    /// The NetworkPolicy `namespace/name`.
+    pub fn policy(&self, namespace: &str, name: &str) -> Option<&Policy> {
+        self.policies
+            .binary_search_by(|policy| {
+                (policy.namespace.as_str(), policy.name.as_str()).cmp(&(namespace, name))
+            })
+            .ok()
+            .map(|index| &self.policies[index])
+    }
+
     /// Index into `workloads` of the workload owning `address`.
     pub fn workload_index_by_address(&self, address: IpAddr) -> Option<usize> {
         self.address_index.get(&address).copied()

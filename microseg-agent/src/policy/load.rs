@@ -137,7 +137,9 @@ fn read_object<T: serde::de::DeserializeOwned>(
         .filter(|path| match unknown {
             UnknownFields::Refused => true,
             UnknownFields::RefusedInMetadata => path.starts_with("metadata."),
-            UnknownFields::RefusedInSpec => path.starts_with("spec."),
+            UnknownFields::RefusedInSpec => {
+                path.starts_with("spec.") && !is_cluster_policy_peer_field(kind, path)
+            }
             UnknownFields::Ignored => false,
         })
         .collect();
@@ -145,6 +147,26 @@ fn read_object<T: serde::de::DeserializeOwned>(
         checker.error(path, format!("unknown field of a {kind} (misspelt?)"));
     }
     refused.is_empty().then_some(object)
+}
+
+/// A field of a ClusterNetworkPolicy rule peer (`spec.ingress[0].from[1].x`): a
+/// peer type this version does not know is read as a peer it cannot read, which
+/// fails closed by itself (`cluster_policy::convert_rule`), so that the rest of the
+/// policy is enforced as written.
+fn is_cluster_policy_peer_field(kind: &str, path: &str) -> bool {
+    if kind != "ClusterNetworkPolicy" {
+        return false;
+    }
+    let Some(rest) = path
+        .strip_prefix("spec.ingress[")
+        .or_else(|| path.strip_prefix("spec.egress["))
+    else {
+        return false;
+    };
+    let Some((_, rest)) = rest.split_once("].") else {
+        return false;
+    };
+    rest.starts_with("from[") || rest.starts_with("to[")
 }
 
 /// Where a deserialization error is: serde_path_to_error's path, and for a missing

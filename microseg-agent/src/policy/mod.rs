@@ -26,8 +26,9 @@ mod validate;
 
 pub use cluster_policy::CLUSTER_NETWORK_POLICY_API_VERSION;
 pub use compile::{
-    CompileStats, Compiled, CompiledEndpoint, Compiler, HitSlotOwner, HitSlotTable, IdentityInfo,
-    IdentityTable, Numbering, RuleTable, WorkloadIdentityKey, compile,
+    CompileStats, Compiled, CompiledChanges, CompiledEndpoint, Compiler, CompilerCounters,
+    HitSlotOwner, HitSlotTable, IdentityInfo, IdentityTable, Numbering, RuleTable, SetChanges,
+    WorkloadIdentityKey, compile,
 };
 pub use error::{LoadErrors, PolicyError, Source};
 pub use evaluate::{

@@ -290,7 +290,7 @@ impl fmt::Display for PolicyDirection {
 /// A validated NetworkPolicy. `ingress: None` means the policy does not have the
 /// Ingress type (it does not isolate ingress); `Some(vec![])` means it isolates and
 /// allows nothing. Likewise for egress, after policyTypes defaulting.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Policy {
     pub namespace: String,
     pub name: String,
@@ -332,7 +332,7 @@ pub struct NamedPort {
 }
 
 /// A pod, VM or host: something with labels and addresses that policies select.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Workload {
     pub namespace: String,
     pub name: String,
@@ -444,7 +444,7 @@ pub struct ClusterRule {
 }
 
 /// A validated ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ClusterPolicy {
     pub name: String,
     pub source: Source,
@@ -473,7 +473,7 @@ impl ClusterPolicy {
 
 /// A Kubernetes Node: labels and addresses, which ClusterNetworkPolicy `nodes` peers
 /// select. Never a subject.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NodeInfo {
     pub name: String,
     pub labels: Labels,

@@ -11,7 +11,7 @@ use super::{
     reach::{PortRange, Universe, format_ranges},
 };
 use crate::{
-    agent::objects::{ObjectMap, build_policy_set},
+    objects::{ObjectMap, build_policy_set},
     policy::{PolicySet, evaluate},
 };
 

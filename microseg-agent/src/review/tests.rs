@@ -11,7 +11,7 @@ use super::{
     svg,
 };
 use crate::{
-    agent::objects::{ObjectMap, parse_objects, read_paths},
+    objects::{ObjectMap, parse_objects, read_paths},
     policy::Protocol,
 };
 

@@ -35,13 +35,11 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use microseg::{
-    agent::objects::{
-        ConversionCache, ObjectKey, ObjectMap, StoredObject, build_policy_set_cached,
-    },
     datapath::{
         AttachPoint, Capacities, Datapath, DatapathState, LoadOptions, ProgramVerdict,
         detach_pinned, probe::Probe,
     },
+    objects::{ConversionCache, ObjectKey, ObjectMap, StoredObject, build_policy_set_cached},
     policy::{Compiler, PolicySet},
 };
 use serde::Serialize;

@@ -51,9 +51,12 @@ use super::{
     config::{AgentConfig, KubernetesConfig},
     enforcer::ApplyRefused,
     interfaces::LocalPods,
-    objects::{ObjectKey, ObjectMap, StoredObject},
 };
-use crate::{datapath::ApplyReport, policy::RefusedPolicy};
+use crate::{
+    datapath::ApplyReport,
+    objects::{ObjectKey, ObjectMap, StoredObject},
+    policy::RefusedPolicy,
+};
 
 /// The cache of the last cluster view, in the state directory.
 const CACHE_FILE: &str = "kubernetes.json";
@@ -382,7 +385,7 @@ impl Reconciler {
     fn report_substituted(&mut self, refused: Vec<RefusedPolicy>) {
         let now: BTreeMap<String, RefusedPolicy> = refused
             .into_iter()
-            .filter(|r| r.source.starts_with(super::objects::API_SERVER_SOURCE))
+            .filter(|r| r.source.starts_with(crate::objects::API_SERVER_SOURCE))
             .map(|r| (r.key(), r))
             .collect();
         for (key, refused) in &now {

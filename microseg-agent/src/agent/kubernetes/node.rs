@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use super::watch::pod_addresses;
-use crate::agent::objects::{ObjectKey, ObjectMap};
+use crate::objects::{ObjectKey, ObjectMap};
 
 /// Addresses of this node's `pods` as `objects` (the enforced objects) give them,
 /// with their `namespace/name`.

@@ -31,7 +31,7 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 
-use crate::agent::objects::{API_SERVER_SOURCE, ObjectKey, ObjectMap, StoredObject};
+use crate::objects::{API_SERVER_SOURCE, ObjectKey, ObjectMap, StoredObject};
 
 /// The kinds the agent watches, as the policy loader names them.
 pub const KINDS: [&str; 5] = [
@@ -615,7 +615,7 @@ pub fn pod_addresses(pod: &serde_json::Value) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::{CLUSTER_NETWORK_POLICY, Change, ClusterView, KINDS, slim_node, slim_pod};
-    use crate::agent::objects::ObjectKey;
+    use crate::objects::ObjectKey;
     use crate::policy::{PolicySetBuilder, Source};
 
     fn pod_key(name: &str) -> ObjectKey {
@@ -808,7 +808,7 @@ mod tests {
         let cnp = serde_json::json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
             "kind": CLUSTER_NETWORK_POLICY, "metadata": {"name": "deny-all"}});
         // A cluster policy from the cache of an earlier run.
-        let mut cached = crate::agent::objects::ObjectMap::new();
+        let mut cached = crate::objects::ObjectMap::new();
         cached.insert(cnp_key.clone(), super::stored(&cnp_key, cnp.clone()));
         let mut view = ClusterView::new(cached);
         for kind in KINDS.iter().filter(|k| **k != CLUSTER_NETWORK_POLICY) {

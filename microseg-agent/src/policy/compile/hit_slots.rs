@@ -10,17 +10,12 @@
 //! written. Past `RULE_HIT_SLOTS`, rules are not counted (slot 0) and the table says
 //! how many.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use foldhash::{HashMap, HashMapExt};
-use microseg_common::{
-    policy::{Direction, RULE_ID_DEFAULT_DENY},
-    rule_hits::{HIT_SLOT_NONE, RULE_HIT_SLOTS},
-};
+use microseg_common::{policy::Direction, rule_hits::RULE_HIT_SLOTS};
 
-use super::Compiled;
-
-/// Compiles a released slot waits before it is handed out again.
+/// Updates a released slot waits before it is handed out again.
 const QUARANTINE_COMPILES: usize = 2;
 
 /// What a slot counts.
@@ -45,18 +40,26 @@ pub struct HitSlotTable {
     pub uncounted: usize,
 }
 
-/// Slot assignment kept from one compile to the next (part of the `Compiler`).
+/// Slot assignment kept from one update to the next (part of the `Compiler`).
 #[derive(Clone, Debug)]
 pub struct HitSlots {
     rules: HashMap<u32, u16>,
     /// Endpoint id -> first slot of its (ingress, egress) pair.
     default_denies: HashMap<u32, u16>,
+    owners: BTreeMap<u16, HitSlotOwner>,
     free: Vec<u16>,
     free_pairs: Vec<u16>,
-    /// Singles and pairs released by the last compiles, oldest first.
+    /// Singles and pairs released by this update.
+    released: (Vec<u16>, Vec<u16>),
+    /// Singles and pairs released by the last updates, oldest first.
     quarantine: VecDeque<(Vec<u16>, Vec<u16>)>,
     /// The lowest slot never handed out.
     next: u32,
+    /// Slots handed out by the last update.
+    fresh: Vec<u16>,
+    /// Rules and endpoints left uncounted because every slot was taken.
+    uncounted_rules: BTreeSet<u32>,
+    uncounted_endpoints: BTreeSet<u32>,
 }
 
 impl Default for HitSlots {
@@ -64,114 +67,131 @@ impl Default for HitSlots {
         Self {
             rules: HashMap::new(),
             default_denies: HashMap::new(),
+            owners: BTreeMap::new(),
             free: Vec::new(),
             free_pairs: Vec::new(),
+            released: (Vec::new(), Vec::new()),
             quarantine: VecDeque::new(),
             // Slot 0 is `HIT_SLOT_NONE`.
             next: 1,
+            fresh: Vec::new(),
+            uncounted_rules: BTreeSet::new(),
+            uncounted_endpoints: BTreeSet::new(),
         }
     }
 }
 
 impl HitSlots {
-    /// Gives every rule and enforced endpoint of `compiled` its slot and writes the
-    /// slots into the policy entries and endpoints.
-    pub fn assign(&mut self, compiled: &mut Compiled) {
-        let mut table = HitSlotTable::default();
+    /// Starts an update: the slots it hands out are its fresh ones.
+    pub fn begin_update(&mut self) {
+        self.fresh.clear();
+    }
 
-        // Release what is gone; it waits in quarantine.
-        let rules_before = std::mem::take(&mut self.rules);
-        let denies_before = std::mem::take(&mut self.default_denies);
-        let mut released = (Vec::new(), Vec::new());
-        for (rule_id, slot) in rules_before {
-            if compiled.rules.get(rule_id).is_some() {
-                self.rules.insert(rule_id, slot);
-            } else {
-                released.0.push(slot);
-            }
-        }
-        for (endpoint_id, slot) in denies_before {
-            if compiled.endpoints.contains_key(&endpoint_id) {
-                self.default_denies.insert(endpoint_id, slot);
-            } else {
-                released.1.push(slot);
-            }
-        }
-        self.quarantine.push_back(released);
+    /// Ends an update: what it released goes into quarantine, and what was released
+    /// `QUARANTINE_COMPILES` updates ago may be handed out again.
+    pub fn end_update(&mut self) {
+        self.quarantine
+            .push_back(std::mem::take(&mut self.released));
         if self.quarantine.len() > QUARANTINE_COMPILES {
             let (singles, pairs) = self.quarantine.pop_front().unwrap_or_default();
             self.free.extend(singles);
             self.free_pairs.extend(pairs);
         }
+    }
 
-        // Hand out slots to what is new, in id order (deterministic).
-        for (rule_id, _) in compiled.rules.iter() {
-            if self.rules.contains_key(&rule_id) {
-                continue;
+    /// Gives rule `rule_id` a slot, if it has none and one is left.
+    pub fn rule(&mut self, rule_id: u32) {
+        if self.rules.contains_key(&rule_id) || self.uncounted_rules.contains(&rule_id) {
+            return;
+        }
+        match self.take_single() {
+            Some(slot) => {
+                self.rules.insert(rule_id, slot);
+                self.owners.insert(slot, HitSlotOwner::Rule(rule_id));
+                self.fresh.push(slot);
             }
-            match self.take_single() {
-                Some(slot) => {
-                    self.rules.insert(rule_id, slot);
-                    table.fresh.push(slot);
-                }
-                None => table.uncounted += 1,
+            None => {
+                self.uncounted_rules.insert(rule_id);
             }
         }
-        for &endpoint_id in compiled.endpoints.keys() {
-            if self.default_denies.contains_key(&endpoint_id) {
-                continue;
-            }
-            match self.take_pair() {
-                Some(first) => {
-                    self.default_denies.insert(endpoint_id, first);
-                    table.fresh.extend([first, first + 1]);
-                }
-                None => table.uncounted += 2,
-            }
-        }
+    }
 
-        for (&rule_id, &slot) in &self.rules {
-            table.owners.insert(slot, HitSlotOwner::Rule(rule_id));
+    pub fn release_rule(&mut self, rule_id: u32) {
+        self.uncounted_rules.remove(&rule_id);
+        if let Some(slot) = self.rules.remove(&rule_id) {
+            self.owners.remove(&slot);
+            self.released.0.push(slot);
         }
-        for (&endpoint_id, &first) in &self.default_denies {
-            let Some(endpoint) = compiled.endpoints.get(&endpoint_id) else {
-                continue;
-            };
-            // A pair per endpoint; only an enforced direction has a default deny.
-            let enforced = [
-                (0, Direction::Ingress, endpoint.ingress_enforced),
-                (1, Direction::Egress, endpoint.egress_enforced),
-            ];
-            for (offset, direction, _) in enforced.into_iter().filter(|e| e.2) {
-                table.owners.insert(
+    }
+
+    pub fn slot_of_rule(&self, rule_id: u32) -> Option<u16> {
+        self.rules.get(&rule_id).copied()
+    }
+
+    /// The first slot of endpoint `endpoint_id`'s default-deny pair, given now if it
+    /// has none and one is left.
+    pub fn endpoint(&mut self, endpoint_id: u32) -> Option<u16> {
+        if let Some(first) = self.default_denies.get(&endpoint_id) {
+            return Some(*first);
+        }
+        if self.uncounted_endpoints.contains(&endpoint_id) {
+            return None;
+        }
+        match self.take_pair() {
+            Some(first) => {
+                self.default_denies.insert(endpoint_id, first);
+                self.fresh.extend([first, first + 1]);
+                Some(first)
+            }
+            None => {
+                self.uncounted_endpoints.insert(endpoint_id);
+                None
+            }
+        }
+    }
+
+    /// Records which of the endpoint's directions have a default deny (an enforced
+    /// one).
+    pub fn set_default_denies(&mut self, endpoint_id: u32, ingress: bool, egress: bool) {
+        let Some(first) = self.default_denies.get(&endpoint_id).copied() else {
+            return;
+        };
+        for (offset, direction, enforced) in [
+            (0, Direction::Ingress, ingress),
+            (1, Direction::Egress, egress),
+        ] {
+            if enforced {
+                self.owners.insert(
                     first + offset,
                     HitSlotOwner::DefaultDeny {
                         endpoint_id,
                         direction,
                     },
                 );
+            } else {
+                self.owners.remove(&(first + offset));
             }
         }
+    }
 
-        for (rule, entry) in compiled.state.policy.iter_mut() {
-            let slot = if entry.rule_id != RULE_ID_DEFAULT_DENY {
-                self.rules.get(&entry.rule_id).copied()
-            } else if entry.is_deny() {
-                // A resolved default deny counts as the endpoint's default deny.
-                self.default_denies
-                    .get(&rule.endpoint_id)
-                    .map(|first| first + u16::from(rule.direction == Direction::Egress))
-            } else {
-                None
-            };
-            *entry = entry.with_hit_slot(slot.unwrap_or(HIT_SLOT_NONE));
+    pub fn release_endpoint(&mut self, endpoint_id: u32) {
+        self.uncounted_endpoints.remove(&endpoint_id);
+        if let Some(first) = self.default_denies.remove(&endpoint_id) {
+            self.owners.remove(&first);
+            self.owners.remove(&(first + 1));
+            self.released.1.push(first);
         }
-        for info in compiled.state.endpoints.values_mut() {
-            let first = self.default_denies.get(&info.endpoint_id).copied();
-            *info = info.with_default_deny_hit_slot(first.unwrap_or(HIT_SLOT_NONE));
+    }
+
+    /// The slots as they stand, and those the last update handed out.
+    pub fn table(&self) -> HitSlotTable {
+        let mut fresh = self.fresh.clone();
+        fresh.sort_unstable();
+        HitSlotTable {
+            owners: self.owners.clone(),
+            fresh,
+            uncounted: self.uncounted_rules.len() + 2 * self.uncounted_endpoints.len(),
         }
-        table.fresh.sort_unstable();
-        compiled.hit_slots = table;
     }
 
     fn take_single(&mut self) -> Option<u16> {

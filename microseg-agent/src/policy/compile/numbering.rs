@@ -9,7 +9,7 @@
 //!
 //! Ids are handed out in increasing order and not reused while the counters last, so
 //! an event or a conntrack entry from an older generation never names a different
-//! thing with the same id. Each compile keeps only the ids still in use.
+//! thing with the same id. The compiler releases an id when what it numbers goes.
 
 use std::sync::Arc;
 
@@ -34,7 +34,7 @@ pub struct WorkloadIdentityKey {
     pub named_ports: Vec<NamedPort>,
 }
 
-/// The ids of one compile, and the counters for new ones.
+/// The ids in use, and the counters for new ones.
 #[derive(Clone, Debug)]
 pub struct Numbering {
     workload_identities: HashMap<Arc<WorkloadIdentityKey>, u32>,
@@ -63,30 +63,12 @@ impl Default for Numbering {
 }
 
 impl Numbering {
-    /// Starts a compile: ids found in `self` are kept (their keys move to the next
-    /// numbering, not copied), new ones are allocated after every id `self` ever gave
-    /// out.
-    pub(super) fn start(&mut self) -> NumberingPass {
-        let exhausted = self.next_identity > RENUMBER_AFTER
+    /// Whether a counter ran past `RENUMBER_AFTER`: the compiler then starts afresh
+    /// (one full rewrite of the maps, after about two billion changes).
+    pub(super) fn exhausted(&self) -> bool {
+        self.next_identity > RENUMBER_AFTER
             || self.next_endpoint > RENUMBER_AFTER
-            || self.next_rule > RENUMBER_AFTER;
-        let previous = std::mem::take(self);
-        let previous = if exhausted {
-            Numbering::default()
-        } else {
-            previous
-        };
-        NumberingPass {
-            next: Numbering {
-                workload_identities: HashMap::with_capacity(previous.workload_identities.len()),
-                rules: HashMap::with_capacity(previous.rules.len()),
-                next_identity: previous.next_identity,
-                next_endpoint: previous.next_endpoint,
-                next_rule: previous.next_rule,
-                ..Numbering::default()
-            },
-            previous,
-        }
+            || self.next_rule > RENUMBER_AFTER
     }
 
     /// Ids in use (workload identities, CIDR identities, endpoints, rules).
@@ -98,78 +80,80 @@ impl Numbering {
             self.rules.len(),
         )
     }
-}
 
-/// One compile's numbering: ids looked up in the previous compile's, recorded in the
-/// next one.
-pub(super) struct NumberingPass {
-    previous: Numbering,
-    next: Numbering,
+    /// The identity of `key`, and the key as shared with the identity table: the
+    /// one it has, or a new one.
+    pub(super) fn workload_identity(
+        &mut self,
+        key: WorkloadIdentityKey,
+    ) -> (u32, Arc<WorkloadIdentityKey>) {
+        if let Some((key, id)) = self.workload_identities.get_key_value(&key) {
+            return (*id, key.clone());
+        }
+        let key = Arc::new(key);
+        let id = allocate(&mut self.next_identity);
+        self.workload_identities.insert(key.clone(), id);
+        (id, key)
+    }
+
+    pub(super) fn release_workload_identity(&mut self, key: &WorkloadIdentityKey) {
+        self.workload_identities.remove(key);
+    }
+
+    pub(super) fn cidr_identity(&mut self, covering: &[IpBlock]) -> u32 {
+        if let Some(id) = self.cidr_identities.get(covering) {
+            return *id;
+        }
+        let id = allocate(&mut self.next_identity);
+        self.cidr_identities.insert(covering.to_vec(), id);
+        id
+    }
+
+    pub(super) fn release_cidr_identity(&mut self, covering: &[IpBlock]) {
+        self.cidr_identities.remove(covering);
+    }
+
+    pub(super) fn endpoint(&mut self, namespace: &str, name: &str) -> u32 {
+        if let Some(id) = self
+            .endpoints
+            .get(namespace)
+            .and_then(|names| names.get(name))
+        {
+            return *id;
+        }
+        let id = allocate(&mut self.next_endpoint);
+        self.endpoints
+            .entry(namespace.to_owned())
+            .or_default()
+            .insert(name.to_owned(), id);
+        id
+    }
+
+    pub(super) fn release_endpoint(&mut self, namespace: &str, name: &str) {
+        if let Some(names) = self.endpoints.get_mut(namespace) {
+            names.remove(name);
+            if names.is_empty() {
+                self.endpoints.remove(namespace);
+            }
+        }
+    }
+
+    pub(super) fn rule(&mut self, rule: &RuleRef) -> u32 {
+        if let Some(id) = self.rules.get(rule) {
+            return *id;
+        }
+        let id = allocate(&mut self.next_rule);
+        self.rules.insert(rule.clone(), id);
+        id
+    }
+
+    pub(super) fn release_rule(&mut self, rule: &RuleRef) {
+        self.rules.remove(rule);
+    }
 }
 
 fn allocate(counter: &mut u32) -> u32 {
     let id = *counter;
     *counter += 1;
     id
-}
-
-impl NumberingPass {
-    /// The identity of `key`, and the key as shared with the identity table.
-    pub fn workload_identity(
-        &mut self,
-        key: WorkloadIdentityKey,
-    ) -> (u32, Arc<WorkloadIdentityKey>) {
-        let (key, id) = match self.previous.workload_identities.remove_entry(&key) {
-            Some(found) => found,
-            None => (Arc::new(key), allocate(&mut self.next.next_identity)),
-        };
-        self.next.workload_identities.insert(key.clone(), id);
-        (id, key)
-    }
-
-    pub fn cidr_identity(&mut self, covering: Vec<IpBlock>) -> u32 {
-        let id = match self.previous.cidr_identities.remove(&covering) {
-            Some(id) => id,
-            None => allocate(&mut self.next.next_identity),
-        };
-        self.next.cidr_identities.insert(covering, id);
-        id
-    }
-
-    pub fn endpoint(&mut self, namespace: &str, name: &str) -> u32 {
-        let previous = self
-            .previous
-            .endpoints
-            .get_mut(namespace)
-            .and_then(|names| names.remove(name));
-        let id = match previous {
-            Some(id) => id,
-            None => allocate(&mut self.next.next_endpoint),
-        };
-        match self.next.endpoints.get_mut(namespace) {
-            Some(names) => {
-                names.insert(name.to_owned(), id);
-            }
-            None => {
-                let mut names = HashMap::new();
-                names.insert(name.to_owned(), id);
-                self.next.endpoints.insert(namespace.to_owned(), names);
-            }
-        }
-        id
-    }
-
-    pub fn rule(&mut self, rule: &RuleRef) -> u32 {
-        let (key, id) = match self.previous.rules.remove_entry(rule) {
-            Some(found) => found,
-            None => (rule.clone(), allocate(&mut self.next.next_rule)),
-        };
-        self.next.rules.insert(key, id);
-        id
-    }
-
-    /// The numbering to start the next compile from.
-    pub fn finish(self) -> Numbering {
-        self.next
-    }
 }

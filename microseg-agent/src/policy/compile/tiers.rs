@@ -29,8 +29,10 @@
 use microseg_common::identity::IDENTITY_ANY;
 use microseg_common::policy::{PolicyEntry, RULE_ID_DEFAULT_DENY};
 
+use std::collections::BTreeMap;
+
 use super::{CompiledRule, EntryTail, rule_entry_tails};
-use crate::datapath::state::{DatapathState, PolicyMatch};
+use crate::datapath::state::PolicyMatch;
 use crate::policy::model::{PolicyDirection, RuleAction, Tier, Workload};
 
 /// Where a rule stands in evaluation order.
@@ -182,7 +184,7 @@ fn rule_entries(
 /// evaluation order (Admin tier first); `network_rules` are the rules of the
 /// NetworkPolicies selecting the endpoint.
 pub(super) fn insert_resolved_entries<'r>(
-    state: &mut DatapathState,
+    entries: &mut BTreeMap<PolicyMatch, PolicyEntry>,
     resolution: &Resolution<'_>,
     cluster_rules: impl Iterator<Item = (Tier, RuleAction, &'r CompiledRule)>,
     network_rules: impl Iterator<Item = &'r CompiledRule>,
@@ -281,7 +283,7 @@ pub(super) fn insert_resolved_entries<'r>(
                 );
                 matching.sort_by_key(|entry| (entry.stage, entry.order));
             }
-            state.policy.insert(
+            entries.insert(
                 PolicyMatch {
                     endpoint_id: resolution.endpoint_id,
                     identity,

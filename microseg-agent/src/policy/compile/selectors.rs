@@ -1,0 +1,328 @@
+//! The selector cache (Cilium's): each distinct peer of the rules (pods of scoped
+//! namespaces, an ipBlock, nodes) and the identities it selects, kept from one
+//! update to the next. An identity that appears is matched against the selectors
+//! that could select it (those of its namespace, those choosing namespaces by
+//! label); one that goes leaves the selectors that had it; a namespace relabelled
+//! re-reads its identities for the namespace-choosing selectors. What changed is
+//! reported as the selectors whose sets changed, for the rule layer.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::HashMap;
+
+use super::identities::{IdentityChanges, IdentityLayer};
+use crate::policy::model::{IpBlock, LabelSelector, NamespaceScope, Peer, PolicySet};
+
+/// A rule peer, as the cache keys it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum PeerSelector {
+    Pods {
+        namespaces: NamespaceScope,
+        pods: LabelSelector,
+    },
+    Block(IpBlock),
+    Nodes(LabelSelector),
+}
+
+impl PeerSelector {
+    pub fn of(peer: &Peer) -> Self {
+        match peer {
+            Peer::Workloads { namespaces, pods } => Self::Pods {
+                namespaces: namespaces.clone(),
+                pods: pods.clone(),
+            },
+            Peer::IpBlock(block) => Self::Block(block.clone()),
+            Peer::Nodes(selector) => Self::Nodes(selector.clone()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Selected {
+    identities: BTreeSet<u32>,
+    /// Rule peers using the selector.
+    uses: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct SelectorCache {
+    selectors: HashMap<PeerSelector, Selected>,
+    /// Pod selectors scoped to one namespace, by namespace.
+    by_namespace: BTreeMap<String, BTreeSet<PeerSelector>>,
+    /// Pod selectors choosing namespaces by label.
+    choosing_namespaces: BTreeSet<PeerSelector>,
+    /// ipBlock selectors, by block.
+    by_block: BTreeMap<IpBlock, PeerSelector>,
+    nodes: BTreeSet<PeerSelector>,
+    /// identity -> pod selectors holding it (to leave them when it goes).
+    holding: HashMap<u32, BTreeSet<PeerSelector>>,
+    /// Selectors whose identities changed in this update.
+    changed: BTreeSet<PeerSelector>,
+}
+
+impl SelectorCache {
+    /// The identities `selector` selects (empty if unknown).
+    pub fn identities(&self, selector: &PeerSelector) -> impl Iterator<Item = u32> + '_ {
+        self.selectors
+            .get(selector)
+            .into_iter()
+            .flat_map(|s| s.identities.iter().copied())
+    }
+
+    /// A rule peer starts using `selector`; a new one is worked out now.
+    pub fn add_use(&mut self, selector: &PeerSelector, set: &PolicySet, layer: &IdentityLayer) {
+        if let Some(known) = self.selectors.get_mut(selector) {
+            known.uses += 1;
+            return;
+        }
+        match selector {
+            PeerSelector::Pods {
+                namespaces: NamespaceScope::Named(namespace),
+                ..
+            } => {
+                self.by_namespace
+                    .entry(namespace.clone())
+                    .or_default()
+                    .insert(selector.clone());
+            }
+            PeerSelector::Pods { .. } => {
+                self.choosing_namespaces.insert(selector.clone());
+            }
+            PeerSelector::Block(block) => {
+                self.by_block.insert(block.clone(), selector.clone());
+            }
+            PeerSelector::Nodes(_) => {
+                self.nodes.insert(selector.clone());
+            }
+        }
+        let identities = Self::select(selector, set, layer);
+        if matches!(selector, PeerSelector::Pods { .. }) {
+            for id in &identities {
+                self.holding
+                    .entry(*id)
+                    .or_default()
+                    .insert(selector.clone());
+            }
+        }
+        self.selectors.insert(
+            selector.clone(),
+            Selected {
+                identities,
+                uses: 1,
+            },
+        );
+    }
+
+    /// A rule peer stops using `selector`.
+    pub fn release(&mut self, selector: &PeerSelector) {
+        let Some(known) = self.selectors.get_mut(selector) else {
+            return;
+        };
+        known.uses -= 1;
+        if known.uses > 0 {
+            return;
+        }
+        let known = self.selectors.remove(selector).expect("present");
+        for id in &known.identities {
+            if let Some(held) = self.holding.get_mut(id) {
+                held.remove(selector);
+                if held.is_empty() {
+                    self.holding.remove(id);
+                }
+            }
+        }
+        match selector {
+            PeerSelector::Pods {
+                namespaces: NamespaceScope::Named(namespace),
+                ..
+            } => {
+                if let Some(selectors) = self.by_namespace.get_mut(namespace) {
+                    selectors.remove(selector);
+                    if selectors.is_empty() {
+                        self.by_namespace.remove(namespace);
+                    }
+                }
+            }
+            PeerSelector::Pods { .. } => {
+                self.choosing_namespaces.remove(selector);
+            }
+            PeerSelector::Block(block) => {
+                self.by_block.remove(block);
+            }
+            PeerSelector::Nodes(_) => {
+                self.nodes.remove(selector);
+            }
+        }
+    }
+
+    /// The identities `selector` selects, worked out from the identity layer.
+    fn select(selector: &PeerSelector, set: &PolicySet, layer: &IdentityLayer) -> BTreeSet<u32> {
+        let labels_of = |id: u32| layer.workload_identities.get(&id).map(|i| &i.key.labels);
+        match selector {
+            PeerSelector::Pods {
+                namespaces: NamespaceScope::Named(namespace),
+                pods,
+            } => layer
+                .by_namespace
+                .get(namespace.as_str())
+                .map(|index| index.matching(pods, labels_of).collect())
+                .unwrap_or_default(),
+            PeerSelector::Pods {
+                namespaces: NamespaceScope::Selected(chosen),
+                pods,
+            } => layer
+                .by_namespace
+                .iter()
+                .filter(|(namespace, _)| chosen.matches(set.namespace_labels(namespace)))
+                .flat_map(|(_, index)| index.matching(pods, labels_of))
+                .collect(),
+            PeerSelector::Block(block) => layer
+                .block_identities
+                .get(block)
+                .cloned()
+                .unwrap_or_default(),
+            PeerSelector::Nodes(chosen) => set
+                .nodes
+                .iter()
+                .filter(|node| chosen.matches(&node.labels))
+                .flat_map(|node| &node.address_blocks)
+                .flat_map(|block| layer.block_identities.get(block).into_iter().flatten())
+                .copied()
+                .collect(),
+        }
+    }
+
+    /// Works out again `selector`'s identities, recording a change.
+    fn refresh(&mut self, selector: &PeerSelector, set: &PolicySet, layer: &IdentityLayer) {
+        let identities = Self::select(selector, set, layer);
+        let Some(known) = self.selectors.get_mut(selector) else {
+            return;
+        };
+        if known.identities != identities {
+            known.identities = identities;
+            self.changed.insert(selector.clone());
+        }
+    }
+
+    /// Takes the identity layer's changes, and the namespaces whose labels changed
+    /// and whether the nodes did.
+    pub fn update(
+        &mut self,
+        set: &PolicySet,
+        layer: &IdentityLayer,
+        changes: &IdentityChanges,
+        namespaces: &BTreeSet<String>,
+        nodes_changed: bool,
+    ) {
+        // Gone: out of every pod selector holding it.
+        for id in &changes.removed {
+            for selector in self.holding.remove(id).unwrap_or_default() {
+                if let Some(known) = self.selectors.get_mut(&selector) {
+                    known.identities.remove(id);
+                    self.changed.insert(selector);
+                }
+            }
+        }
+        // New workload identities: the pod selectors that could select them.
+        for id in &changes.added {
+            let Some(identity) = layer.workload_identities.get(id) else {
+                continue;
+            };
+            let namespace: &str = &identity.key.namespace;
+            let labels = &identity.key.labels;
+            let candidates: Vec<PeerSelector> = self
+                .by_namespace
+                .get(namespace)
+                .into_iter()
+                .flatten()
+                .chain(&self.choosing_namespaces)
+                .cloned()
+                .collect();
+            for selector in candidates {
+                let PeerSelector::Pods {
+                    namespaces: scope,
+                    pods,
+                } = &selector
+                else {
+                    continue;
+                };
+                let in_scope = match scope {
+                    NamespaceScope::Named(named) => named == namespace,
+                    NamespaceScope::Selected(chosen) => {
+                        chosen.matches(set.namespace_labels(namespace))
+                    }
+                };
+                if in_scope && pods.matches(labels) {
+                    if let Some(known) = self.selectors.get_mut(&selector) {
+                        known.identities.insert(*id);
+                    }
+                    self.holding
+                        .entry(*id)
+                        .or_default()
+                        .insert(selector.clone());
+                    self.changed.insert(selector);
+                }
+            }
+        }
+        // Relabelled namespaces: the selectors choosing namespaces read again the
+        // identities of those namespaces.
+        if !namespaces.is_empty() {
+            let choosing: Vec<PeerSelector> = self.choosing_namespaces.iter().cloned().collect();
+            for selector in choosing {
+                let PeerSelector::Pods {
+                    namespaces: NamespaceScope::Selected(chosen),
+                    pods,
+                } = &selector
+                else {
+                    continue;
+                };
+                for namespace in namespaces {
+                    let Some(index) = layer.by_namespace.get(namespace.as_str()) else {
+                        continue;
+                    };
+                    let namespace_chosen = chosen.matches(set.namespace_labels(namespace));
+                    for id in index.items() {
+                        let selects = namespace_chosen
+                            && layer
+                                .workload_identities
+                                .get(&id)
+                                .is_some_and(|identity| pods.matches(&identity.key.labels));
+                        let Some(known) = self.selectors.get_mut(&selector) else {
+                            continue;
+                        };
+                        if selects == known.identities.contains(&id) {
+                            continue;
+                        }
+                        if selects {
+                            known.identities.insert(id);
+                            self.holding.entry(id).or_default().insert(selector.clone());
+                        } else {
+                            known.identities.remove(&id);
+                            if let Some(held) = self.holding.get_mut(&id) {
+                                held.remove(&selector);
+                            }
+                        }
+                        self.changed.insert(selector.clone());
+                    }
+                }
+            }
+        }
+        // Blocks whose identities changed, and nodes.
+        for block in &changes.blocks_changed {
+            if let Some(selector) = self.by_block.get(block).cloned() {
+                self.refresh(&selector, set, layer);
+            }
+        }
+        if nodes_changed || !changes.blocks_changed.is_empty() {
+            let nodes: Vec<PeerSelector> = self.nodes.iter().cloned().collect();
+            for selector in nodes {
+                self.refresh(&selector, set, layer);
+            }
+        }
+    }
+
+    /// The selectors whose identities changed since the last call.
+    pub fn take_changed(&mut self) -> BTreeSet<PeerSelector> {
+        std::mem::take(&mut self.changed)
+    }
+}
