@@ -441,22 +441,28 @@ impl Scenario {
     /// generator produced something invalid).
     pub fn build(&self) -> PolicySet {
         let mut builder = PolicySetBuilder::new();
-        let file = Path::new("generated.yaml");
-        let mut document = 0;
-        let mut add = |builder: &mut PolicySetBuilder, value: Value| {
-            document += 1;
-            builder.add_document(&Source::new(file, document), &value);
-        };
+        for (key, value) in self.documents() {
+            builder.add_document(&document_source(&key), &value);
+        }
+        builder
+            .finish()
+            .unwrap_or_else(|errors| panic!("generated input must be valid:\n{errors}"))
+    }
+
+    /// Each document of the scenario, by a key that stays while it exists (its kind
+    /// and name).
+    pub fn documents(&self) -> Vec<(String, Value)> {
+        let mut documents = Vec::new();
         for (index, team) in self.namespace_teams.iter().enumerate() {
             let labels = match team {
                 Some(team) => json!({"team": team}),
                 None => json!({}),
             };
-            add(
-                &mut builder,
+            documents.push((
+                format!("Namespace {}", NAMESPACES[index]),
                 json!({"apiVersion": "v1", "kind": "Namespace",
                        "metadata": {"name": NAMESPACES[index], "labels": labels}}),
-            );
+            ));
         }
         for (index, workload) in self.workloads.iter().enumerate() {
             let Some(workload) = workload else {
@@ -477,37 +483,37 @@ impl Scenario {
             if let Some(port) = workload.alt {
                 ports.push(json!({"name": "alt", "port": port, "protocol": "UDP"}));
             }
-            add(
-                &mut builder,
+            documents.push((
+                format!("Workload w{host}"),
                 json!({"apiVersion": "microseg.dev/v1", "kind": "Workload",
                        "metadata": {"name": format!("w{host}"),
                                     "namespace": NAMESPACES[workload.namespace],
                                     "labels": workload.labels},
                        "spec": {"addresses": addresses, "ports": ports}}),
-            );
+            ));
         }
         for (index, policy) in self.policies.iter().enumerate() {
             let Some((namespace, spec)) = policy else {
                 continue;
             };
-            add(
-                &mut builder,
+            documents.push((
+                format!("NetworkPolicy p{index}"),
                 json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                        "metadata": {"name": format!("p{index}"), "namespace": NAMESPACES[*namespace]},
                        "spec": spec}),
-            );
+            ));
         }
         for (index, spec) in self.cluster_policies.iter().enumerate() {
             let Some(spec) = spec else {
                 continue;
             };
-            add(
-                &mut builder,
+            documents.push((
+                format!("ClusterNetworkPolicy c{index}"),
                 json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
                        "kind": "ClusterNetworkPolicy",
                        "metadata": {"name": format!("c{index}")},
                        "spec": spec}),
-            );
+            ));
         }
         // Two Nodes for `nodes` peers: one at an external address, one at a workload's
         // (a host workload on its own node).
@@ -515,17 +521,21 @@ impl Scenario {
             ("n1", "10.0.1.200", json!({"role": "gateway"})),
             ("n2", "10.0.0.1", json!({})),
         ] {
-            add(
-                &mut builder,
+            documents.push((
+                format!("Node {name}"),
                 json!({"apiVersion": "v1", "kind": "Node",
                        "metadata": {"name": name, "labels": labels},
                        "status": {"addresses": [{"type": "InternalIP", "address": address}]}}),
-            );
+            ));
         }
-        builder
-            .finish()
-            .unwrap_or_else(|errors| panic!("generated input must be valid:\n{errors}"))
+        documents
     }
+}
+
+/// Where a generated document is said to come from: a file per document, so that a
+/// document's source does not change when others come or go.
+pub fn document_source(key: &str) -> Source {
+    Source::new(Path::new("generated").join(key.replace(' ', "-")), 1)
 }
 
 /// One change to a [`Scenario`]: a workload, namespace's team label, NetworkPolicy

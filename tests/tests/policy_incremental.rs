@@ -10,10 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use microseg::datapath::DatapathState;
 use microseg::policy::{
-    Compiled, Compiler, HitSlotOwner, IdentityInfo, PolicySet, SetChanges, compile,
+    Compiled, Compiler, HitSlotOwner, IdentityInfo, PolicySet, PolicySetBuilder, PolicyStore,
+    SetChanges, compile,
 };
 use microseg_common::identity::{IDENTITY_ANY, IDENTITY_WORLD};
-use microseg_tests::policy_gen::{Changed, mutation_strategy, scenario_strategy};
+use microseg_tests::policy_gen::{
+    Changed, Scenario, document_source, mutation_strategy, scenario_strategy,
+};
 use proptest::{prelude::*, test_runner::TestRunner};
 
 /// What an id stands for, in words.
@@ -140,6 +143,87 @@ fn assert_same(step: &str, compiler: &Compiler, set: &PolicySet) -> Result<(), T
         )));
     }
     Ok(())
+}
+
+/// A set as text, its address index by workload rather than by slot.
+fn set_view(set: &PolicySet) -> String {
+    let addresses: BTreeMap<String, String> = set
+        .workloads
+        .iter()
+        .flat_map(|w| w.addresses.iter().map(move |a| (a.to_string(), w.key())))
+        .collect();
+    let indexed: BTreeMap<String, String> = addresses
+        .keys()
+        .filter_map(|a| {
+            let workload = set.workload_by_address(a.parse().ok()?)?;
+            Some((a.clone(), workload.key()))
+        })
+        .collect();
+    format!(
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{indexed:?} (of {addresses:?})",
+        set.namespaces,
+        set.workloads,
+        set.policies,
+        set.cluster_policies,
+        set.nodes,
+        set.refused_policies
+    )
+}
+
+/// Feeds the store the documents of `scenario` that differ from `before`; checks
+/// that its set is the one a builder makes of all of them, and returns what changed.
+fn feed(
+    store: &mut PolicyStore<String>,
+    before: &BTreeMap<String, serde_json::Value>,
+    scenario: &Scenario,
+) -> Result<(SetChanges, BTreeMap<String, serde_json::Value>), TestCaseError> {
+    let after: BTreeMap<String, serde_json::Value> = scenario.documents().into_iter().collect();
+    let mut changes = Vec::new();
+    for key in before.keys().chain(after.keys()).collect::<BTreeSet<_>>() {
+        let (old, new) = (before.get(key), after.get(key));
+        if old == new {
+            continue;
+        }
+        let converted = new.map(|value| {
+            PolicySetBuilder::convert_document(&document_source(key), value, false)
+        });
+        changes.push((key.clone(), converted));
+    }
+    let touched = store
+        .apply(changes)
+        .map_err(|errors| TestCaseError::fail(format!("the store refused: {errors}")))?;
+    let built = scenario.build();
+    prop_assert_eq!(set_view(store.set()), set_view(&built));
+    Ok((touched, after))
+}
+
+#[test]
+fn the_store_and_the_compiler_follow_changes_as_a_fresh_build_and_compile_would() {
+    let mut runner = TestRunner::new(proptest::test_runner::Config {
+        cases: 200,
+        failure_persistence: None,
+        ..Default::default()
+    });
+    let steps = prop::collection::vec(mutation_strategy(), 1..=12);
+    let result = runner.run(&(scenario_strategy(), steps), |(scenario, mutations)| {
+        let mut scenario = scenario;
+        let mut store = PolicyStore::<String>::default();
+        let mut compiler = Compiler::default();
+        let (touched, mut documents) = feed(&mut store, &BTreeMap::new(), &scenario)?;
+        compiler.update(store.set(), &touched);
+        assert_same("first compile", &compiler, store.set())?;
+        for (index, mutation) in mutations.iter().enumerate() {
+            scenario.apply(mutation);
+            let touched;
+            (touched, documents) = feed(&mut store, &documents, &scenario)?;
+            compiler.update(store.set(), &touched);
+            assert_same(&format!("after step {index}: {mutation:?}"), &compiler, store.set())?;
+        }
+        Ok(())
+    });
+    if let Err(error) = result {
+        panic!("{error}");
+    }
 }
 
 #[test]

@@ -60,11 +60,8 @@ impl PolicySet {
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
         self.workloads
-            .binary_search_by(|workload| {
-                (workload.namespace.as_str(), workload.name.as_str()).cmp(&(namespace, name))
-            })
-            .ok()
-            .map(|index| &self.workloads[index])
+            .find(namespace, name)
+            .and_then(|slot| self.workloads.get(slot))
     }
 
     /// The workload `namespace/name`.
@@ -83,7 +80,7 @@ impl PolicySet {
             .map(|index| &self.policies[index])
     }
 
-    /// Index into `workloads` of the workload owning `address`.
+    /// Slot in `workloads` of the workload owning `address`.
     pub fn workload_index_by_address(&self, address: IpAddr) -> Option<usize> {
         self.address_index.get(&address).copied()
     }

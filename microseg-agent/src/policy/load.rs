@@ -21,6 +21,7 @@ use super::error::{LoadErrors, PolicyError, Source};
 use super::fail_closed::{self, RefusedPolicy, Substitute};
 use super::files::{documents, policy_files};
 use super::model::{ClusterPolicy, Labels, NamespaceInfo, NodeInfo, Policy, PolicySet, Workload};
+use super::workloads::Workloads;
 use super::validate::{
     Checker, convert_namespace, convert_network_policy, convert_pod, convert_workload_document,
     namespace_labels,
@@ -662,17 +663,14 @@ impl PolicySetBuilder {
             return Err(LoadErrors::from(errors));
         }
 
-        workloads.sort_by(|left, right| {
-            (&left.namespace, &left.name).cmp(&(&right.namespace, &right.name))
-        });
+        let workloads: Workloads = workloads.into_iter().collect();
         let address_index = workloads
-            .iter()
-            .enumerate()
-            .flat_map(|(index, workload)| {
+            .iter_slots()
+            .flat_map(|(slot, workload)| {
                 workload
                     .addresses
                     .iter()
-                    .map(move |address| (*address, index))
+                    .map(move |address| (*address, slot))
             })
             .collect();
         refused.sort_by_key(RefusedPolicy::key);

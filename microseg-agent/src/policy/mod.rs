@@ -22,7 +22,9 @@ mod labels;
 mod load;
 mod map_eval;
 mod model;
+mod store;
 mod validate;
+mod workloads;
 
 pub use cluster_policy::CLUSTER_NETWORK_POLICY_API_VERSION;
 pub use compile::{
@@ -44,6 +46,8 @@ pub use files::{documents, is_policy_file, policy_files};
 pub use inventory::EndpointRef;
 pub use load::{ConvertedDocument, MICROSEG_API_VERSION, PolicySetBuilder, load_paths};
 pub use map_eval::{MapDirectionVerdict, MapEvaluator, MapVerdict, evaluate_state};
+pub use store::PolicyStore;
+pub use workloads::Workloads;
 pub use model::{
     ClusterPolicy, ClusterRule, ClusterSubject, IpBlock, LabelSelector, Labels,
     NAMESPACE_NAME_LABEL, NamedPort, NamespaceInfo, NamespaceScope, NodeInfo, Peer, Policy,

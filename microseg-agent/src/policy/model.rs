@@ -491,8 +491,9 @@ pub struct NodeInfo {
 pub struct PolicySet {
     /// By name.
     pub namespaces: BTreeMap<String, NamespaceInfo>,
-    /// Sorted by (namespace, name); the index is the workload's stable number.
-    pub workloads: Vec<Workload>,
+    /// In slots that do not change while the workload exists, iterated in
+    /// (namespace, name) order.
+    pub workloads: super::workloads::Workloads,
     /// Sorted by (namespace, name).
     pub policies: Vec<Policy>,
     /// ClusterNetworkPolicies in evaluation order ([`ClusterPolicy::precedence`]).
@@ -502,6 +503,6 @@ pub struct PolicySet {
     /// Policies the loader refused and enforces as their fail-closed substitutes
     /// (which are in `policies` and `cluster_policies`), by key.
     pub refused_policies: Vec<super::fail_closed::RefusedPolicy>,
-    /// Address -> index into `workloads`.
+    /// Address -> slot in `workloads`.
     pub(crate) address_index: BTreeMap<IpAddr, usize>,
 }

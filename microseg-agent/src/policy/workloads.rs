@@ -1,0 +1,124 @@
+//! The workloads of a policy set, kept so that one can be added, replaced or removed
+//! without touching the others: each lives in a slot whose number does not change
+//! while it exists (the address index refers to slots), and a key index gives them
+//! in `(namespace, name)` order. A cluster holds tens of thousands; a change to one
+//! costs a lookup, not a shift of all of them.
+
+use std::collections::BTreeMap;
+
+use super::model::Workload;
+
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Workloads {
+    slots: Vec<Option<Workload>>,
+    free: Vec<usize>,
+    /// `(namespace, name)` -> slot.
+    by_key: BTreeMap<(String, String), usize>,
+}
+
+impl Workloads {
+    /// Workloads in `(namespace, name)` order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Workload> + ExactSizeIterator {
+        self.by_key
+            .values()
+            .map(|slot| self.slots[*slot].as_ref().expect("indexed slots are filled"))
+    }
+
+    /// (slot, workload) in `(namespace, name)` order.
+    pub fn iter_slots(&self) -> impl Iterator<Item = (usize, &Workload)> {
+        self.by_key.values().map(|slot| {
+            (
+                *slot,
+                self.slots[*slot]
+                    .as_ref()
+                    .expect("indexed slots are filled"),
+            )
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// The workload in `slot`.
+    pub fn get(&self, slot: usize) -> Option<&Workload> {
+        self.slots.get(slot)?.as_ref()
+    }
+
+    /// The slot of workload `namespace/name`.
+    pub fn find(&self, namespace: &str, name: &str) -> Option<usize> {
+        // A borrowed tuple key cannot be looked up without owning it.
+        self.by_key
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .copied()
+    }
+
+    /// Puts `workload` in, replacing the one of the same key (which keeps its slot).
+    /// Returns its slot and the replaced workload.
+    pub fn insert(&mut self, workload: Workload) -> (usize, Option<Workload>) {
+        let key = (workload.namespace.clone(), workload.name.clone());
+        if let Some(slot) = self.by_key.get(&key) {
+            let old = self.slots[*slot].replace(workload);
+            return (*slot, old);
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(workload);
+                slot
+            }
+            None => {
+                self.slots.push(Some(workload));
+                self.slots.len() - 1
+            }
+        };
+        self.by_key.insert(key, slot);
+        (slot, None)
+    }
+
+    /// Takes workload `namespace/name` out; its slot may be reused.
+    pub fn remove(&mut self, namespace: &str, name: &str) -> Option<(usize, Workload)> {
+        let slot = self
+            .by_key
+            .remove(&(namespace.to_owned(), name.to_owned()))?;
+        let workload = self.slots[slot].take()?;
+        self.free.push(slot);
+        Some((slot, workload))
+    }
+}
+
+impl FromIterator<Workload> for Workloads {
+    fn from_iter<I: IntoIterator<Item = Workload>>(iter: I) -> Self {
+        let mut workloads = Self::default();
+        for workload in iter {
+            workloads.insert(workload);
+        }
+        workloads
+    }
+}
+
+impl std::ops::Index<usize> for Workloads {
+    type Output = Workload;
+
+    fn index(&self, slot: usize) -> &Workload {
+        self.get(slot).expect("a filled slot")
+    }
+}
+
+impl<'a> IntoIterator for &'a Workloads {
+    type Item = &'a Workload;
+    type IntoIter = Box<dyn Iterator<Item = &'a Workload> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl std::fmt::Debug for Workloads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
