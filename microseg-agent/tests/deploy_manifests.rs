@@ -127,6 +127,52 @@ fn kubernetes_manifests_parse_with_the_kubernetes_types() {
     let data = configmap.unwrap().data.unwrap();
     let config: AgentConfig = serde_norway::from_str(&data["agent.yaml"]).expect("agent.yaml");
     config.validate().unwrap();
+
+    // The chained CNI plugin goes where runtimes look for plugins and network
+    // configurations, and reaches the agent: the plugin runs on the host, so the
+    // socket it is given must be the agent's, at the same path on the host.
+    let volumes = pod.volumes.clone().unwrap();
+    let host_path = |container: &k8s_openapi::api::core::v1::Container, path: &str| {
+        container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .filter_map(|mount| {
+                let rest = Path::new(path).strip_prefix(&mount.mount_path).ok()?;
+                let volume = volumes.iter().find(|v| v.name == mount.name)?;
+                Some(Path::new(&volume.host_path.as_ref()?.path).join(rest))
+            })
+            .next()
+    };
+    let installer = pod
+        .containers
+        .iter()
+        .find(|c| c.name == "cni-install")
+        .expect("a cni-install container");
+    let args = installer.command.clone().unwrap();
+    assert_eq!(args[..2], ["/usr/local/bin/microseg-cni", "install"]);
+    let value_of = |flag: &str| {
+        args.iter()
+            .skip_while(|a| *a != flag)
+            .nth(1)
+            .unwrap_or_else(|| panic!("cni-install: no {flag}"))
+            .clone()
+    };
+    assert_eq!(
+        host_path(installer, &value_of("--bin-dir")),
+        Some(PathBuf::from("/opt/cni/bin"))
+    );
+    assert_eq!(
+        host_path(installer, &value_of("--conf-dir")),
+        Some(PathBuf::from("/etc/cni/net.d"))
+    );
+    let socket = PathBuf::from(value_of("--socket"));
+    assert_eq!(socket, config.socket, "the plugin's socket is the agent's");
+    assert_eq!(
+        host_path(container, &socket.display().to_string()),
+        Some(socket),
+        "the agent's socket is on the host at the same path"
+    );
 }
 
 /// The ClusterNetworkPolicy CRD shipped (upstream's, with its licence) defines the

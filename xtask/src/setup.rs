@@ -29,6 +29,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "chromium-headless-shell",
     // A font, so that both draw text on a minimal system.
     "fonts-dejavu-core",
+    // The CNI reference plugins (bridge, host-local under /usr/lib/cni) that
+    // e2e_cni chains microseg-cni after, as a runtime would.
+    "containernetworking-plugins",
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -87,8 +87,18 @@ pub struct InterfaceTable {
     pub scan_failures: u64,
     pub scan_error: Option<String>,
     /// Pods' veths reported by the CNI plugin, by container id: enforced from the
-    /// plugin's ADD, before any scan finds them, until its DEL.
-    cni: BTreeMap<String, CniAttachment>,
+    /// plugin's ADD, before any scan finds them, until its DEL (or GC), or until the
+    /// veth is gone.
+    cni: BTreeMap<String, CniReported>,
+}
+
+/// A CNI plugin's report with the veth's ifindex at its ADD: a veth deleted and
+/// another made under its name (a pod recreated, its DEL lost) is not the
+/// reported one.
+#[derive(Clone, Debug)]
+struct CniReported {
+    attachment: CniAttachment,
+    ifindex: u32,
 }
 
 /// A pod's veth as the CNI plugin reported it.
@@ -358,7 +368,7 @@ fn wanted_interfaces(
         core.interfaces
             .cni
             .values()
-            .map(|attachment| attachment.interface.clone()),
+            .map(|reported| reported.attachment.interface.clone()),
     );
     if let Some(veths) = core.interfaces.veths() {
         pod_wanted.extend(veths.sandboxes.iter().cloned());
@@ -420,7 +430,7 @@ impl InterfaceFacts {
     fn gather(
         wanted: &[(String, AttachMode, &'static str)],
         veths: Option<&Veths>,
-        cni: &BTreeMap<String, CniAttachment>,
+        cni: &BTreeMap<String, CniReported>,
         discover_configured: bool,
     ) -> Self {
         let mut facts = Self::default();
@@ -436,7 +446,7 @@ impl InterfaceFacts {
                 facts.interfaces.insert(name.clone(), (ifindex, rule));
             }
         }
-        let reported = cni.values().flat_map(|a| {
+        let reported = cni.values().map(|r| &r.attachment).flat_map(|a| {
             a.addresses
                 .iter()
                 .map(move |address| (address, &a.interface))
@@ -512,6 +522,7 @@ impl InterfaceFacts {
 /// One check: bind, attach (or adopt, or re-attach), detach pod interfaces that
 /// left, and record what the kernel says.
 pub fn reconcile(core: &mut AgentCore, pods: Option<&BTreeMap<IpAddr, String>>) {
+    forget_gone_cni_veths(&mut core.interfaces.cni);
     let wanted = wanted_interfaces(core, pods);
     let pod_wanted: BTreeSet<String> = wanted
         .iter()
@@ -624,7 +635,7 @@ pub fn pod_network_added(
     attachment: CniAttachment,
 ) -> crate::api::Response {
     use crate::api::Response;
-    if links::ifindex(&attachment.interface).is_none() {
+    let Some(ifindex) = links::ifindex(&attachment.interface) else {
         return Response::error(
             format!(
                 "interface {} does not exist in the agent's network namespace (is the agent on the host network?)",
@@ -632,7 +643,7 @@ pub fn pod_network_added(
             ),
             vec![],
         );
-    }
+    };
     let interface = attachment.interface.clone();
     tracing::info!(
         interface,
@@ -640,7 +651,13 @@ pub fn pod_network_added(
         pod = attachment.pod.as_deref().unwrap_or("-"),
         "CNI ADD: enforcing on the pod's veth"
     );
-    core.interfaces.cni.insert(container_id.clone(), attachment);
+    core.interfaces.cni.insert(
+        container_id.clone(),
+        CniReported {
+            attachment,
+            ifindex,
+        },
+    );
     reconcile(core, pods);
     match core.interfaces.status.get(&interface) {
         Some(status) if status.enforcing => Response::ok(serde_json::json!({
@@ -677,9 +694,9 @@ pub fn pod_network_deleted(
     pods: Option<&BTreeMap<IpAddr, String>>,
     container_id: &str,
 ) -> crate::api::Response {
-    if let Some(attachment) = core.interfaces.cni.remove(container_id) {
+    if let Some(reported) = core.interfaces.cni.remove(container_id) {
         tracing::info!(
-            interface = attachment.interface,
+            interface = reported.attachment.interface,
             container = container_id,
             "CNI DEL"
         );
@@ -688,32 +705,100 @@ pub fn pod_network_deleted(
     crate::api::Response::ok(serde_json::Value::Null)
 }
 
-/// The CNI plugin's CHECK: an error unless the container's veth enforces, as the
-/// last interface check found it (the agent may have restarted since the ADD).
+/// The CNI plugin's CHECK: an error unless the container's veth enforces now. The
+/// last interface check's word is not enough (a link may have been detached since,
+/// and the next check may be up to `interfaceScanMs` away): each hook's pinned link
+/// is asked of the kernel. Nothing is repaired here; the next check does that.
 pub fn pod_network_check(
     core: &AgentCore,
     container_id: &str,
     interface: &str,
 ) -> crate::api::Response {
     use crate::api::Response;
-    match core.interfaces.status.get(interface) {
-        Some(status) if status.enforcing => Response::ok(serde_json::json!({"interface": status})),
-        Some(status) => Response::error(
-            format!("interface {interface} of container {container_id} does not enforce"),
-            status
-                .hooks
-                .iter()
-                .filter(|(_, state)| *state != ENFORCING)
-                .map(|(hook, state)| format!("{hook}: {state}"))
-                .collect(),
-        ),
-        None => Response::error(
+    let Some(status) = core.interfaces.status.get(interface) else {
+        return Response::error(
             format!(
                 "interface {interface} of container {container_id} is not enforced by the agent"
             ),
             vec![],
-        ),
+        );
+    };
+    let mode = core
+        .config
+        .interfaces
+        .iter()
+        .find(|configured| configured.name == interface)
+        .map_or(AttachMode::Tc, |configured| configured.attach);
+    let problems: Vec<String> = mode
+        .points()
+        .into_iter()
+        .filter_map(|point| {
+            let hook = point.name();
+            if let Some(state) = status.hooks.get(hook).filter(|state| *state != ENFORCING) {
+                return Some(format!("{hook}: {state}"));
+            }
+            match core.enforcer.datapath.link_state(interface, point) {
+                PinnedLinkState::Live { .. } => None,
+                PinnedLinkState::NotPinned => Some(format!("{hook}: no program attached")),
+                PinnedLinkState::Stale(reason) => Some(format!("{hook}: {reason}")),
+            }
+        })
+        .collect();
+    if problems.is_empty() {
+        Response::ok(serde_json::json!({"interface": status}))
+    } else {
+        Response::error(
+            format!("interface {interface} of container {container_id} does not enforce"),
+            problems,
+        )
     }
+}
+
+/// The CNI plugin's GC (CNI 1.1): forget the veths reported for containers the
+/// runtime no longer has (their DEL was lost). Answers the container ids forgotten.
+pub fn pod_network_garbage_collect(
+    core: &mut AgentCore,
+    pods: Option<&BTreeMap<IpAddr, String>>,
+    valid_container_ids: &BTreeSet<String>,
+) -> crate::api::Response {
+    let stale: Vec<String> = core
+        .interfaces
+        .cni
+        .keys()
+        .filter(|container| !valid_container_ids.contains(*container))
+        .cloned()
+        .collect();
+    for container in &stale {
+        if let Some(reported) = core.interfaces.cni.remove(container) {
+            tracing::info!(
+                interface = reported.attachment.interface,
+                container,
+                "CNI GC: the runtime no longer has the container; forgotten"
+            );
+        }
+    }
+    if !stale.is_empty() {
+        reconcile(core, pods);
+    }
+    crate::api::Response::ok(serde_json::json!({ "forgotten": stale }))
+}
+
+/// Forgets the CNI plugin's reports whose veth is gone, or was deleted and made
+/// again (another index): their DEL may never come (a runtime that lost it), and
+/// a name that is no longer the reported veth must not keep the old addresses.
+fn forget_gone_cni_veths(cni: &mut BTreeMap<String, CniReported>) {
+    cni.retain(|container, reported| {
+        let now = links::ifindex(&reported.attachment.interface);
+        let same = now == Some(reported.ifindex);
+        if !same {
+            tracing::info!(
+                interface = reported.attachment.interface,
+                container,
+                "the veth the CNI plugin reported is gone; forgotten"
+            );
+        }
+        same
+    });
 }
 
 /// Makes `point` on `name` enforce with the program of `role`; `enforcing`, or why

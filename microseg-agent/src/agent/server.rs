@@ -233,6 +233,16 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             container_id,
             interface,
         } => super::interfaces::pod_network_check(&core, &container_id, &interface),
+        Request::PodNetworkGarbageCollect {
+            valid_container_ids,
+        } => {
+            let pods = agent.local_pods.borrow().clone();
+            super::interfaces::pod_network_garbage_collect(
+                &mut core,
+                pods.as_deref(),
+                &valid_container_ids.into_iter().collect(),
+            )
+        }
     };
     agent.refresh_names(&core);
     response

@@ -99,6 +99,11 @@ pub enum Request {
         container_id: String,
         interface: String,
     },
+    /// The CNI plugin's GC (CNI 1.1): the runtime's containers that still have a
+    /// network; the agent forgets the veths reported for any other.
+    PodNetworkGarbageCollect {
+        valid_container_ids: Vec<String>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
