@@ -306,6 +306,14 @@ struct RuleState {
     reduced: Option<Arc<CompiledRule>>,
 }
 
+/// A rule as a policy states it, to register.
+struct RuleSpec<'a> {
+    rule_ref: RuleRef,
+    action: RuleAction,
+    peers: Option<&'a Vec<Peer>>,
+    ports: Option<&'a Vec<PortRule>>,
+}
+
 /// One policy as registered.
 #[derive(Clone, Debug, Default)]
 struct PolicyState {
@@ -698,11 +706,14 @@ impl Compiler {
         set: &PolicySet,
         policy: &PolicyId,
         state: &mut PolicyState,
-        rule_ref: RuleRef,
-        action: RuleAction,
-        peers: Option<&Vec<Peer>>,
-        ports: Option<&Vec<PortRule>>,
+        rule: RuleSpec<'_>,
     ) {
+        let RuleSpec {
+            rule_ref,
+            action,
+            peers,
+            ports,
+        } = rule;
         let direction = rule_ref.direction;
         let rule_id = self.numbering.rule(&rule_ref);
         self.hit_slots.rule(rule_id);
@@ -775,10 +786,12 @@ impl Compiler {
                     set,
                     &id,
                     &mut state,
-                    RuleRef::network_policy(policy, direction, index),
-                    RuleAction::Accept,
-                    rule.peers.as_ref(),
-                    rule.ports.as_ref(),
+                    RuleSpec {
+                        rule_ref: RuleRef::network_policy(policy, direction, index),
+                        action: RuleAction::Accept,
+                        peers: rule.peers.as_ref(),
+                        ports: rule.ports.as_ref(),
+                    },
                 );
             }
         }
@@ -801,10 +814,12 @@ impl Compiler {
                     set,
                     &id,
                     &mut state,
-                    RuleRef::cluster_policy(policy, direction, index),
-                    rule.action,
-                    rule.peers.as_ref(),
-                    rule.ports.as_ref(),
+                    RuleSpec {
+                        rule_ref: RuleRef::cluster_policy(policy, direction, index),
+                        action: rule.action,
+                        peers: rule.peers.as_ref(),
+                        ports: rule.ports.as_ref(),
+                    },
                 );
             }
         }
@@ -1103,14 +1118,14 @@ impl Compiler {
             }
         }
         // The entries' changes.
-        for d in 0..2 {
-            for key in old.entries[d].keys() {
-                if !entries[d].contains_key(key) {
+        for (old_entries, new_entries) in old.entries.iter().zip(&entries) {
+            for key in old_entries.keys() {
+                if !new_entries.contains_key(key) {
                     self.output.set_policy(*key, None);
                 }
             }
-            for (key, entry) in &entries[d] {
-                if old.entries[d].get(key) != Some(entry) {
+            for (key, entry) in new_entries {
+                if old_entries.get(key) != Some(entry) {
                     self.output.set_policy(*key, Some(*entry));
                 }
             }
