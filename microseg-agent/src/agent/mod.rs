@@ -116,24 +116,16 @@ impl AgentCore {
     }
 
     /// The changes of the objects the agent enforces if its API objects became
-    /// `api`, its directories' `dirs`, and (with `kube`) the API server's objects
-    /// named in `kube.1` became those of `kube.0`. Reads the API's and the
-    /// directories' objects (few), never the whole cluster's.
-    fn changes_to(
-        &self,
-        api: &ObjectMap,
-        dirs: &ObjectMap,
-        kube: Option<(&ObjectMap, &[ObjectKey])>,
-    ) -> Vec<objects::ObjectChange> {
+    /// `api` and its directories' `dirs`. Reads the API's and the directories'
+    /// objects (few), never the whole cluster's (but all of it at a first
+    /// enforcement).
+    fn changes_to(&self, api: &ObjectMap, dirs: &ObjectMap) -> Vec<objects::ObjectChange> {
         let mut keys: std::collections::BTreeSet<&ObjectKey> = std::collections::BTreeSet::new();
         for (old, new) in [(&self.api_objects, api), (&self.dir_objects, dirs)] {
             keys.extend(old.keys().filter(|key| old.get(*key) != new.get(*key)));
             keys.extend(new.keys().filter(|key| old.get(*key) != new.get(*key)));
         }
-        let kube_now = kube.map_or(&self.kube_objects, |(objects, _)| objects);
-        if let Some((_, changed)) = kube {
-            keys.extend(changed.iter());
-        }
+        let kube_now = &self.kube_objects;
         if self.enforcer.enforced.is_none() {
             // Nothing enforced yet (a start): everything the agent holds.
             keys.extend(api.keys().chain(kube_now.keys()).chain(dirs.keys()));
@@ -156,26 +148,73 @@ impl AgentCore {
             .collect()
     }
 
-    /// Enforces `kube` as the API server's objects (`changed` naming those that
-    /// differ from the enforced ones); on success they become the agent's. On
-    /// failure nothing changes.
+    /// Enforces `changes` of the API server's objects (each object's new form, or
+    /// `None` when it went); on success they are the agent's. On failure nothing
+    /// changes.
     pub fn enforce_kube(
         &mut self,
-        kube: ObjectMap,
-        changed: &[ObjectKey],
+        changes: &[objects::ObjectChange],
     ) -> Result<crate::datapath::ApplyReport, ApplyRefused> {
-        let (api, dirs) = (self.api_objects.clone(), self.dir_objects.clone());
-        let changes = self.changes_to(&api, &dirs, Some((&kube, changed)));
+        let keys: Vec<ObjectKey> = changes.iter().map(|(key, _)| key.clone()).collect();
+        // The objects as they would be, for the keys changed only.
+        let mut kube = std::mem::take(&mut self.kube_objects);
+        let before: Vec<(ObjectKey, Option<StoredObject>)> = changes
+            .iter()
+            .map(|(key, object)| {
+                let old = match object {
+                    Some(object) => kube.insert(key.clone(), object.clone()),
+                    None => kube.remove(key),
+                };
+                (key.clone(), old)
+            })
+            .collect();
+        let (api, dirs) = (
+            std::mem::take(&mut self.api_objects),
+            std::mem::take(&mut self.dir_objects),
+        );
+        self.kube_objects = kube;
+        let effective = self.changes_to_kube(&api, &dirs, &keys);
         let audit = self.audit.clone();
         let from_api = |key: &ObjectKey, object: &StoredObject| {
             api.get(key)
                 .is_some_and(|applied| Arc::ptr_eq(&applied.value, &object.value))
         };
-        let report = self
+        let result = self
             .enforcer
-            .apply(&changes, &audit, &|key, object| !from_api(key, object))?;
-        self.kube_objects = kube;
-        Ok(report)
+            .apply(&effective, &audit, &|key, object| !from_api(key, object));
+        self.api_objects = api;
+        self.dir_objects = dirs;
+        if result.is_err() {
+            for (key, old) in before {
+                match old {
+                    Some(old) => self.kube_objects.insert(key, old),
+                    None => self.kube_objects.remove(&key),
+                };
+            }
+        }
+        result
+    }
+
+    /// The changes of the objects the agent enforces for the API server's objects
+    /// `keys` (already in `kube_objects` as they now are).
+    fn changes_to_kube(
+        &self,
+        api: &ObjectMap,
+        dirs: &ObjectMap,
+        keys: &[ObjectKey],
+    ) -> Vec<objects::ObjectChange> {
+        keys.iter()
+            .filter_map(|key| {
+                let new = Self::effective(key, api, &self.kube_objects, dirs);
+                let lenient = !api.contains_key(key);
+                let same = match (self.enforcer.held(key), new) {
+                    (Some((old, was_lenient)), Some(new)) => old == *new && was_lenient == lenient,
+                    (None, None) => true,
+                    _ => false,
+                };
+                (!same).then(|| (key.clone(), new.cloned()))
+            })
+            .collect()
     }
 
     /// Enforces `api` and `dirs` with `audit`; on success they become the agent's and
@@ -189,7 +228,7 @@ impl AgentCore {
         dirs: ObjectMap,
         audit: BTreeMap<String, bool>,
     ) -> Result<crate::datapath::ApplyReport, ApplyRefused> {
-        let changes = self.changes_to(&api, &dirs, None);
+        let changes = self.changes_to(&api, &dirs);
         let persist = api != self.api_objects || audit != self.audit;
         let prepared = if persist {
             let state = PersistedState {

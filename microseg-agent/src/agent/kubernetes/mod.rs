@@ -4,13 +4,15 @@
 //! policies), and the agent enforces for its node's pods.
 //!
 //! - `watch`: one kube-rs watcher per kind (list, watch, resume, re-list after
-//!   `410 Gone`) feeding a cluster view.
+//!   `410 Gone`) feeding a cluster view, which keeps which objects changed (and
+//!   which pods lose a contested address) and this node's pods.
 //! - this module: the reconciler. It takes every change that arrived together and
-//!   enforces the whole view as one generation (a pod's addresses, identity and
-//!   policy entries appear in, and leave, the maps in one atomic switch), then
-//!   attaches to or detaches from pods' veths.
-//! - `node`: which pods are this node's and where their host-side veths are.
-//! - `status`: Kubernetes Events on this node's `Node` object.
+//!   enforces the objects they changed as one generation (a pod's addresses,
+//!   identity and policy entries appear in, and leave, the maps in one atomic
+//!   switch), then attaches to or detaches from pods' veths. Its cost follows the
+//!   change, not the cluster.
+//! - `status`: Kubernetes Events on this node's `Node` object, and on policies
+//!   microseg refuses.
 //!
 //! The ClusterNetworkPolicy CRD is optional: without it (the API server answers its
 //! list with `404`) there are no cluster policies, the rest is enforced, and the
@@ -23,7 +25,6 @@
 //! server is unreachable the agent keeps enforcing what it last knew, across a
 //! restart too, and catches up when the watches come back.
 
-pub mod node;
 pub mod status;
 pub mod watch;
 
@@ -42,7 +43,6 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use self::{
-    node::local_pod_addresses,
     status::{Status, StatusReporter},
     watch::ClusterView,
 };
@@ -151,7 +151,7 @@ pub async fn run(agent: Arc<Agent>) {
     let status = StatusReporter::start(client.clone(), &node);
     let (changes, mut incoming) = mpsc::unbounded_channel();
     watch::start(&client, changes);
-    let cache = start_cache_writer(config.state_dir.clone());
+    let cache = start_cache_writer(agent.clone(), config.state_dir.clone());
     let cached = agent.core.lock().await.kube_objects.clone();
     let mut reconciler = Reconciler {
         view: ClusterView::new(cached),
@@ -215,7 +215,8 @@ struct Reconciler {
     view: ClusterView,
     node: String,
     status: StatusReporter,
-    cache: tokio::sync::watch::Sender<Arc<ObjectMap>>,
+    /// Counts enforcements, for the cache writer.
+    cache: tokio::sync::watch::Sender<u64>,
     enforced_once: bool,
     /// The objects left out of the last apply because the loader refused them.
     refused: Option<Vec<ObjectKey>>,
@@ -313,22 +314,11 @@ impl Reconciler {
     /// Enforces the cluster view as one generation; false if it was refused (the
     /// previous state stays enforced).
     async fn enforce(&mut self, received: Instant) -> bool {
-        let objects = self.view.enforceable();
+        let changes = self.view.take_changes();
+        let keys: Vec<ObjectKey> = changes.iter().map(|(key, _)| key.clone()).collect();
         let mut core = self.agent.core.lock().await;
-        let changed: Vec<ObjectKey> = objects
-            .iter()
-            .filter(|(key, object)| core.kube_objects.get(*key) != Some(*object))
-            .map(|(key, _)| key.clone())
-            .chain(
-                core.kube_objects
-                    .keys()
-                    .filter(|key| !objects.contains_key(*key))
-                    .cloned(),
-            )
-            .collect();
-        let result = enforce_objects(&mut core, objects, &changed);
+        let result = enforce_changes(&mut core, changes);
         self.agent.refresh_names(&core);
-        let enforced = core.kube_objects.clone();
         let refused_policies = core.enforcer.set().refused_policies.clone();
         drop(core);
         match result {
@@ -339,10 +329,7 @@ impl Reconciler {
                     latency_ms = received.elapsed().as_secs_f64() * 1000.0,
                     "applied API server changes"
                 );
-                let local = Arc::new(local_pod_addresses(
-                    &enforced,
-                    self.view.pods_on(&self.node),
-                ));
+                let local = Arc::new(self.view.local_pod_addresses(&self.node));
                 // Pods, not addresses (a dual-stack pod has two).
                 let local_count = local.values().collect::<BTreeSet<_>>().len();
                 self.local.send_if_modified(|current| {
@@ -352,7 +339,7 @@ impl Reconciler {
                 });
                 if !self.enforced_once {
                     self.enforced_once = true;
-                    let count = |kind: &str| enforced.keys().filter(|k| k.kind == kind).count();
+                    let count = |kind: &str| self.view.count(kind);
                     self.status.report(Status {
                         warning: false,
                         regarding: None,
@@ -370,10 +357,12 @@ impl Reconciler {
                 }
                 self.report_left_out(left_out);
                 self.report_substituted(refused_policies);
-                let _ = self.cache.send(Arc::new(enforced));
+                self.cache.send_modify(|generation| *generation += 1);
                 true
             }
             Err(refused) => {
+                // Tried again with the next change (or the next watch event).
+                self.view.mark_changed(keys);
                 self.status.report(Status {
                     warning: true,
                     regarding: None,
@@ -478,49 +467,45 @@ impl Reconciler {
     }
 }
 
-/// Enforces `objects` as the API server's part of the state, the objects `changed`
-/// names being those that differ from what is enforced. Objects the loader refuses
-/// (named in its errors) are left out and the rest is enforced: one bad object must
-/// not freeze the whole cluster's policy. Returns the objects left out. If even the
-/// rest is refused, the previous state stays enforced.
-fn enforce_objects(
+/// Enforces `changes` of the API server's objects. Objects the loader refuses
+/// (named in its errors) are left out (enforced as absent) and the rest is
+/// enforced: one bad object must not freeze the whole cluster's policy. Returns the
+/// objects left out. If even the rest is refused, the previous state stays
+/// enforced.
+fn enforce_changes(
     core: &mut AgentCore,
-    mut objects: ObjectMap,
-    changed: &[ObjectKey],
+    mut changes: Vec<crate::objects::ObjectChange>,
 ) -> Result<(ApplyReport, Vec<ObjectKey>), ApplyRefused> {
-    let refused = match core.enforce_kube(objects.clone(), changed) {
+    let refused = match core.enforce_kube(&changes) {
         Ok(report) => return Ok((report, Vec::new())),
         Err(refused) => refused,
     };
-    let named: Vec<ObjectKey> = changed
-        .iter()
-        .filter(|key| {
-            objects.get(*key).is_some_and(|object| {
-                let source = format!("{}: document {}", object.file, object.document);
-                refused.details.iter().any(|d| d.starts_with(&source))
-            })
-        })
-        .cloned()
-        .collect();
+    let mut named = Vec::new();
+    for (key, object) in &mut changes {
+        let is_named = object.as_ref().is_some_and(|object| {
+            let source = format!("{}: document {}", object.file, object.document);
+            refused.details.iter().any(|d| d.starts_with(&source))
+        });
+        if is_named {
+            named.push(key.clone());
+            *object = None;
+        }
+    }
     if named.is_empty() {
         return Err(refused);
     }
-    for key in &named {
-        objects.remove(key);
-    }
-    match core.enforce_kube(objects, changed) {
-        Ok(report) => Ok((report, named)),
-        Err(refused) => Err(refused),
-    }
+    core.enforce_kube(&changes).map(|report| (report, named))
 }
 
 /// Writes the last enforced cluster view to the state directory in the background,
-/// at most once a second (churn must not wait for disks).
-fn start_cache_writer(state_dir: PathBuf) -> tokio::sync::watch::Sender<Arc<ObjectMap>> {
-    let (sender, mut receiver) = tokio::sync::watch::channel(Arc::new(ObjectMap::new()));
+/// at most once a second (churn must not wait for disks): told of each enforcement,
+/// it copies the objects under the agent's lock once per write, not once per change.
+fn start_cache_writer(agent: Arc<Agent>, state_dir: PathBuf) -> tokio::sync::watch::Sender<u64> {
+    let (sender, mut receiver) = tokio::sync::watch::channel(0u64);
     tokio::spawn(async move {
         while receiver.changed().await.is_ok() {
-            let objects = receiver.borrow_and_update().clone();
+            receiver.borrow_and_update();
+            let objects = agent.core.lock().await.kube_objects.clone();
             let dir = state_dir.clone();
             let written = tokio::task::spawn_blocking(move || save_cache(&dir, &objects)).await;
             if let Ok(Err(e)) = written {

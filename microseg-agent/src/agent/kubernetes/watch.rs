@@ -337,7 +337,10 @@ impl Backoff for QuickBackoff {
     }
 }
 
-/// The cluster as the watchers report it.
+/// The cluster as the watchers report it, and which of its objects changed since
+/// they were last enforced: each watch event touches its own object (and, for a pod
+/// taking or giving up a contested address, the pods contesting it), so that an
+/// update costs what changed, however large the cluster.
 #[derive(Default)]
 pub struct ClusterView {
     objects: ObjectMap,
@@ -354,9 +357,17 @@ pub struct ClusterView {
     /// The newest resource version seen on an object (0: none yet).
     pub newest_version: u64,
     /// What each pod in `objects` says about its addresses and node, read once
-    /// when the pod changes rather than from its JSON on every enforcement (which
-    /// reads every pod of the cluster).
+    /// when the pod changes.
     pods: BTreeMap<ObjectKey, PodFacts>,
+    /// Pods by node.
+    node_pods: BTreeMap<String, BTreeSet<ObjectKey>>,
+    /// Address -> the pods claiming it, the one keeping it first (the newest; of
+    /// pods created at the same time, the first by key).
+    claims: foldhash::HashMap<IpAddr, BTreeSet<(std::cmp::Reverse<String>, ObjectKey)>>,
+    /// Pods that lose an address to a newer pod: their addresses are not enforced.
+    losers: BTreeSet<ObjectKey>,
+    /// Objects whose enforceable form may have changed since `take_changes`.
+    dirty: BTreeSet<ObjectKey>,
 }
 
 /// What [`ClusterView::enforceable`] and the local pod lookup read of a pod.
@@ -381,40 +392,113 @@ impl PodFacts {
 
 impl ClusterView {
     /// Starts from the cached objects of an earlier run (enforced until the lists
-    /// arrive).
+    /// arrive): they are what is enforced, so none is dirty.
     pub fn new(cached: ObjectMap) -> Self {
-        let mut view = Self {
-            objects: cached,
-            ..Self::default()
-        };
-        view.read_all_pods();
+        let mut view = Self::default();
+        for (key, object) in cached {
+            view.set_object(key, Some(object));
+        }
+        view.dirty.clear();
         view
     }
 
-    /// Reads the facts of every pod again (after a re-list).
-    fn read_all_pods(&mut self) {
-        self.pods = self
-            .objects
-            .iter()
-            .filter(|(key, _)| key.kind == "Pod")
-            .map(|(key, object)| (key.clone(), PodFacts::of(&object.value.parse())))
-            .collect();
+    /// Puts `object` under `key` (`None`: removes it), keeping the pod indexes and
+    /// marking what changed.
+    fn set_object(&mut self, key: ObjectKey, object: Option<StoredObject>) {
+        if key.kind == "Pod" {
+            self.forget_pod(&key);
+            if let Some(object) = &object {
+                let facts = PodFacts::of(&object.value.parse());
+                self.remember_pod(&key, facts);
+            }
+        }
+        match object {
+            Some(object) => self.objects.insert(key.clone(), object),
+            None => self.objects.remove(&key),
+        };
+        self.dirty.insert(key);
     }
 
-    /// Reads the facts of one pod again (after it changed or went).
-    fn read_pod(&mut self, key: &ObjectKey) {
-        if key.kind != "Pod" {
+    fn forget_pod(&mut self, key: &ObjectKey) {
+        let Some(facts) = self.pods.remove(key) else {
             return;
-        }
-        match self.objects.get(key) {
-            Some(object) => {
-                self.pods
-                    .insert(key.clone(), PodFacts::of(&object.value.parse()));
+        };
+        if let Some(node) = &facts.node
+            && let Some(pods) = self.node_pods.get_mut(node)
+        {
+            pods.remove(key);
+            if pods.is_empty() {
+                self.node_pods.remove(node);
             }
-            None => {
-                self.pods.remove(key);
+        }
+        let claim = (std::cmp::Reverse(facts.created.clone()), key.clone());
+        for address in &facts.addresses {
+            if let Some(claims) = self.claims.get_mut(address) {
+                claims.remove(&claim);
+                if claims.is_empty() {
+                    self.claims.remove(address);
+                }
+            }
+            self.settle_address(*address);
+        }
+        self.losers.remove(key);
+    }
+
+    fn remember_pod(&mut self, key: &ObjectKey, facts: PodFacts) {
+        if let Some(node) = &facts.node {
+            self.node_pods
+                .entry(node.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        let claim = (std::cmp::Reverse(facts.created.clone()), key.clone());
+        let addresses = facts.addresses.clone();
+        self.pods.insert(key.clone(), facts);
+        for address in addresses {
+            self.claims
+                .entry(address)
+                .or_default()
+                .insert(claim.clone());
+            self.settle_address(address);
+        }
+    }
+
+    /// Works out again which pods lose a contested `address` (all its claimants but
+    /// the first); a pod whose standing changed is dirty.
+    fn settle_address(&mut self, address: IpAddr) {
+        let claimants: Vec<ObjectKey> = self
+            .claims
+            .get(&address)
+            .map(|claims| claims.iter().map(|(_, key)| key.clone()).collect())
+            .unwrap_or_default();
+        for key in claimants {
+            let loses = self.pod_loses(&key);
+            let lost = self.losers.contains(&key);
+            if loses != lost {
+                if loses {
+                    tracing::warn!(
+                        "{key}: its address is also a newer pod's; not enforced for now"
+                    );
+                    self.losers.insert(key.clone());
+                } else {
+                    self.losers.remove(&key);
+                }
+                self.dirty.insert(key);
             }
         }
+    }
+
+    /// Whether pod `key` is not the first claimant of one of its addresses.
+    fn pod_loses(&self, key: &ObjectKey) -> bool {
+        let Some(facts) = self.pods.get(key) else {
+            return false;
+        };
+        facts.addresses.iter().any(|address| {
+            self.claims
+                .get(address)
+                .and_then(|claims| claims.iter().next())
+                .is_some_and(|(_, first)| first != key)
+        })
     }
 
     /// Applies one change; returns whether the enforced objects may differ.
@@ -434,7 +518,7 @@ impl ClusterView {
             Change::Listed(key, value) => {
                 if let Some(buffer) = self.relisting.get_mut(key.kind.as_str()) {
                     // An unchanged object keeps its stored value (and so its
-                    // conversion: `ConversionCache`).
+                    // conversion).
                     let object = match self.objects.get(&key) {
                         Some(known) if known.value.is(&value) => known.clone(),
                         _ => stored(&key, value),
@@ -445,13 +529,23 @@ impl ClusterView {
             }
             Change::ListDone(kind) => {
                 let fresh = self.relisting.remove(kind).unwrap_or_default();
-                self.objects.retain(|key, _| key.kind != kind);
-                self.objects.extend(fresh);
+                let gone: Vec<ObjectKey> = self
+                    .objects
+                    .keys()
+                    .filter(|key| key.kind == kind && !fresh.contains_key(*key))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    self.set_object(key, None);
+                }
+                for (key, object) in fresh {
+                    if self.objects.get(&key) != Some(&object) {
+                        self.set_object(key, Some(object));
+                    }
+                }
                 self.listed.insert(kind);
                 self.absent.remove(kind);
-                if kind == "Pod" {
-                    self.read_all_pods();
-                }
+                // Always counts: the sync may be waiting on this list.
                 true
             }
             Change::Applied(key, value) => {
@@ -464,17 +558,16 @@ impl ClusterView {
                 {
                     return false;
                 }
-                if key.kind == "Pod" {
-                    self.pods.insert(key.clone(), PodFacts::of(&value));
-                }
                 let object = stored(&key, value);
-                self.objects.insert(key, object);
+                self.set_object(key, Some(object));
                 true
             }
             Change::Deleted(key) => {
-                let removed = self.objects.remove(&key).is_some();
-                self.read_pod(&key);
-                removed
+                if !self.objects.contains_key(&key) {
+                    return false;
+                }
+                self.set_object(key, None);
+                true
             }
             Change::Failed(kind, error) => {
                 self.failing_since.get_or_insert_with(Instant::now);
@@ -487,12 +580,17 @@ impl ClusterView {
                 self.relisting.remove(kind);
                 self.absent.insert(kind);
                 self.listed.insert(kind);
-                let before = self.objects.len();
-                self.objects.retain(|key, _| key.kind != kind);
-                if kind == "Pod" {
-                    self.read_all_pods();
+                let gone: Vec<ObjectKey> = self
+                    .objects
+                    .keys()
+                    .filter(|key| key.kind == kind)
+                    .cloned()
+                    .collect();
+                let changed = !gone.is_empty();
+                for key in gone {
+                    self.set_object(key, None);
                 }
-                self.objects.len() != before
+                changed
             }
             Change::ResourceVersion(version) => {
                 self.newest_version = self.newest_version.max(version);
@@ -508,10 +606,25 @@ impl ClusterView {
 
     /// The pods on `node` (`spec.nodeName`).
     pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a ObjectKey> + 'a {
-        self.pods
-            .iter()
-            .filter(move |(_, facts)| facts.node.as_deref() == Some(node))
-            .map(|(key, _)| key)
+        self.node_pods.get(node).into_iter().flatten()
+    }
+
+    /// The addresses of the pods on `node` that keep them, with their
+    /// `namespace/name`.
+    pub fn local_pod_addresses(&self, node: &str) -> BTreeMap<IpAddr, String> {
+        let mut addresses = BTreeMap::new();
+        for key in self.pods_on(node) {
+            if self.losers.contains(key) {
+                continue;
+            }
+            let Some(facts) = self.pods.get(key) else {
+                continue;
+            };
+            for address in &facts.addresses {
+                addresses.insert(*address, format!("{}/{}", key.namespace, key.name));
+            }
+        }
+        addresses
     }
 
     /// Whether a re-list is in progress (its objects are not in the view yet).
@@ -528,43 +641,54 @@ impl ClusterView {
         &self.objects
     }
 
-    /// The objects to enforce. Pod addresses are made unique first: the API server
-    /// may briefly show a deleted pod's address on a new pod too, and the loader
-    /// refuses a set with one address on two workloads; the newer pod keeps it.
+    /// Objects of `kind` in the view.
+    pub fn count(&self, kind: &str) -> usize {
+        match kind {
+            "Pod" => self.pods.len(),
+            _ => self.objects.keys().filter(|key| key.kind == kind).count(),
+        }
+    }
+
+    /// The object to enforce under `key`. Pod addresses are made unique first: the
+    /// API server may briefly show a deleted pod's address on a new pod too, and the
+    /// loader refuses a set with one address on two workloads; the newer pod keeps
+    /// it.
+    pub fn enforceable_object(&self, key: &ObjectKey) -> Option<StoredObject> {
+        let object = self.objects.get(key)?;
+        if !self.losers.contains(key) {
+            return Some(object.clone());
+        }
+        let mut pod = object.value.parse();
+        if let Some(status) = pod.get_mut("status").and_then(|s| s.as_object_mut()) {
+            status.remove("podIP");
+            status.remove("podIPs");
+        }
+        Some(stored(key, pod))
+    }
+
+    /// Every object to enforce (see [`ClusterView::enforceable_object`]).
     pub fn enforceable(&self) -> ObjectMap {
-        let mut owners: foldhash::HashMap<IpAddr, (&str, &ObjectKey)> =
-            foldhash::HashMap::default();
-        let mut losers = Vec::new();
-        for (key, facts) in &self.pods {
-            let created = facts.created.as_str();
-            for address in &facts.addresses {
-                match owners.get(address) {
-                    // The pod seen first is at least as new: this one gives way.
-                    Some((other, _)) if *other >= created => losers.push(key.clone()),
-                    Some((_, older)) => {
-                        losers.push((*older).clone());
-                        owners.insert(*address, (created, key));
-                    }
-                    None => {
-                        owners.insert(*address, (created, key));
-                    }
-                }
-            }
-        }
-        let mut objects = self.objects.clone();
-        for key in losers {
-            let Some(object) = objects.get_mut(&key) else {
-                continue;
-            };
-            let mut pod = object.value.parse();
-            if let Some(status) = pod.get_mut("status").and_then(|s| s.as_object_mut()) {
-                tracing::warn!("{key}: its address is also a newer pod's; not enforced for now");
-                status.remove("podIP");
-                status.remove("podIPs");
-                *object = stored(&key, pod);
-            }
-        }
-        objects
+        self.objects
+            .keys()
+            .filter_map(|key| Some((key.clone(), self.enforceable_object(key)?)))
+            .collect()
+    }
+
+    /// The objects whose enforceable form may have changed since the last call,
+    /// with that form (`None`: gone).
+    pub fn take_changes(&mut self) -> Vec<crate::objects::ObjectChange> {
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|key| {
+                let object = self.enforceable_object(&key);
+                (key, object)
+            })
+            .collect()
+    }
+
+    /// Marks `keys` changed again (their enforcement failed; it is tried again).
+    pub fn mark_changed(&mut self, keys: impl IntoIterator<Item = ObjectKey>) {
+        self.dirty.extend(keys);
     }
 }
 
@@ -660,6 +784,40 @@ mod tests {
         assert!(!view.apply(Change::Applied(pod_key("new"), noisy)));
         let moved = pod_at("new", "2026-11-02T00:00:00Z", "10.1.0.10", "Running");
         assert!(view.apply(Change::Applied(pod_key("new"), moved)));
+    }
+
+    /// The view hands out each change once, with what it touched: a pod that loses
+    /// (or gets back) a contested address is changed too, others are not.
+    #[test]
+    fn changes_name_what_they_touched_and_contested_addresses_follow() {
+        let mut view = ClusterView::default();
+        let older = pod_at("old", "2026-11-01T00:00:00Z", "10.1.0.9", "Running");
+        let other = pod_at("other", "2026-11-01T00:00:00Z", "10.1.0.7", "Running");
+        view.apply(Change::Applied(pod_key("old"), older));
+        view.apply(Change::Applied(pod_key("other"), other));
+        let keys = |changes: Vec<crate::objects::ObjectChange>| -> Vec<String> {
+            changes.into_iter().map(|(k, _)| k.name).collect()
+        };
+        assert_eq!(keys(view.take_changes()), ["old", "other"]);
+        assert!(view.take_changes().is_empty());
+        // A newer pod takes the address: the older one changes too (unaddressed).
+        let newer = pod_at("new", "2026-11-02T00:00:00Z", "10.1.0.9", "Running");
+        view.apply(Change::Applied(pod_key("new"), newer));
+        let changes = view.take_changes();
+        assert_eq!(keys(changes.clone()), ["new", "old"]);
+        let old = changes.iter().find(|(k, _)| k.name == "old").unwrap();
+        assert!(old.1.as_ref().unwrap().value.parse()["status"]["podIP"].is_null());
+        assert_eq!(view.local_pod_addresses("node-a").len(), 2, "new and other");
+        // The newer pod goes: the older one gets its address back.
+        view.apply(Change::Deleted(pod_key("new")));
+        let changes = view.take_changes();
+        assert_eq!(keys(changes.clone()), ["new", "old"]);
+        let old = changes.iter().find(|(k, _)| k.name == "old").unwrap();
+        assert_eq!(
+            old.1.as_ref().unwrap().value.parse()["status"]["podIP"],
+            "10.1.0.9"
+        );
+        assert!(changes.iter().any(|(k, v)| k.name == "new" && v.is_none()));
     }
 
     /// A pod as the API server sends it (abridged, but with the fields that make
