@@ -201,7 +201,7 @@ impl Enforcer {
         let compiled = self.compiler.update(self.store.set(), &set_changes);
         // Slots handed out anew start from zero, whatever they counted before; zeroed
         // even if the update then fails, since the compiler keeps them.
-        let fresh = self.compiler.hit_slot_table().fresh;
+        let fresh = self.compiler.fresh_hit_slots();
         if let Err(e) = self.datapath.reset_rule_hits(&fresh) {
             tracing::warn!("zeroing rule hit counters: {e}");
         }

@@ -618,9 +618,11 @@ impl Compiler {
             );
         }
 
-        let universe: Vec<u32> = self.identities.universe.iter().copied().collect();
+        // Every identity, for endpoints a ClusterNetworkPolicy selects: listed once,
+        // and only if one is compiled.
+        let mut universe: Option<Vec<u32>> = None;
         for key in &dirty {
-            self.compile_endpoint(set, key, &universe);
+            self.compile_endpoint(set, key, &mut universe);
         }
         self.hit_slots.end_update();
         self.touched.slots = self.hit_slots.take_touched();
@@ -983,7 +985,12 @@ impl Compiler {
     }
 
     /// Works out again which policies select workload `key` and its entries.
-    fn compile_endpoint(&mut self, set: &PolicySet, key: &WorkloadKey, universe: &[u32]) {
+    fn compile_endpoint(
+        &mut self,
+        set: &PolicySet,
+        key: &WorkloadKey,
+        universe: &mut Option<Vec<u32>>,
+    ) {
         let workload = set
             .workload(&key.0, &key.1)
             .filter(|w| !w.addresses.is_empty() && self.enforced_here(w));
@@ -1089,6 +1096,8 @@ impl Compiler {
                 }
             } else {
                 tiered[d] = true;
+                let universe = universe
+                    .get_or_insert_with(|| self.identities.universe.iter().copied().collect());
                 tiers::insert_resolved_entries(
                     &mut entries[d],
                     &tiers::Resolution {
@@ -1285,6 +1294,12 @@ impl Compiler {
     /// The hit slot table (owners, and the slots the last update handed out).
     pub fn hit_slot_table(&self) -> HitSlotTable {
         self.hit_slots.table()
+    }
+
+    /// The hit slots the last update handed out (to be zeroed before its entries
+    /// are written).
+    pub fn fresh_hit_slots(&self) -> Vec<u16> {
+        self.hit_slots.fresh()
     }
 }
 

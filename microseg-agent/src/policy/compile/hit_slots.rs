@@ -190,6 +190,11 @@ impl HitSlots {
         }
     }
 
+    /// The slots the last update handed out.
+    pub fn fresh(&self) -> Vec<u16> {
+        self.fresh.clone()
+    }
+
     pub fn owner(&self, slot: u16) -> Option<HitSlotOwner> {
         self.owners.get(&slot).copied()
     }

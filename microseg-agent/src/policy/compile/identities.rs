@@ -31,6 +31,62 @@ fn ipv4_mapped_range() -> IpNet {
     "::ffff:0:0/96".parse().expect("constant prefix")
 }
 
+/// The ipBlocks rules use, indexed by the length of their cidr: the blocks whose
+/// cidr contains an address or a prefix are found with one lookup per length
+/// present, not by reading every block.
+#[derive(Clone, Debug, Default)]
+struct BlockIndex {
+    /// (IPv6, prefix length) -> cidr -> blocks with that cidr.
+    by_length: BTreeMap<(bool, u8), HashMap<IpNet, Vec<IpBlock>>>,
+}
+
+impl BlockIndex {
+    fn insert(&mut self, block: &IpBlock) {
+        let cidr = block.cidr;
+        self.by_length
+            .entry((cidr.addr().is_ipv6(), cidr.prefix_len()))
+            .or_default()
+            .entry(cidr)
+            .or_default()
+            .push(block.clone());
+    }
+
+    fn remove(&mut self, block: &IpBlock) {
+        let cidr = block.cidr;
+        let length = (cidr.addr().is_ipv6(), cidr.prefix_len());
+        if let Some(by_cidr) = self.by_length.get_mut(&length) {
+            if let Some(blocks) = by_cidr.get_mut(&cidr) {
+                blocks.retain(|b| b != block);
+                if blocks.is_empty() {
+                    by_cidr.remove(&cidr);
+                }
+            }
+            if by_cidr.is_empty() {
+                self.by_length.remove(&length);
+            }
+        }
+    }
+
+    /// Blocks whose cidr contains `prefix` (of its own family), in block order.
+    fn covering(&self, prefix: &IpNet) -> Vec<&IpBlock> {
+        let v6 = prefix.addr().is_ipv6();
+        let mut found: Vec<&IpBlock> = Vec::new();
+        for ((family_v6, length), by_cidr) in &self.by_length {
+            if *family_v6 != v6 || *length > prefix.prefix_len() {
+                continue;
+            }
+            let Ok(wider) = IpNet::new(prefix.addr(), *length) else {
+                continue;
+            };
+            if let Some(blocks) = by_cidr.get(&wider.trunc()) {
+                found.extend(blocks);
+            }
+        }
+        found.sort_unstable();
+        found
+    }
+}
+
 /// A workload identity and the workloads it stands for.
 #[derive(Clone, Debug)]
 pub(super) struct WorkloadIdentity {
@@ -64,6 +120,8 @@ pub(super) struct IdentityLayer {
     /// ipBlocks the rules use, with how many rule peers use each; node address
     /// blocks while any rule has a `nodes` peer.
     blocks: BTreeMap<IpBlock, usize>,
+    /// The same blocks, by cidr length.
+    block_index: BlockIndex,
     /// Egress named ports rules use: (name, protocol) -> uses.
     egress_named: BTreeMap<(String, Protocol), usize>,
     /// Rule peers of kind `nodes`: while there is one, node addresses are blocks.
@@ -94,6 +152,7 @@ impl Default for IdentityLayer {
     fn default() -> Self {
         Self {
             blocks: BTreeMap::new(),
+            block_index: BlockIndex::default(),
             egress_named: BTreeMap::new(),
             node_peer_uses: 0,
             node_blocks: BTreeSet::new(),
@@ -117,6 +176,7 @@ impl IdentityLayer {
         let uses = self.blocks.entry(block.clone()).or_default();
         *uses += 1;
         if *uses == 1 {
+            self.block_index.insert(block);
             self.block_set_changed(set, block);
         }
     }
@@ -129,6 +189,7 @@ impl IdentityLayer {
         *uses -= 1;
         if *uses == 0 {
             self.blocks.remove(block);
+            self.block_index.remove(block);
             self.block_set_changed(set, block);
         }
     }
@@ -228,8 +289,9 @@ impl IdentityLayer {
         namespace: Arc<str>,
     ) -> WorkloadIdentityKey {
         let ip_blocks: Vec<IpBlock> = self
-            .blocks
-            .keys()
+            .block_index
+            .covering(&IpNet::from(address))
+            .into_iter()
             .filter(|block| block.contains(address))
             .cloned()
             .collect();
@@ -416,9 +478,8 @@ impl IdentityLayer {
         output: &mut Output,
         changes: &mut IdentityChanges,
     ) {
-        let blocks: Vec<&IpBlock> = self.blocks.keys().collect();
         let mut prefixes: BTreeSet<IpNet> = BTreeSet::new();
-        for block in &blocks {
+        for block in self.blocks.keys() {
             prefixes.insert(block.cidr);
             prefixes.extend(block.except.iter().copied());
         }
@@ -431,13 +492,12 @@ impl IdentityLayer {
         let mut next: BTreeMap<IpNet, u32> = BTreeMap::new();
         let mut next_cidr: HashMap<u32, CidrIdentity> = HashMap::new();
         for prefix in &prefixes {
-            let covering: Vec<IpBlock> = blocks
-                .iter()
-                .filter(|block| {
-                    block.cidr.contains(prefix)
-                        && !block.except.iter().any(|except| except.contains(prefix))
-                })
-                .map(|block| (*block).clone())
+            let covering: Vec<IpBlock> = self
+                .block_index
+                .covering(prefix)
+                .into_iter()
+                .filter(|block| !block.except.iter().any(|except| except.contains(prefix)))
+                .cloned()
                 .collect();
             let identity = if covering.is_empty() {
                 IDENTITY_WORLD
