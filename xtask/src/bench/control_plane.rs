@@ -9,15 +9,17 @@
 //!   generation slots written, then the switch); the compile time is reported beside
 //!   it (`compile_10k_ms`).
 //! - `changes`: one change of each type, in turn, through the agent's own path: the
-//!   policy set rebuilt from its objects (`build_ms`: Pod and NetworkPolicy objects
-//!   as the agent holds them, only the changed ones read again), compiled by the same
-//!   `Compiler` as every earlier state (ids kept: `compile_ms`), applied
-//!   (`apply_ms`, `entries_written` per generation slot). A second instance of the
-//!   programs, sharing the pinned maps, runs a probe whose verdict the change flips
-//!   through BPF_PROG_TEST_RUN in a tight loop on the other core; `to_enforced_ms` is
-//!   the compile time plus the time from the start of the apply to the first packet
-//!   judged by the new state (the compile runs before the poller starts, which would
-//!   otherwise take the other vCPU from it); `from_rebuild_ms` adds the rebuild. The changes: policy `p0`
+//!   changed objects (Pod and NetworkPolicy objects as the agent holds them) put in
+//!   the object store, which updates the policy set in place (`build_ms`), the
+//!   compiler's update from that change (`compile_ms`: ids, identities, selectors
+//!   and endpoints kept from every earlier state), the data path's writing of the
+//!   changed entries (`apply_ms`, `entries_written` per generation slot). A second
+//!   instance of the programs, sharing the pinned maps, runs a probe whose verdict
+//!   the change flips through BPF_PROG_TEST_RUN in a tight loop on the other core;
+//!   `to_enforced_ms` is the compile time plus the time from the start of the
+//!   apply to the first packet judged by the new state (the compile runs before
+//!   the poller starts, which would otherwise take the other vCPU from it);
+//!   `from_rebuild_ms` adds the store's update. The changes: policy `p0`
 //!   gains UDP 9000 (probe `w1 -> w0 UDP 9000` passes); pod `extra` with `w1`'s labels
 //!   added (`extra -> w0 TCP 8080` passes); pod `w1` relabelled (`w1 -> w0 TCP 8080`
 //!   drops); pod `extra` removed (`extra -> w0 TCP 8080` drops).
@@ -35,12 +37,13 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use microseg::{
+    datapath::StateDiff,
     datapath::{
         AttachPoint, Capacities, Datapath, DatapathState, LoadOptions, ProgramVerdict,
         detach_pinned, probe::Probe,
     },
-    objects::{ConversionCache, ObjectKey, ObjectMap, StoredObject, build_policy_set_cached},
-    policy::{Compiler, PolicySet},
+    objects::{ObjectChange, ObjectKey, ObjectMap, ObjectStore, StoredObject},
+    policy::Compiler,
 };
 use serde::Serialize;
 
@@ -201,20 +204,45 @@ fn objects_for(
     Ok(objects)
 }
 
-/// The policy set of `objects`, built as the agent builds it (objects unchanged since
-/// the last build with `cache` are not read again); and how long that took.
-fn build_set(objects: &ObjectMap, cache: &mut ConversionCache) -> anyhow::Result<(PolicySet, f64)> {
-    let start = Instant::now();
-    let set = build_policy_set_cached(objects.iter(), cache, &|_, _| false)
-        .map_err(|errors| anyhow::anyhow!("the control-plane policy set is invalid: {errors:?}"))?;
-    Ok((set, start.elapsed().as_secs_f64() * 1e3))
+/// The objects that differ between `old` and `new`, as the changes the agent's
+/// watches hand its enforcer.
+fn object_changes(old: &ObjectMap, new: &ObjectMap) -> Vec<ObjectChange> {
+    let mut changes: Vec<ObjectChange> = new
+        .iter()
+        .filter(|(key, object)| old.get(*key) != Some(*object))
+        .map(|(key, object)| (key.clone(), Some(object.clone())))
+        .collect();
+    changes.extend(
+        old.keys()
+            .filter(|key| !new.contains_key(*key))
+            .map(|key| (key.clone(), None)),
+    );
+    changes
 }
 
-/// Compiles `set` with `compiler`: the state and the compile time.
-fn compile_timed(compiler: &mut Compiler, set: &PolicySet) -> (DatapathState, f64) {
+/// The agent's path from object changes to what the maps must change: the store
+/// updated in place (`build_ms`), the compiler's update (`compile_ms`).
+fn compile_changes(
+    store: &mut ObjectStore,
+    compiler: &mut Compiler,
+    changes: &[ObjectChange],
+) -> anyhow::Result<(StateDiff, f64, f64)> {
     let start = Instant::now();
-    let compiled = compiler.compile(set);
-    (compiled.state, start.elapsed().as_secs_f64() * 1e3)
+    let set_changes = store
+        .apply(changes, &|_, _| false)
+        .map_err(|errors| anyhow::anyhow!("the control-plane policy set is invalid: {errors:?}"))?;
+    let build_ms = start.elapsed().as_secs_f64() * 1e3;
+    let start = Instant::now();
+    let compiled = compiler.update(store.set(), &set_changes);
+    let compile_ms = start.elapsed().as_secs_f64() * 1e3;
+    let diff = StateDiff {
+        endpoints: compiled.endpoints,
+        peer_hosts: compiled.peer_hosts,
+        peer_prefixes: compiled.peer_prefixes,
+        policy: compiled.policy,
+        interfaces: Default::default(),
+    };
+    Ok((diff, build_ms, compile_ms))
 }
 
 /// Removes the pinned maps when the measurement ends, however it ends.
@@ -255,12 +283,15 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
     );
     progress.step(format!("control plane: compiling {count} policies"));
     let mut compiler = Compiler::default();
-    let mut cache = ConversionCache::default();
+    let mut store = ObjectStore::default();
     let mut objects = objects_for(count, Variation::default(), &ObjectMap::new())?;
-    let (set, _) = build_set(&objects, &mut cache)?;
-    let (state, compile_ms) = compile_timed(&mut compiler, &set);
-    drop(set);
-    let counts = state.counts();
+    let (diff, build_ms, compile_ms) = compile_changes(
+        &mut store,
+        &mut compiler,
+        &object_changes(&ObjectMap::new(), &objects),
+    )?;
+    let compile_ms = build_ms + compile_ms;
+    let counts = compiler.state().counts();
     ensure!(
         counts.endpoints == count as usize && counts.policy == count as usize,
         "compiled {counts:?} from {count} policies, expected {count} endpoints and entries"
@@ -273,9 +304,11 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
     let _ = detach_pinned(&pin.0);
     let mut datapath = load_pinned(&pin.0)?;
     progress.step(format!("control plane: applying {count} policies"));
+    let mut current = DatapathState::default();
     let start = Instant::now();
-    datapath.apply(&DatapathState::default(), &state)?;
+    datapath.apply_changes(&mut current, &diff)?;
     let apply_ms = start.elapsed().as_secs_f64() * 1e3;
+    drop(diff);
 
     // w1 may reach w0 on TCP 8080 (p0's rule), not the other way; UDP 9000 not yet.
     let allowed = Probe::tcp(address(1), 40_000, address(0), TCP_PORT);
@@ -328,18 +361,20 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
             ProgramVerdict::Drop,
         ),
     ];
-    let mut current = state;
     let mut changes = Vec::new();
     for (change, variation, probe, wanted) in steps {
         progress.step(format!("control plane: {change}"));
-        objects = objects_for(count, variation, &objects)?;
-        let (set, build_ms) = build_set(&objects, &mut cache)?;
+        let next = objects_for(count, variation, &objects)?;
+        let object_changes = object_changes(&objects, &next);
+        objects = next;
+        let (diff, build_ms, compile_ms) =
+            compile_changes(&mut store, &mut compiler, &object_changes)?;
         let measured = update_latency(
             &pin.0,
             &mut datapath,
-            &mut compiler,
-            &set,
-            &current,
+            &mut current,
+            &diff,
+            compile_ms,
             probe,
             wanted,
         )
@@ -358,7 +393,6 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
             from_rebuild_ms: build_ms + measured.to_enforced_ms,
             polls: measured.polls,
         });
-        current = measured.state;
     }
     let policy_change = &changes[0];
     ensure!(
@@ -367,6 +401,11 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
         policy_change.entries_written
     );
     let new_state = current;
+    ensure!(
+        compiler.counters.full_compiles == 1,
+        "every change after the first should be incremental, {} full compiles",
+        compiler.counters.full_compiles
+    );
 
     progress.step("control plane: restart with pinned state");
     drop(datapath);
@@ -408,7 +447,6 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
 
 /// What `update_latency` measured.
 struct Update {
-    state: DatapathState,
     compile_ms: f64,
     apply_ms: f64,
     entries_written: usize,
@@ -416,21 +454,21 @@ struct Update {
     polls: u64,
 }
 
-/// Compiles `set`, then applies it over `current` while another thread, with its own
-/// instance of the programs on the same pinned maps, polls `probe` until its verdict
-/// is `wanted`. The compile runs before the poller starts (the poller keeps the other
-/// vCPU busy, which the agent's compile never has beside it); the time to the first
-/// judged packet is the compile plus the time from the start of the apply.
+/// Applies `diff` (compiled in `compile_ms`) over `current` while another thread,
+/// with its own instance of the programs on the same pinned maps, polls `probe`
+/// until its verdict is `wanted`. The compile ran before the poller starts (the
+/// poller keeps the other vCPU busy, which the agent's compile never has beside
+/// it); the time to the first judged packet is the compile plus the time from the
+/// start of the apply.
 fn update_latency(
     pin_dir: &Path,
     datapath: &mut Datapath,
-    compiler: &mut Compiler,
-    set: &PolicySet,
-    current: &DatapathState,
+    current: &mut DatapathState,
+    diff: &StateDiff,
+    compile_ms: f64,
     probe: &Probe,
     wanted: ProgramVerdict,
 ) -> anyhow::Result<Update> {
-    let (state, compile_ms) = compile_timed(compiler, set);
     let ready = Arc::new(Barrier::new(2));
     let (sender, receiver) = mpsc::channel::<anyhow::Result<(Instant, u64)>>();
     let frame = probe.to_frame();
@@ -463,7 +501,7 @@ fn update_latency(
     // Let the poller reach its loop before the clock starts.
     std::thread::sleep(Duration::from_millis(20));
     let applying = Instant::now();
-    let applied = datapath.apply(current, &state);
+    let applied = datapath.apply_changes(current, diff);
     let apply_ms = applying.elapsed().as_secs_f64() * 1e3;
     let polled = receiver
         .recv_timeout(Duration::from_secs(15))
@@ -472,7 +510,6 @@ fn update_latency(
     let report = applied?;
     let (enforced_at, polls) = polled?;
     Ok(Update {
-        state,
         compile_ms,
         apply_ms,
         entries_written: report.changes,
