@@ -27,6 +27,27 @@ pub const SLOT_MARK_AWAITS_POLICY: u32 = 2;
 /// Entries of `GENERATION`.
 pub const GENERATION_ENTRIES: u32 = 3;
 
+/// Entries of `REVOCATION`: one per generation slot.
+///
+/// Conntrack entries record the generation that allowed their flow. An update that
+/// only adds what is allowed (a new pod, a new rule) cannot make an allowed flow
+/// wrong, so flows allowed under earlier generations stay current; one that takes
+/// something away (an entry removed, an endpoint's enforcement changed, a peer's
+/// identity changed) must have every flow judged again. `REVOCATION[slot]` is the
+/// oldest generation whose flows are current while `slot` is live: the agent writes
+/// it into the standby slot before switching to it (the switch's own generation if
+/// the update revokes, else the live slot's value), so a packet reads it with the
+/// live generation, as it reads every slot's entries.
+pub const REVOCATION_ENTRIES: u32 = 2;
+
+/// Whether a flow recorded under generation `recorded` is current under `live`,
+/// flows of generations before `floor` having been revoked (wrapping arithmetic:
+/// generation numbers wrap).
+#[inline(always)]
+pub const fn flow_is_current(recorded: u32, live: u32, floor: u32) -> bool {
+    live.wrapping_sub(recorded) <= live.wrapping_sub(floor)
+}
+
 /// Slot of a generation number.
 pub const fn slot_of(generation: u32) -> u8 {
     (generation & 1) as u8

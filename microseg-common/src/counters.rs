@@ -34,12 +34,15 @@ pub enum Counter {
     ConntrackFlowLost = 13,
     /// Such a packet found its flow's entry past the flow's idle lifetime.
     ConntrackFlowExpired = 14,
+    /// A packet of a flow allowed before the last revoking update was judged again
+    /// by policy (see `config::REVOCATION_ENTRIES`).
+    ConntrackRejudged = 15,
 }
 
 pub const COUNTER_SLOTS: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 16] = [
         Self::AllowedIngress,
         Self::AllowedEgress,
         Self::DeniedIngress,
@@ -55,6 +58,7 @@ impl Counter {
         Self::EventsSent,
         Self::ConntrackFlowLost,
         Self::ConntrackFlowExpired,
+        Self::ConntrackRejudged,
     ];
 
     pub const fn index(self) -> u32 {
@@ -78,6 +82,7 @@ impl Counter {
             Self::EventsSent => "events_sent",
             Self::ConntrackFlowLost => "conntrack_flows_lost",
             Self::ConntrackFlowExpired => "conntrack_flows_expired",
+            Self::ConntrackRejudged => "conntrack_flows_rejudged",
         }
     }
 }

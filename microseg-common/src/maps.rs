@@ -14,11 +14,12 @@ pub const EVENT_RATE: &str = "EVENT_RATE";
 pub const COUNTERS: &str = "COUNTERS";
 pub const DROPS_BY_REASON: &str = "DROPS_BY_REASON";
 pub const GENERATION: &str = "GENERATION";
+pub const REVOCATION: &str = "REVOCATION";
 pub const SETTINGS: &str = "SETTINGS";
 pub const RULE_HITS: &str = "RULE_HITS";
 
 /// Every map, in the order the agent pins and reports them.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     ENDPOINTS,
     PEER_HOSTS,
     PEER_PREFIXES,
@@ -32,6 +33,7 @@ pub const ALL: [&str; 15] = [
     COUNTERS,
     DROPS_BY_REASON,
     GENERATION,
+    REVOCATION,
     SETTINGS,
     RULE_HITS,
 ];

@@ -2,14 +2,19 @@
 
 use aya_ebpf::{macros::map, maps::Array};
 use microseg_common::config::{
-    GENERATION_ENTRIES, GENERATION_INDEX_BOUND, GENERATION_INDEX_LIVE, SLOT_MARK_AWAITS_POLICY,
-    Settings,
+    GENERATION_ENTRIES, GENERATION_INDEX_BOUND, GENERATION_INDEX_LIVE, REVOCATION_ENTRIES,
+    SLOT_MARK_AWAITS_POLICY, Settings,
 };
 
 /// The live policy generation, and per slot whether it binds interfaces (see
 /// `microseg_common::config`).
 #[map]
 static GENERATION: Array<u32> = Array::with_max_entries(GENERATION_ENTRIES, 0);
+
+/// Per slot, the oldest generation whose conntrack entries are current (see
+/// `microseg_common::config::REVOCATION_ENTRIES`).
+#[map]
+static REVOCATION: Array<u32> = Array::with_max_entries(REVOCATION_ENTRIES, 0);
 
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -22,6 +27,16 @@ pub fn live_generation() -> u32 {
         // points to a valid, aligned u32 for the duration of the program. The volatile
         // read keeps the compiler from reading it twice.
         Some(ptr) => unsafe { core::ptr::read_volatile(ptr) },
+        None => 0,
+    }
+}
+
+/// The oldest generation whose flows are current while `slot` is live (0 if unset:
+/// every flow of a generation up to the live one).
+#[inline(always)]
+pub fn revocation_floor(slot: u8) -> u32 {
+    match REVOCATION.get(slot as u32) {
+        Some(floor) => *floor,
         None => 0,
     }
 }

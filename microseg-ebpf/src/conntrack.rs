@@ -97,18 +97,33 @@ pub fn side_of(src: &[u8; 16], src_port: u16, dst: &[u8; 16], dst_port: u16) -> 
     }
 }
 
-/// Whether the flow with this (normalised) key is tracked as allowed under the live
-/// generation.
+/// Which recorded flows are current: those allowed under a generation from `floor`
+/// (the last update that revoked anything) to `live` (see
+/// `microseg_common::config::REVOCATION_ENTRIES`).
+#[derive(Clone, Copy)]
+pub struct Currency {
+    pub live: u32,
+    pub floor: u32,
+}
+
+impl Currency {
+    #[inline(always)]
+    pub fn admits(&self, recorded: u32) -> bool {
+        microseg_common::config::flow_is_current(recorded, self.live, self.floor)
+    }
+}
+
+/// Whether the flow with this (normalised) key is tracked as allowed and current.
 #[inline(always)]
-pub fn key_is_current(key: &FlowKey, generation: u32) -> bool {
+pub fn key_is_current(key: &FlowKey, currency: Currency) -> bool {
     // SAFETY: the value is copied out at once.
     match unsafe { CONNTRACK.get(key) } {
-        Some(state) => state.generation == generation,
+        Some(state) => currency.admits(state.generation),
         None => false,
     }
 }
 
-/// Looks the packet's flow up; a flow allowed under the live generation has this
+/// Looks the packet's flow up; a flow allowed and current (`currency`) has this
 /// packet's TCP flags (and direction) recorded. `opens` = the packet starts a new
 /// connection (a bare TCP SYN, an ICMP query request): it is never a reply.
 #[inline(always)]
@@ -116,7 +131,7 @@ pub fn lookup(
     flow: &Flow,
     info: &PacketInfo,
     opens: bool,
-    generation: u32,
+    currency: Currency,
     lifetimes: &ConntrackLifetimes,
     now_ns: u64,
 ) -> Tracked {
@@ -144,7 +159,7 @@ pub fn lookup(
         };
     }
     let is_reply = state.origin != flow.sender;
-    if state.generation != generation {
+    if !currency.admits(state.generation) {
         return Tracked::Stale {
             is_reply,
             seen: state.seen,

@@ -28,7 +28,11 @@ static RELATED_SCRATCH: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 
 
 /// Kept out of line, so its locals do not add to the decision's stack frame.
 #[inline(never)]
-pub fn icmp_error_is_related(packet: &PacketView, info: &PacketInfo, generation: u32) -> bool {
+pub fn icmp_error_is_related(
+    packet: &PacketView,
+    info: &PacketInfo,
+    currency: conntrack::Currency,
+) -> bool {
     let Some(key) = RELATED_SCRATCH.get_ptr_mut(0) else {
         return false;
     };
@@ -102,5 +106,5 @@ pub fn icmp_error_is_related(packet: &PacketView, info: &PacketInfo, generation:
         key.port_a = dst_port;
         key.port_b = src_port;
     }
-    conntrack::key_is_current(key, generation)
+    conntrack::key_is_current(key, currency)
 }

@@ -243,6 +243,7 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
         Err(reason) => reason,
     };
     pending.generation = generation;
+    pending.floor = config::revocation_floor(slot);
     pending.now = conntrack::now_ns();
     pending.opens = conntrack::opens_tcp(info) || info.is_icmp_query_request();
     // ICMP messages other than queries are never tracked: each is judged by policy
@@ -255,7 +256,10 @@ pub fn judge(packet: &PacketView, link: LinkLayer, hook: Hook, ifindex: u32) -> 
             &pending.flow,
             info,
             pending.opens,
-            generation,
+            conntrack::Currency {
+                live: generation,
+                floor: pending.floor,
+            },
             &config::settings().lifetimes,
             pending.now,
         );
@@ -285,6 +289,8 @@ pub struct Pending {
     ports_error: DropReason,
     /// The live generation, read once for the packet.
     generation: u32,
+    /// The oldest generation whose flows are current (see `conntrack::Currency`).
+    floor: u32,
     /// Conntrack's clock.
     now: u64,
     /// The packet opens a flow (a bare TCP SYN, an ICMP query request).
@@ -336,13 +342,18 @@ fn judge_pending(packet: &PacketView, scratch: &mut DecisionScratch) -> Verdict 
     match tracked {
         Tracked::Lost => counters::count(Counter::ConntrackFlowLost),
         Tracked::Expired => counters::count(Counter::ConntrackFlowExpired),
+        Tracked::Stale { .. } => counters::count(Counter::ConntrackRejudged),
         _ => {}
     }
+    let currency = conntrack::Currency {
+        live: generation,
+        floor: pending.floor,
+    };
 
     // An ICMP error about a flow allowed under the live generation is part of it.
     if pending.untracked
         && parse::is_icmp_error(info.protocol, info.icmp_type)
-        && related::icmp_error_is_related(packet, info, generation)
+        && related::icmp_error_is_related(packet, info, currency)
     {
         counters::count(Counter::ConntrackHit);
         count_allowed(hook);

@@ -78,6 +78,9 @@ pub struct Enforcer {
     /// Map entries written by all applies (per generation slot), and by the last.
     pub entries_written: u64,
     pub last_apply_entries: usize,
+    /// Addresses whose flows are to be judged again (see
+    /// `policy::CompiledChanges::stale_addresses`), for the conntrack janitor.
+    stale_addresses: std::collections::BTreeSet<std::net::IpAddr>,
 }
 
 /// Bucket bounds of the apply latency histogram, in seconds.
@@ -132,7 +135,14 @@ impl Enforcer {
             apply_latency: LatencyHistogram::default(),
             entries_written: 0,
             last_apply_entries: 0,
+            stale_addresses: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// The addresses whose recorded flows are to be judged again, since the last
+    /// call.
+    pub fn take_stale_addresses(&mut self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        std::mem::take(&mut self.stale_addresses)
     }
 
     /// The enforced policy set.
@@ -206,6 +216,7 @@ impl Enforcer {
             tracing::warn!("zeroing rule hit counters: {e}");
         }
         let bindings = self.interface_facts.bindings(self.store.set());
+        let (revokes, stale_addresses) = (compiled.revokes, compiled.stale_addresses);
         let mut diff = StateDiff {
             endpoints: compiled.endpoints,
             peer_hosts: compiled.peer_hosts,
@@ -215,8 +226,9 @@ impl Enforcer {
         };
         self.add_audit(&mut diff, audit);
         self.add_bindings(&mut diff, &bindings);
-        match self.switch(diff) {
+        match self.switch(diff, revokes) {
             Ok(report) => {
+                self.stale_addresses.extend(stale_addresses);
                 self.audit = audit.clone();
                 self.bindings = bindings;
                 self.binding_error = None;
@@ -245,15 +257,16 @@ impl Enforcer {
     /// hold something else) the whole desired state compared with what they hold.
     /// Once switched, it is what the agent believes enforced, even if the standby
     /// slot could not follow.
-    fn switch(&mut self, diff: StateDiff) -> Result<ApplyReport, ApplyRefused> {
-        let diff = if self.diverged {
-            self.whole_diff(&diff)
+    fn switch(&mut self, diff: StateDiff, revokes: bool) -> Result<ApplyReport, ApplyRefused> {
+        // Compared whole, the maps may lose anything: every flow is judged again.
+        let (diff, revokes) = if self.diverged {
+            (self.whole_diff(&diff), true)
         } else {
-            diff
+            (diff, revokes)
         };
         let report = self
             .datapath
-            .apply_changes(&mut self.current, &diff)
+            .apply_changes(&mut self.current, &diff, revokes)
             .map_err(|e| ApplyRefused {
                 summary: format!("the data path refused the update: {e}"),
                 details: Vec::new(),
@@ -415,7 +428,7 @@ impl Enforcer {
                 details: Vec::new(),
             })
         } else {
-            self.switch(diff)
+            self.switch(diff, false)
         };
         let report = match switched {
             Ok(report) => report,

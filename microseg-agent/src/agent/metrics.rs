@@ -163,6 +163,30 @@ pub async fn render(agent: &Agent) -> String {
         );
         family(
             &mut out,
+            "microseg_conntrack_flows_rejudged_total",
+            "counter",
+            "Packets of flows allowed before an update that took something away (an allowing entry, an endpoint's settings, a peer's identity the entries tell apart), judged by policy again. Updates that only allow more leave flows current.",
+        );
+        let _ = writeln!(
+            out,
+            "microseg_conntrack_flows_rejudged_total {}",
+            c.get(Counter::ConntrackRejudged)
+        );
+        family(
+            &mut out,
+            "microseg_conntrack_flows_marked_stale_total",
+            "counter",
+            "Flows of addresses that became or stopped being a peer or an endpoint, marked to be judged again (an address reused never inherits its predecessor's flows).",
+        );
+        let _ = writeln!(
+            out,
+            "microseg_conntrack_flows_marked_stale_total {}",
+            agent
+                .flows_marked_stale
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+        family(
+            &mut out,
             "microseg_parse_failures_total",
             "counter",
             "Packets that could not be parsed.",

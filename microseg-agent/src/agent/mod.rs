@@ -85,6 +85,8 @@ pub struct Agent {
     pub restarts: Arc<tasks::TaskRestarts>,
     /// Where maps and links are pinned (the event reader reopens the ring there).
     pub config_pin_dir: PathBuf,
+    /// Flows the conntrack janitor marked to be judged again (`datapath::janitor`).
+    pub flows_marked_stale: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AgentCore {
@@ -501,6 +503,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         kernel,
         restarts: Arc::new(tasks::TaskRestarts::default()),
         config_pin_dir: config.pin_dir.clone(),
+        flows_marked_stale: Arc::new(std::sync::atomic::AtomicU64::new(0)),
     });
     agent.refresh_names(&*agent.core.lock().await);
 
@@ -516,6 +519,14 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
             let pin_dir = agent.config_pin_dir.clone();
             async move { events::read_ring(events::open_ring(&pin_dir)?, hub, names, node).await }
         }));
+    }
+    {
+        let agent = agent.clone();
+        tasks.push(tasks::supervise(
+            "conntrack-janitor",
+            restarts.clone(),
+            move || run_janitor(agent.clone()),
+        ));
     }
     {
         let agent = agent.clone();
@@ -608,6 +619,28 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         tracing::info!("stopped; enforcement stays in place (pinned)");
     }
     Ok(())
+}
+
+/// Once a second, marks the flows of the addresses the last updates queued to be
+/// judged again (see `datapath::janitor`), off the agent's lock.
+async fn run_janitor(agent: Arc<Agent>) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let addresses = agent.core.lock().await.enforcer.take_stale_addresses();
+        if addresses.is_empty() {
+            continue;
+        }
+        let pin_dir = agent.config_pin_dir.clone();
+        let marked = tokio::task::spawn_blocking(move || {
+            crate::datapath::janitor::mark_flows_stale(&pin_dir, &addresses)
+        })
+        .await??;
+        agent
+            .flows_marked_stale
+            .fetch_add(marked as u64, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Starts Hubble's Observer API as supervised tasks (`hubble` on the Unix socket,

@@ -775,6 +775,10 @@ fn conntrack_json(agent: &Agent) -> Value {
         }).flatten(),
         "flowsLost": counters.as_ref().map(|c| c.get(Counter::ConntrackFlowLost)),
         "flowsExpired": counters.as_ref().map(|c| c.get(Counter::ConntrackFlowExpired)),
+        // Packets of flows allowed before an update that took something away,
+        // judged again; and flows of reused addresses marked to be.
+        "flowsRejudged": counters.as_ref().map(|c| c.get(Counter::ConntrackRejudged)),
+        "flowsMarkedStale": agent.flows_marked_stale.load(Ordering::Relaxed),
     })
 }
 

@@ -184,6 +184,8 @@ pub fn apply_state(
     // Only the live slot's interface mark is read: each slot's is set here, before
     // the slot goes live.
     maps.set_slot_mark(standby, slot_mark(&new.interfaces))?;
+    // A whole new state may take anything away: every flow is judged again.
+    maps.set_revocation_floor(standby, next)?;
     maps.set_live_generation(next)?;
     crate::fault::crash_at("after-switch");
     // From here on the new generation is live: failures only leave the standby slot
@@ -220,6 +222,7 @@ pub fn apply_changes(
     current: &mut DatapathState,
     exact_entries: &mut usize,
     changes: &StateDiff,
+    revokes: bool,
 ) -> Result<ApplyReport, DatapathError> {
     validate_changes(changes)?;
     let diff = maps_diff(current, changes);
@@ -246,9 +249,16 @@ pub fn apply_changes(
         return Err(error);
     }
     crate::fault::crash_at("after-standby-write");
+    // Flows allowed so far stay current unless the change takes something away.
+    let floor = if revokes || takes_away(current, changes) {
+        next
+    } else {
+        maps.revocation_floor(slot_of(live))?
+    };
     apply_to(current, changes);
     *exact_entries = new_counts.policy_exact;
     maps.set_slot_mark(standby, slot_mark(&current.interfaces))?;
+    maps.set_revocation_floor(standby, floor)?;
     maps.set_live_generation(next)?;
     crate::fault::crash_at("after-switch");
     let standby_error = match grace.wait() {
@@ -267,6 +277,29 @@ pub fn apply_changes(
         changes: diff.len(),
         standby_error,
     })
+}
+
+/// Whether `changes` may make a flow allowed under `current` wrong: an allowing
+/// entry removed or turned to deny, a deny entry added where there was none, an
+/// enforced endpoint's settings changed, a CIDR prefix changed. (Peers changing
+/// identity are the compiler's to judge: it knows which identities the entries
+/// tell apart.) Additions that allow more never revoke.
+fn takes_away(current: &DatapathState, changes: &StateDiff) -> bool {
+    let policy = changes.policy.iter().any(|(key, new)| {
+        let old = current.policy.get(key);
+        let old_allows = old.is_some_and(|entry| !entry.is_deny());
+        let new_allows = new.is_some_and(|entry| !entry.is_deny());
+        (old_allows && !new_allows)
+            || (new.is_some_and(|e| e.is_deny()) && !old.is_some_and(|e| e.is_deny()))
+    });
+    let endpoints = changes.endpoints.iter().any(|(address, new)| {
+        matches!((current.endpoints.get(address), new), (Some(old), Some(new)) if old != new)
+    });
+    let prefixes = changes
+        .peer_prefixes
+        .iter()
+        .any(|(prefix, new)| current.peer_prefixes.get(prefix) != new.as_ref());
+    policy || endpoints || prefixes
 }
 
 /// The changed entries are ones the maps can represent (see `validate_state`).

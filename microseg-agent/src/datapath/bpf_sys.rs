@@ -345,13 +345,26 @@ pub fn count_entries(
     key_size: usize,
     value_size: usize,
 ) -> io::Result<u64> {
+    let mut total = 0u64;
+    for_each_entry(map, key_size, value_size, |_, _| total += 1)?;
+    Ok(total)
+}
+
+/// Calls `each` with every (key, value) of a hash map, read with
+/// BPF_MAP_LOOKUP_BATCH (see [`count_entries`]): a snapshot of a map the programs
+/// keep changing.
+pub fn for_each_entry(
+    map: std::os::fd::BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let mut keys = vec![0u8; key_size * BATCH_ELEMENTS];
     let mut values = vec![0u8; value_size * BATCH_ELEMENTS];
     // Hash maps' batch token is a bucket index (4 bytes); room for any key anyway.
     let mut in_token = vec![0u8; key_size.max(8)];
     let mut out_token = vec![0u8; key_size.max(8)];
-    let mut total = 0u64;
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
@@ -370,10 +383,15 @@ pub fn count_entries(
         };
         let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         // The kernel reports what it copied even when it says the walk is done.
-        total += u64::from(attr.count);
+        for index in 0..attr.count as usize {
+            each(
+                &keys[index * key_size..(index + 1) * key_size],
+                &values[index * value_size..(index + 1) * value_size],
+            );
+        }
         match result {
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
         }
         std::mem::swap(&mut in_token, &mut out_token);

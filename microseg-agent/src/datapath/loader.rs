@@ -217,6 +217,14 @@ impl Datapath {
         if handles.settings()?.events_burst == 0 {
             handles.set_settings(&Settings::default())?;
         }
+        // Revocation floors never written (a first load, or maps pinned by a version
+        // without them): flows of earlier generations are not current, as they were
+        // not under that version.
+        let live = handles.live_generation()?;
+        if live != 0 && handles.revocation_floor(0)? == 0 && handles.revocation_floor(1)? == 0 {
+            handles.set_revocation_floor(0, live)?;
+            handles.set_revocation_floor(1, live)?;
+        }
         Ok(datapath)
     }
 

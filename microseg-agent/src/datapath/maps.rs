@@ -30,6 +30,7 @@ pub struct DatapathMaps<'a> {
     pub policy: LpmTrie<&'a mut MapData, PolicyKeyData, PolicyEntry>,
     pub policy_exact: HashMap<&'a mut MapData, PolicyKeyData, PolicyEntry>,
     pub generation: Array<&'a mut MapData, u32>,
+    pub revocation: Array<&'a mut MapData, u32>,
     pub settings: Array<&'a mut MapData, Settings>,
     pub counters: PerCpuArray<&'a mut MapData, u64>,
     pub drops_by_reason: PerCpuArray<&'a mut MapData, u64>,
@@ -55,6 +56,7 @@ impl<'a> DatapathMaps<'a> {
             policy,
             policy_exact,
             generation,
+            revocation,
             settings,
             counters,
             drops_by_reason,
@@ -69,6 +71,7 @@ impl<'a> DatapathMaps<'a> {
             maps::POLICY,
             maps::POLICY_EXACT,
             maps::GENERATION,
+            maps::REVOCATION,
             maps::SETTINGS,
             maps::COUNTERS,
             maps::DROPS_BY_REASON,
@@ -95,6 +98,8 @@ impl<'a> DatapathMaps<'a> {
             .map_err(map_err(maps::POLICY_EXACT))?,
             generation: Array::try_from(generation.ok_or_else(|| missing(maps::GENERATION))?)
                 .map_err(map_err(maps::GENERATION))?,
+            revocation: Array::try_from(revocation.ok_or_else(|| missing(maps::REVOCATION))?)
+                .map_err(map_err(maps::REVOCATION))?,
             settings: Array::try_from(settings.ok_or_else(|| missing(maps::SETTINGS))?)
                 .map_err(map_err(maps::SETTINGS))?,
             counters: PerCpuArray::try_from(counters.ok_or_else(|| missing(maps::COUNTERS))?)
@@ -138,6 +143,20 @@ impl<'a> DatapathMaps<'a> {
             Err(aya::maps::MapError::OutOfBounds { .. }) => Ok(()),
             other => other.map_err(map_err(maps::GENERATION)),
         }
+    }
+
+    /// The oldest generation whose flows are current while `slot` is live (see
+    /// `microseg_common::config::REVOCATION_ENTRIES`).
+    pub fn revocation_floor(&self, slot: u8) -> Result<u32, DatapathError> {
+        self.revocation
+            .get(&u32::from(slot), 0)
+            .map_err(map_err(maps::REVOCATION))
+    }
+
+    pub fn set_revocation_floor(&mut self, slot: u8, floor: u32) -> Result<(), DatapathError> {
+        self.revocation
+            .set(u32::from(slot), floor, 0)
+            .map_err(map_err(maps::REVOCATION))
     }
 
     pub fn settings(&self) -> Result<Settings, DatapathError> {

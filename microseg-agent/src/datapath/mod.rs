@@ -7,6 +7,7 @@ pub mod apply;
 mod bpf_sys;
 pub mod events;
 pub mod grace;
+pub mod janitor;
 pub mod links;
 pub mod loader;
 pub mod maps;
@@ -112,12 +113,16 @@ impl Datapath {
     }
 
     /// Applies `changes` over `current` as the next generation, at the cost of the
-    /// change (see `apply::apply_changes`); `current` is updated once switched. If
-    /// an earlier update left the standby slot behind, it is repaired first.
+    /// change (see `apply::apply_changes`); `current` is updated once switched.
+    /// Flows allowed so far stay current unless the change takes something away
+    /// (found in the entries, or `revokes`: the compiler's word for peers changing
+    /// identity). If an earlier update left the standby slot behind, it is
+    /// repaired first.
     pub fn apply_changes(
         &mut self,
         current: &mut DatapathState,
         changes: &StateDiff,
+        revokes: bool,
     ) -> Result<ApplyReport, DatapathError> {
         if self.standby_stale {
             self.repair_standby()?;
@@ -129,8 +134,14 @@ impl Datapath {
         };
         let mut exact_after = exact;
         let mut maps = maps::DatapathMaps::new(&mut self.ebpf)?;
-        let result =
-            apply::apply_changes(&mut maps, &self.grace, current, &mut exact_after, changes);
+        let result = apply::apply_changes(
+            &mut maps,
+            &self.grace,
+            current,
+            &mut exact_after,
+            changes,
+            revokes,
+        );
         self.exact_entries = Some((current.policy.len(), exact_after));
         let report = result?;
         self.standby_stale = report.standby_error.is_some();

@@ -306,7 +306,7 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
     progress.step(format!("control plane: applying {count} policies"));
     let mut current = DatapathState::default();
     let start = Instant::now();
-    datapath.apply_changes(&mut current, &diff)?;
+    datapath.apply_changes(&mut current, &diff, true)?;
     let apply_ms = start.elapsed().as_secs_f64() * 1e3;
     drop(diff);
 
@@ -501,7 +501,7 @@ fn update_latency(
     // Let the poller reach its loop before the clock starts.
     std::thread::sleep(Duration::from_millis(20));
     let applying = Instant::now();
-    let applied = datapath.apply_changes(current, diff);
+    let applied = datapath.apply_changes(current, diff, false);
     let apply_ms = applying.elapsed().as_secs_f64() * 1e3;
     let polled = receiver
         .recv_timeout(Duration::from_secs(15))
