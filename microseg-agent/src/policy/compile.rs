@@ -29,8 +29,9 @@
 //!   read.
 //!
 //! Ids stay with what they number from one update to the next (`numbering`), so
-//! that a changed pod or policy changes only its own entries. Selectors are matched
-//! through label indexes (`label_index`), so a first compile costs about the size of
+//! that a changed pod or policy changes only its own entries; the agent keeps them
+//! across its restarts too (`saved_ids`). Selectors are matched through label
+//! indexes (`label_index`), so a first compile costs about the size of
 //! its output, not policies x workloads, and is the same code fed everything.
 
 mod hit_slots;
