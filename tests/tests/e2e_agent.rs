@@ -379,20 +379,36 @@ fn a_restarted_agent_keeps_its_ids_and_writes_only_what_changed() {
     assert!(tcp_exchange(client, server_addr(), 81));
     assert!(!tcp_exchange(client, server_addr(), 9999));
 
-    // The same restart without the saved ids (as before they were kept): numbered
-    // afresh, the entries whose ids change are written again.
+    // The same restart with ids of another format version: not used, and said
+    // so. Numbered afresh (as before ids were kept), the entries whose ids change
+    // are written again.
     lab.stop_agent();
-    std::fs::remove_file(lab.dir.join("state").join("ids.json")).expect("ids.json saved");
+    let ids_path = lab.dir.join("state").join("ids.json");
+    let saved: Value = serde_json::from_slice(&std::fs::read(&ids_path).expect("ids.json saved"))
+        .expect("ids.json is JSON");
+    assert_eq!(saved["version"], 1);
+    std::fs::write(&ids_path, r#"{"version": 99}"#).unwrap();
     lab.start_agent(&[]);
     let afresh = status(&lab);
-    assert_eq!(afresh["savedIds"]["atStart"], "absent", "{afresh:#}");
+    let at_start = afresh["savedIds"]["atStart"].as_str().unwrap_or_default();
+    assert!(at_start.contains("format version 99"), "{afresh:#}");
     assert_ne!(
         afresh["lastApplyMapEntries"], 0,
         "without saved ids the restart rewrites renumbered entries; {afresh:#}"
     );
+    assert!(
+        lab.agent_log().contains("format version 99"),
+        "the log says why the ids were not used"
+    );
     assert!(tcp_exchange(client, server_addr(), 80));
     assert!(tcp_exchange(client, server_addr(), 81));
     assert!(!tcp_exchange(client, server_addr(), 9999));
+    // The new numbering is saved in this version's format.
+    wait_for_status(&lab, "ids saved again", |s| {
+        s["savedIds"]["current"] == true
+    });
+    let saved: Value = serde_json::from_slice(&std::fs::read(&ids_path).unwrap()).unwrap();
+    assert_eq!(saved["version"], 1);
 }
 
 #[test]
