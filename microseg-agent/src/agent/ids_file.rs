@@ -108,13 +108,12 @@ impl IdsFile {
         (file, compiler)
     }
 
-    /// The ids to save, if the compiler has compiled something and they changed
-    /// since the last write: copied here, under the agent's lock.
+    /// The ids to save, if this agent enforces something and they changed since
+    /// the last write: copied here, under the agent's lock.
     pub fn to_save(&self, core: &AgentCore) -> Option<(IdsRevision, SavedIds)> {
-        if core.enforcer.compiler_counters().updates == 0 {
-            // Nothing compiled yet: the file (if any) stays as it is.
-            return None;
-        }
+        // Nothing enforced by this agent yet (none applied at start, or the first
+        // apply refused): the file stays as the last agent left it.
+        core.enforcer.enforced.as_ref()?;
         let revision = core.enforcer.ids_revision();
         let written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
         (written.revision != Some(revision)).then(|| (revision, core.enforcer.saved_ids()))
@@ -160,7 +159,7 @@ impl IdsFile {
         let written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
         SavedIdsStatus {
             at_start: self.at_start.clone(),
-            current: core.enforcer.compiler_counters().updates == 0
+            current: core.enforcer.enforced.is_none()
                 || written.revision == Some(core.enforcer.ids_revision()),
             write_error: written.error.clone(),
         }
