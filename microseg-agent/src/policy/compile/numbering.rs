@@ -264,6 +264,10 @@ impl Numbering {
     pub(super) fn restore(saved: SavedNumbering) -> Result<Self, String> {
         let (next_identity, next_endpoint, next_rule) =
             (saved.next_identity, saved.next_endpoint, saved.next_rule);
+        // Below these are the reserved identities, no endpoint, the default deny.
+        if next_identity < IDENTITY_FIRST_ALLOCATED || next_endpoint < 1 || next_rule < 1 {
+            return Err("an id counter is below its first id".to_owned());
+        }
         let mut numbering = Self {
             next_identity,
             next_endpoint,

@@ -453,6 +453,13 @@ spec:
         let first = slots[0][1].clone();
         slots[1][1] = first;
         assert!(SavedIds::from_json(&serde_json::to_vec(&value).unwrap()).is_err());
+        // A counter that would hand out reserved identities.
+        let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        value["numbering"]["workloadIdentities"] = serde_json::json!([]);
+        value["numbering"]["cidrIdentities"] = serde_json::json!([]);
+        assert!(SavedIds::from_json(&serde_json::to_vec(&value).unwrap()).is_ok());
+        value["numbering"]["nextIdentity"] = 1.into();
+        assert!(SavedIds::from_json(&serde_json::to_vec(&value).unwrap()).is_err());
         assert!(SavedIds::from_json(json.as_bytes()).is_ok());
     }
 }
