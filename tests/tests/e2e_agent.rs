@@ -297,6 +297,120 @@ fn kill_9_keeps_enforcement_and_a_restart_restores_the_state() {
     assert!(!tcp_exchange(client, server_addr(), 81));
 }
 
+/// NetworkPolicy `app/a-early`: the server also accepts TCP on `port` from the
+/// client. Named to be numbered before `app/server-ingress` by a first compile.
+fn early_policy(port: u16) -> String {
+    server_policy(port).replace("name: server-ingress", "name: a-early")
+}
+
+/// Polls `status` until `done` says so (the agent works in the background); panics
+/// with the last status after a generous bound.
+fn wait_for_status(lab: &Lab, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = status(lab);
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached; status {status:#}\nagent log:\n{}",
+            lab.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_restarted_agent_keeps_its_ids_and_writes_only_what_changed() {
+    if !microseg_tests::kernel_available(
+        "a_restarted_agent_keeps_its_ids_and_writes_only_what_changed",
+    ) {
+        return;
+    }
+    let lab = Lab::new(&[("app/client", CLIENT), ("app/server", SERVER)]);
+    let _servers = EchoServers::start(&lab.host("app/server").ns, &[80, 81, 9999]);
+    let client = &lab.host("app/client").ns;
+    let policies = lab.policy_dir();
+    std::fs::write(policies.join("inventory.yaml"), INVENTORY).unwrap();
+    std::fs::write(policies.join("server-ingress.yaml"), server_policy(80)).unwrap();
+    lab.start_agent(&[]);
+    // A history: `a-early` comes after `server-ingress`, so its ids follow; a
+    // first compile of the same set numbers it first. Ids not kept, a restart
+    // would rewrite the entries naming them.
+    std::fs::write(policies.join("a-early.yaml"), early_policy(9999)).unwrap();
+    wait_for_status(&lab, "a-early enforced", |s| s["policies"] == 2);
+    assert!(tcp_exchange(client, server_addr(), 9999));
+
+    // kill -9 once the ids are saved: the restart writes no entry.
+    let saved = wait_for_status(&lab, "ids saved", |s| s["savedIds"]["current"] == true);
+    let generation = saved["generation"].clone();
+    lab.kill_agent();
+    lab.start_agent(&[]);
+    let restarted = status(&lab);
+    assert_eq!(
+        restarted["savedIds"]["atStart"], "restored",
+        "{restarted:#}"
+    );
+    assert_eq!(restarted["appliesOk"], 1, "{restarted:#}");
+    assert_eq!(
+        restarted["lastApplyMapEntries"], 0,
+        "nothing changed: nothing written; {restarted:#}"
+    );
+    assert_eq!(restarted["generation"], generation, "no switch");
+    assert!(tcp_exchange(client, server_addr(), 80));
+    assert!(tcp_exchange(client, server_addr(), 9999));
+    assert!(!tcp_exchange(client, server_addr(), 81));
+
+    // Stopped (SIGTERM saves the ids), one policy changed while no agent runs:
+    // the restart writes that policy's entries only, its one entry removed
+    // (port 9999) and one added (port 81).
+    lab.stop_agent();
+    std::fs::write(policies.join("a-early.yaml"), early_policy(81)).unwrap();
+    lab.start_agent(&[]);
+    let changed = status(&lab);
+    assert_eq!(changed["savedIds"]["atStart"], "restored", "{changed:#}");
+    assert_eq!(changed["appliesOk"], 1, "{changed:#}");
+    assert_eq!(
+        changed["lastApplyMapEntries"], 2,
+        "only a-early's entry, removed and added; {changed:#}"
+    );
+    assert!(tcp_exchange(client, server_addr(), 80));
+    assert!(tcp_exchange(client, server_addr(), 81));
+    assert!(!tcp_exchange(client, server_addr(), 9999));
+
+    // The same restart with ids of another format version: not used, and said
+    // so. Numbered afresh (as before ids were kept), the entries whose ids change
+    // are written again.
+    lab.stop_agent();
+    let ids_path = lab.dir.join("state").join("ids.json");
+    let saved: Value = serde_json::from_slice(&std::fs::read(&ids_path).expect("ids.json saved"))
+        .expect("ids.json is JSON");
+    assert_eq!(saved["version"], 1);
+    std::fs::write(&ids_path, r#"{"version": 99}"#).unwrap();
+    lab.start_agent(&[]);
+    let afresh = status(&lab);
+    let at_start = afresh["savedIds"]["atStart"].as_str().unwrap_or_default();
+    assert!(at_start.contains("format version 99"), "{afresh:#}");
+    assert_ne!(
+        afresh["lastApplyMapEntries"], 0,
+        "without saved ids the restart rewrites renumbered entries; {afresh:#}"
+    );
+    assert!(
+        lab.agent_log().contains("format version 99"),
+        "the log says why the ids were not used"
+    );
+    assert!(tcp_exchange(client, server_addr(), 80));
+    assert!(tcp_exchange(client, server_addr(), 81));
+    assert!(!tcp_exchange(client, server_addr(), 9999));
+    // The new numbering is saved in this version's format.
+    wait_for_status(&lab, "ids saved again", |s| {
+        s["savedIds"]["current"] == true
+    });
+    let saved: Value = serde_json::from_slice(&std::fs::read(&ids_path).unwrap()).unwrap();
+    assert_eq!(saved["version"], 1);
+}
+
 #[test]
 fn a_flood_of_denied_packets_leaves_the_agent_responsive_and_counts_lost_events() {
     if !microseg_tests::kernel_available(

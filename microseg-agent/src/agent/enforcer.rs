@@ -465,6 +465,17 @@ impl Enforcer {
     pub fn current_state(&self) -> &DatapathState {
         &self.current
     }
+
+    /// The compiler's ids and hit slots, to keep across a restart
+    /// (`agent::ids_file`).
+    pub fn saved_ids(&self) -> crate::policy::SavedIds {
+        self.compiler.saved_ids()
+    }
+
+    /// Where the compiler's ids stand (changes when they do).
+    pub fn ids_revision(&self) -> crate::policy::IdsRevision {
+        self.compiler.ids_revision()
+    }
 }
 
 /// Logs policies newly refused (enforced as their fail-closed substitutes) and

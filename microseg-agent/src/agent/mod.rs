@@ -6,10 +6,13 @@
 //! killed), so the kernel keeps enforcing. A new agent reuses the pinned maps, reads
 //! back what they hold, keeps links already pinned for its interfaces, and applies
 //! its persisted objects as a diff: entries that did not change are never touched.
+//! The compiler's ids are kept too (`ids_file`), so that what did not change keeps
+//! its ids, and so its entries.
 
 pub mod config;
 pub mod enforcer;
 pub mod events;
+pub mod ids_file;
 pub mod interfaces;
 pub mod kernel_stats;
 pub mod kubernetes;
@@ -40,7 +43,6 @@ use crate::{
     event_view::EventNames,
     flow_history::{EventHub, log as event_log},
     objects::{self, ObjectKey, ObjectMap, PersistedState, StoredObject},
-    policy::Compiler,
 };
 use microseg_common::config::Settings;
 
@@ -87,6 +89,8 @@ pub struct Agent {
     pub config_pin_dir: PathBuf,
     /// Flows the conntrack janitor marked to be judged again (`datapath::janitor`).
     pub flows_marked_stale: Arc<std::sync::atomic::AtomicU64>,
+    /// The compiler's ids, kept across restarts.
+    pub ids_file: Arc<ids_file::IdsFile>,
 }
 
 impl AgentCore {
@@ -372,19 +376,14 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     // An unreadable saved state does not stop the agent: it keeps what the pinned maps
     // enforce and says so (below).
     let persisted = PersistedState::load(&config.state_dir);
+    // Kubernetes mode: this node's pods are enforced here, the others by their own
+    // nodes' agents. Ids as the last agent numbered, if it saved them.
+    let (ids_file, compiler) = ids_file::IdsFile::load(
+        &config.state_dir,
+        config.kubernetes.enabled.then(|| config.node_name()),
+    );
     let mut core = AgentCore {
-        enforcer: Enforcer::new(
-            datapath,
-            adopted,
-            config.audit_mode,
-            // Kubernetes mode: this node's pods are enforced here, the others by
-            // their own nodes' agents.
-            if config.kubernetes.enabled {
-                Compiler::enforcing_node(config.node_name())
-            } else {
-                Compiler::default()
-            },
-        ),
+        enforcer: Enforcer::new(datapath, adopted, config.audit_mode, compiler),
         api_objects: ObjectMap::new(),
         dir_objects: ObjectMap::new(),
         // Kubernetes mode: the last known cluster state, so a restart while the API
@@ -504,6 +503,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         restarts: Arc::new(tasks::TaskRestarts::default()),
         config_pin_dir: config.pin_dir.clone(),
         flows_marked_stale: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        ids_file: Arc::new(ids_file),
     });
     agent.refresh_names(&*agent.core.lock().await);
 
@@ -526,6 +526,14 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
             "conntrack-janitor",
             restarts.clone(),
             move || run_janitor(agent.clone()),
+        ));
+    }
+    {
+        let agent = agent.clone();
+        tasks.push(tasks::supervise(
+            "ids-writer",
+            restarts.clone(),
+            move || ids_file::run(agent.clone()),
         ));
     }
     {
@@ -607,6 +615,10 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     }
     for task in tasks {
         task.abort();
+    }
+    // The ids of what is enforced now, whatever the writer saved last.
+    if let Err(e) = ids_file::save(&agent).await {
+        tracing::warn!("saving the compiler's ids at exit: {e:#}");
     }
     let _ = std::fs::remove_file(&config.socket);
     if let Some(path) = config.hubble.socket_path(&config.socket) {

@@ -838,6 +838,7 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         },
     });
     status["conntrack"] = conntrack_json(agent);
+    status["savedIds"] = json!(agent.ids_file.status(core));
     if let Some(kubernetes) = &core.kubernetes {
         status["kubernetes"] = json!(kubernetes);
     }

@@ -29,8 +29,9 @@
 //!   read.
 //!
 //! Ids stay with what they number from one update to the next (`numbering`), so
-//! that a changed pod or policy changes only its own entries. Selectors are matched
-//! through label indexes (`label_index`), so a first compile costs about the size of
+//! that a changed pod or policy changes only its own entries; the agent keeps them
+//! across its restarts too (`saved_ids`). Selectors are matched through label
+//! indexes (`label_index`), so a first compile costs about the size of
 //! its output, not policies x workloads, and is the same code fed everything.
 
 mod hit_slots;
@@ -38,6 +39,7 @@ mod identities;
 mod label_index;
 mod numbering;
 mod output;
+mod saved_ids;
 mod selectors;
 mod tiers;
 
@@ -70,6 +72,7 @@ pub use numbering::Numbering;
 pub use numbering::WorkloadIdentityKey;
 pub use output::CompiledChanges;
 use output::Output;
+pub use saved_ids::{IdsRevision, SavedIds, SavedIdsError};
 use selectors::{PeerSelector, SelectorCache};
 
 /// Rule ids as stored in policy entries. Id 0 is `RULE_ID_DEFAULT_DENY`; a rule keeps
@@ -623,6 +626,9 @@ impl Compiler {
         let mut universe: Option<Vec<u32>> = None;
         for key in &dirty {
             self.compile_endpoint(set, key, &mut universe);
+        }
+        if self.numbering.take_restored() {
+            self.release_unused_saved_ids();
         }
         self.hit_slots.end_update();
         self.touched.slots = self.hit_slots.take_touched();

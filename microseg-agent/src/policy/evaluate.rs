@@ -53,7 +53,10 @@ impl fmt::Display for Flow {
 /// A rule of a policy: which policy, which direction, which index in its list.
 /// ClusterNetworkPolicy rules have no namespace and carry their tier, priority and
 /// action.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
 pub struct RuleRef {
     /// Empty for a ClusterNetworkPolicy.
     pub policy_namespace: String,
@@ -64,7 +67,9 @@ pub struct RuleRef {
 }
 
 /// What a ClusterNetworkPolicy rule is, beside where it is.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ClusterRuleInfo {
     pub tier: Tier,
     pub priority: u16,

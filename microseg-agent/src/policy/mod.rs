@@ -29,8 +29,8 @@ mod workloads;
 pub use cluster_policy::CLUSTER_NETWORK_POLICY_API_VERSION;
 pub use compile::{
     CompileStats, Compiled, CompiledChanges, CompiledEndpoint, Compiler, CompilerCounters,
-    HitSlotOwner, HitSlotTable, IdentityInfo, IdentityTable, Numbering, RuleTable, SetChanges,
-    Touched, WorkloadIdentityKey, compile,
+    HitSlotOwner, HitSlotTable, IdentityInfo, IdentityTable, IdsRevision, Numbering, RuleTable,
+    SavedIds, SavedIdsError, SetChanges, Touched, WorkloadIdentityKey, compile,
 };
 pub use error::{LoadErrors, PolicyError, Source};
 pub use evaluate::{

@@ -19,7 +19,10 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 pub use super::labels::Labels;
 
 /// Transport protocols a NetworkPolicy port may name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -170,7 +173,9 @@ impl fmt::Display for LabelSelector {
 
 /// An `ipBlock`: the CIDR minus its except blocks. Prefixes are stored truncated
 /// (host bits cleared).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct IpBlock {
     pub cidr: IpNet,
     /// Sorted and deduplicated; each is strictly inside `cidr`.
@@ -259,7 +264,9 @@ pub struct Rule {
 }
 
 /// Traffic direction seen from the workload a policy selects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum PolicyDirection {
     Ingress,
     Egress,
@@ -324,7 +331,9 @@ pub struct NamespaceInfo {
 }
 
 /// A named container port of a workload.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct NamedPort {
     pub name: String,
     pub port: u16,
@@ -371,7 +380,9 @@ impl Workload {
 }
 
 /// ClusterNetworkPolicy tier: Admin before NetworkPolicy, Baseline after it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Tier {
     Admin,
     Baseline,
@@ -393,7 +404,9 @@ impl fmt::Display for Tier {
 }
 
 /// What a ClusterNetworkPolicy rule does with the traffic it matches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum RuleAction {
     /// Allowed for this direction; no later rule of any tier is consulted.
     Accept,

@@ -9,11 +9,17 @@
 //! in `HitSlotTable::fresh`, for the agent to zero before the entries naming it are
 //! written. Past `RULE_HIT_SLOTS`, rules are not counted (slot 0) and the table says
 //! how many.
+//!
+//! The assignment is kept across an agent restart too ([`SavedHitSlots`]), since
+//! entries name their slots: the same slots make the same entries. Counts still
+//! start with the agent: a compiler started from saved slots lists every slot it
+//! holds as fresh in its first update.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use foldhash::{HashMap, HashMapExt};
+use foldhash::{HashMap, HashMapExt, HashSet};
 use microseg_common::{policy::Direction, rule_hits::RULE_HIT_SLOTS};
+use serde::{Deserialize, Serialize};
 
 /// Updates a released slot waits before it is handed out again.
 const QUARANTINE_COMPILES: usize = 2;
@@ -62,6 +68,9 @@ pub struct HitSlots {
     uncounted_endpoints: BTreeSet<u32>,
     /// Slots whose owner changed since the last `take_touched`.
     touched: BTreeSet<u16>,
+    /// Counts changes of the assignment (a slot handed out or released, a slot
+    /// out of quarantine), to tell whether the saved slots are out of date.
+    revision: u64,
 }
 
 impl Default for HitSlots {
@@ -80,6 +89,7 @@ impl Default for HitSlots {
             uncounted_rules: BTreeSet::new(),
             uncounted_endpoints: BTreeSet::new(),
             touched: BTreeSet::new(),
+            revision: 0,
         }
     }
 }
@@ -93,12 +103,19 @@ impl HitSlots {
     /// Ends an update: what it released goes into quarantine, and what was released
     /// `QUARANTINE_COMPILES` updates ago may be handed out again.
     pub fn end_update(&mut self) {
-        self.quarantine
-            .push_back(std::mem::take(&mut self.released));
+        let released = std::mem::take(&mut self.released);
+        let mut changed = !released.0.is_empty() || !released.1.is_empty();
+        self.quarantine.push_back(released);
         if self.quarantine.len() > QUARANTINE_COMPILES {
             let (singles, pairs) = self.quarantine.pop_front().unwrap_or_default();
+            changed |= !singles.is_empty() || !pairs.is_empty();
             self.free.extend(singles);
             self.free_pairs.extend(pairs);
+        }
+        // Empty releases moving through the quarantine are not a change worth
+        // saving: slots saved one update early are only freed one update later.
+        if changed {
+            self.revision += 1;
         }
     }
 
@@ -107,6 +124,7 @@ impl HitSlots {
         if self.rules.contains_key(&rule_id) || self.uncounted_rules.contains(&rule_id) {
             return;
         }
+        self.revision += 1;
         match self.take_single() {
             Some(slot) => {
                 self.rules.insert(rule_id, slot);
@@ -121,8 +139,11 @@ impl HitSlots {
     }
 
     pub fn release_rule(&mut self, rule_id: u32) {
-        self.uncounted_rules.remove(&rule_id);
+        if self.uncounted_rules.remove(&rule_id) {
+            self.revision += 1;
+        }
         if let Some(slot) = self.rules.remove(&rule_id) {
+            self.revision += 1;
             self.owners.remove(&slot);
             self.touched.insert(slot);
             self.released.0.push(slot);
@@ -142,6 +163,7 @@ impl HitSlots {
         if self.uncounted_endpoints.contains(&endpoint_id) {
             return None;
         }
+        self.revision += 1;
         match self.take_pair() {
             Some(first) => {
                 self.default_denies.insert(endpoint_id, first);
@@ -181,8 +203,11 @@ impl HitSlots {
     }
 
     pub fn release_endpoint(&mut self, endpoint_id: u32) {
-        self.uncounted_endpoints.remove(&endpoint_id);
+        if self.uncounted_endpoints.remove(&endpoint_id) {
+            self.revision += 1;
+        }
         if let Some(first) = self.default_denies.remove(&endpoint_id) {
+            self.revision += 1;
             self.owners.remove(&first);
             self.owners.remove(&(first + 1));
             self.touched.extend([first, first + 1]);
@@ -215,6 +240,153 @@ impl HitSlots {
         }
     }
 
+    /// Changes so far (grows with each change of the assignment).
+    pub(super) fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Releases the slots of rules and endpoints no longer in use (after the first
+    /// update of a compiler started from saved slots). They go through quarantine
+    /// as any release: the maps still hold entries naming them until this update is
+    /// written.
+    pub(super) fn release_unused(
+        &mut self,
+        rule_in_use: impl Fn(u32) -> bool,
+        endpoint_in_use: impl Fn(u32) -> bool,
+    ) {
+        let rules: Vec<u32> = self
+            .rules
+            .keys()
+            .chain(&self.uncounted_rules)
+            .filter(|rule_id| !rule_in_use(**rule_id))
+            .copied()
+            .collect();
+        for rule_id in rules {
+            self.release_rule(rule_id);
+        }
+        let endpoints: Vec<u32> = self
+            .default_denies
+            .keys()
+            .chain(&self.uncounted_endpoints)
+            .filter(|endpoint_id| !endpoint_in_use(**endpoint_id))
+            .copied()
+            .collect();
+        for endpoint_id in endpoints {
+            self.release_endpoint(endpoint_id);
+        }
+    }
+
+    /// Lists every slot held as handed out by this update (to be zeroed) and as
+    /// touched (to be named): what the first update of a fresh compiler does, for
+    /// one started from saved slots, whose counts start with it too.
+    pub(super) fn all_fresh(&mut self) {
+        self.fresh = self
+            .rules
+            .values()
+            .copied()
+            .chain(
+                self.default_denies
+                    .values()
+                    .flat_map(|first| [*first, first + 1]),
+            )
+            .collect();
+        self.fresh.sort_unstable();
+        self.touched.extend(self.fresh.iter().copied());
+    }
+
+    /// The assignment, to save (a copy, in no order: see [`SavedHitSlots::sort`]).
+    pub(super) fn saved(&self) -> SavedHitSlots {
+        let mut quarantine: Vec<(Vec<u16>, Vec<u16>)> = self.quarantine.iter().cloned().collect();
+        // Between updates nothing is in `released`; were it, it is the newest release.
+        if !self.released.0.is_empty() || !self.released.1.is_empty() {
+            quarantine.push(self.released.clone());
+        }
+        SavedHitSlots {
+            rules: self
+                .rules
+                .iter()
+                .map(|(rule, slot)| (*rule, *slot))
+                .collect(),
+            default_denies: self
+                .default_denies
+                .iter()
+                .map(|(endpoint, first)| (*endpoint, *first))
+                .collect(),
+            free: self.free.clone(),
+            free_pairs: self.free_pairs.clone(),
+            quarantine,
+            next: self.next,
+            uncounted_rules: self.uncounted_rules.iter().copied().collect(),
+            uncounted_endpoints: self.uncounted_endpoints.iter().copied().collect(),
+        }
+    }
+
+    /// The assignment `saved` describes; an error if it is inconsistent (a slot
+    /// held twice, or out of range; a rule or endpoint with two slots).
+    pub(super) fn restore(saved: SavedHitSlots) -> Result<Self, String> {
+        if !(1..=RULE_HIT_SLOTS).contains(&saved.next) {
+            return Err(format!("hit slot counter {} out of range", saved.next));
+        }
+        let next = saved.next;
+        let mut held: HashSet<u16> = HashSet::default();
+        let mut hold = |slot: u16| -> Result<(), String> {
+            if slot == 0 || u32::from(slot) >= next || !held.insert(slot) {
+                return Err(format!("hit slot {slot} is saved twice or out of range"));
+            }
+            Ok(())
+        };
+        let mut slots = Self {
+            next,
+            ..Self::default()
+        };
+        for (rule_id, slot) in saved.rules {
+            hold(slot)?;
+            if slots.rules.insert(rule_id, slot).is_some() {
+                return Err(format!("rule {rule_id} has two hit slots"));
+            }
+            slots.owners.insert(slot, HitSlotOwner::Rule(rule_id));
+        }
+        for (endpoint_id, first) in saved.default_denies {
+            hold(first)?;
+            hold(first.wrapping_add(1))?;
+            if slots.default_denies.insert(endpoint_id, first).is_some() {
+                return Err(format!("endpoint {endpoint_id} has two hit slot pairs"));
+            }
+        }
+        let singles = saved
+            .free
+            .iter()
+            .chain(saved.quarantine.iter().flat_map(|(singles, _)| singles));
+        for slot in singles {
+            hold(*slot)?;
+        }
+        let pairs = saved
+            .free_pairs
+            .iter()
+            .chain(saved.quarantine.iter().flat_map(|(_, pairs)| pairs));
+        for first in pairs {
+            hold(*first)?;
+            hold(first.wrapping_add(1))?;
+        }
+        slots.free = saved.free;
+        slots.free_pairs = saved.free_pairs;
+        slots.quarantine = saved.quarantine.into();
+        slots.uncounted_rules = saved.uncounted_rules.into_iter().collect();
+        slots.uncounted_endpoints = saved.uncounted_endpoints.into_iter().collect();
+        if slots
+            .uncounted_rules
+            .iter()
+            .any(|r| slots.rules.contains_key(r))
+            || slots
+                .uncounted_endpoints
+                .iter()
+                .any(|e| slots.default_denies.contains_key(e))
+        {
+            return Err("a rule or endpoint is saved both counted and uncounted".to_owned());
+        }
+        Ok(slots)
+    }
+
     fn take_single(&mut self) -> Option<u16> {
         if let Some(slot) = self.free.pop() {
             return Some(slot);
@@ -237,6 +409,40 @@ impl HitSlots {
         let first = self.next as u16;
         self.next += count;
         Some(first)
+    }
+}
+
+/// [`HitSlots`] as saved: which rule and endpoint has which slots, and which slots
+/// are free, in quarantine (oldest first) or never handed out. Default-deny owners
+/// are not saved: the first update sets them from what it enforces.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedHitSlots {
+    /// (rule id, slot).
+    rules: Vec<(u32, u16)>,
+    /// (endpoint id, first slot of its pair).
+    default_denies: Vec<(u32, u16)>,
+    /// In the order they are handed out from (last first).
+    free: Vec<u16>,
+    free_pairs: Vec<u16>,
+    /// (singles, pairs) released by each of the last updates, oldest first.
+    quarantine: Vec<(Vec<u16>, Vec<u16>)>,
+    next: u32,
+    uncounted_rules: Vec<u32>,
+    uncounted_endpoints: Vec<u32>,
+}
+
+impl SavedHitSlots {
+    /// Puts the maps in id order, so that the same assignment saves as the same
+    /// text (the free lists keep their order: it is the order of reuse).
+    pub(super) fn sort(&mut self) {
+        self.rules.sort_unstable();
+        self.default_denies.sort_unstable();
+    }
+
+    /// Slots held (by rules and default-deny pairs).
+    pub(super) fn held(&self) -> usize {
+        self.rules.len() + 2 * self.default_denies.len()
     }
 }
 
