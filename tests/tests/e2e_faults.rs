@@ -208,7 +208,20 @@ fn a_standby_slot_that_cannot_be_rewritten_is_reported_and_repaired() {
     );
     let allow_81 = lab.write("allow-81.yaml", &policy(81));
     lab.cli_ok(&["apply", "-f", &allow_81.display().to_string()]);
-    // The switch happened: the agent says what is live, and that the standby lags.
+    // The switch happened: the agent says what is live, and, once its standby
+    // writer has tried to rewrite the old slot (after the apply returned), that the
+    // standby lags.
+    let lags = |reported: &Value| {
+        reported["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("standby generation slot"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lags(&status(&lab)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (live_generation, live, standby) = slots(&lab);
     assert_ne!(
         live, standby,

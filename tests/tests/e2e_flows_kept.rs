@@ -106,6 +106,11 @@ fn churn_on_unrelated_workloads_rejudges_no_flow_and_a_narrowing_change_still_st
         "no packet of the established flow was judged again\n{}",
         lab.agent_log()
     );
+    // Each change compiled as the change it is: the first compile was the only
+    // full one.
+    let compiler = &status(&lab)["compiler"];
+    assert_eq!(compiler["fullCompiles"], 1, "{compiler}");
+    assert!(compiler["updates"].as_u64().unwrap() >= 12, "{compiler}");
 
     // The policy stops allowing the port: the established flow stops at once.
     let narrowed = lab.write("policy.yaml", &policy(54));

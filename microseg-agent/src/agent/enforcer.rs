@@ -81,6 +81,9 @@ pub struct Enforcer {
     /// Addresses whose flows are to be judged again (see
     /// `policy::CompiledChanges::stale_addresses`), for the conntrack janitor.
     stale_addresses: std::collections::BTreeSet<std::net::IpAddr>,
+    /// Told after each switch whose old slot is still to be rewritten (see
+    /// [`Enforcer::finish_standby`]).
+    standby_due: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Bucket bounds of the apply latency histogram, in seconds.
@@ -136,7 +139,13 @@ impl Enforcer {
             entries_written: 0,
             last_apply_entries: 0,
             stale_addresses: std::collections::BTreeSet::new(),
+            standby_due: std::sync::Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Notified after each switch whose old slot is still to be rewritten.
+    pub fn standby_due(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.standby_due.clone()
     }
 
     /// The addresses whose recorded flows are to be judged again, since the last
@@ -272,20 +281,47 @@ impl Enforcer {
                 details: Vec::new(),
             })?;
         self.diverged = false;
-        if let Some(error) = &report.standby_error {
-            tracing::error!(
-                "{error}; the new generation is live, the standby slot is repaired before the next update"
-            );
-            // Try at once; if it fails again, the next update retries first.
-            if self.datapath.repair_standby().is_ok() {
-                self.standby_error = None;
-            } else {
-                self.standby_error = Some(error.clone());
-            }
-        } else {
-            self.standby_error = None;
+        // The update brought the standby slot up before writing into it.
+        self.standby_error = None;
+        if self.datapath.standby_pending() {
+            self.standby_due.notify_one();
         }
         Ok(report)
+    }
+
+    /// Rewrites the old generation slot after the last switch (see
+    /// `Datapath::finish_standby`), off the path to enforcement: the standby
+    /// writer task calls it once a grace period has passed, and the next update
+    /// does it first if the writer has not. A failure is reported (`status`, the
+    /// log) and the slot repaired from the live one, now or before the next update.
+    pub fn finish_standby(&mut self) {
+        let Err(error) = self.datapath.finish_standby() else {
+            return;
+        };
+        tracing::error!(
+            "{error}; the new generation is live, the standby slot is repaired before the next update"
+        );
+        // Try at once; if it fails again, the next update retries first.
+        self.standby_error = match self.datapath.repair_standby() {
+            Ok(()) => None,
+            Err(_) => Some(error.to_string()),
+        };
+    }
+
+    /// The grace period the old slot's rewrite waits for, if one is pending (see
+    /// `Datapath::pending_grace`).
+    pub fn pending_grace(
+        &self,
+    ) -> Option<(std::sync::Arc<crate::datapath::grace::GracePeriod>, u64)> {
+        self.datapath.pending_grace()
+    }
+
+    pub fn grace_passed(&mut self, switch: u64) {
+        self.datapath.grace_passed(switch);
+    }
+
+    pub fn standby_pending(&self) -> bool {
+        self.datapath.standby_pending()
     }
 
     /// Every difference between what the maps hold (`current`) and the whole

@@ -39,6 +39,7 @@ struct Snapshot {
     applies_ok: u64,
     applies_failed: u64,
     entries_written: u64,
+    compiler: crate::policy::CompilerCounters,
     apply_latency: super::enforcer::LatencyHistogram,
     interfaces: Vec<super::interfaces::InterfaceStatus>,
     veth_scan_failures: u64,
@@ -55,6 +56,7 @@ impl Snapshot {
             applies_ok: core.enforcer.applies_ok,
             applies_failed: core.enforcer.applies_failed,
             entries_written: core.enforcer.entries_written,
+            compiler: core.enforcer.compiler_counters(),
             apply_latency: core.enforcer.apply_latency.clone(),
             interfaces: core.interfaces.status.values().cloned().collect(),
             veth_scan_failures: core.interfaces.scan_failures,
@@ -414,6 +416,31 @@ pub async fn render(agent: &Agent) -> String {
         "microseg_map_entries_written_total {}",
         snapshot.entries_written
     );
+    for (name, help, value) in [
+        (
+            "microseg_compiler_updates_total",
+            "Policy compiler updates: each change compiled as the change it is.",
+            snapshot.compiler.updates,
+        ),
+        (
+            "microseg_compiler_full_compiles_total",
+            "Compiler updates that compiled everything afresh (the first, or ids exhausted): the fallbacks whose cost follows the cluster, not the change.",
+            snapshot.compiler.full_compiles,
+        ),
+        (
+            "microseg_compiler_endpoints_recompiled_total",
+            "Endpoint directions whose entries compiler updates worked out again.",
+            snapshot.compiler.endpoints_recompiled,
+        ),
+        (
+            "microseg_compiler_rules_reduced_total",
+            "Policy rules compiler updates reduced to entries again.",
+            snapshot.compiler.rules_reduced,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
     family(
         &mut out,
         "microseg_policy_apply_duration_seconds",

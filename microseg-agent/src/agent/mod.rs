@@ -530,6 +530,15 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     }
     {
         let agent = agent.clone();
+        let due = agent.core.lock().await.enforcer.standby_due();
+        tasks.push(tasks::supervise(
+            "standby-writer",
+            restarts.clone(),
+            move || run_standby_writer(agent.clone(), due.clone()),
+        ));
+    }
+    {
+        let agent = agent.clone();
         tasks.push(tasks::supervise(
             "ids-writer",
             restarts.clone(),
@@ -616,6 +625,8 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
     for task in tasks {
         task.abort();
     }
+    // Both slots alike, as a restart would otherwise find and repair them.
+    agent.core.lock().await.enforcer.finish_standby();
     // The ids of what is enforced now, whatever the writer saved last.
     if let Err(e) = ids_file::save(&agent).await {
         tracing::warn!("saving the compiler's ids at exit: {e:#}");
@@ -631,6 +642,26 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         tracing::info!("stopped; enforcement stays in place (pinned)");
     }
     Ok(())
+}
+
+/// After each switch, rewrites the old generation slot (`Enforcer::finish_standby`)
+/// off the path to enforcement: the grace period is waited out without the agent's
+/// lock, so the update that switched, and status and metrics, are not held by it.
+async fn run_standby_writer(
+    agent: Arc<Agent>,
+    due: Arc<tokio::sync::Notify>,
+) -> anyhow::Result<()> {
+    loop {
+        due.notified().await;
+        let pending = agent.core.lock().await.enforcer.pending_grace();
+        if let Some((grace, switch)) = pending {
+            // On failure `finish_standby` waits itself, and reports what fails.
+            if let Ok(Ok(())) = tokio::task::spawn_blocking(move || grace.wait()).await {
+                agent.core.lock().await.enforcer.grace_passed(switch);
+            }
+        }
+        agent.core.lock().await.enforcer.finish_standby();
+    }
 }
 
 /// Once a second, marks the flows of the addresses the last updates queued to be

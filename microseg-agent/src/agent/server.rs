@@ -827,6 +827,12 @@ fn status(core: &mut AgentCore, agent: &Agent) -> Response {
         "appliesFailed": core.enforcer.applies_failed,
         "lastApplyMapEntries": core.enforcer.last_apply_entries,
         "mapEntriesWritten": core.enforcer.entries_written,
+        // What compiling the changes cost: full compiles are the fallbacks whose
+        // cost follows the cluster rather than the change.
+        "compiler": core.enforcer.compiler_counters(),
+        // The old generation slot's rewrite after the last switch is still to come
+        // (done off the path to enforcement, in the background).
+        "standbyPending": core.enforcer.standby_pending(),
         "eventSubscribers": agent.hub.subscriber_count(),
         "taskRestarts": agent.restarts.snapshot(),
         "eventsReceived": agent.hub.received.load(std::sync::atomic::Ordering::Relaxed),

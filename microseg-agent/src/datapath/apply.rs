@@ -15,6 +15,12 @@
 //! Once the switch is done the new generation is live whatever follows: if step 5
 //! fails, the report says so and the standby slot is repaired from the live one
 //! (`resync_standby`) before the next update writes into it.
+//!
+//! A change is enforced at the switch. [`apply_changes`] stops there and hands
+//! step 5 back as a [`StandbyRewrite`]: the grace period (a `synchronize_rcu`,
+//! milliseconds) and the old slot's rewrite are off the path to enforcement, done
+//! by the caller later (`Datapath::finish_standby`), at the latest before the next
+//! update writes into that slot.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -212,28 +218,29 @@ pub fn apply_state(
 
 /// Applies `changes` (what the compiler says changed, endpoints without the flags
 /// the data path derives) over `current` (what both slots hold; updated in place
-/// once the switch is done) as the next generation. The same steps as
-/// [`apply_state`], at the cost of the change: only the changed entries are
+/// once the switch is done) as the next generation. The steps of [`apply_state`] up
+/// to the switch, at the cost of the change: only the changed entries are
 /// validated and written, the derived flags are worked out for the endpoints whose
-/// entries changed, and capacity is checked from counts.
+/// entries changed, and capacity is checked from counts. The old slot's rewrite is
+/// returned, to be written after a grace period; `None` when nothing changed.
 pub fn apply_changes(
     maps: &mut DatapathMaps<'_>,
-    grace: &GracePeriod,
     current: &mut DatapathState,
     exact_entries: &mut usize,
     changes: &StateDiff,
     revokes: bool,
-) -> Result<ApplyReport, DatapathError> {
+) -> Result<(ApplyReport, Option<StandbyRewrite>), DatapathError> {
     validate_changes(changes)?;
     let diff = maps_diff(current, changes);
     let live = maps.live_generation()?;
     if diff.is_empty() {
         apply_to(current, changes);
-        return Ok(ApplyReport {
+        let report = ApplyReport {
             generation: live,
             changes: 0,
             standby_error: None,
-        });
+        };
+        return Ok((report, None));
     }
     let old_counts = current.counts_with_exact(*exact_entries);
     let new_counts = counts_after(current, old_counts, changes);
@@ -261,22 +268,37 @@ pub fn apply_changes(
     maps.set_revocation_floor(standby, floor)?;
     maps.set_live_generation(next)?;
     crate::fault::crash_at("after-switch");
-    let standby_error = match grace.wait() {
-        Ok(()) if crate::fault::fails_at("standby-rewrite") => {
-            Some("rewriting the standby generation slot: injected failure".to_owned())
-        }
-        Ok(()) => write_diff(maps, slot_of(live), &diff)
-            .err()
-            .map(|e| format!("rewriting the standby generation slot: {e}")),
-        Err(e) => Some(format!(
-            "waiting for programs still running on the old generation: {e}"
-        )),
-    };
-    Ok(ApplyReport {
+    let report = ApplyReport {
         generation: next,
         changes: diff.len(),
-        standby_error,
-    })
+        standby_error: None,
+    };
+    let rewrite = StandbyRewrite {
+        slot: slot_of(live),
+        diff,
+    };
+    Ok((report, Some(rewrite)))
+}
+
+/// Step 5 of an update [`apply_changes`] switched: the same diff, for the old slot,
+/// to write once no program still runs on it.
+#[derive(Debug)]
+pub struct StandbyRewrite {
+    slot: u8,
+    diff: StateDiff,
+}
+
+impl StandbyRewrite {
+    /// Writes the diff into the old slot. The caller has waited out a grace period
+    /// begun after the switch.
+    pub fn write(&self, maps: &mut DatapathMaps<'_>) -> Result<(), DatapathError> {
+        if crate::fault::fails_at("standby-rewrite") {
+            return Err(DatapathError::InvalidState(
+                "rewriting the standby generation slot: injected failure".into(),
+            ));
+        }
+        write_diff(maps, self.slot, &self.diff)
+    }
 }
 
 /// Whether `changes` may make a flow allowed under `current` wrong: an allowing

@@ -131,9 +131,16 @@ pub struct Datapath {
     /// Links not pinned: they detach when the `Datapath` is dropped.
     links: Vec<FdLink>,
     /// Waits out programs still running on the old generation (see `grace`).
-    pub(super) grace: GracePeriod,
+    pub(super) grace: std::sync::Arc<GracePeriod>,
     /// The last update switched generations but could not rewrite the old slot.
     pub(super) standby_stale: bool,
+    /// Generation switches made by this instance.
+    pub(super) switches: u64,
+    /// Every switch up to this one has had a grace period pass since.
+    pub(super) grace_covers: u64,
+    /// The old slot's rewrite after the last switch, with that switch's number,
+    /// until it is done (see `apply::StandbyRewrite`).
+    pub(super) pending_rewrite: Option<(u64, super::apply::StandbyRewrite)>,
     /// Tags of programs seen on pinned links, by program id (see `ensure_attached`).
     program_tags: std::collections::HashMap<u32, [u8; 8]>,
     /// (policy entries, exact-port entries among them) of the state last applied by
@@ -205,8 +212,11 @@ impl Datapath {
             ebpf,
             pin_dir: options.pin_dir.clone(),
             links: Vec::new(),
-            grace,
+            grace: std::sync::Arc::new(grace),
             standby_stale: false,
+            switches: 0,
+            grace_covers: 0,
+            pending_rewrite: None,
             program_tags: std::collections::HashMap::new(),
             exact_entries: None,
             replaced_maps,

@@ -95,19 +95,19 @@ impl DatapathError {
 }
 
 impl Datapath {
-    /// Applies `new` over `current` as the next generation (see `apply`). If an
-    /// earlier update left the standby slot behind, it is repaired first; if that
-    /// fails, nothing is changed.
+    /// Applies `new` over `current` as the next generation (see `apply`), the old
+    /// slot rewritten before it returns. If an earlier update left the standby slot
+    /// behind, it is brought up first; if that fails, nothing is changed.
     pub fn apply(
         &mut self,
         current: &DatapathState,
         new: &DatapathState,
     ) -> Result<ApplyReport, DatapathError> {
-        if self.standby_stale {
-            self.repair_standby()?;
-        }
+        self.bring_up_standby()?;
         let mut maps = maps::DatapathMaps::new(&mut self.ebpf)?;
         let report = apply::apply_state(&mut maps, &self.grace, current, new)?;
+        self.switches += 1;
+        self.grace_covers = self.switches;
         self.standby_stale = report.standby_error.is_some();
         Ok(report)
     }
@@ -116,17 +116,17 @@ impl Datapath {
     /// change (see `apply::apply_changes`); `current` is updated once switched.
     /// Flows allowed so far stay current unless the change takes something away
     /// (found in the entries, or `revokes`: the compiler's word for peers changing
-    /// identity). If an earlier update left the standby slot behind, it is
-    /// repaired first.
+    /// identity). Returns at the switch: the old slot's rewrite waits for
+    /// [`Datapath::finish_standby`] (or the next update, which does it first). If
+    /// an earlier update left the standby slot behind, it is brought up first; if
+    /// that fails, nothing is changed.
     pub fn apply_changes(
         &mut self,
         current: &mut DatapathState,
         changes: &StateDiff,
         revokes: bool,
     ) -> Result<ApplyReport, DatapathError> {
-        if self.standby_stale {
-            self.repair_standby()?;
-        }
+        self.bring_up_standby()?;
         // Exact-port entries, counted once and then kept from the changes.
         let exact = match self.exact_entries {
             Some((policy, exact)) if policy == current.policy.len() => exact,
@@ -134,18 +134,70 @@ impl Datapath {
         };
         let mut exact_after = exact;
         let mut maps = maps::DatapathMaps::new(&mut self.ebpf)?;
-        let result = apply::apply_changes(
-            &mut maps,
-            &self.grace,
-            current,
-            &mut exact_after,
-            changes,
-            revokes,
-        );
+        let result = apply::apply_changes(&mut maps, current, &mut exact_after, changes, revokes);
         self.exact_entries = Some((current.policy.len(), exact_after));
-        let report = result?;
-        self.standby_stale = report.standby_error.is_some();
+        let (report, rewrite) = result?;
+        if let Some(rewrite) = rewrite {
+            self.switches += 1;
+            self.pending_rewrite = Some((self.switches, rewrite));
+        }
         Ok(report)
+    }
+
+    /// Whether the last switch's rewrite of the old slot is still to be done, and
+    /// if so, the grace period to wait out and the switch it must follow: a caller
+    /// may wait without holding the data path, then tell it with
+    /// [`Datapath::grace_passed`].
+    pub fn pending_grace(&self) -> Option<(std::sync::Arc<grace::GracePeriod>, u64)> {
+        self.pending_rewrite
+            .as_ref()
+            .filter(|(switch, _)| *switch > self.grace_covers)
+            .map(|(switch, _)| (self.grace.clone(), *switch))
+    }
+
+    /// A grace period begun after switch number `switch` has passed.
+    pub fn grace_passed(&mut self, switch: u64) {
+        self.grace_covers = self.grace_covers.max(switch);
+    }
+
+    /// Rewrites the old slot after the last switch, once a grace period has passed
+    /// (waited here unless [`Datapath::grace_passed`] said so). On failure the
+    /// standby slot is known to lag: the next update repairs it first.
+    pub fn finish_standby(&mut self) -> Result<(), DatapathError> {
+        let Some((switch, rewrite)) = self.pending_rewrite.take() else {
+            return Ok(());
+        };
+        if switch > self.grace_covers {
+            if let Err(source) = self.grace.wait() {
+                self.standby_stale = true;
+                return Err(DatapathError::Kernel {
+                    what: "waiting for programs still running on the old generation".into(),
+                    source,
+                });
+            }
+            self.grace_covers = self.switches;
+        }
+        let mut maps = maps::DatapathMaps::new(&mut self.ebpf)?;
+        let written = rewrite.write(&mut maps);
+        self.standby_stale = written.is_err();
+        written
+    }
+
+    /// Whether an update's old slot has yet to be rewritten.
+    pub fn standby_pending(&self) -> bool {
+        self.pending_rewrite.is_some()
+    }
+
+    /// Before an update writes into the standby slot: the last switch's rewrite
+    /// done, or, where it failed, the slot repaired from the live one.
+    fn bring_up_standby(&mut self) -> Result<(), DatapathError> {
+        if let Err(e) = self.finish_standby() {
+            tracing::warn!("{e}; repairing the standby generation slot from the live one");
+        }
+        if self.standby_stale {
+            self.repair_standby()?;
+        }
+        Ok(())
     }
 
     /// Makes the standby slot equal to the live one (after an update whose rewrite
@@ -156,8 +208,19 @@ impl Datapath {
                 "repairing the standby generation slot: injected failure".into(),
             ));
         }
+        // The repair writes into the old slot too: after a grace period.
+        if let Some((switch, _)) = &self.pending_rewrite
+            && *switch > self.grace_covers
+        {
+            self.grace.wait().map_err(|source| DatapathError::Kernel {
+                what: "waiting for programs still running on the old generation".into(),
+                source,
+            })?;
+            self.grace_covers = self.switches;
+        }
         let mut maps = self.maps()?;
         apply::resync_standby(&mut maps)?;
+        self.pending_rewrite = None;
         self.standby_stale = false;
         Ok(())
     }

@@ -13,7 +13,9 @@
 //!   the object store, which updates the policy set in place (`build_ms`), the
 //!   compiler's update from that change (`compile_ms`: ids, identities, selectors
 //!   and endpoints kept from every earlier state), the data path's writing of the
-//!   changed entries (`apply_ms`, `entries_written` per generation slot). A second
+//!   changed entries up to the switch (`apply_ms`, `entries_written` per generation
+//!   slot), and, off the path to enforcement, the grace period and the old slot's
+//!   rewrite the agent's standby writer does next (`standby_ms`). A second
 //!   instance of the programs, sharing the pinned maps, runs a probe whose verdict
 //!   the change flips through BPF_PROG_TEST_RUN in a tight loop on the other core;
 //!   `to_enforced_ms` is the compile time plus the time from the start of the
@@ -64,8 +66,8 @@ pub struct ControlPlane {
     pub endpoints: usize,
     /// Compiling the set after one policy changed (ids kept from the first compile).
     pub update_compile_ms: f64,
-    /// The `apply` call of the one-policy diff, start to return (the grace period
-    /// after the switch included, before the old slot is rewritten).
+    /// The `apply_changes` call of the one-policy diff, start to the switch (the
+    /// grace period and the old slot's rewrite come after, in `standby_ms`).
     pub update_apply_ms: f64,
     pub update_to_enforced_ms: f64,
     /// Probe runs the other core made while waiting for the new verdict.
@@ -84,6 +86,9 @@ pub struct ChangeFigures {
     pub build_ms: f64,
     pub compile_ms: f64,
     pub apply_ms: f64,
+    /// After the switch, off the path to enforcement: the grace period and the old
+    /// slot's rewrite (`Datapath::finish_standby`).
+    pub standby_ms: f64,
     /// Map entries written per generation slot (added, changed or deleted).
     pub entries_written: usize,
     /// From the start of the compile to the first packet judged by the new state.
@@ -307,6 +312,7 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
     let mut current = DatapathState::default();
     let start = Instant::now();
     datapath.apply_changes(&mut current, &diff, true)?;
+    datapath.finish_standby()?;
     let apply_ms = start.elapsed().as_secs_f64() * 1e3;
     drop(diff);
 
@@ -380,14 +386,15 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
         )
         .with_context(|| format!("enforcing the change \"{change}\""))?;
         progress.line(format!(
-            "  {change:<15} rebuild {build_ms:>7.1} ms, compile {:>6.1} ms, apply {:>6.1} ms, {:>3} entries, judged {:>6.1} ms after the compile started",
-            measured.compile_ms, measured.apply_ms, measured.entries_written, measured.to_enforced_ms
+            "  {change:<15} rebuild {build_ms:>7.1} ms, compile {:>6.1} ms, apply {:>6.1} ms (then standby {:>5.1} ms), {:>3} entries, judged {:>6.1} ms after the compile started",
+            measured.compile_ms, measured.apply_ms, measured.standby_ms, measured.entries_written, measured.to_enforced_ms
         ));
         changes.push(ChangeFigures {
             change,
             build_ms,
             compile_ms: measured.compile_ms,
             apply_ms: measured.apply_ms,
+            standby_ms: measured.standby_ms,
             entries_written: measured.entries_written,
             to_enforced_ms: measured.to_enforced_ms,
             from_rebuild_ms: build_ms + measured.to_enforced_ms,
@@ -449,6 +456,7 @@ pub fn run(count: u32, progress: &Progress) -> anyhow::Result<ControlPlane> {
 struct Update {
     compile_ms: f64,
     apply_ms: f64,
+    standby_ms: f64,
     entries_written: usize,
     to_enforced_ms: f64,
     polls: u64,
@@ -509,9 +517,13 @@ fn update_latency(
     let _ = poller.join();
     let report = applied?;
     let (enforced_at, polls) = polled?;
+    let finishing = Instant::now();
+    datapath.finish_standby()?;
+    let standby_ms = finishing.elapsed().as_secs_f64() * 1e3;
     Ok(Update {
         compile_ms,
         apply_ms,
+        standby_ms,
         entries_written: report.changes,
         to_enforced_ms: compile_ms
             + enforced_at

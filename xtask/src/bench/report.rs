@@ -873,7 +873,7 @@ pub fn tables(report: &Report) -> String {
     if let Some(control) = &report.control_plane {
         let _ = writeln!(
             md,
-            "### Control plane ({} policies over {} workloads)\n\n| figure | ms |\n|---|---:|\n| compile | {:.1} |\n| apply_10k_ms | {:.1} |\n| update: recompile | {:.1} |\n| update: apply call | {:.2} |\n| update_to_enforced_ms | {:.2} |\n| restart: load | {:.1} |\n| restart: adopt_state | {:.1} |\n| restart_ready_ms | {:.1} |\n",
+            "### Control plane ({} policies over {} workloads)\n\n| figure | ms |\n|---|---:|\n| compile | {:.1} |\n| apply_10k_ms | {:.1} |\n| update: recompile | {:.1} |\n| update: apply call (to the switch) | {:.2} |\n| update_to_enforced_ms | {:.2} |\n| restart: load | {:.1} |\n| restart: adopt_state | {:.1} |\n| restart_ready_ms | {:.1} |\n",
             control.policies,
             control.workloads,
             control.compile_10k_ms,
@@ -886,15 +886,16 @@ pub fn tables(report: &Report) -> String {
             control.restart_ready_ms
         );
         if !control.changes.is_empty() {
-            md.push_str("One change of each type, through the agent's path (ids kept by one `Compiler`); times from the start of the compile, and from the start of the rebuild of the set from its objects:\n\n| change | rebuild ms | compile ms | apply ms | entries written | first packet judged ms | from rebuild ms |\n|---|---:|---:|---:|---:|---:|---:|\n");
+            md.push_str("One change of each type, through the agent's path (ids kept by one `Compiler`); times from the start of the compile, and from the start of the rebuild of the set from its objects:\n\n| change | rebuild ms | compile ms | apply ms (to the switch) | standby rewrite ms (after) | entries written | first packet judged ms | from rebuild ms |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
             for change in &control.changes {
                 let _ = writeln!(
                     md,
-                    "| {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} |",
+                    "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} |",
                     change.change,
                     change.build_ms,
                     change.compile_ms,
                     change.apply_ms,
+                    change.standby_ms,
                     change.entries_written,
                     change.to_enforced_ms,
                     change.from_rebuild_ms
