@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use crate::{
     datapath::events::{DecodedEvent, monotonic_to_unix_ns},
     policy::{
-        Compiled, Compiler, HitSlotOwner, PolicyDirection, PolicySet, RuleRef, SetChanges, Workload,
+        Compiled, Compiler, HitSlotOwner, Labels, PolicyDirection, PolicySet, RuleRef, SetChanges,
+        Workload,
     },
 };
 use microseg_common::{event::EventVerdict, identity::IDENTITY_WORLD, policy::Direction};
@@ -32,26 +33,34 @@ pub struct EventNames {
     addresses_of: imbl::HashMap<String, Vec<IpAddr>>,
 }
 
+/// A workload's name for events. The labels are the workload's own set (shared,
+/// a reference count), written out as `k8s:key=value` only when an event is: one
+/// is held per pod of the cluster.
 #[derive(Clone, Debug)]
 pub struct WorkloadName {
     pub namespace: String,
     pub name: String,
-    pub labels: Vec<String>,
+    pub labels: Labels,
 }
 
 impl WorkloadName {
     fn of(workload: &Workload) -> Self {
-        let mut labels: Vec<String> = workload
+        Self {
+            namespace: workload.namespace.clone(),
+            name: workload.name.clone(),
+            labels: workload.labels.clone(),
+        }
+    }
+
+    /// The labels as Hubble writes them, sorted.
+    pub fn hubble_labels(&self) -> Vec<String> {
+        let mut labels: Vec<String> = self
             .labels
             .iter()
             .map(|(k, v)| format!("k8s:{k}={v}"))
             .collect();
         labels.sort();
-        Self {
-            namespace: workload.namespace.clone(),
-            name: workload.name.clone(),
-            labels,
-        }
+        labels
     }
 }
 
@@ -207,7 +216,7 @@ fn endpoint_json(names: &EventNames, address: std::net::IpAddr, identity: u32) -
         Some(workload) => {
             endpoint["namespace"] = json!(workload.namespace);
             endpoint["pod_name"] = json!(workload.name);
-            endpoint["labels"] = json!(workload.labels);
+            endpoint["labels"] = json!(workload.hubble_labels());
         }
         None if identity == IDENTITY_WORLD || identity == 0 => {
             endpoint["labels"] = json!(["reserved:world"]);

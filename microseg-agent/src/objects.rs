@@ -18,12 +18,53 @@ use crate::policy::{
 };
 
 /// Identity of an object: applying an object with the same key replaces it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ObjectKey {
+///
+/// Shared: the agent indexes every object of the cluster in several places (the
+/// watches' view, what is enforced, the converted store), so a copy is a reference
+/// count rather than three strings (about 170 bytes per copy per pod).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ObjectKey(Arc<KeyFields>);
+
+/// What an [`ObjectKey`] is made of; ordered by kind, then namespace, then name.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct KeyFields {
     pub kind: String,
     /// Empty for cluster-scoped kinds ([`cluster_scoped`]).
     pub namespace: String,
     pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(
+        kind: impl Into<String>,
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
+        Self(Arc::new(KeyFields {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }))
+    }
+}
+
+impl std::ops::Deref for ObjectKey {
+    type Target = KeyFields;
+
+    fn deref(&self) -> &KeyFields {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectKey")
+            .field("kind", &self.kind)
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .finish()
+    }
 }
 
 impl std::fmt::Display for ObjectKey {
@@ -167,11 +208,7 @@ fn key_of(value: &serde_json::Value) -> Result<ObjectKey, String> {
             .unwrap_or("default")
             .to_owned()
     };
-    Ok(ObjectKey {
-        kind: kind.to_owned(),
-        namespace,
-        name: name.to_owned(),
-    })
+    Ok(ObjectKey::new(kind, namespace, name))
 }
 
 /// Reads every policy and inventory file under `paths` (see `policy::policy_files`).

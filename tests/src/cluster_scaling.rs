@@ -58,6 +58,7 @@ pub fn default_points() -> Vec<ScalePoint> {
         point(5_000, 2_000, 0),
         point(5_000, 500, 100),
         point(50_000, 5_000, 100),
+        point(100_000, 5_000, 0),
     ]
 }
 

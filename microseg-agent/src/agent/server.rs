@@ -350,15 +350,15 @@ fn delete_object(core: &mut AgentCore, kind: &str, namespace: &str, name: &str) 
     let Some(kind) = canonical_kind(kind) else {
         return Response::error(format!("unknown kind {kind:?}"), vec![]);
     };
-    let key = ObjectKey {
-        kind: kind.to_owned(),
-        namespace: if crate::objects::cluster_scoped(kind) {
+    let key = ObjectKey::new(
+        kind.to_owned(),
+        if crate::objects::cluster_scoped(kind) {
             String::new()
         } else {
             namespace.to_owned()
         },
-        name: name.to_owned(),
-    };
+        name.to_owned(),
+    );
     let mut api = core.api_objects.clone();
     if api.remove(&key).is_none() {
         let hint = if core.dir_objects.contains_key(&key) {

@@ -189,17 +189,17 @@ fn objects_for(
     }
     let mut objects = ObjectMap::new();
     for value in documents {
-        let key = ObjectKey {
-            kind: value["kind"].as_str().unwrap_or_default().to_owned(),
-            namespace: value["metadata"]["namespace"]
+        let key = ObjectKey::new(
+            value["kind"].as_str().unwrap_or_default().to_owned(),
+            value["metadata"]["namespace"]
                 .as_str()
                 .unwrap_or_default()
                 .to_owned(),
-            name: value["metadata"]["name"]
+            value["metadata"]["name"]
                 .as_str()
                 .unwrap_or_default()
                 .to_owned(),
-        };
+        );
         let object = match previous.get(&key) {
             Some(known) if known.value.is(&value) => known.clone(),
             _ => StoredObject::new("microseg-bench.yaml".to_owned(), 1, &value),

@@ -419,11 +419,11 @@ impl Reconciler {
         } else {
             "networking.k8s.io/v1".to_owned()
         };
-        let key = ObjectKey {
-            kind: refused.kind.to_owned(),
-            namespace: refused.namespace.clone(),
-            name: refused.name.clone(),
-        };
+        let key = ObjectKey::new(
+            refused.kind.to_owned(),
+            refused.namespace.clone(),
+            refused.name.clone(),
+        );
         let uid = self.view.objects().get(&key).and_then(|object| {
             object.value.parse()["metadata"]["uid"]
                 .as_str()

@@ -211,11 +211,11 @@ fn not_found(error: &watcher::Error) -> bool {
 }
 
 fn key_of<K: Resource>(kind: &str, object: &K) -> ObjectKey {
-    ObjectKey {
-        kind: kind.to_owned(),
-        namespace: object.namespace().unwrap_or_default(),
-        name: object.name_any(),
-    }
+    ObjectKey::new(
+        kind.to_owned(),
+        object.namespace().unwrap_or_default(),
+        object.name_any(),
+    )
 }
 
 /// The object as the policy loader reads it: with `apiVersion` and `kind` (list
@@ -363,11 +363,45 @@ pub struct ClusterView {
     node_pods: BTreeMap<String, BTreeSet<ObjectKey>>,
     /// Address -> the pods claiming it, the one keeping it first (the newest; of
     /// pods created at the same time, the first by key).
-    claims: foldhash::HashMap<IpAddr, BTreeSet<(std::cmp::Reverse<String>, ObjectKey)>>,
+    claims: foldhash::HashMap<IpAddr, Claims>,
     /// Pods that lose an address to a newer pod: their addresses are not enforced.
     losers: BTreeSet<ObjectKey>,
     /// Objects whose enforceable form may have changed since `take_changes`.
     dirty: BTreeSet<ObjectKey>,
+}
+
+/// One pod's claim on an address: newest first (its creation time reversed), then
+/// by key.
+type Claim = (std::cmp::Reverse<String>, ObjectKey);
+
+/// The claims on one address, in order. Almost always one: a sorted vector holds
+/// it in its own size, where a `BTreeSet` allocates a node for eleven (about 1 KiB
+/// per address, 2 KiB per dual-stack pod of the cluster).
+#[derive(Default)]
+struct Claims(Vec<Claim>);
+
+impl Claims {
+    fn insert(&mut self, claim: Claim) {
+        if let Err(at) = self.0.binary_search(&claim) {
+            // Exact: a push would make room for four.
+            self.0.reserve_exact(1);
+            self.0.insert(at, claim);
+        }
+    }
+
+    fn remove(&mut self, claim: &Claim) {
+        if let Ok(at) = self.0.binary_search(claim) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Claim> {
+        self.0.iter()
+    }
 }
 
 /// What [`ClusterView::enforceable`] and the local pod lookup read of a pod.
@@ -743,11 +777,7 @@ mod tests {
     use crate::policy::{PolicySetBuilder, Source};
 
     fn pod_key(name: &str) -> ObjectKey {
-        ObjectKey {
-            kind: "Pod".to_owned(),
-            namespace: "prod".to_owned(),
-            name: name.to_owned(),
-        }
+        ObjectKey::new("Pod".to_owned(), "prod".to_owned(), name.to_owned())
     }
 
     fn pod_at(name: &str, created: &str, ip: &str, phase: &str) -> serde_json::Value {
@@ -796,7 +826,7 @@ mod tests {
         view.apply(Change::Applied(pod_key("old"), older));
         view.apply(Change::Applied(pod_key("other"), other));
         let keys = |changes: Vec<crate::objects::ObjectChange>| -> Vec<String> {
-            changes.into_iter().map(|(k, _)| k.name).collect()
+            changes.into_iter().map(|(k, _)| k.name.clone()).collect()
         };
         assert_eq!(keys(view.take_changes()), ["old", "other"]);
         assert!(view.take_changes().is_empty());
@@ -936,11 +966,7 @@ mod tests {
         slim_node(&mut again);
         assert_eq!(again, slim);
 
-        let key = ObjectKey {
-            kind: "Node".to_owned(),
-            namespace: String::new(),
-            name: "node-a".to_owned(),
-        };
+        let key = ObjectKey::new("Node".to_owned(), String::new(), "node-a".to_owned());
         let mut view = ClusterView::default();
         assert!(view.apply(Change::Applied(key.clone(), slim.clone())));
         // A heartbeat: new resource version and condition times, same node.
@@ -958,11 +984,11 @@ mod tests {
 
     #[test]
     fn an_absent_crd_counts_as_listed_and_empty_until_it_is_listed_again() {
-        let cnp_key = ObjectKey {
-            kind: CLUSTER_NETWORK_POLICY.to_owned(),
-            namespace: String::new(),
-            name: "deny-all".to_owned(),
-        };
+        let cnp_key = ObjectKey::new(
+            CLUSTER_NETWORK_POLICY.to_owned(),
+            String::new(),
+            "deny-all".to_owned(),
+        );
         let cnp = serde_json::json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
             "kind": CLUSTER_NETWORK_POLICY, "metadata": {"name": "deny-all"}});
         // A cluster policy from the cache of an earlier run.
