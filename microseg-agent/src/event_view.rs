@@ -17,10 +17,11 @@ use microseg_common::{event::EventVerdict, identity::IDENTITY_WORLD, policy::Dir
 /// Lookup tables that turn the numbers in events into names. Persistent maps: the
 /// event reader holds a snapshot (a clone costs a reference count) while each
 /// policy update changes the agent's copy key by key ([`EventNames::update`]).
+/// The workloads' names are the exception ([`WorkloadNames`]).
 #[derive(Clone, Default)]
 pub struct EventNames {
-    /// Workload address -> (namespace, name, labels as `k8s:key=value`).
-    pub workloads: imbl::HashMap<IpAddr, Arc<WorkloadName>>,
+    /// Workload address -> (namespace, name, labels).
+    pub workloads: WorkloadNames,
     /// Endpoint id -> `namespace/name`.
     pub endpoints: imbl::OrdMap<u32, String>,
     /// Rule id -> the rule (NetworkPolicy or ClusterNetworkPolicy).
@@ -29,8 +30,51 @@ pub struct EventNames {
     pub selecting: imbl::OrdMap<(u32, PolicyDirection), Vec<(String, String)>>,
     /// Hit slot -> what it counts (see `agent::rule_hits`).
     pub hit_slots: imbl::OrdMap<u16, HitSlotOwner>,
+}
+
+/// Workload address -> its name, for every workload of the cluster. One table
+/// shared by every snapshot of [`EventNames`] and updated in place: a persistent
+/// map costs about 500 bytes per entry in a cluster of tens of thousands of pods,
+/// and a snapshot reading a newer workload's name for an address is harmless.
+#[derive(Clone, Default)]
+pub struct WorkloadNames(Arc<std::sync::RwLock<WorkloadNameTable>>);
+
+#[derive(Default)]
+struct WorkloadNameTable {
+    by_address: foldhash::HashMap<IpAddr, Arc<WorkloadName>>,
     /// `namespace/name` -> the addresses named for it (to forget them).
-    addresses_of: imbl::HashMap<String, Vec<IpAddr>>,
+    addresses_of: foldhash::HashMap<String, Vec<IpAddr>>,
+}
+
+impl WorkloadNames {
+    /// The workload holding `address`, if one does.
+    pub fn get(&self, address: &IpAddr) -> Option<Arc<WorkloadName>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .by_address
+            .get(address)
+            .cloned()
+    }
+
+    /// Names workload `key` (`namespace/name`) as `workload` says, or forgets it.
+    fn set(&self, key: String, workload: Option<&Workload>) {
+        let mut table = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for address in table.addresses_of.remove(&key).unwrap_or_default() {
+            table.by_address.remove(&address);
+        }
+        let Some(workload) = workload else {
+            return;
+        };
+        let name = Arc::new(WorkloadName::of(workload));
+        for address in &workload.addresses {
+            table.by_address.insert(*address, name.clone());
+        }
+        table.addresses_of.insert(key, workload.addresses.clone());
+    }
 }
 
 /// A workload's name for events. The labels are the workload's own set (shared,
@@ -119,17 +163,7 @@ impl EventNames {
     }
 
     fn name_workload(&mut self, key: String, workload: Option<&Workload>) {
-        for address in self.addresses_of.remove(&key).unwrap_or_default() {
-            self.workloads.remove(&address);
-        }
-        let Some(workload) = workload else {
-            return;
-        };
-        let name = Arc::new(WorkloadName::of(workload));
-        for address in &workload.addresses {
-            self.workloads.insert(*address, name.clone());
-        }
-        self.addresses_of.insert(key, workload.addresses.clone());
+        self.workloads.set(key, workload);
     }
 
     /// Names endpoint `id` (the workload `namespace/name`, or gone).
