@@ -41,14 +41,15 @@ pub struct WorkloadNames(Arc<std::sync::RwLock<WorkloadNameTable>>);
 
 #[derive(Default)]
 struct WorkloadNameTable {
-    by_address: foldhash::HashMap<IpAddr, Arc<WorkloadName>>,
+    /// The set's own workloads (shared: nothing is copied per pod).
+    by_address: foldhash::HashMap<IpAddr, Arc<Workload>>,
     /// `namespace/name` -> the addresses named for it (to forget them).
     addresses_of: foldhash::HashMap<String, Vec<IpAddr>>,
 }
 
 impl WorkloadNames {
     /// The workload holding `address`, if one does.
-    pub fn get(&self, address: &IpAddr) -> Option<Arc<WorkloadName>> {
+    pub fn get(&self, address: &IpAddr) -> Option<Arc<Workload>> {
         self.0
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -58,7 +59,7 @@ impl WorkloadNames {
     }
 
     /// Names workload `key` (`namespace/name`) as `workload` says, or forgets it.
-    fn set(&self, key: String, workload: Option<&Workload>) {
+    fn set(&self, key: String, workload: Option<&Arc<Workload>>) {
         let mut table = self
             .0
             .write()
@@ -69,50 +70,26 @@ impl WorkloadNames {
         let Some(workload) = workload else {
             return;
         };
-        let name = Arc::new(WorkloadName::of(workload));
         for address in &workload.addresses {
-            table.by_address.insert(*address, name.clone());
+            table.by_address.insert(*address, workload.clone());
         }
         table.addresses_of.insert(key, workload.addresses.clone());
     }
 }
 
-/// A workload's name for events. The labels are the workload's own set (shared,
-/// a reference count), written out as `k8s:key=value` only when an event is: one
-/// is held per pod of the cluster.
-#[derive(Clone, Debug)]
-pub struct WorkloadName {
-    pub namespace: String,
-    pub name: String,
-    pub labels: Labels,
-}
-
-impl WorkloadName {
-    fn of(workload: &Workload) -> Self {
-        Self {
-            namespace: workload.namespace.clone(),
-            name: workload.name.clone(),
-            labels: workload.labels.clone(),
-        }
-    }
-
-    /// The labels as Hubble writes them, sorted.
-    pub fn hubble_labels(&self) -> Vec<String> {
-        let mut labels: Vec<String> = self
-            .labels
-            .iter()
-            .map(|(k, v)| format!("k8s:{k}={v}"))
-            .collect();
-        labels.sort();
-        labels
-    }
+/// The labels of a workload as Hubble writes them (`k8s:key=value`), sorted:
+/// written out when an event is, not held per pod.
+pub fn hubble_labels(labels: &Labels) -> Vec<String> {
+    let mut labels: Vec<String> = labels.iter().map(|(k, v)| format!("k8s:{k}={v}")).collect();
+    labels.sort();
+    labels
 }
 
 impl EventNames {
     /// The tables for a policy set and its compiled form.
     pub fn of(set: &PolicySet, compiled: &Compiled) -> Self {
         let mut names = EventNames::default();
-        for workload in &set.workloads {
+        for workload in set.workloads.iter_shared() {
             names.name_workload(workload.key(), Some(workload));
         }
         for id in compiled.endpoints.keys() {
@@ -138,7 +115,10 @@ impl EventNames {
     /// that changed, and what the compiler says it touched.
     pub fn update(&mut self, set: &PolicySet, changes: &SetChanges, compiler: &Compiler) {
         for (namespace, name) in &changes.workloads {
-            self.name_workload(format!("{namespace}/{name}"), set.workload(namespace, name));
+            self.name_workload(
+                format!("{namespace}/{name}"),
+                set.workloads.shared(namespace, name),
+            );
         }
         let touched = compiler.touched();
         for id in &touched.rules {
@@ -162,7 +142,7 @@ impl EventNames {
         }
     }
 
-    fn name_workload(&mut self, key: String, workload: Option<&Workload>) {
+    fn name_workload(&mut self, key: String, workload: Option<&Arc<Workload>>) {
         self.workloads.set(key, workload);
     }
 
@@ -250,7 +230,7 @@ fn endpoint_json(names: &EventNames, address: std::net::IpAddr, identity: u32) -
         Some(workload) => {
             endpoint["namespace"] = json!(workload.namespace);
             endpoint["pod_name"] = json!(workload.name);
-            endpoint["labels"] = json!(workload.hubble_labels());
+            endpoint["labels"] = json!(hubble_labels(&workload.labels));
         }
         None if identity == IDENTITY_WORLD || identity == 0 => {
             endpoint["labels"] = json!(["reserved:world"]);

@@ -21,6 +21,8 @@
 //! A document whose kind, name or namespace cannot be read gets no substitute (it
 //! cannot be keyed), and stays an error.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -181,7 +183,9 @@ fn network_policy_substitute(
     });
     let pod_selector = convert_alone(source, &trial)
         .and_then(|converted| converted.policies.into_iter().next())
-        .map_or_else(LabelSelector::everything, |policy| policy.pod_selector);
+        .map_or_else(LabelSelector::everything, |policy| {
+            Arc::unwrap_or_clone(policy).pod_selector
+        });
     Policy {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
@@ -236,7 +240,7 @@ fn cluster_policy_substitute(
                 namespaces: LabelSelector::everything(),
                 pods: LabelSelector::everything(),
             },
-            |policy| policy.subject,
+            |policy| Arc::unwrap_or_clone(policy).subject,
         );
     // The directions it names: those with rules, both if its spec is unreadable.
     let named = |key: &str| {
@@ -260,6 +264,7 @@ fn cluster_policy_substitute(
         let as_written = convert_alone(source, &trial(None, ingress, egress))
             .and_then(|converted| converted.cluster_policies.into_iter().next())
             .map(|policy| {
+                let policy = Arc::unwrap_or_clone(policy);
                 if key == "ingress" {
                     policy.ingress
                 } else {

@@ -77,7 +77,7 @@ impl PolicySet {
                 (policy.namespace.as_str(), policy.name.as_str()).cmp(&(namespace, name))
             })
             .ok()
-            .map(|index| &self.policies[index])
+            .map(|index| &*self.policies[index])
     }
 
     /// Slot in `workloads` of the workload owning `address`.
@@ -128,6 +128,7 @@ impl PolicySet {
     ) -> impl Iterator<Item = &'a ClusterPolicy> + 'a {
         self.cluster_policies
             .iter()
+            .map(|policy| &**policy)
             .filter(move |policy| self.cluster_policy_selects(policy, workload, direction))
     }
 
@@ -147,6 +148,7 @@ impl PolicySet {
         let range = self.policy_range(&workload.namespace);
         self.policies[range]
             .iter()
+            .map(|policy| &**policy)
             .filter(move |policy| self.policy_selects(policy, workload, direction))
     }
 

@@ -4,6 +4,7 @@
 //! addresses) when it builds the [`PolicySet`].
 
 use std::collections::{BTreeMap, btree_map::Entry};
+use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
 use std::fs;
@@ -69,9 +70,9 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, LoadErrors> {
 #[derive(Clone, Debug, Default)]
 pub struct ConvertedDocument {
     pub(crate) namespaces: Vec<NamespaceInfo>,
-    pub(crate) workloads: Vec<Workload>,
-    pub(crate) policies: Vec<Policy>,
-    pub(crate) cluster_policies: Vec<ClusterPolicy>,
+    pub(crate) workloads: Vec<Arc<Workload>>,
+    pub(crate) policies: Vec<Arc<Policy>>,
+    pub(crate) cluster_policies: Vec<Arc<ClusterPolicy>>,
     pub(crate) nodes: Vec<NodeInfo>,
     pub(crate) refused: Vec<RefusedPolicy>,
     pub(crate) errors: Vec<PolicyError>,
@@ -458,9 +459,11 @@ impl PolicySetBuilder {
         }
         ConvertedDocument {
             namespaces: exact(builder.namespaces),
-            workloads: exact(builder.workloads),
-            policies: exact(builder.policies),
-            cluster_policies: exact(builder.cluster_policies),
+            // Collected in place: the shared workloads would keep the buffer sized
+            // for the workloads themselves.
+            workloads: exact(builder.workloads.into_iter().map(Arc::new).collect()),
+            policies: exact(builder.policies.into_iter().map(Arc::new).collect()),
+            cluster_policies: exact(builder.cluster_policies.into_iter().map(Arc::new).collect()),
             nodes: exact(builder.nodes),
             refused: exact(builder.refused),
             errors: exact(builder.errors),
@@ -470,10 +473,16 @@ impl PolicySetBuilder {
     /// Adds what [`PolicySetBuilder::convert_document`] made of a document.
     pub fn add_converted(&mut self, converted: &ConvertedDocument) {
         self.namespaces.extend(converted.namespaces.iter().cloned());
-        self.workloads.extend(converted.workloads.iter().cloned());
-        self.policies.extend(converted.policies.iter().cloned());
-        self.cluster_policies
-            .extend(converted.cluster_policies.iter().cloned());
+        self.workloads
+            .extend(converted.workloads.iter().map(|w| Workload::clone(w)));
+        self.policies
+            .extend(converted.policies.iter().map(|p| Policy::clone(p)));
+        self.cluster_policies.extend(
+            converted
+                .cluster_policies
+                .iter()
+                .map(|p| ClusterPolicy::clone(p)),
+        );
         self.nodes.extend(converted.nodes.iter().cloned());
         self.refused.extend(converted.refused.iter().cloned());
         self.errors.extend(converted.errors.iter().cloned());
@@ -687,8 +696,8 @@ impl PolicySetBuilder {
         Ok(PolicySet {
             namespaces,
             workloads,
-            policies,
-            cluster_policies,
+            policies: policies.into_iter().map(Arc::new).collect(),
+            cluster_policies: cluster_policies.into_iter().map(Arc::new).collect(),
             nodes,
             refused_policies: refused,
             address_index,

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -507,10 +508,11 @@ pub struct PolicySet {
     /// In slots that do not change while the workload exists, iterated in
     /// (namespace, name) order.
     pub workloads: super::workloads::Workloads,
-    /// Sorted by (namespace, name).
-    pub policies: Vec<Policy>,
+    /// Sorted by (namespace, name). Shared with the documents they came from
+    /// ([`super::PolicyStore`]): held once, and an insertion shifts pointers.
+    pub policies: Vec<Arc<Policy>>,
     /// ClusterNetworkPolicies in evaluation order ([`ClusterPolicy::precedence`]).
-    pub cluster_policies: Vec<ClusterPolicy>,
+    pub cluster_policies: Vec<Arc<ClusterPolicy>>,
     /// Sorted by name.
     pub nodes: Vec<NodeInfo>,
     /// Policies the loader refused and enforces as their fail-closed substitutes

@@ -2,15 +2,17 @@
 //! without touching the others: each lives in a slot whose number does not change
 //! while it exists (the address index refers to slots), and a key index gives them
 //! in `(namespace, name)` order. A cluster holds tens of thousands; a change to one
-//! costs a lookup, not a shift of all of them.
+//! costs a lookup, not a shift of all of them. A workload is shared with the
+//! document it came from ([`super::PolicyStore`]): held once, not twice.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::model::Workload;
 
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Workloads {
-    slots: Vec<Option<Workload>>,
+    slots: Vec<Option<Arc<Workload>>>,
     free: Vec<usize>,
     /// `(namespace, name)` -> slot.
     by_key: BTreeMap<(String, String), usize>,
@@ -21,9 +23,23 @@ impl Workloads {
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Workload> + ExactSizeIterator {
         self.by_key.values().map(|slot| {
             self.slots[*slot]
+                .as_deref()
+                .expect("indexed slots are filled")
+        })
+    }
+
+    /// The workloads themselves, shared, in `(namespace, name)` order.
+    pub fn iter_shared(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.by_key.values().map(|slot| {
+            self.slots[*slot]
                 .as_ref()
                 .expect("indexed slots are filled")
         })
+    }
+
+    /// The workload `namespace/name`, shared.
+    pub fn shared(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.slots.get(self.find(namespace, name)?)?.as_ref()
     }
 
     /// (slot, workload) in `(namespace, name)` order.
@@ -32,7 +48,7 @@ impl Workloads {
             (
                 *slot,
                 self.slots[*slot]
-                    .as_ref()
+                    .as_deref()
                     .expect("indexed slots are filled"),
             )
         })
@@ -48,7 +64,7 @@ impl Workloads {
 
     /// The workload in `slot`.
     pub fn get(&self, slot: usize) -> Option<&Workload> {
-        self.slots.get(slot)?.as_ref()
+        self.slots.get(slot)?.as_deref()
     }
 
     /// The slot of workload `namespace/name`.
@@ -61,7 +77,8 @@ impl Workloads {
 
     /// Puts `workload` in, replacing the one of the same key (which keeps its slot).
     /// Returns its slot and the replaced workload.
-    pub fn insert(&mut self, workload: Workload) -> (usize, Option<Workload>) {
+    pub fn insert(&mut self, workload: impl Into<Arc<Workload>>) -> (usize, Option<Arc<Workload>>) {
+        let workload = workload.into();
         let key = (workload.namespace.clone(), workload.name.clone());
         if let Some(slot) = self.by_key.get(&key) {
             let old = self.slots[*slot].replace(workload);
@@ -82,7 +99,7 @@ impl Workloads {
     }
 
     /// Takes workload `namespace/name` out; its slot may be reused.
-    pub fn remove(&mut self, namespace: &str, name: &str) -> Option<(usize, Workload)> {
+    pub fn remove(&mut self, namespace: &str, name: &str) -> Option<(usize, Arc<Workload>)> {
         let slot = self
             .by_key
             .remove(&(namespace.to_owned(), name.to_owned()))?;
