@@ -19,7 +19,7 @@
 //! test (`e2e_cluster_scale`) and the benchmark (`cargo xtask bench --cluster`).
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -259,7 +259,8 @@ pub fn virtual_pod_on(plan: &ClusterPlan, index: usize, app: usize, node: &str) 
     let v4 = IpAddr::V4(Ipv4Addr::from(
         u32::from(Ipv4Addr::new(10, 100, 0, 0)) + index as u32 + 1,
     ));
-    let v6: IpAddr = format!("fd64::{:x}", index + 1).parse().expect("address");
+    let low = index as u64 + 1;
+    let v6 = IpAddr::V6(Ipv6Addr::from((0xfd64u128 << 112) | u128::from(low)));
     pod(
         &namespace,
         &format!("pod-{index}"),

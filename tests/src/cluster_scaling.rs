@@ -104,8 +104,18 @@ pub fn measure(point: ScalePoint, changes: usize) -> ScaleFigures {
     api.apply_all(objects);
     let kubeconfig = lab.dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
+    // The peer map holds two generations of every pod's two addresses: beyond the
+    // default's 65,536 pods it is sized as a user of such a cluster sizes it.
+    let peers = (4 * (point.pods + changes) as u32).next_power_of_two();
+    let config = lab.dir.join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!("peers:\n  maxEntries: {}\n", peers.max(262_144)),
+    )
+    .expect("agent configuration");
+    let config = config.display().to_string();
     let started = Instant::now();
-    lab.start_kubernetes_agent(&kubeconfig, NODE);
+    lab.start_kubernetes_agent_with(&kubeconfig, NODE, &["--config", &config]);
     let enforced = |version: u64| {
         let status = status(&lab);
         status

@@ -320,18 +320,23 @@ impl Lab {
     /// Starts the agent in Kubernetes mode as node `node`, its API server given by
     /// `kubeconfig`: it finds its pods' veths itself.
     pub fn start_kubernetes_agent(&self, kubeconfig: &Path, node: &str) {
-        self.start_agent_with(
-            &[
-                "--kubernetes",
-                "--kubeconfig",
-                &kubeconfig.display().to_string(),
-                "--node-name",
-                node,
-                "--pod-sandbox-prefix",
-                POD_SANDBOX_PREFIX,
-            ],
-            false,
-        );
+        self.start_kubernetes_agent_with(kubeconfig, node, &[]);
+    }
+
+    /// [`Lab::start_kubernetes_agent`] with more flags (`--config FILE`, ...).
+    pub fn start_kubernetes_agent_with(&self, kubeconfig: &Path, node: &str, extra: &[&str]) {
+        let kubeconfig = kubeconfig.display().to_string();
+        let mut args = vec![
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            node,
+            "--pod-sandbox-prefix",
+            POD_SANDBOX_PREFIX,
+        ];
+        args.extend_from_slice(extra);
+        self.start_agent_with(&args, false);
     }
 
     /// Starts the agent with every host's node-side veth attached in `mode`

@@ -133,6 +133,8 @@ pub struct AgentConfig {
     pub discover_workload_interfaces: bool,
     /// How long idle connections are remembered.
     pub conntrack: ConntrackConfig,
+    /// The peer address map's size.
+    pub peers: PeersConfig,
     /// Kubernetes mode: inventory and policies from the API server.
     pub kubernetes: KubernetesConfig,
     /// Hubble's Observer API (gRPC): where it listens.
@@ -242,6 +244,42 @@ pub fn total_memory_bytes() -> anyhow::Result<u64> {
         .context("/proc/meminfo has no MemTotal")
 }
 
+/// The peer address map (`PEER_HOSTS`: address -> identity, for every workload and
+/// pod of the cluster). An update writes the next generation beside the enforced
+/// one, so it holds two entries per address: a cluster of N pods, dual-stack, needs
+/// 4 x N. Changing it takes a fresh load of the maps (`microseg detach`, then start
+/// the agent): a pinned map of another size is refused, never half-used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PeersConfig {
+    /// Entries the map holds; unset: 262,144 (65,536 dual-stack pods).
+    pub max_entries: Option<u32>,
+}
+
+/// The bounds of `peers.maxEntries`: at least the default's reach for a small
+/// host, at most what the kernel's hash maps take without a second thought (each
+/// entry is about 100 bytes of kernel memory, preallocated).
+const PEERS_MIN_ENTRIES: u32 = 1_024;
+const PEERS_MAX_ENTRIES: u32 = 16 * 1_048_576;
+
+impl PeersConfig {
+    pub fn capacity(&self) -> u32 {
+        self.max_entries
+            .unwrap_or(microseg_common::maps::PEER_HOSTS_CAPACITY)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if let Some(entries) = self.max_entries
+            && !(PEERS_MIN_ENTRIES..=PEERS_MAX_ENTRIES).contains(&entries)
+        {
+            bail!(
+                "peers.maxEntries must be within {PEERS_MIN_ENTRIES} and {PEERS_MAX_ENTRIES}, not {entries}"
+            );
+        }
+        Ok(())
+    }
+}
+
 impl ConntrackConfig {
     /// The table's size: `maxEntries`, else sized from the host's memory (the floor
     /// where the memory cannot be read).
@@ -315,6 +353,7 @@ impl Default for AgentConfig {
             interface_scan_ms: 1000,
             discover_workload_interfaces: true,
             conntrack: ConntrackConfig::default(),
+            peers: PeersConfig::default(),
             kubernetes: KubernetesConfig::default(),
             hubble: crate::hubble::config::HubbleConfig::default(),
         }
@@ -350,6 +389,7 @@ impl AgentConfig {
             bail!("interfaceScanMs must be at least 100");
         }
         self.conntrack.validate()?;
+        self.peers.validate()?;
         self.hubble.validate()?;
         Ok(())
     }
@@ -464,6 +504,24 @@ mod tests {
         let too_small: AgentConfig =
             serde_norway::from_str("conntrack:\n  maxEntries: 10\n").unwrap();
         assert!(too_small.validate().is_err());
+    }
+
+    #[test]
+    fn the_peer_map_is_sized_by_peers_max_entries() {
+        assert_eq!(
+            AgentConfig::default().peers.capacity(),
+            microseg_common::maps::PEER_HOSTS_CAPACITY
+        );
+        let large: AgentConfig = serde_norway::from_str("peers:\n  maxEntries: 1048576\n").unwrap();
+        large.validate().unwrap();
+        assert_eq!(large.peers.capacity(), 1_048_576);
+        for wrong in [
+            "peers:\n  maxEntries: 10\n",
+            "peers:\n  maxEntries: 4000000000\n",
+        ] {
+            let config: AgentConfig = serde_norway::from_str(wrong).unwrap();
+            assert!(config.validate().is_err(), "{wrong}");
+        }
     }
 
     #[test]

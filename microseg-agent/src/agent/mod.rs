@@ -345,6 +345,7 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         pin_dir: Some(config.pin_dir.clone()),
         capacities: Capacities {
             conntrack: config.conntrack.capacity(),
+            peer_hosts: config.peers.capacity(),
             ..Capacities::default()
         },
     })
