@@ -230,38 +230,41 @@ impl SelectorCache {
             };
             let namespace: &str = &identity.key.namespace;
             let labels = &identity.key.labels;
-            let candidates: Vec<PeerSelector> = self
+            // Every selector that could match is read; only those that do are
+            // copied (a cluster has thousands of namespace-choosing selectors).
+            let matching: Vec<PeerSelector> = self
                 .by_namespace
                 .get(namespace)
                 .into_iter()
                 .flatten()
                 .chain(&self.choosing_namespaces)
+                .filter(|selector| {
+                    let PeerSelector::Pods {
+                        namespaces: scope,
+                        pods,
+                    } = selector
+                    else {
+                        return false;
+                    };
+                    let in_scope = match scope {
+                        NamespaceScope::Named(named) => named == namespace,
+                        NamespaceScope::Selected(chosen) => {
+                            chosen.matches(set.namespace_labels(namespace))
+                        }
+                    };
+                    in_scope && pods.matches(labels)
+                })
                 .cloned()
                 .collect();
-            for selector in candidates {
-                let PeerSelector::Pods {
-                    namespaces: scope,
-                    pods,
-                } = &selector
-                else {
-                    continue;
-                };
-                let in_scope = match scope {
-                    NamespaceScope::Named(named) => named == namespace,
-                    NamespaceScope::Selected(chosen) => {
-                        chosen.matches(set.namespace_labels(namespace))
-                    }
-                };
-                if in_scope && pods.matches(labels) {
-                    if let Some(known) = self.selectors.get_mut(&selector) {
-                        known.identities.insert(*id);
-                    }
-                    self.holding
-                        .entry(*id)
-                        .or_default()
-                        .insert(selector.clone());
-                    self.changed.insert(selector);
+            for selector in matching {
+                if let Some(known) = self.selectors.get_mut(&selector) {
+                    known.identities.insert(*id);
                 }
+                self.holding
+                    .entry(*id)
+                    .or_default()
+                    .insert(selector.clone());
+                self.changed.insert(selector);
             }
         }
         // Relabelled namespaces: the selectors choosing namespaces read again the
