@@ -337,6 +337,11 @@ impl ObjectStore {
         self.store.set()
     }
 
+    /// The workload naming `interface` as its own (see [`PolicyStore::interface_owner`]).
+    pub fn interface_owner(&self, interface: &str) -> Option<&str> {
+        self.store.interface_owner(interface)
+    }
+
     /// The object held under `key`, as it was given.
     pub fn object(&self, key: &ObjectKey) -> Option<StoredObject> {
         self.sources

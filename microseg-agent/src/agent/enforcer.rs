@@ -231,7 +231,7 @@ impl Enforcer {
         if let Err(e) = self.datapath.reset_rule_hits(&fresh) {
             tracing::warn!("zeroing rule hit counters: {e}");
         }
-        let bindings = self.interface_facts.bindings(self.store.set());
+        let bindings = self.current_bindings();
         let (revokes, stale_addresses) = (compiled.revokes, compiled.stale_addresses);
         let mut diff = StateDiff {
             endpoints: compiled.endpoints,
@@ -427,6 +427,14 @@ impl Enforcer {
         }
     }
 
+    /// The bindings the interface facts give under the enforced set.
+    fn current_bindings(&self) -> Bindings {
+        let store = &self.store;
+        self.interface_facts.bindings_claimed(store.set(), &|name| {
+            store.interface_owner(name).map(str::to_owned)
+        })
+    }
+
     /// Publishes the event names of the live generation.
     fn publish(&mut self, generation: u32) {
         self.enforced = Some(Enforced {
@@ -457,7 +465,7 @@ impl Enforcer {
             // Nothing enforced yet: the bindings go with the first generation.
             return Ok(None);
         }
-        let bindings = self.interface_facts.bindings(self.store.set());
+        let bindings = self.current_bindings();
         if bindings == self.bindings {
             self.binding_error = None;
             return Ok(None);
@@ -495,7 +503,7 @@ impl Enforcer {
     /// validation, or not at all while its pod is unknown: they are held
     /// (`ProgramRole::Hold`) until their binding is in the maps.
     pub fn unwritten_bindings(&self) -> std::collections::BTreeSet<u32> {
-        let wanted = self.interface_facts.bindings(self.store.set());
+        let wanted = self.current_bindings();
         wanted
             .workloads
             .keys()

@@ -476,10 +476,21 @@ impl InterfaceFacts {
             .iter()
             .filter_map(|w| Some((w.interface.as_deref()?, w.key())))
             .collect();
+        self.bindings_claimed(set, &|name| claimed.get(name).cloned())
+    }
+
+    /// [`InterfaceFacts::bindings`], `claimed` telling which workload names an
+    /// interface as its own. The enforcer asks its store's index: reading every
+    /// workload of the set on each update cost about 5 ms at 50,000 cluster pods.
+    pub fn bindings_claimed(
+        &self,
+        set: &PolicySet,
+        claimed: &dyn Fn(&str) -> Option<String>,
+    ) -> Bindings {
         let mut bindings = Bindings::default();
         for (name, (ifindex, rule)) in &self.interfaces {
-            let owner = match claimed.get(name.as_str()) {
-                Some(workload) => Some(workload.clone()),
+            let owner = match claimed(name) {
+                Some(workload) => Some(workload),
                 None if *rule != BindRule::Named => self.discovered_owner(set, name),
                 None => None,
             };
@@ -861,11 +872,11 @@ mod tests {
         builder.finish().expect("valid")
     }
 
+    const WORKLOADS: &str = "apiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: vm, namespace: n}\nspec: {addresses: [10.0.0.7], interface: tap7}\n---\napiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: pod, namespace: n}\nspec: {addresses: [10.0.0.8]}\n";
+
     #[test]
     fn an_interface_is_bound_to_the_workload_naming_it_or_owning_its_peer() {
-        let set = set(
-            "apiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: vm, namespace: n}\nspec: {addresses: [10.0.0.7], interface: tap7}\n---\napiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: pod, namespace: n}\nspec: {addresses: [10.0.0.8]}\n",
-        );
+        let set = set(WORKLOADS);
         let mut facts = InterfaceFacts::default();
         facts.interfaces.insert("tap7".into(), (7, BindRule::Named));
         facts
@@ -881,6 +892,19 @@ mod tests {
             [(7, "n/vm".to_owned()), (8, "n/pod".to_owned())].into()
         );
         assert!(bindings.awaiting_policy.is_empty());
+        // The enforcer's path: the object store's index of named interfaces gives
+        // what reading every workload of the set gives.
+        let objects = crate::objects::parse_objects("t.yaml", WORKLOADS).expect("objects");
+        let changes: Vec<crate::objects::ObjectChange> = objects
+            .into_iter()
+            .map(|(key, object)| (key, Some(object)))
+            .collect();
+        let mut store = crate::objects::ObjectStore::default();
+        store.apply(&changes, &|_, _| false).expect("valid");
+        let indexed = facts.bindings_claimed(store.set(), &|name| {
+            store.interface_owner(name).map(str::to_owned)
+        });
+        assert_eq!(indexed, bindings);
         // Discovery off for an interface: its peer's addresses do not bind it.
         facts
             .interfaces

@@ -54,6 +54,12 @@ impl<K: Ord + Hash + Clone> PolicyStore<K> {
         &self.set
     }
 
+    /// The workload (`namespace/name`) naming `interface` as its own, if one does:
+    /// an index, where the set would be read whole.
+    pub fn interface_owner(&self, interface: &str) -> Option<&str> {
+        self.interfaces.get(interface).map(String::as_str)
+    }
+
     /// How many documents it holds.
     pub fn len(&self) -> usize {
         self.documents.len()
