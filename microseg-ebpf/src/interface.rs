@@ -51,7 +51,7 @@ pub fn check_sent_by_workload(slot: u8, ifindex: u32, info: &PacketInfo) -> Resu
             return Ok(());
         }
     }
-    if stays_on_link(&info.src, &info.dst) {
+    if stays_on_link(info) {
         return Ok(());
     }
     if binding.awaits_policy() {
@@ -72,7 +72,7 @@ pub fn check_delivery_to_workload(
     let Some(binding) = (unsafe { INTERFACES.get(&InterfaceKey::new(slot, ifindex)) }) else {
         return Ok(());
     };
-    if binding.awaits_policy() && !stays_on_link(&info.src, &info.dst) {
+    if binding.awaits_policy() && !stays_on_link(info) {
         return Err(DropReason::NoPolicyYet);
     }
     Ok(())
@@ -91,7 +91,7 @@ pub fn check_awaiting_policy(info: &PacketInfo, sent_by_workload: bool) -> Resul
     {
         return Err(DropReason::ForbiddenIcmpv6);
     }
-    if stays_on_link(&info.src, &info.dst) {
+    if stays_on_link(info) {
         Ok(())
     } else {
         Err(DropReason::NoPolicyYet)
@@ -100,9 +100,16 @@ pub fn check_awaiting_policy(info: &PacketInfo, sent_by_workload: bool) -> Resul
 
 /// Traffic a workload may send from an address that is not its own: from a link-local
 /// or unspecified source (neighbour discovery, DHCP, MLD) to a link-local, multicast
-/// or broadcast destination. Routers do not forward it off the link.
+/// or broadcast destination, or neighbour discovery from a link-local source to any
+/// destination (a neighbour unreachability probe goes to the neighbour's unicast
+/// address, RFC 4861 7.3.3; its hop limit of 255 keeps it on the link). Routers do
+/// not forward it off the link.
 #[inline(always)]
-fn stays_on_link(src: &[u8; 16], dst: &[u8; 16]) -> bool {
+fn stays_on_link(info: &PacketInfo) -> bool {
+    let (src, dst) = (&info.src, &info.dst);
+    if info.is_neighbour_discovery() && src[0] == 0xfe && src[1] & 0xc0 == 0x80 {
+        return true;
+    }
     if is_ipv4_mapped(src) {
         let src_ok = (src[12] == 169 && src[13] == 254) || src[12..16] == [0, 0, 0, 0];
         let dst_ok = (dst[12] == 169 && dst[13] == 254)

@@ -54,6 +54,25 @@ pub fn router_advertisement(src_mac: [u8; 6], src: IpAddr) -> Vec<u8> {
     frame
 }
 
+/// A neighbour solicitation for `dst` itself, sent to its unicast address: the
+/// neighbour unreachability probe of RFC 4861 7.3.3 (hop limit 255).
+pub fn neighbour_solicitation(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+) -> Vec<u8> {
+    // Reserved word, then the target address.
+    let builder = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src.octets(), dst.octets(), 255)
+        .icmpv6_raw(135, 0, [0; 4]);
+    let mut frame = Vec::new();
+    builder
+        .write(&mut frame, &dst.octets())
+        .expect("building a frame");
+    frame
+}
+
 /// Sends `frame` out of `interface` of namespace `ns` through a packet socket.
 pub fn send_frame(ns: &NetNs, interface: &str, frame: &[u8]) {
     let interface = interface.to_owned();

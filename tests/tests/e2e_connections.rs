@@ -24,7 +24,9 @@ use std::{
 use microseg::policy::{Flow, PolicySet, Protocol, evaluate, load_paths};
 use microseg_tests::{
     lab::Lab,
-    raw::{AdvertisementListener, router_advertisement, send_frame, udp_frame},
+    raw::{
+        AdvertisementListener, neighbour_solicitation, router_advertisement, send_frame, udp_frame,
+    },
     topology::{EchoServers, PROBE_TIMEOUT, udp_exchange},
 };
 use serde_json::Value;
@@ -337,6 +339,21 @@ fn forged_sources_and_router_advertisements_from_a_workload_never_arrive() {
     wait_enforcing(&lab);
     let drops_before = drops(&lab);
     send_forged("after");
+    // A neighbour unreachability probe, from the workload's link-local address to
+    // the server's unicast one: on-link traffic, not a forged source.
+    let IpAddr::V6(server6) = target.address6 else {
+        panic!("an IPv6 address")
+    };
+    send_frame(
+        &sender.ns,
+        &sender.host_if,
+        &neighbour_solicitation(
+            sender_mac,
+            target_mac,
+            "fe80::1:2".parse().unwrap(),
+            server6,
+        ),
+    );
     let seen = received_on(&receiver, Duration::from_millis(800));
     assert!(
         seen.iter().all(|payload| !payload.starts_with("after:")),
