@@ -528,6 +528,9 @@ impl Compiler {
             }
             self.counters.full_compiles += 1;
             changes = SetChanges::everything(set);
+            self.identities.reserve(set.workloads.len());
+            self.numbering
+                .reserve_workload_identities(set.workloads.len());
         }
         let mut dirty: BTreeSet<WorkloadKey> = BTreeSet::new();
 
@@ -564,8 +567,10 @@ impl Compiler {
                 &mut identity_changes,
             );
             self.update_local(set, key);
-            dirty.insert(key.clone());
         }
+        // Every changed workload is recompiled: merged in one pass (a full compile
+        // has a million).
+        dirty.append(&mut changes.workloads);
         self.identities.settle(
             set,
             &mut self.numbering,
@@ -1229,6 +1234,17 @@ impl Compiler {
         }
     }
 
+    /// The compiled state and tables, moved out of a compiler that is done.
+    pub fn into_compiled(mut self) -> Compiled {
+        Compiled {
+            identities: self.identity_table(),
+            hit_slots: self.hit_slots.table(),
+            state: std::mem::take(&mut self.output.state),
+            rules: std::mem::take(&mut self.rule_table),
+            endpoints: std::mem::take(&mut self.endpoint_table),
+        }
+    }
+
     /// The compiled state (policy-bearing maps' content).
     pub fn state(&self) -> &DatapathState {
         &self.output.state
@@ -1245,16 +1261,13 @@ impl Compiler {
     /// Identity -> what it stands for.
     pub fn identity_table(&self) -> IdentityTable {
         let mut table = IdentityTable::default();
+        let mut members = self.identities.members();
         for (id, identity) in &self.identities.workload_identities {
             table.identities.insert(
                 *id,
                 IdentityInfo::Workload {
                     key: identity.key.clone(),
-                    members: identity
-                        .members
-                        .keys()
-                        .map(|(namespace, name)| format!("{namespace}/{name}"))
-                        .collect(),
+                    members: members.remove(id).unwrap_or_default(),
                 },
             );
         }
@@ -1281,11 +1294,7 @@ impl Compiler {
         if let Some(identity) = self.identities.workload_identities.get(&id) {
             return Some(IdentityInfo::Workload {
                 key: identity.key.clone(),
-                members: identity
-                    .members
-                    .keys()
-                    .map(|(namespace, name)| format!("{namespace}/{name}"))
-                    .collect(),
+                members: self.identities.members_of(id),
             });
         }
         self.identities
@@ -1312,8 +1321,9 @@ impl Compiler {
 /// Compiles the policies and inventory of `set` into map content, with fresh ids.
 pub fn compile(set: &PolicySet) -> Compiled {
     let mut compiler = Compiler::default();
-    compiler.update(set, &SetChanges::everything(set));
-    compiler.compiled()
+    // A compiler's first update compiles everything, whatever it is told.
+    compiler.update(set, &SetChanges::default());
+    compiler.into_compiled()
 }
 
 /// Calls `emit` with each entry tail of `rule` for the endpoint `workload`: the rule's

@@ -300,7 +300,7 @@ status: {podIP: 10.0.2.2, podIPs: [{ip: 10.0.2.2}]}
 apiVersion: microseg.dev/v1
 kind: Workload
 metadata: {name: vm, namespace: prod, labels: {app: web}}
-spec: {addresses: ["10.0.9.9"]}
+spec: {addresses: ["10.0.9.9", "10.0.9.10"]}
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -340,5 +340,21 @@ spec:
     assert_eq!(
         on_a.state.policy.len() * 3,
         everywhere.state.policy.len() * 2
+    );
+    // The identity table names the identity's workloads in order, each once (the
+    // VM has two addresses of it); so does the compiler for one identity.
+    let members = |info: Option<&IdentityInfo>| match info {
+        Some(IdentityInfo::Workload { members, .. }) => members.clone(),
+        other => panic!("a workload identity, not {other:?}"),
+    };
+    assert_eq!(
+        members(on_a.identities.get(b_identity)),
+        ["prod/vm", "prod/web-a", "prod/web-b"]
+    );
+    let mut compiler = Compiler::enforcing_node("node-a");
+    compiler.compile(&set);
+    assert_eq!(
+        members(compiler.identity_info(b_identity).as_ref()),
+        members(on_a.identities.get(b_identity))
     );
 }

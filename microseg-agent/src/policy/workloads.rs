@@ -14,14 +14,16 @@ use super::model::Workload;
 pub struct Workloads {
     slots: Vec<Option<Arc<Workload>>>,
     free: Vec<usize>,
-    /// `(namespace, name)` -> slot.
-    by_key: BTreeMap<(String, String), usize>,
+    /// namespace -> name -> slot: two levels, so that a lookup borrows the names
+    /// instead of copying them into a tuple.
+    by_key: BTreeMap<String, BTreeMap<String, usize>>,
+    len: usize,
 }
 
 impl Workloads {
     /// Workloads in `(namespace, name)` order.
-    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Workload> + ExactSizeIterator {
-        self.by_key.values().map(|slot| {
+    pub fn iter(&self) -> impl Iterator<Item = &Workload> {
+        self.slots_in_order().map(|slot| {
             self.slots[*slot]
                 .as_deref()
                 .expect("indexed slots are filled")
@@ -30,7 +32,7 @@ impl Workloads {
 
     /// The workloads themselves, shared, in `(namespace, name)` order.
     pub fn iter_shared(&self) -> impl Iterator<Item = &Arc<Workload>> {
-        self.by_key.values().map(|slot| {
+        self.slots_in_order().map(|slot| {
             self.slots[*slot]
                 .as_ref()
                 .expect("indexed slots are filled")
@@ -44,7 +46,7 @@ impl Workloads {
 
     /// (slot, workload) in `(namespace, name)` order.
     pub fn iter_slots(&self) -> impl Iterator<Item = (usize, &Workload)> {
-        self.by_key.values().map(|slot| {
+        self.slots_in_order().map(|slot| {
             (
                 *slot,
                 self.slots[*slot]
@@ -54,12 +56,17 @@ impl Workloads {
         })
     }
 
+    /// Filled slots in `(namespace, name)` order.
+    fn slots_in_order(&self) -> impl Iterator<Item = &usize> {
+        self.by_key.values().flat_map(BTreeMap::values)
+    }
+
     pub fn len(&self) -> usize {
-        self.by_key.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
+        self.len == 0
     }
 
     /// The workload in `slot`.
@@ -69,21 +76,18 @@ impl Workloads {
 
     /// The slot of workload `namespace/name`.
     pub fn find(&self, namespace: &str, name: &str) -> Option<usize> {
-        // A borrowed tuple key cannot be looked up without owning it.
-        self.by_key
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .copied()
+        self.by_key.get(namespace)?.get(name).copied()
     }
 
     /// Puts `workload` in, replacing the one of the same key (which keeps its slot).
     /// Returns its slot and the replaced workload.
     pub fn insert(&mut self, workload: impl Into<Arc<Workload>>) -> (usize, Option<Arc<Workload>>) {
         let workload = workload.into();
-        let key = (workload.namespace.clone(), workload.name.clone());
-        if let Some(slot) = self.by_key.get(&key) {
-            let old = self.slots[*slot].replace(workload);
-            return (*slot, old);
+        if let Some(slot) = self.find(&workload.namespace, &workload.name) {
+            let old = self.slots[slot].replace(workload);
+            return (slot, old);
         }
+        let (namespace, name) = (workload.namespace.clone(), workload.name.clone());
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot] = Some(workload);
@@ -94,15 +98,19 @@ impl Workloads {
                 self.slots.len() - 1
             }
         };
-        self.by_key.insert(key, slot);
+        self.by_key.entry(namespace).or_default().insert(name, slot);
+        self.len += 1;
         (slot, None)
     }
 
     /// Takes workload `namespace/name` out; its slot may be reused.
     pub fn remove(&mut self, namespace: &str, name: &str) -> Option<(usize, Arc<Workload>)> {
-        let slot = self
-            .by_key
-            .remove(&(namespace.to_owned(), name.to_owned()))?;
+        let names = self.by_key.get_mut(namespace)?;
+        let slot = names.remove(name)?;
+        if names.is_empty() {
+            self.by_key.remove(namespace);
+        }
+        self.len -= 1;
         let workload = self.slots[slot].take()?;
         self.free.push(slot);
         Some((slot, workload))

@@ -571,6 +571,27 @@ pub fn load_with(
     Ok((Loaded { datapath, events }, load_ms, apply_ms))
 }
 
+/// Compiles every scale's scenario and prints the compile time and the resident set
+/// after it (`--only compile`): the compiler's cost without the kernel, to profile.
+pub fn compile_only(config: &CostConfig) -> anyhow::Result<()> {
+    for &rules in &config.scales {
+        for family in Family::ALL {
+            let scenario = Scenario::build(family, rules)?;
+            memory::return_free_memory();
+            let (rss, peak) = memory::rss_kib();
+            println!(
+                "{:>10}: build {:>8.1} ms, compile {:>8.1} ms, RSS {:>7.1} MiB (peak {:.1})",
+                scenario::label(family, rules),
+                scenario.build_ms,
+                scenario.compile_ms,
+                rss as f64 / 1024.0,
+                peak as f64 / 1024.0
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Measures every program and case at every scale.
 pub fn run(
     config: &CostConfig,

@@ -56,7 +56,8 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Run only these parts (comma separated: datapath, tiers, control, events,
-    /// traffic). `datapath` includes `tiers`.
+    /// traffic). `datapath` includes `tiers`. `compile` alone compiles the datapath
+    /// scales and prints time and memory, without the kernel (for profiling).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the report (default: target/microseg-bench of the workspace).
@@ -147,6 +148,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let wants = |part: &str| cli.only.is_empty() || cli.only.iter().any(|only| only == part);
     let plan = Plan::new(cli.quick);
+    if cli.only == ["compile"] {
+        return datapath_cost::compile_only(&plan.cost);
+    }
     machine::check_tools()?;
     let mut machine = machine::describe();
     let (rss_start, _) = memory::rss_kib();

@@ -87,12 +87,13 @@ impl BlockIndex {
     }
 }
 
-/// A workload identity and the workloads it stands for.
+/// A workload identity and how many workload addresses have it: it goes with the
+/// last. Its members are not listed here (a map per identity cost more than the
+/// identity itself); [`IdentityLayer::members`] finds them when asked.
 #[derive(Clone, Debug)]
 pub(super) struct WorkloadIdentity {
     pub key: Arc<WorkloadIdentityKey>,
-    /// Member workloads and how many of their addresses have this identity.
-    pub members: BTreeMap<WorkloadKey, u32>,
+    pub addresses: u32,
 }
 
 /// A CIDR identity: the ipBlocks covering it and its prefixes.
@@ -316,6 +317,12 @@ impl IdentityLayer {
         }
     }
 
+    /// Room for `workloads` more workloads and identities (a full compile).
+    pub fn reserve(&mut self, workloads: usize) {
+        self.addresses.reserve(workloads);
+        self.workload_identities.reserve(workloads);
+    }
+
     /// A namespace name shared with the identities of that namespace.
     fn namespace_name(&self, namespace: &str) -> Arc<str> {
         self.by_namespace
@@ -341,7 +348,7 @@ impl IdentityLayer {
                 for address in &workload.addresses {
                     let identity_key = self.key_of(workload, *address, namespace.clone());
                     let (id, shared) = numbering.workload_identity(identity_key);
-                    self.add_member(id, shared, key, changes);
+                    self.add_member(id, shared, changes);
                     ids.push((*address, id));
                 }
                 ids
@@ -356,7 +363,7 @@ impl IdentityLayer {
                 .unwrap_or_default(),
         };
         for (_, id) in &old {
-            self.remove_member(*id, key, numbering, changes);
+            self.remove_member(*id, numbering, changes);
         }
         for (address, _) in &old {
             // Another workload has it now: that one's update writes it.
@@ -372,11 +379,43 @@ impl IdentityLayer {
         }
     }
 
+    /// The workloads (`namespace/name`, in order) of each workload identity, found
+    /// from the workloads' addresses: for tables and descriptions, not for updates.
+    pub fn members(&self) -> HashMap<u32, Vec<String>> {
+        let mut members: HashMap<u32, Vec<String>> = HashMap::new();
+        for ((namespace, name), addresses) in &self.addresses {
+            let mut ids: Vec<u32> = addresses.iter().map(|(_, id)| *id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for id in ids {
+                members
+                    .entry(id)
+                    .or_default()
+                    .push(format!("{namespace}/{name}"));
+            }
+        }
+        for names in members.values_mut() {
+            names.sort_unstable();
+        }
+        members
+    }
+
+    /// The workloads of workload identity `id`, as [`IdentityLayer::members`].
+    pub fn members_of(&self, id: u32) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .addresses
+            .iter()
+            .filter(|(_, addresses)| addresses.iter().any(|(_, of)| *of == id))
+            .map(|((namespace, name), _)| format!("{namespace}/{name}"))
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
     fn add_member(
         &mut self,
         id: u32,
         key: Arc<WorkloadIdentityKey>,
-        workload: &WorkloadKey,
         changes: &mut IdentityChanges,
     ) {
         let identity = self.workload_identities.entry(id).or_insert_with(|| {
@@ -384,12 +423,11 @@ impl IdentityLayer {
             changes.removed.remove(&id);
             WorkloadIdentity {
                 key: key.clone(),
-                members: BTreeMap::new(),
+                addresses: 0,
             }
         });
-        let fresh = identity.members.is_empty();
-        *identity.members.entry(workload.clone()).or_default() += 1;
-        if fresh {
+        identity.addresses += 1;
+        if identity.addresses == 1 {
             self.universe.insert(id);
             self.by_namespace
                 .entry(key.namespace.clone())
@@ -409,23 +447,12 @@ impl IdentityLayer {
         }
     }
 
-    fn remove_member(
-        &mut self,
-        id: u32,
-        workload: &WorkloadKey,
-        numbering: &mut Numbering,
-        changes: &mut IdentityChanges,
-    ) {
+    fn remove_member(&mut self, id: u32, numbering: &mut Numbering, changes: &mut IdentityChanges) {
         let Some(identity) = self.workload_identities.get_mut(&id) else {
             return;
         };
-        if let Some(count) = identity.members.get_mut(workload) {
-            *count -= 1;
-            if *count == 0 {
-                identity.members.remove(workload);
-            }
-        }
-        if !identity.members.is_empty() {
+        identity.addresses = identity.addresses.saturating_sub(1);
+        if identity.addresses > 0 {
             return;
         }
         let identity = self.workload_identities.remove(&id).expect("present");

@@ -33,12 +33,19 @@ impl<T: Ord + Copy> OwnedLabelIndex<T> {
     pub fn add(&mut self, item: T, labels: &Labels) {
         self.all.insert(item);
         for (key, value) in labels.iter() {
-            self.by_label
-                .entry(key.into())
-                .or_default()
-                .entry(value.into())
-                .or_default()
-                .insert(item);
+            // Looked up before inserting: an entry would copy the strings every time.
+            let values = match self.by_label.get_mut(key) {
+                Some(values) => values,
+                None => self.by_label.entry(key.into()).or_default(),
+            };
+            match values.get_mut(value) {
+                Some(items) => {
+                    items.insert(item);
+                }
+                None => {
+                    values.insert(value.into(), BTreeSet::from([item]));
+                }
+            }
         }
     }
 

@@ -97,6 +97,12 @@ impl Numbering {
         )
     }
 
+    /// Room for `workloads` more workload identities: a full compile sizes the map
+    /// once instead of growing it (each growth hashes every key again).
+    pub(super) fn reserve_workload_identities(&mut self, workloads: usize) {
+        self.workload_identities.reserve(workloads);
+    }
+
     /// The identity of `key`, and the key as shared with the identity table: the
     /// one it has, or a new one.
     pub(super) fn workload_identity(

@@ -260,7 +260,7 @@ impl SelectorCache {
             let labels = &identity.key.labels;
             // Every selector that could match is read; only those that do are
             // copied (a cluster has thousands of namespace-choosing selectors).
-            let matching: Vec<PeerSelector> = self
+            let matching: Vec<Arc<PeerSelector>> = self
                 .by_namespace
                 .get(namespace)
                 .into_iter()
@@ -282,18 +282,21 @@ impl SelectorCache {
                     };
                     in_scope && pods.matches(labels)
                 })
-                .cloned()
+                .filter_map(|selector| Some(self.selectors.get(selector)?.shared.clone()))
                 .collect();
             for selector in matching {
-                let Some(known) = self.selectors.get_mut(&selector) else {
+                let Some(known) = self.selectors.get_mut(&*selector) else {
                     continue;
                 };
                 known.identities.insert(*id);
                 self.holding
                     .entry(*id)
                     .or_default()
-                    .insert(known.shared.clone());
-                self.changed.insert(selector);
+                    .insert(selector.clone());
+                // Copied once per update, not once per identity it gained.
+                if !self.changed.contains(&*selector) {
+                    self.changed.insert(Arc::unwrap_or_clone(selector));
+                }
             }
         }
         // Relabelled namespaces: the selectors choosing namespaces read again the
