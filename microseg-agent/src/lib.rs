@@ -14,4 +14,5 @@ pub mod objects;
 pub mod policy;
 pub mod review;
 pub mod socket;
+pub mod sorted_set;
 pub mod suggest;

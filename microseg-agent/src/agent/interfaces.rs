@@ -467,21 +467,11 @@ impl InterfaceFacts {
         facts
     }
 
-    /// Each interface's workload: the one naming it (`spec.interface`), else the
-    /// one whose addresses its veth peer holds, if exactly one. A pod interface
-    /// with neither awaits policy.
-    pub fn bindings(&self, set: &PolicySet) -> Bindings {
-        let claimed: BTreeMap<&str, String> = set
-            .workloads
-            .iter()
-            .filter_map(|w| Some((w.interface.as_deref()?, w.key())))
-            .collect();
-        self.bindings_claimed(set, &|name| claimed.get(name).cloned())
-    }
-
-    /// [`InterfaceFacts::bindings`], `claimed` telling which workload names an
-    /// interface as its own. The enforcer asks its store's index: reading every
-    /// workload of the set on each update cost about 5 ms at 50,000 cluster pods.
+    /// Each interface's workload: the one naming it (`spec.interface`, which
+    /// `claimed` tells), else the one whose addresses its veth peer holds, if
+    /// exactly one. A pod interface with neither awaits policy. The enforcer's
+    /// `claimed` asks its store's index: reading every workload of the set on each
+    /// update cost about 5 ms at 50,000 cluster pods.
     pub fn bindings_claimed(
         &self,
         set: &PolicySet,
@@ -872,6 +862,17 @@ mod tests {
         builder.finish().expect("valid")
     }
 
+    /// The bindings with `claimed` read from the set's workloads, as the enforcer's
+    /// store index answers it.
+    fn bound(facts: &InterfaceFacts, set: &PolicySet) -> Bindings {
+        let claimed: BTreeMap<&str, String> = set
+            .workloads
+            .iter()
+            .filter_map(|w| Some((w.interface.as_deref()?, w.key())))
+            .collect();
+        facts.bindings_claimed(set, &|name| claimed.get(name).cloned())
+    }
+
     const WORKLOADS: &str = "apiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: vm, namespace: n}\nspec: {addresses: [10.0.0.7], interface: tap7}\n---\napiVersion: microseg.dev/v1\nkind: Workload\nmetadata: {name: pod, namespace: n}\nspec: {addresses: [10.0.0.8]}\n";
 
     #[test]
@@ -886,7 +887,7 @@ mod tests {
         facts
             .peers
             .insert("veth8".into(), ["10.0.0.8".parse().unwrap()].into());
-        let bindings = facts.bindings(&set);
+        let bindings = bound(&facts, &set);
         assert_eq!(
             bindings.workloads,
             [(7, "n/vm".to_owned()), (8, "n/pod".to_owned())].into()
@@ -909,7 +910,7 @@ mod tests {
         facts
             .interfaces
             .insert("veth8".into(), (8, BindRule::Named));
-        assert_eq!(facts.bindings(&set).workloads.len(), 1);
+        assert_eq!(bound(&facts, &set).workloads.len(), 1);
     }
 
     #[test]
@@ -942,7 +943,7 @@ mod tests {
         facts
             .peers
             .insert("config".into(), [address("10.0.0.9")].into());
-        let bindings = facts.bindings(&set);
+        let bindings = bound(&facts, &set);
         assert_eq!(bindings.workloads, [(1, "n/a".to_owned())].into());
         assert_eq!(bindings.awaiting_policy, [2, 3].into());
     }

@@ -32,6 +32,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 
 use crate::objects::{API_SERVER_SOURCE, ObjectKey, ObjectMap, StoredObject};
+use crate::sorted_set::SortedVecSet;
 
 /// The kinds the agent watches, as the policy loader names them.
 pub const KINDS: [&str; 5] = [
@@ -374,35 +375,8 @@ pub struct ClusterView {
 /// by key.
 type Claim = (std::cmp::Reverse<String>, ObjectKey);
 
-/// The claims on one address, in order. Almost always one: a sorted vector holds
-/// it in its own size, where a `BTreeSet` allocates a node for eleven (about 1 KiB
-/// per address, 2 KiB per dual-stack pod of the cluster).
-#[derive(Default)]
-struct Claims(Vec<Claim>);
-
-impl Claims {
-    fn insert(&mut self, claim: Claim) {
-        if let Err(at) = self.0.binary_search(&claim) {
-            // Exact: a push would make room for four.
-            self.0.reserve_exact(1);
-            self.0.insert(at, claim);
-        }
-    }
-
-    fn remove(&mut self, claim: &Claim) {
-        if let Ok(at) = self.0.binary_search(claim) {
-            self.0.remove(at);
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn iter(&self) -> std::slice::Iter<'_, Claim> {
-        self.0.iter()
-    }
-}
+/// The claims on one address, in order: almost always one.
+type Claims = SortedVecSet<Claim>;
 
 /// What [`ClusterView::enforceable`] and the local pod lookup read of a pod.
 struct PodFacts {

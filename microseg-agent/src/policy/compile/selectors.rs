@@ -13,6 +13,7 @@ use foldhash::HashMap;
 
 use super::identities::{IdentityChanges, IdentityLayer};
 use crate::policy::model::{IpBlock, LabelSelector, NamespaceScope, Peer, PolicySet};
+use crate::sorted_set::SortedVecSet;
 
 /// A rule peer, as the cache keys it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -47,31 +48,9 @@ struct Selected {
     shared: Arc<PeerSelector>,
 }
 
-/// The pod selectors holding one identity, sorted; shared with the cache, not
-/// copied. Most identities are held by a few selectors: a vector of pointers, where
-/// a `BTreeSet` of selectors allocated a node of eleven copies (about 1 KiB per
-/// identity, 1 GiB at a million).
-#[derive(Clone, Debug, Default)]
-struct HeldBy(Vec<Arc<PeerSelector>>);
-
-impl HeldBy {
-    fn insert(&mut self, selector: Arc<PeerSelector>) {
-        if let Err(at) = self.0.binary_search_by(|held| (**held).cmp(&selector)) {
-            self.0.reserve_exact(1);
-            self.0.insert(at, selector);
-        }
-    }
-
-    fn remove(&mut self, selector: &PeerSelector) {
-        if let Ok(at) = self.0.binary_search_by(|held| (**held).cmp(selector)) {
-            self.0.remove(at);
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
+/// The pod selectors holding one identity, shared with the cache, not copied: most
+/// identities are held by a few.
+type HeldBy = SortedVecSet<Arc<PeerSelector>>;
 
 #[derive(Clone, Debug, Default)]
 pub(super) struct SelectorCache {
@@ -244,7 +223,7 @@ impl SelectorCache {
     ) {
         // Gone: out of every pod selector holding it.
         for id in &changes.removed {
-            for selector in self.holding.remove(id).unwrap_or_default().0 {
+            for selector in self.holding.remove(id).unwrap_or_default() {
                 if let Some(known) = self.selectors.get_mut(&*selector) {
                     known.identities.remove(id);
                     self.changed.insert(Arc::unwrap_or_clone(selector));
