@@ -448,6 +448,30 @@ fn enforcement_continues_while_the_api_server_is_away() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // Restarted while the API server is away: the cached view is enforced, the
+    // change above included. It was journaled after the first sync's snapshot, so
+    // an agent reading the snapshot alone would allow 80 and deny 81 again.
+    let journal = kube.lab.dir.join("state").join("kubernetes.journal");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::metadata(&journal).map_or(0, |m| m.len()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing journaled in {journal:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    kube.api.stop();
+    kube.lab.kill_agent();
+    kube.lab
+        .start_kubernetes_agent(&kube.lab.dir.join("kubeconfig"), NODE);
+    kube.wait(
+        "the restarted agent enforcing its cache",
+        Duration::from_secs(15),
+        |s| s["policies"] == 1 && s["generation"].as_u64().unwrap_or(0) > 0,
+    );
+    kube.assert_port(81, true);
+    kube.assert_port(80, false);
 }
 
 #[test]

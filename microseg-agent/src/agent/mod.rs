@@ -56,6 +56,9 @@ pub struct AgentCore {
     pub dir_objects: ObjectMap,
     /// Objects from the Kubernetes API server (Kubernetes mode; see `kubernetes`).
     pub kube_objects: ObjectMap,
+    /// The writer of the cluster view's cache as `restore` left it (taken by the
+    /// Kubernetes reconciler when it starts).
+    pub kube_cache: Option<kubernetes::cache::CacheWriter>,
     /// The API server watches' state (Kubernetes mode), for `status`.
     pub kubernetes: Option<kubernetes::KubernetesStatus>,
     /// Audit switches per workload (persisted).
@@ -383,13 +386,15 @@ pub async fn run(config: AgentConfig, detach_on_exit: bool) -> anyhow::Result<()
         &config.state_dir,
         config.kubernetes.enabled.then(|| config.node_name()),
     );
+    let (kube_objects, kube_cache) = kubernetes::restore(&config);
     let mut core = AgentCore {
         enforcer: Enforcer::new(datapath, adopted, config.audit_mode, compiler),
         api_objects: ObjectMap::new(),
         dir_objects: ObjectMap::new(),
         // Kubernetes mode: the last known cluster state, so a restart while the API
         // server is unreachable keeps enforcing it.
-        kube_objects: kubernetes::restore(&config),
+        kube_objects,
+        kube_cache,
         kubernetes: None,
         audit: BTreeMap::new(),
         dir_error: None,

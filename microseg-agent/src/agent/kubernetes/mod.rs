@@ -21,17 +21,17 @@
 //!
 //! Every pod of the cluster is in the inventory (other nodes' pods are the peers that
 //! policies allow), but only this node's pods' veths carry the programs. The last
-//! cluster view is cached in the state directory (`kubernetes.json`): when the API
+//! cluster view is cached in the state directory (`cache`: a snapshot and a journal of
+//! changes, `kubernetes.json` and `kubernetes.journal`): when the API
 //! server is unreachable the agent keeps enforcing what it last knew, across a
 //! restart too, and catches up when the watches come back.
 
+pub mod cache;
 pub mod status;
 pub mod watch;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write,
-    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -43,6 +43,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use self::{
+    cache::CacheWriter,
     status::{Status, StatusReporter},
     watch::ClusterView,
 };
@@ -54,12 +55,9 @@ use super::{
 };
 use crate::{
     datapath::ApplyReport,
-    objects::{ObjectKey, ObjectMap, StoredObject},
+    objects::{ObjectChange, ObjectKey, ObjectMap},
     policy::RefusedPolicy,
 };
-
-/// The cache of the last cluster view, in the state directory.
-const CACHE_FILE: &str = "kubernetes.json";
 
 /// An outage shorter than this (a dropped watch, an expired version) is routine and
 /// only logged; a longer one is reported as an event once the API server is back.
@@ -105,30 +103,21 @@ fn absent_note(kind: &str) -> String {
 }
 
 /// The cluster view cached by an earlier run, enforced until the watches have
-/// listed everything again (empty outside Kubernetes mode).
-pub fn restore(config: &AgentConfig) -> ObjectMap {
+/// listed everything again (empty outside Kubernetes mode), and the writer that goes
+/// on from it.
+pub fn restore(config: &AgentConfig) -> (ObjectMap, Option<CacheWriter>) {
     if !config.kubernetes.enabled {
-        return ObjectMap::new();
+        return (ObjectMap::new(), None);
     }
-    let path = config.state_dir.join(CACHE_FILE);
-    let cached: Result<Vec<(ObjectKey, StoredObject)>, String> = std::fs::read(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()));
-    match cached {
-        Ok(objects) => {
-            tracing::info!(
-                objects = objects.len(),
-                "enforcing the cached cluster state until the API server answers"
-            );
-            objects.into_iter().collect()
-        }
-        Err(e) => {
-            if path.exists() {
-                tracing::warn!("ignoring {}: {e}", path.display());
-            }
-            ObjectMap::new()
-        }
+    let restored = cache::read(&config.state_dir);
+    if !restored.objects.is_empty() {
+        tracing::info!(
+            objects = restored.objects.len(),
+            "enforcing the cached cluster state until the API server answers"
+        );
     }
+    let writer = CacheWriter::new(&config.state_dir, &restored);
+    (restored.objects, Some(writer))
 }
 
 /// Watches the API server and enforces what it reports, until the agent stops.
@@ -151,8 +140,13 @@ pub async fn run(agent: Arc<Agent>) {
     let status = StatusReporter::start(client.clone(), &node);
     let (changes, mut incoming) = mpsc::unbounded_channel();
     watch::start(&client, changes);
-    let cache = start_cache_writer(agent.clone(), config.state_dir.clone());
-    let cached = agent.core.lock().await.kube_objects.clone();
+    let (cached, writer) = {
+        let mut core = agent.core.lock().await;
+        (core.kube_objects.clone(), core.kube_cache.take())
+    };
+    let writer = writer
+        .unwrap_or_else(|| CacheWriter::new(&config.state_dir, &cache::read(&config.state_dir)));
+    let cache = cache::start_writer(agent.clone(), writer);
     let mut reconciler = Reconciler {
         view: ClusterView::new(cached),
         local: agent.local_pods.clone(),
@@ -216,7 +210,8 @@ struct Reconciler {
     node: String,
     status: StatusReporter,
     /// Counts enforcements, for the cache writer.
-    cache: tokio::sync::watch::Sender<u64>,
+    /// The enforced changes, to the cache writer.
+    cache: mpsc::UnboundedSender<Vec<ObjectChange>>,
     enforced_once: bool,
     /// The objects left out of the last apply because the loader refused them.
     refused: Option<Vec<ObjectKey>>,
@@ -318,6 +313,14 @@ impl Reconciler {
         let keys: Vec<ObjectKey> = changes.iter().map(|(key, _)| key.clone()).collect();
         let mut core = self.agent.core.lock().await;
         let result = enforce_changes(&mut core, changes);
+        // What the cache must write: the changed keys as they are now.
+        let cached: Vec<ObjectChange> = match result {
+            Ok(_) => keys
+                .iter()
+                .map(|key| (key.clone(), core.kube_objects.get(key).cloned()))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         self.agent.refresh_names(&core);
         let refused_policies = core.enforcer.set().refused_policies.clone();
         drop(core);
@@ -357,7 +360,8 @@ impl Reconciler {
                 }
                 self.report_left_out(left_out);
                 self.report_substituted(refused_policies);
-                self.cache.send_modify(|generation| *generation += 1);
+                // The writer stops only with the runtime.
+                let _ = self.cache.send(cached);
                 true
             }
             Err(refused) => {
@@ -495,40 +499,4 @@ fn enforce_changes(
         return Err(refused);
     }
     core.enforce_kube(&changes).map(|report| (report, named))
-}
-
-/// Writes the last enforced cluster view to the state directory in the background,
-/// at most once a second (churn must not wait for disks): told of each enforcement,
-/// it copies the objects under the agent's lock once per write, not once per change.
-fn start_cache_writer(agent: Arc<Agent>, state_dir: PathBuf) -> tokio::sync::watch::Sender<u64> {
-    let (sender, mut receiver) = tokio::sync::watch::channel(0u64);
-    tokio::spawn(async move {
-        while receiver.changed().await.is_ok() {
-            receiver.borrow_and_update();
-            let objects = agent.core.lock().await.kube_objects.clone();
-            let dir = state_dir.clone();
-            let written = tokio::task::spawn_blocking(move || save_cache(&dir, &objects)).await;
-            if let Ok(Err(e)) = written {
-                tracing::warn!("could not cache the cluster state: {e:#}");
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
-    sender
-}
-
-/// Atomic write: temporary file, fsync, rename.
-fn save_cache(state_dir: &Path, objects: &ObjectMap) -> anyhow::Result<()> {
-    std::fs::create_dir_all(state_dir)?;
-    let path = state_dir.join(CACHE_FILE);
-    let temporary = state_dir.join(format!(".{CACHE_FILE}.tmp"));
-    let entries: Vec<(&ObjectKey, &StoredObject)> = objects.iter().collect();
-    {
-        let mut file = std::fs::File::create(&temporary)
-            .with_context(|| format!("writing {}", temporary.display()))?;
-        file.write_all(&serde_json::to_vec(&entries)?)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&temporary, &path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
 }
