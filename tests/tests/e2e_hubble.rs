@@ -495,7 +495,8 @@ fn assert_serving(rt: &tokio::runtime::Runtime, channel: Channel) {
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
     let mut health = HealthClient::new(channel);
-    for service in ["", "observer.Observer"] {
+    // `hubble status` asks for Hubble's own service name, not the gRPC one.
+    for service in ["", "observer.Observer", "hubble.server.Observer"] {
         let status = rt
             .block_on(health.check(HealthCheckRequest {
                 service: service.to_owned(),

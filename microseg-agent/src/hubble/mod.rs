@@ -41,9 +41,17 @@ pub struct Served {
     pub started: SystemTime,
 }
 
+/// The service name Hubble's server reports healthy (Cilium's
+/// `ObserverServiceName`), beside the gRPC name `observer.Observer`.
+const HUBBLE_HEALTH_SERVICE: &str = "hubble.server.Observer";
+
 async fn router(served: &Served) -> tonic::transport::server::Router {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ObserverServer<HubbleObserver>>().await;
+    // The name the `hubble` CLI checks (`hubble status`), as Cilium registers it.
+    health
+        .set_service_status(HUBBLE_HEALTH_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(ObserverServer::new(HubbleObserver::new(
