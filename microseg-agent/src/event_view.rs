@@ -114,7 +114,8 @@ impl EventNames {
     /// Brings the tables up to date with one update of the compiler: the workloads
     /// that changed, and what the compiler says it touched.
     pub fn update(&mut self, set: &PolicySet, changes: &SetChanges, compiler: &Compiler) {
-        for (namespace, name) in &changes.workloads {
+        for key in &changes.workloads {
+            let (namespace, name) = &**key;
             self.name_workload(
                 format!("{namespace}/{name}"),
                 set.workloads.shared(namespace, name),

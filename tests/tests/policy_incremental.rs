@@ -7,6 +7,7 @@
 //! it stands for. No kernel needed.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use microseg::datapath::DatapathState;
 use microseg::policy::{
@@ -118,7 +119,7 @@ fn canonical(compiled: &Compiled) -> BTreeMap<String, String> {
 
 fn set_changes(changed: &Changed) -> SetChanges {
     SetChanges {
-        workloads: changed.workloads.iter().cloned().collect(),
+        workloads: changed.workloads.iter().cloned().map(Arc::new).collect(),
         policies: changed.policies.iter().cloned().collect(),
         cluster_policies: changed.cluster_policies.iter().cloned().collect(),
         namespaces: changed.namespaces.iter().cloned().collect::<BTreeSet<_>>(),

@@ -66,7 +66,8 @@ use super::model::{
 };
 use crate::datapath::state::{DatapathState, PolicyMatch, StateCounts};
 pub use hit_slots::{HitSlotOwner, HitSlotTable, HitSlots};
-use identities::{IdentityChanges, IdentityLayer, WorkloadKey};
+use identities::{IdentityChanges, IdentityLayer};
+pub use identities::{WorkloadKey, workload_key};
 use label_index::OwnedLabelIndex;
 pub use numbering::Numbering;
 pub use numbering::WorkloadIdentityKey;
@@ -245,7 +246,7 @@ struct CompiledRule {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SetChanges {
     /// `(namespace, name)`.
-    pub workloads: BTreeSet<(String, String)>,
+    pub workloads: BTreeSet<WorkloadKey>,
     /// `(namespace, name)`.
     pub policies: BTreeSet<(String, String)>,
     /// By name.
@@ -267,11 +268,7 @@ impl SetChanges {
     /// Everything `set` holds (a first compile).
     pub fn everything(set: &PolicySet) -> Self {
         Self {
-            workloads: set
-                .workloads
-                .iter()
-                .map(|w| (w.namespace.clone(), w.name.clone()))
-                .collect(),
+            workloads: set.workloads.iter().map(workload_key).collect(),
             policies: set
                 .policies
                 .iter()
@@ -456,7 +453,7 @@ impl Compiler {
         let mut changes = SetChanges::default();
         let mut workloads = HashMap::with_capacity(set.workloads.len());
         for workload in &set.workloads {
-            let key = (workload.namespace.clone(), workload.name.clone());
+            let key = workload_key(workload);
             let hash = fingerprint(workload);
             if self.seen.workloads.remove(&key) != Some(hash) {
                 changes.workloads.insert(key.clone());
@@ -688,10 +685,15 @@ impl Compiler {
         if let Some(workload) = workload {
             let handle = self.next_local;
             self.next_local += 1;
-            self.local
-                .entry(key.0.clone())
-                .or_default()
-                .add(handle, &workload.labels);
+            // Looked up first: an entry would copy the namespace every time.
+            match self.local.get_mut(&key.0) {
+                Some(index) => index.add(handle, &workload.labels),
+                None => self
+                    .local
+                    .entry(key.0.clone())
+                    .or_default()
+                    .add(handle, &workload.labels),
+            }
             self.local_handles
                 .insert(key.clone(), (handle, workload.labels.clone()));
             self.local_keys.insert(handle, key.clone());

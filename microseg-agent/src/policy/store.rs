@@ -17,7 +17,7 @@ use std::net::IpAddr;
 
 use foldhash::{HashMap, HashMapExt};
 
-use super::compile::SetChanges;
+use super::compile::{SetChanges, workload_key};
 use super::error::{LoadErrors, PolicyError};
 use super::load::ConvertedDocument;
 use super::model::{Labels, NamespaceInfo, PolicySet};
@@ -258,9 +258,7 @@ impl<K: Ord + Hash + Clone> PolicyStore<K> {
             for address in &workload.addresses {
                 self.set.address_index.insert(*address, slot);
             }
-            touched
-                .workloads
-                .insert((workload.namespace.clone(), workload.name.clone()));
+            touched.workloads.insert(workload_key(workload));
             self.refresh_namespace(&workload.namespace, touched);
         }
         for policy in &doc.policies {
@@ -321,9 +319,7 @@ impl<K: Ord + Hash + Clone> PolicyStore<K> {
                     self.namespace_workloads.remove(&workload.namespace);
                 }
             }
-            touched
-                .workloads
-                .insert((workload.namespace.clone(), workload.name.clone()));
+            touched.workloads.insert(workload_key(workload));
             self.refresh_namespace(&workload.namespace, touched);
         }
         for policy in &doc.policies {

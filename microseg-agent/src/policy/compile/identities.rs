@@ -23,8 +23,14 @@ use super::numbering::{Numbering, WorkloadIdentityKey};
 use super::output::Output;
 use crate::policy::model::{IpBlock, NamedPort, PolicySet, Protocol, Workload};
 
-/// A workload by `(namespace, name)`.
-pub(crate) type WorkloadKey = (String, String);
+/// A workload by `(namespace, name)`, shared: the compiler's maps and sets keyed by
+/// workload hold one copy of the names, not one each (`key.0`, `key.1` read them).
+pub type WorkloadKey = Arc<(String, String)>;
+
+/// The key of workload `namespace/name`.
+pub fn workload_key(workload: &Workload) -> WorkloadKey {
+    Arc::new((workload.namespace.clone(), workload.name.clone()))
+}
 
 /// IPv4-mapped IPv6 space, where the data path keeps IPv4 addresses.
 fn ipv4_mapped_range() -> IpNet {
@@ -205,8 +211,7 @@ impl IdentityLayer {
             .range(block.cidr.network()..=block.cidr.broadcast())
         {
             let workload = &set.workloads[*index];
-            self.rekey
-                .insert((workload.namespace.clone(), workload.name.clone()));
+            self.rekey.insert(workload_key(workload));
         }
     }
 
@@ -244,8 +249,7 @@ impl IdentityLayer {
                 .iter()
                 .any(|port| port.name == name && port.protocol == protocol)
             {
-                self.rekey
-                    .insert((workload.namespace.clone(), workload.name.clone()));
+                self.rekey.insert(workload_key(workload));
             }
         }
     }
@@ -383,7 +387,8 @@ impl IdentityLayer {
     /// from the workloads' addresses: for tables and descriptions, not for updates.
     pub fn members(&self) -> HashMap<u32, Vec<String>> {
         let mut members: HashMap<u32, Vec<String>> = HashMap::new();
-        for ((namespace, name), addresses) in &self.addresses {
+        for (key, addresses) in &self.addresses {
+            let (namespace, name) = &**key;
             let mut ids: Vec<u32> = addresses.iter().map(|(_, id)| *id).collect();
             ids.sort_unstable();
             ids.dedup();
@@ -406,7 +411,7 @@ impl IdentityLayer {
             .addresses
             .iter()
             .filter(|(_, addresses)| addresses.iter().any(|(_, of)| *of == id))
-            .map(|((namespace, name), _)| format!("{namespace}/{name}"))
+            .map(|(key, _)| format!("{}/{}", key.0, key.1))
             .collect();
         names.sort_unstable();
         names
