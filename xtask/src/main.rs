@@ -9,6 +9,8 @@ mod test;
 
 use clap::{Parser, Subcommand};
 
+use crate::setup::Needs;
+
 #[derive(Parser)]
 #[command(about = "microseg's set-up, test and demo driver")]
 struct Cli {
@@ -55,9 +57,9 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Setup => setup::run(),
+        Command::Setup => setup::run(Needs::Everything),
         Command::Bench { quick, cluster } => {
-            setup::run()?;
+            setup::run(Needs::Everything)?;
             if cluster {
                 bench_driver::run_cluster(quick)
             } else {
@@ -65,15 +67,15 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Fuzz { seconds, target } => {
-            setup::run()?;
+            setup::run(Needs::Everything)?;
             fuzz::run(seconds, target.as_deref())
         }
         Command::Test => {
-            setup::run()?;
+            setup::run(Needs::Everything)?;
             test::run()
         }
         Command::Demo => {
-            setup::run()?;
+            setup::run(Needs::Demo)?;
             // The demo drives the `microseg` binary (agent and CLI): build it first.
             let built = std::process::Command::new("cargo")
                 .args(["build", "--quiet", "--package", "microseg-agent", "--bins"])

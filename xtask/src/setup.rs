@@ -8,20 +8,20 @@ use anyhow::{Context, bail};
 /// later ones need system LLVM development libraries Debian 12 lacks.
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
-/// Debian packages the tests and benchmarks use: `ip`, packet filters to compare
-/// against (iptables, its ipset sets, nftables), `bpftool`, a packet generator,
-/// `ping`, `sysctl` and `nsenter`; and a C++ compiler for libFuzzer (built from
-/// source by libfuzzer-sys).
-const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2",
+/// Debian packages the demo needs: `ip`, `nsenter`, `sysctl` and `ping` to build and
+/// probe its namespaces.
+const DEMO_PACKAGES: &[&str] = &["iproute2", "procps", "util-linux", "iputils-ping"];
+
+/// Debian packages the tests and benchmarks use beyond the demo's: packet filters to
+/// compare against (iptables, its ipset sets, nftables), `bpftool`, a packet
+/// generator, and a C++ compiler for libFuzzer (built from source by
+/// libfuzzer-sys).
+const TEST_PACKAGES: &[&str] = &[
     "g++",
-    "procps",
-    "util-linux",
     "iptables",
     "ipset",
     "nftables",
     "bpftool",
-    "iputils-ping",
     "netsniff-ng",
     // `microseg graph`'s rendering test: `dot` renders the DOT output, a headless
     // browser (/usr/bin/chromium-headless-shell) screenshots the HTML page.
@@ -34,10 +34,23 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
 ];
 
-pub fn run() -> anyhow::Result<()> {
+/// What a command needs installed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// `cargo xtask demo`: the build and the demo's tools only.
+    Demo,
+    /// Tests, benchmarks and fuzzing: everything.
+    Everything,
+}
+
+pub fn run(needs: Needs) -> anyhow::Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
-    ensure_debian_packages()?;
+    let mut packages = DEMO_PACKAGES.to_vec();
+    if needs == Needs::Everything {
+        packages.extend_from_slice(TEST_PACKAGES);
+    }
+    ensure_debian_packages(&packages)?;
     ensure_bpffs()?;
     Ok(())
 }
@@ -93,8 +106,8 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     ]))
 }
 
-fn ensure_debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
