@@ -278,6 +278,16 @@ enum OnOff {
     Off,
 }
 
+/// Checks a command line (program name first) as the binary would parse it, without
+/// running it: the documentation's test checks every command it shows.
+pub fn check_command_line<I, T>(args: I) -> Result<(), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    Cli::try_parse_from(args).map(drop)
+}
+
 /// Entry point of the `microseg` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
