@@ -43,8 +43,18 @@ pub struct WorkloadNames(Arc<std::sync::RwLock<WorkloadNameTable>>);
 struct WorkloadNameTable {
     /// The set's own workloads (shared: nothing is copied per pod).
     by_address: foldhash::HashMap<IpAddr, Arc<Workload>>,
-    /// `namespace/name` -> the addresses named for it (to forget them).
-    addresses_of: foldhash::HashMap<String, Vec<IpAddr>>,
+    /// The workloads named, found by their (namespace, name): the addresses to
+    /// forget are the named workload's own. No key is held beside it (a copy of
+    /// the names and of the addresses cost about 170 bytes per pod).
+    named: hashbrown::HashTable<Arc<Workload>>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl WorkloadNameTable {
+    fn hash(&self, namespace: &str, name: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((namespace, name))
+    }
 }
 
 impl WorkloadNames {
@@ -58,14 +68,29 @@ impl WorkloadNames {
             .cloned()
     }
 
-    /// Names workload `key` (`namespace/name`) as `workload` says, or forgets it.
-    fn set(&self, key: String, workload: Option<&Arc<Workload>>) {
+    /// Names workload `namespace/name` as `workload` says, or forgets it.
+    fn set(&self, namespace: &str, name: &str, workload: Option<&Arc<Workload>>) {
         let mut table = self
             .0
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for address in table.addresses_of.remove(&key).unwrap_or_default() {
-            table.by_address.remove(&address);
+        let table = &mut *table;
+        let hash = table.hash(namespace, name);
+        let named = table
+            .named
+            .find_entry(hash, |w| w.namespace == namespace && w.name == name)
+            .ok()
+            .map(|entry| entry.remove().0);
+        for address in named.iter().flat_map(|old| &old.addresses) {
+            // Only where it still names the old workload (another may hold the
+            // address now).
+            if table
+                .by_address
+                .get(address)
+                .is_some_and(|holder| holder.namespace == namespace && holder.name == name)
+            {
+                table.by_address.remove(address);
+            }
         }
         let Some(workload) = workload else {
             return;
@@ -73,7 +98,11 @@ impl WorkloadNames {
         for address in &workload.addresses {
             table.by_address.insert(*address, workload.clone());
         }
-        table.addresses_of.insert(key, workload.addresses.clone());
+        let hasher = &table.hasher;
+        table.named.insert_unique(hash, workload.clone(), |w| {
+            use std::hash::BuildHasher;
+            hasher.hash_one((w.namespace.as_str(), w.name.as_str()))
+        });
     }
 }
 
@@ -90,7 +119,7 @@ impl EventNames {
     pub fn of(set: &PolicySet, compiled: &Compiled) -> Self {
         let mut names = EventNames::default();
         for workload in set.workloads.iter_shared() {
-            names.name_workload(workload.key(), Some(workload));
+            names.name_workload(&workload.namespace, &workload.name, Some(workload));
         }
         for id in compiled.endpoints.keys() {
             names.name_endpoint(
@@ -116,10 +145,7 @@ impl EventNames {
     pub fn update(&mut self, set: &PolicySet, changes: &SetChanges, compiler: &Compiler) {
         for key in &changes.workloads {
             let (namespace, name) = &**key;
-            self.name_workload(
-                format!("{namespace}/{name}"),
-                set.workloads.shared(namespace, name),
-            );
+            self.name_workload(namespace, name, set.workloads.shared(namespace, name));
         }
         let touched = compiler.touched();
         for id in &touched.rules {
@@ -143,8 +169,8 @@ impl EventNames {
         }
     }
 
-    fn name_workload(&mut self, key: String, workload: Option<&Arc<Workload>>) {
-        self.workloads.set(key, workload);
+    fn name_workload(&mut self, namespace: &str, name: &str, workload: Option<&Arc<Workload>>) {
+        self.workloads.set(namespace, name, workload);
     }
 
     /// Names endpoint `id` (the workload `namespace/name`, or gone).
@@ -410,6 +436,45 @@ mod tests {
 
     use super::{compact_line, rule_policy_json};
     use crate::policy::{ClusterRuleInfo, PolicyDirection, RuleAction, RuleRef, Tier};
+
+    #[test]
+    fn workload_names_follow_workloads_and_their_addresses() {
+        use std::{net::IpAddr, sync::Arc};
+
+        use super::WorkloadNames;
+        use crate::policy::{Source, Workload};
+
+        let workload = |name: &str, addresses: &[&str]| {
+            Arc::new(Workload {
+                namespace: "prod".into(),
+                name: name.into(),
+                labels: Default::default(),
+                addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+                ports: Vec::new(),
+                interface: None,
+                node: None,
+                source: Source::new("t.yaml", 1),
+            })
+        };
+        let address = |a: &str| -> IpAddr { a.parse().unwrap() };
+        let name_at =
+            |names: &WorkloadNames, a: &str| names.get(&address(a)).map(|w| w.name.clone());
+        let names = WorkloadNames::default();
+        names.set("prod", "a", Some(&workload("a", &["10.0.0.1", "fd00::1"])));
+        names.set("prod", "b", Some(&workload("b", &["10.0.0.2"])));
+        assert_eq!(name_at(&names, "fd00::1").as_deref(), Some("a"));
+        // `a` moves to another address: its old ones are forgotten.
+        names.set("prod", "a", Some(&workload("a", &["10.0.0.3"])));
+        assert_eq!(name_at(&names, "10.0.0.1"), None);
+        assert_eq!(name_at(&names, "10.0.0.3").as_deref(), Some("a"));
+        // `b` takes over `a`'s address, then `a` goes: `b` keeps it.
+        names.set("prod", "b", Some(&workload("b", &["10.0.0.2", "10.0.0.3"])));
+        names.set("prod", "a", None);
+        assert_eq!(name_at(&names, "10.0.0.3").as_deref(), Some("b"));
+        names.set("prod", "b", None);
+        assert_eq!(name_at(&names, "10.0.0.2"), None);
+        assert_eq!(name_at(&names, "10.0.0.3"), None);
+    }
 
     #[test]
     fn a_cluster_policy_rule_is_named_with_its_tier_priority_and_action() {

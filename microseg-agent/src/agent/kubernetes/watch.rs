@@ -15,6 +15,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -58,12 +59,15 @@ pub const CRD_RETRY: Duration = Duration::from_secs(10);
 pub enum Change {
     /// A re-list starts: objects of `kind` arrive again, then `Listed`.
     Relisting(&'static str),
-    /// An object seen during a re-list.
-    Listed(ObjectKey, serde_json::Value),
+    /// An object seen during a re-list. Objects travel as their compact text: a
+    /// list of the whole cluster arrives faster than the view takes it in, and as
+    /// `serde_json::Value`s the waiting pods took about 5 KiB each (the agent's
+    /// peak memory, and the fragmented heap it leaves behind).
+    Listed(ObjectKey, StoredObject),
     /// The re-list of `kind` is complete: objects not seen in it are gone.
     ListDone(&'static str),
     /// An object added or modified.
-    Applied(ObjectKey, serde_json::Value),
+    Applied(ObjectKey, StoredObject),
     Deleted(ObjectKey),
     /// The watch failed (disconnected, unreachable, expired version); it is retried.
     Failed(&'static str, String),
@@ -75,6 +79,20 @@ pub enum Change {
     /// the newest one it has enforced, so that one can tell when a change made in
     /// the API server is enforced on this node.
     ResourceVersion(u64),
+}
+
+impl Change {
+    /// `Listed`, from the object as the watcher reads it.
+    pub fn listed(key: ObjectKey, value: serde_json::Value) -> Self {
+        let object = stored(&key, value);
+        Self::Listed(key, object)
+    }
+
+    /// `Applied`, from the object as the watcher reads it.
+    pub fn applied(key: ObjectKey, value: serde_json::Value) -> Self {
+        let object = stored(&key, value);
+        Self::Applied(key, object)
+    }
 }
 
 /// Starts one watcher task per kind, all sending to `changes`.
@@ -163,12 +181,12 @@ fn spawn_watcher<K>(
                     Ok(watcher::Event::Init) => Change::Relisting(kind),
                     Ok(watcher::Event::InitApply(object)) => {
                         let (key, value) = keyed(kind, api_version, &object);
-                        Change::Listed(key, value)
+                        Change::listed(key, value)
                     }
                     Ok(watcher::Event::InitDone) => Change::ListDone(kind),
                     Ok(watcher::Event::Apply(object)) => {
                         let (key, value) = keyed(kind, api_version, &object);
-                        Change::Applied(key, value)
+                        Change::applied(key, value)
                     }
                     Ok(watcher::Event::Delete(object)) => Change::Deleted(key_of(kind, &object)),
                     Err(error) if optional && not_found(&error) => {
@@ -361,7 +379,7 @@ pub struct ClusterView {
     /// when the pod changes.
     pods: BTreeMap<ObjectKey, PodFacts>,
     /// Pods by node.
-    node_pods: BTreeMap<String, BTreeSet<ObjectKey>>,
+    node_pods: BTreeMap<Arc<str>, BTreeSet<ObjectKey>>,
     /// Address -> the pods claiming it, the one keeping it first (the newest; of
     /// pods created at the same time, the first by key).
     claims: foldhash::HashMap<IpAddr, Claims>,
@@ -373,16 +391,22 @@ pub struct ClusterView {
 
 /// One pod's claim on an address: newest first (its creation time reversed), then
 /// by key.
-type Claim = (std::cmp::Reverse<String>, ObjectKey);
+type Claim = (std::cmp::Reverse<Created>, ObjectKey);
+
+/// A pod's creation time, in seconds since the epoch (`creationTimestamp` has
+/// seconds): an integer, where the text took an allocation per pod and per claim.
+/// A pod without one (or with one that does not parse) counts as the oldest.
+type Created = i64;
 
 /// The claims on one address, in order: almost always one.
 type Claims = SortedVecSet<Claim>;
 
 /// What [`ClusterView::enforceable`] and the local pod lookup read of a pod.
 struct PodFacts {
-    created: String,
+    created: Created,
     addresses: Vec<IpAddr>,
-    node: Option<String>,
+    /// Shared with the node's entry in `node_pods` (one name per node, not per pod).
+    node: Option<Arc<str>>,
 }
 
 impl PodFacts {
@@ -390,10 +414,10 @@ impl PodFacts {
         Self {
             created: pod["metadata"]["creationTimestamp"]
                 .as_str()
-                .unwrap_or_default()
-                .to_owned(),
+                .and_then(|time| chrono::DateTime::parse_from_rfc3339(time).ok())
+                .map_or(Created::MIN, |time| time.timestamp()),
             addresses: pod_addresses(pod),
-            node: pod["spec"]["nodeName"].as_str().map(str::to_owned),
+            node: pod["spec"]["nodeName"].as_str().map(Arc::from),
         }
     }
 }
@@ -439,7 +463,7 @@ impl ClusterView {
                 self.node_pods.remove(node);
             }
         }
-        let claim = (std::cmp::Reverse(facts.created.clone()), key.clone());
+        let claim = (std::cmp::Reverse(facts.created), key.clone());
         for address in &facts.addresses {
             if let Some(claims) = self.claims.get_mut(address) {
                 claims.remove(&claim);
@@ -452,14 +476,17 @@ impl ClusterView {
         self.losers.remove(key);
     }
 
-    fn remember_pod(&mut self, key: &ObjectKey, facts: PodFacts) {
-        if let Some(node) = &facts.node {
+    fn remember_pod(&mut self, key: &ObjectKey, mut facts: PodFacts) {
+        if let Some(node) = &mut facts.node {
+            if let Some((shared, _)) = self.node_pods.get_key_value(node) {
+                *node = shared.clone();
+            }
             self.node_pods
                 .entry(node.clone())
                 .or_default()
                 .insert(key.clone());
         }
-        let claim = (std::cmp::Reverse(facts.created.clone()), key.clone());
+        let claim = (std::cmp::Reverse(facts.created), key.clone());
         let addresses = facts.addresses.clone();
         self.pods.insert(key.clone(), facts);
         for address in addresses {
@@ -523,13 +550,13 @@ impl ClusterView {
                 self.relisting.insert(kind, ObjectMap::new());
                 false
             }
-            Change::Listed(key, value) => {
+            Change::Listed(key, object) => {
                 if let Some(buffer) = self.relisting.get_mut(key.kind.as_str()) {
                     // An unchanged object keeps its stored value (and so its
                     // conversion).
                     let object = match self.objects.get(&key) {
-                        Some(known) if known.value.is(&value) => known.clone(),
-                        _ => stored(&key, value),
+                        Some(known) if known.value == object.value => known.clone(),
+                        _ => object,
                     };
                     buffer.insert(key, object);
                 }
@@ -556,17 +583,16 @@ impl ClusterView {
                 // Always counts: the sync may be waiting on this list.
                 true
             }
-            Change::Applied(key, value) => {
+            Change::Applied(key, object) => {
                 // A pod's status updates (conditions, container states) arrive as
                 // modifications; slimmed, most leave the stored pod as it was.
                 if self
                     .objects
                     .get(&key)
-                    .is_some_and(|known| known.value.is(&value))
+                    .is_some_and(|known| known.value == object.value)
                 {
                     return false;
                 }
-                let object = stored(&key, value);
                 self.set_object(key, Some(object));
                 true
             }
@@ -770,8 +796,8 @@ mod tests {
         let mut view = ClusterView::default();
         let older = pod_at("old", "2026-11-01T00:00:00Z", "10.1.0.9", "Running");
         let newer = pod_at("new", "2026-11-02T00:00:00Z", "10.1.0.9", "Running");
-        assert!(view.apply(Change::Applied(pod_key("new"), newer)));
-        assert!(view.apply(Change::Applied(pod_key("old"), older)));
+        assert!(view.apply(Change::applied(pod_key("new"), newer)));
+        assert!(view.apply(Change::applied(pod_key("old"), older)));
         let enforceable = view.enforceable();
         let ip = |name: &str| enforceable[&pod_key(name)].value.parse()["status"]["podIP"].clone();
         assert_eq!(ip("new"), "10.1.0.9");
@@ -785,9 +811,9 @@ mod tests {
         noisy["status"]["podIPs"] = serde_json::json!([{ "ip": "10.1.0.9" }]);
         noisy["status"]["conditions"] = serde_json::json!([{ "type": "Ready", "status": "False" }]);
         slim_pod(&mut noisy);
-        assert!(!view.apply(Change::Applied(pod_key("new"), noisy)));
+        assert!(!view.apply(Change::applied(pod_key("new"), noisy)));
         let moved = pod_at("new", "2026-11-02T00:00:00Z", "10.1.0.10", "Running");
-        assert!(view.apply(Change::Applied(pod_key("new"), moved)));
+        assert!(view.apply(Change::applied(pod_key("new"), moved)));
     }
 
     /// The view hands out each change once, with what it touched: a pod that loses
@@ -797,8 +823,8 @@ mod tests {
         let mut view = ClusterView::default();
         let older = pod_at("old", "2026-11-01T00:00:00Z", "10.1.0.9", "Running");
         let other = pod_at("other", "2026-11-01T00:00:00Z", "10.1.0.7", "Running");
-        view.apply(Change::Applied(pod_key("old"), older));
-        view.apply(Change::Applied(pod_key("other"), other));
+        view.apply(Change::applied(pod_key("old"), older));
+        view.apply(Change::applied(pod_key("other"), other));
         let keys = |changes: Vec<crate::objects::ObjectChange>| -> Vec<String> {
             changes.into_iter().map(|(k, _)| k.name.clone()).collect()
         };
@@ -806,7 +832,7 @@ mod tests {
         assert!(view.take_changes().is_empty());
         // A newer pod takes the address: the older one changes too (unaddressed).
         let newer = pod_at("new", "2026-11-02T00:00:00Z", "10.1.0.9", "Running");
-        view.apply(Change::Applied(pod_key("new"), newer));
+        view.apply(Change::applied(pod_key("new"), newer));
         let changes = view.take_changes();
         assert_eq!(keys(changes.clone()), ["new", "old"]);
         let old = changes.iter().find(|(k, _)| k.name == "old").unwrap();
@@ -942,18 +968,18 @@ mod tests {
 
         let key = ObjectKey::new("Node".to_owned(), String::new(), "node-a".to_owned());
         let mut view = ClusterView::default();
-        assert!(view.apply(Change::Applied(key.clone(), slim.clone())));
+        assert!(view.apply(Change::applied(key.clone(), slim.clone())));
         // A heartbeat: new resource version and condition times, same node.
         let mut beat = full.clone();
         beat["metadata"]["resourceVersion"] = "901".into();
         beat["status"]["conditions"][0]["lastHeartbeatTime"] = "2026-11-30T00:01:00Z".into();
         slim_node(&mut beat);
-        assert!(!view.apply(Change::Applied(key.clone(), beat)));
+        assert!(!view.apply(Change::applied(key.clone(), beat)));
         // A label change is one.
         let mut relabelled = full;
         relabelled["metadata"]["labels"]["zone"] = "b".into();
         slim_node(&mut relabelled);
-        assert!(view.apply(Change::Applied(key, relabelled)));
+        assert!(view.apply(Change::applied(key, relabelled)));
     }
 
     #[test]
@@ -991,7 +1017,7 @@ mod tests {
         assert!(!view.apply(Change::Absent(CLUSTER_NETWORK_POLICY)));
         // Installed: listed again.
         view.apply(Change::Relisting(CLUSTER_NETWORK_POLICY));
-        view.apply(Change::Listed(cnp_key.clone(), cnp));
+        view.apply(Change::listed(cnp_key.clone(), cnp));
         assert!(view.apply(Change::ListDone(CLUSTER_NETWORK_POLICY)));
         assert!(view.absent().is_empty());
         assert!(view.objects().contains_key(&cnp_key));
@@ -1004,7 +1030,7 @@ mod tests {
     fn the_newest_version_and_the_pods_on_a_node_follow_the_changes() {
         let mut view = ClusterView::default();
         let pod = pod_at("web", "2026-11-01T00:00:00Z", "10.1.0.9", "Running");
-        assert!(view.apply(Change::Applied(pod_key("web"), pod.clone())));
+        assert!(view.apply(Change::applied(pod_key("web"), pod.clone())));
         assert!(!view.apply(Change::ResourceVersion(42)));
         assert!(!view.apply(Change::ResourceVersion(7)));
         assert_eq!(view.newest_version, 42);
@@ -1012,13 +1038,13 @@ mod tests {
         assert_eq!(view.pods_on(&node).count(), 1);
         let mut moved = pod.clone();
         moved["spec"]["nodeName"] = "elsewhere".into();
-        assert!(view.apply(Change::Applied(pod_key("web"), moved)));
+        assert!(view.apply(Change::applied(pod_key("web"), moved)));
         assert_eq!(view.pods_on(&node).count(), 0);
         assert_eq!(view.pods_on("elsewhere").count(), 1);
 
         assert!(!view.apply(Change::Relisting("Pod")));
         assert!(view.relisting());
-        assert!(!view.apply(Change::Listed(pod_key("web"), pod)));
+        assert!(!view.apply(Change::listed(pod_key("web"), pod)));
         assert_eq!(
             view.pods_on("elsewhere").count(),
             1,
