@@ -6,7 +6,10 @@ use std::{net::IpAddr, sync::Arc};
 use serde_json::{Value, json};
 
 use crate::{
-    datapath::events::{DecodedEvent, monotonic_to_unix_ns},
+    datapath::{
+        events::{DecodedEvent, monotonic_to_unix_ns},
+        state::DatapathState,
+    },
     policy::{
         Compiled, Compiler, HitSlotOwner, Labels, PolicyDirection, PolicySet, RuleRef, SetChanges,
         Workload,
@@ -26,10 +29,18 @@ pub struct EventNames {
     pub endpoints: imbl::OrdMap<u32, String>,
     /// Rule id -> the rule (NetworkPolicy or ClusterNetworkPolicy).
     pub rules: imbl::OrdMap<u32, RuleRef>,
+    /// Rule id -> what the rule matches on (Hubble's `policy_match_type`).
+    pub rule_matches: imbl::OrdMap<u32, PolicyMatchType>,
     /// (endpoint id, direction) -> policies selecting it, for default denies.
     pub selecting: imbl::OrdMap<(u32, PolicyDirection), Vec<(String, String)>>,
     /// Hit slot -> what it counts (see `agent::rule_hits`).
     pub hit_slots: imbl::OrdMap<u16, HitSlotOwner>,
+    /// Local endpoint address -> its workload's identity: events carry only the
+    /// peer's, and Hubble shows both ends'. Local endpoints only (a node's pods),
+    /// so the table stays small in a large cluster.
+    pub local_identities: imbl::OrdMap<IpAddr, u32>,
+    /// Node name -> its labels (`key=value`, sorted), for Hubble's `node_labels`.
+    pub node_labels: Arc<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 /// Workload address -> its name, for every workload of the cluster. One table
@@ -100,6 +111,9 @@ impl EventNames {
             );
         }
         for (id, rule) in compiled.rules.iter() {
+            names
+                .rule_matches
+                .insert(id, PolicyMatchType::of_rule(set, rule));
             names.rules.insert(id, rule.clone());
         }
         names.hit_slots = compiled
@@ -108,12 +122,29 @@ impl EventNames {
             .iter()
             .map(|(slot, owner)| (*slot, *owner))
             .collect();
+        for address in compiled.state.endpoints.keys() {
+            names.name_local_identity(*address, &compiled.state);
+        }
+        names.name_nodes(set);
         names
     }
 
     /// Brings the tables up to date with one update of the compiler: the workloads
-    /// that changed, and what the compiler says it touched.
-    pub fn update(&mut self, set: &PolicySet, changes: &SetChanges, compiler: &Compiler) {
+    /// that changed, what the compiler says it touched, and the addresses whose
+    /// endpoint or identity the update changed (`identity_changes`).
+    pub fn update(
+        &mut self,
+        set: &PolicySet,
+        changes: &SetChanges,
+        compiler: &Compiler,
+        identity_changes: &[IpAddr],
+    ) {
+        for address in identity_changes {
+            self.name_local_identity(*address, compiler.state());
+        }
+        if changes.nodes {
+            self.name_nodes(set);
+        }
         for key in &changes.workloads {
             let (namespace, name) = &**key;
             self.name_workload(
@@ -124,8 +155,15 @@ impl EventNames {
         let touched = compiler.touched();
         for id in &touched.rules {
             match compiler.rule_table().get(*id) {
-                Some(rule) => self.rules.insert(*id, rule.clone()),
-                None => self.rules.remove(id),
+                Some(rule) => {
+                    self.rule_matches
+                        .insert(*id, PolicyMatchType::of_rule(set, rule));
+                    self.rules.insert(*id, rule.clone())
+                }
+                None => {
+                    self.rule_matches.remove(id);
+                    self.rules.remove(id)
+                }
             };
         }
         for id in &touched.endpoints {
@@ -141,6 +179,36 @@ impl EventNames {
                 None => self.hit_slots.remove(slot),
             };
         }
+    }
+
+    /// Names the identity of `address` if it is a local endpoint's, else forgets it.
+    fn name_local_identity(&mut self, address: IpAddr, state: &DatapathState) {
+        let identity = state
+            .endpoints
+            .contains_key(&address)
+            .then(|| state.peer_hosts.get(&address).copied())
+            .flatten();
+        match identity {
+            Some(identity) => self.local_identities.insert(address, identity),
+            None => self.local_identities.remove(&address),
+        };
+    }
+
+    fn name_nodes(&mut self, set: &PolicySet) {
+        self.node_labels = Arc::new(
+            set.nodes
+                .iter()
+                .map(|node| {
+                    let mut labels: Vec<String> = node
+                        .labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    labels.sort();
+                    (node.name.clone(), labels)
+                })
+                .collect(),
+        );
     }
 
     fn name_workload(&mut self, key: String, workload: Option<&Arc<Workload>>) {
@@ -168,6 +236,95 @@ impl EventNames {
     }
 }
 
+/// What the deciding rule matched on, as Cilium's policy verdicts say it
+/// (`PolicyMatch*` in pkg/monitor/api, numbered as there): peers (L3), ports (L4),
+/// only protocols, both or neither. A default deny matched no rule (`None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyMatchType {
+    None = 0,
+    L3Only = 1,
+    L3L4 = 2,
+    L4Only = 3,
+    All = 4,
+    L3Proto = 5,
+    ProtoOnly = 6,
+}
+
+impl PolicyMatchType {
+    /// The name `hubble observe` prints (`policy-verdict:L3-L4`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::L3Only => "L3-Only",
+            Self::L3L4 => "L3-L4",
+            Self::L4Only => "L4-Only",
+            Self::All => "all",
+            Self::L3Proto => "L3-Proto",
+            Self::ProtoOnly => "Proto-Only",
+        }
+    }
+
+    pub const fn number(self) -> u32 {
+        self as u32
+    }
+
+    pub fn from_number(number: u64) -> Self {
+        [
+            Self::L3Only,
+            Self::L3L4,
+            Self::L4Only,
+            Self::All,
+            Self::L3Proto,
+            Self::ProtoOnly,
+        ]
+        .into_iter()
+        .find(|kind| u64::from(kind.number()) == number)
+        .unwrap_or(Self::None)
+    }
+
+    /// What `rule` matches on, read from its policy in `set`. A rule listing ports
+    /// counts as matching ports if any entry names one (the event does not say
+    /// which entry matched), as protocols if every entry leaves the port out.
+    pub fn of_rule(set: &PolicySet, rule: &RuleRef) -> Self {
+        let (peers, ports) = match &rule.cluster {
+            None => {
+                let Some(found) = set
+                    .policy(&rule.policy_namespace, &rule.policy_name)
+                    .and_then(|p| p.rules(rule.direction))
+                    .and_then(|rules| rules.get(rule.rule_index))
+                else {
+                    return Self::L3L4;
+                };
+                (found.peers.is_some(), found.ports.as_deref())
+            }
+            Some(_) => {
+                let Some(found) = set
+                    .cluster_policies
+                    .iter()
+                    .find(|p| p.name == rule.policy_name)
+                    .and_then(|p| p.rules(rule.direction).get(rule.rule_index))
+                else {
+                    return Self::L3L4;
+                };
+                (found.peers.is_some(), found.ports.as_deref())
+            }
+        };
+        let names_a_port = |ports: &[crate::policy::PortRule]| {
+            ports
+                .iter()
+                .any(|p| !matches!(p.port, crate::policy::PortSpec::Any))
+        };
+        match (peers, ports) {
+            (true, None) => Self::L3Only,
+            (true, Some(ports)) if names_a_port(ports) => Self::L3L4,
+            (true, Some(_)) => Self::L3Proto,
+            (false, None) => Self::All,
+            (false, Some(ports)) if names_a_port(ports) => Self::L4Only,
+            (false, Some(_)) => Self::ProtoOnly,
+        }
+    }
+}
+
 /// Builds the JSON object of one event.
 pub fn event_json(
     event: &DecodedEvent,
@@ -187,6 +344,9 @@ pub fn event_json(
     });
     if let Some(reason) = event.reason {
         flow["drop_reason_desc"] = json!(reason.name());
+    }
+    if let Some(labels) = names.node_labels.get(node_name).filter(|l| !l.is_empty()) {
+        flow["node_labels"] = json!(labels);
     }
     if let Some(direction) = event.direction {
         flow["traffic_direction"] = json!(direction.name());
@@ -218,12 +378,24 @@ pub fn event_json(
     }
     if event.rule_id != 0 {
         flow["rule_id"] = json!(event.rule_id);
+        // A rule the tables do not know (yet): it named a peer and a port.
+        let kind = names
+            .rule_matches
+            .get(&event.rule_id)
+            .copied()
+            .unwrap_or(PolicyMatchType::L3L4);
+        flow["policy_match_type"] = json!(kind.number());
     }
     flow
 }
 
 fn endpoint_json(names: &EventNames, address: std::net::IpAddr, identity: u32) -> Value {
     let mut endpoint = json!({});
+    // The event carries the peer's identity; a local endpoint's is in the tables.
+    let identity = match identity {
+        0 => names.local_identities.get(&address).copied().unwrap_or(0),
+        known => known,
+    };
     if identity != 0 {
         endpoint["identity"] = json!(identity);
     }
@@ -357,15 +529,12 @@ pub fn compact_line(flow: &Value) -> String {
         Some("FORWARDED") => "ALLOWED",
         _ => "UNKNOWN",
     };
-    let match_kind = if flow["rule_id"].is_null() {
-        "none"
-    } else {
-        "L3-L4"
-    };
+    let match_kind = PolicyMatchType::from_number(flow["policy_match_type"].as_u64().unwrap_or(0));
     format!(
-        "{time}: {} -> {} policy-verdict:{match_kind} {} {verdict}{}",
+        "{time}: {} -> {} policy-verdict:{} {} {verdict}{}",
         side(&flow["source"], &flow["IP"]["source"], sport),
         side(&flow["destination"], &flow["IP"]["destination"], dport),
+        match_kind.name(),
         flow["traffic_direction"].as_str().unwrap_or("-"),
         l4_text,
     )
@@ -408,8 +577,10 @@ fn l4_summary(l4: &Value) -> (Option<u64>, Option<u64>, String) {
 mod tests {
     use serde_json::json;
 
-    use super::{compact_line, rule_policy_json};
-    use crate::policy::{ClusterRuleInfo, PolicyDirection, RuleAction, RuleRef, Tier};
+    use super::{PolicyMatchType, compact_line, rule_policy_json};
+    use crate::policy::{
+        ClusterRuleInfo, PolicyDirection, PolicySetBuilder, RuleAction, RuleRef, Tier,
+    };
 
     #[test]
     fn a_cluster_policy_rule_is_named_with_its_tier_priority_and_action() {
@@ -443,6 +614,54 @@ mod tests {
     }
 
     #[test]
+    fn a_rules_match_type_says_whether_it_named_peers_ports_or_protocols() {
+        let yaml = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: prod}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{podSelector: {}}]
+    ports: [{port: 80, protocol: TCP}]
+  - from: [{podSelector: {}}]
+  - ports: [{port: 443, protocol: TCP}]
+  - {}
+  - from: [{podSelector: {}}]
+    ports: [{protocol: UDP}]
+  - ports: [{protocol: UDP}]
+"#;
+        let mut builder = PolicySetBuilder::new();
+        builder.add_text(std::path::Path::new("p.yaml"), yaml);
+        let set = builder.finish().expect("a valid set");
+        let policy = set.policy("prod", "web").expect("the policy");
+        let kinds: Vec<&str> = (0..6)
+            .map(|index| {
+                let rule = RuleRef::network_policy(policy, PolicyDirection::Ingress, index);
+                PolicyMatchType::of_rule(&set, &rule).name()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "L3-L4",
+                "L3-Only",
+                "L4-Only",
+                "all",
+                "L3-Proto",
+                "Proto-Only"
+            ]
+        );
+        for kind in [
+            PolicyMatchType::None,
+            PolicyMatchType::ProtoOnly,
+            PolicyMatchType::All,
+        ] {
+            assert_eq!(PolicyMatchType::from_number(kind.number().into()), kind);
+        }
+    }
+
+    #[test]
     fn compact_line_reads_like_hubble_observe() {
         let flow = json!({
             "time": "2026-11-25T10:00:00.123456789Z",
@@ -467,5 +686,14 @@ mod tests {
             "l4": {"UDP": {"source_port": 5353, "destination_port": 53}},
         });
         assert!(compact_line(&world).contains("192.0.2.9:5353 (world) -> default/b:53"));
+        let allowed = json!({
+            "time": "2026-11-25T10:00:00Z", "verdict": "FORWARDED", "traffic_direction": "EGRESS",
+            "rule_id": 4, "policy_match_type": 3,
+            "IP": {"source": "10.0.0.1", "destination": "10.0.0.2"},
+            "source": {"identity": 300, "namespace": "default", "pod_name": "a"},
+            "destination": {"identity": 301, "namespace": "default", "pod_name": "b"},
+            "l4": {"TCP": {"source_port": 43210, "destination_port": 443, "flags": {"SYN": true}}},
+        });
+        assert!(compact_line(&allowed).contains("policy-verdict:L4-Only EGRESS ALLOWED"));
     }
 }
