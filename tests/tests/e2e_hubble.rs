@@ -941,3 +941,84 @@ fn hubble_sends_drops_before_policy_as_drop_events_and_answers_hubble_1_19s_filt
         "{status:?}"
     );
 }
+
+/// Debian's Python, the one python3-grpcio is installed for (another `python3`
+/// may come first on the PATH).
+const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+/// A gRPC health check of `hubble.server.Observer` by Python's grpcio (gRPC
+/// C-core) over the Unix socket, with `grpc.default_authority` set to
+/// `authority`: `Ok(response bytes in hex)` or `Err(status code and details)`. The
+/// messages are written by hand (field 1, the service name; the answer's field 1,
+/// the status), so no generated code is needed.
+fn python_health_check(socket: &std::path::Path, authority: &str) -> Result<String, String> {
+    const SCRIPT: &str = r#"
+import sys, grpc
+socket, authority = sys.argv[1], sys.argv[2]
+channel = grpc.insecure_channel("unix:" + socket, options=[("grpc.default_authority", authority)])
+check = channel.unary_unary("/grpc.health.v1.Health/Check")
+service = b"hubble.server.Observer"
+try:
+    print("OK " + check(b"\x0a" + bytes([len(service)]) + service, timeout=10).hex())
+except grpc.RpcError as error:
+    print("ERROR " + error.code().name + ": " + str(error.details()))
+"#;
+    let output = std::process::Command::new(DEBIAN_PYTHON)
+        .args(["-c", SCRIPT])
+        .arg(socket)
+        .arg(authority)
+        .output()
+        .expect("running Debian's python3");
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert!(
+        output.status.success(),
+        "python3: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    match stdout.split_once(' ') {
+        Some(("OK", hex)) => Ok(hex.to_owned()),
+        _ => Err(stdout),
+    }
+}
+
+/// gRPC C-core clients (Python, C++, Ruby), Java and .NET send the socket's path
+/// as `:authority`; h2 (under tonic) refuses it as malformed (hyperium/h2#487),
+/// and no option relaxes that. The README's workaround, setting the authority to
+/// `localhost` (`grpc.default_authority`), is what this checks, with the path
+/// (older C-core, Java) and its percent-encoded form (C-core 1.57 and later)
+/// refused as such clients see it.
+#[test]
+fn hubble_answers_grpc_core_clients_that_set_the_authority_to_localhost() {
+    let test = "hubble_answers_grpc_core_clients_that_set_the_authority_to_localhost";
+    if !microseg_tests::kernel_available(test) {
+        return;
+    }
+    let has_grpcio = std::process::Command::new(DEBIAN_PYTHON)
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_grpcio {
+        let reason = "Python's grpcio is not installed (Debian package python3-grpcio; `cargo xtask setup` installs it)";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{test}: {reason}");
+        }
+        microseg_tests::skip(test, reason);
+        return;
+    }
+    let lab = Lab::new(&HOSTS);
+    lab.start_agent(&[]);
+    let socket = hubble_socket(&lab);
+    // Serving (status 1).
+    assert_eq!(python_health_check(&socket, "localhost"), Ok("0801".into()));
+    let path = socket.display().to_string();
+    let encoded = path.replace('/', "%2F");
+    for authority in [path.as_str(), encoded.as_str()] {
+        let refused = python_health_check(&socket, authority).expect_err(authority);
+        // The stream reset with PROTOCOL_ERROR (1), as users report it.
+        assert!(
+            refused.starts_with("ERROR INTERNAL")
+                && refused.contains("RST_STREAM with error code 1"),
+            "{authority}: {refused}"
+        );
+    }
+}
