@@ -662,6 +662,49 @@ spec:
     }
 
     #[test]
+    fn both_ends_have_identities_the_local_one_from_the_tables() {
+        use crate::datapath::{events::DecodedEvent, state::DatapathState};
+        use microseg_common::{
+            DropReason, endpoint::EndpointInfo, event::EventVerdict, policy::Direction,
+        };
+        let (client, server) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let mut state = DatapathState::default();
+        state.endpoints.insert(server, EndpointInfo::new(1, 0));
+        state.peer_hosts.insert(server, 301);
+        state.peer_hosts.insert(client, 300);
+        let mut names = super::EventNames::default();
+        for address in [client, server] {
+            names.name_local_identity(address, &state);
+        }
+        // Only local endpoints are kept.
+        assert_eq!(names.local_identities.len(), 1);
+        let event = DecodedEvent {
+            monotonic_ns: 0,
+            ifindex: 7,
+            hook: None,
+            verdict: Some(EventVerdict::Dropped),
+            reason: Some(DropReason::PolicyDenied),
+            direction: Some(Direction::Ingress),
+            source: Some(client),
+            destination: Some(server),
+            protocol: 6,
+            source_port: 40000,
+            destination_port: 81,
+            tcp_flags: 0x02,
+            endpoint_id: 1,
+            peer_identity: 300,
+            rule_id: 0,
+        };
+        let flow = super::event_json(&event, &names, "n", Some("veth1"));
+        assert_eq!(flow["source"]["identity"], 300, "the event's peer");
+        assert_eq!(flow["destination"]["identity"], 301, "the local endpoint");
+        // Gone from the state: forgotten.
+        state.endpoints.remove(&server);
+        names.name_local_identity(server, &state);
+        assert!(names.local_identities.is_empty());
+    }
+
+    #[test]
     fn compact_line_reads_like_hubble_observe() {
         let flow = json!({
             "time": "2026-11-25T10:00:00.123456789Z",
