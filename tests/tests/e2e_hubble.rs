@@ -620,6 +620,21 @@ status: {addresses: [{type: InternalIP, address: 10.80.0.250}]}
 /// Which flows of the history a filter must admit.
 type FlowCheck<'a> = Box<dyn Fn(&Flow) -> bool + 'a>;
 
+fn is_echo_request(flow: &Flow) -> bool {
+    matches!(
+        flow.l4.as_ref().and_then(|l4| l4.protocol.as_ref()),
+        Some(Protocol::IcmPv4(icmp)) if icmp.r#type == 8
+    )
+}
+
+#[expect(
+    deprecated,
+    reason = "Summary is deprecated and still what hubble's printer reads"
+)]
+fn summary(flow: &Flow) -> &str {
+    &flow.summary
+}
+
 fn event_type(flow: &Flow) -> (i32, i32) {
     let event = flow.event_type.expect("an event type");
     (event.r#type, event.sub_type)
@@ -686,6 +701,9 @@ fn hubble_sends_drops_before_policy_as_drop_events_and_answers_hubble_1_19s_filt
     let server = server_address();
     assert!(tcp_exchange(client_ns, server, 80));
     assert!(!tcp_exchange(client_ns, server, 81));
+    // An echo request the server's policy denies (TCP 80 only).
+    let ping = client_ns.try_exec(&["ping", "-c1", "-W1", &server.to_string()]);
+    assert!(!ping.status.success(), "the ping is denied");
     send_forged_and_malformed(&lab);
     let rt = runtime();
     let mut observer = rt.block_on(client(hubble_socket(&lab)));
@@ -701,6 +719,7 @@ fn hubble_sends_drops_before_policy_as_drop_events_and_answers_hubble_1_19s_filt
             .iter()
             .all(|reason| all.iter().any(|f| reason_of(f) == Some(*reason)))
                 && all.iter().any(|f| destination_port(f) == Some(81))
+                && all.iter().any(is_echo_request)
         },
     );
     let until = now();
@@ -755,6 +774,10 @@ fn hubble_sends_drops_before_policy_as_drop_events_and_answers_hubble_1_19s_filt
             "the node's labels"
         );
     }
+    // ICMP summaries in Cilium's named form.
+    let echo = all.iter().find(|f| is_echo_request(f)).expect("the ping");
+    assert_eq!(summary(echo), "ICMPv4 EchoRequest");
+    assert_eq!(summary(denied), "TCP Flags: SYN");
     // `--type drop`: only the drops before policy.
     let drop_events = flows_of(
         &rt,
