@@ -6,6 +6,8 @@
 
 use serde_json::Value;
 
+use super::icmp_names;
+
 use super::proto::flow::{
     CiliumEventType, DropReason, Endpoint, Flow, FlowType, IcmPv4, IcmPv6, Ip, IpVersion, Layer4,
     NetworkInterface, Policy, Sctp, Tcp, TcpFlags, TrafficDirection, Udp, Verdict,
@@ -238,109 +240,13 @@ fn summary_of(l4: Option<&Layer4>) -> String {
         }
         Some(Protocol::Udp(_)) => "UDP".to_owned(),
         Some(Protocol::Sctp(_)) => "SCTP".to_owned(),
-        Some(Protocol::IcmPv4(icmp)) => format!("ICMPv4 {}", icmp_v4_name(icmp.r#type, icmp.code)),
-        Some(Protocol::IcmPv6(icmp)) => format!("ICMPv6 {}", icmp_v6_name(icmp.r#type, icmp.code)),
+        Some(Protocol::IcmPv4(icmp)) => {
+            format!("ICMPv4 {}", icmp_names::v4(icmp.r#type, icmp.code))
+        }
+        Some(Protocol::IcmPv6(icmp)) => {
+            format!("ICMPv6 {}", icmp_names::v6(icmp.r#type, icmp.code))
+        }
         None => String::new(),
-    }
-}
-
-/// An ICMPv4 type and code as Cilium's summaries name them (gopacket's
-/// `ICMPv4TypeCode.String`: `EchoRequest`, `DestinationUnreachable(Port)`).
-fn icmp_v4_name(r#type: u32, code: u32) -> String {
-    let unreachable: &[&str] = &[
-        "Net",
-        "Host",
-        "Protocol",
-        "Port",
-        "FragmentationNeeded",
-        "SourceRoutingFailed",
-        "NetUnknown",
-        "HostUnknown",
-        "SourceIsolated",
-        "NetAdminProhibited",
-        "HostAdminProhibited",
-        "NetTOS",
-        "HostTOS",
-        "CommAdminProhibited",
-        "HostPrecedence",
-        "PrecedenceCutoff",
-    ];
-    let (name, codes): (&str, Option<&[&str]>) = match r#type {
-        0 => ("EchoReply", None),
-        3 => ("DestinationUnreachable", Some(unreachable)),
-        4 => ("SourceQuench", None),
-        5 => ("Redirect", Some(&["Net", "Host", "TOS+Net", "TOS+Host"])),
-        8 => ("EchoRequest", None),
-        9 => ("RouterAdvertisement", None),
-        10 => ("RouterSolicitation", None),
-        11 => (
-            "TimeExceeded",
-            Some(&["TTLExceeded", "FragmentReassemblyTimeExceeded"]),
-        ),
-        12 => (
-            "ParameterProblem",
-            Some(&["PointerIndicatesError", "MissingOption", "BadLength"]),
-        ),
-        13 => ("TimestampRequest", None),
-        14 => ("TimestampReply", None),
-        15 => ("InfoRequest", None),
-        16 => ("InfoReply", None),
-        17 => ("AddressMaskRequest", None),
-        18 => ("AddressMaskReply", None),
-        _ => return format!("{type}({code})"),
-    };
-    icmp_name(name, codes, code)
-}
-
-/// An ICMPv6 type and code as Cilium's summaries name them (gopacket's
-/// `ICMPv6TypeCode.String`).
-fn icmp_v6_name(r#type: u32, code: u32) -> String {
-    let (name, codes): (&str, Option<&[&str]>) = match r#type {
-        1 => (
-            "DestinationUnreachable",
-            Some(&[
-                "NoRouteToDst",
-                "AdminProhibited",
-                "BeyondScopeOfSrc",
-                "AddressUnreachable",
-                "PortUnreachable",
-                "SrcAddressFailedPolicy",
-                "RejectRouteToDst",
-            ]),
-        ),
-        2 => ("PacketTooBig", None),
-        3 => (
-            "TimeExceeded",
-            Some(&["HopLimitExceeded", "FragmentReassemblyTimeExceeded"]),
-        ),
-        4 => (
-            "ParameterProblem",
-            Some(&[
-                "ErroneousHeaderField",
-                "UnrecognizedNextHeader",
-                "UnrecognizedIPv6Option",
-            ]),
-        ),
-        128 => ("EchoRequest", None),
-        129 => ("EchoReply", None),
-        133 => ("RouterSolicitation", None),
-        134 => ("RouterAdvertisement", None),
-        135 => ("NeighborSolicitation", None),
-        136 => ("NeighborAdvertisement", None),
-        137 => ("Redirect", None),
-        _ => return format!("{type}({code})"),
-    };
-    icmp_name(name, codes, code)
-}
-
-/// gopacket's rule: the bare name for a type without codes and code 0, the code's
-/// name in parentheses, else `(Code: N)`.
-fn icmp_name(name: &str, codes: Option<&[&str]>, code: u32) -> String {
-    let code_name = codes.and_then(|codes| usize::try_from(code).ok().and_then(|c| codes.get(c)));
-    match (codes, code_name) {
-        (None, _) if code == 0 => name.to_owned(),
-        (_, Some(code_name)) => format!("{name}({code_name})"),
-        _ => format!("{name}(Code: {code})"),
     }
 }
 
@@ -579,36 +485,8 @@ mod tests {
             "ICMPv4 EchoRequest"
         );
         assert_eq!(
-            summary(json!({"ICMPv4": {"type": 3, "code": 3}})),
-            "ICMPv4 DestinationUnreachable(Port)"
-        );
-        assert_eq!(
-            summary(json!({"ICMPv4": {"type": 5, "code": 2}})),
-            "ICMPv4 Redirect(TOS+Net)"
-        );
-        assert_eq!(
-            summary(json!({"ICMPv4": {"type": 0, "code": 1}})),
-            "ICMPv4 EchoReply(Code: 1)"
-        );
-        assert_eq!(
-            summary(json!({"ICMPv4": {"type": 3, "code": 99}})),
-            "ICMPv4 DestinationUnreachable(Code: 99)"
-        );
-        assert_eq!(
-            summary(json!({"ICMPv4": {"type": 42, "code": 1}})),
-            "ICMPv4 42(1)"
-        );
-        assert_eq!(
-            summary(json!({"ICMPv6": {"type": 128, "code": 0}})),
-            "ICMPv6 EchoRequest"
-        );
-        assert_eq!(
             summary(json!({"ICMPv6": {"type": 1, "code": 4}})),
             "ICMPv6 DestinationUnreachable(PortUnreachable)"
-        );
-        assert_eq!(
-            summary(json!({"ICMPv6": {"type": 134, "code": 0}})),
-            "ICMPv6 RouterAdvertisement"
         );
     }
 

@@ -23,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod convert;
 pub mod filter;
+pub mod icmp_names;
 pub mod server;
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::SystemTime};
