@@ -5,8 +5,12 @@ use std::{net::IpAddr, sync::Arc};
 
 use serde_json::{Value, json};
 
+use crate::policy_match::PolicyMatchType;
 use crate::{
-    datapath::events::{DecodedEvent, monotonic_to_unix_ns},
+    datapath::{
+        events::{DecodedEvent, monotonic_to_unix_ns},
+        state::DatapathState,
+    },
     policy::{
         Compiled, Compiler, HitSlotOwner, Labels, PolicyDirection, PolicySet, RuleRef, SetChanges,
         Workload,
@@ -26,10 +30,18 @@ pub struct EventNames {
     pub endpoints: imbl::OrdMap<u32, String>,
     /// Rule id -> the rule (NetworkPolicy or ClusterNetworkPolicy).
     pub rules: imbl::OrdMap<u32, RuleRef>,
+    /// Rule id -> what the rule matches on (Hubble's `policy_match_type`).
+    pub rule_matches: imbl::OrdMap<u32, PolicyMatchType>,
     /// (endpoint id, direction) -> policies selecting it, for default denies.
     pub selecting: imbl::OrdMap<(u32, PolicyDirection), Vec<(String, String)>>,
     /// Hit slot -> what it counts (see `agent::rule_hits`).
     pub hit_slots: imbl::OrdMap<u16, HitSlotOwner>,
+    /// Local endpoint address -> its workload's identity: events carry only the
+    /// peer's, and Hubble shows both ends'. Local endpoints only (a node's pods),
+    /// so the table stays small in a large cluster.
+    pub local_identities: imbl::OrdMap<IpAddr, u32>,
+    /// Node name -> its labels (`key=value`, sorted), for Hubble's `node_labels`.
+    pub node_labels: Arc<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 /// Workload address -> its name, for every workload of the cluster. One table
@@ -129,6 +141,9 @@ impl EventNames {
             );
         }
         for (id, rule) in compiled.rules.iter() {
+            names
+                .rule_matches
+                .insert(id, PolicyMatchType::of_rule(set, rule));
             names.rules.insert(id, rule.clone());
         }
         names.hit_slots = compiled
@@ -137,12 +152,29 @@ impl EventNames {
             .iter()
             .map(|(slot, owner)| (*slot, *owner))
             .collect();
+        for address in compiled.state.endpoints.keys() {
+            names.name_local_identity(*address, &compiled.state);
+        }
+        names.name_nodes(set);
         names
     }
 
     /// Brings the tables up to date with one update of the compiler: the workloads
-    /// that changed, and what the compiler says it touched.
-    pub fn update(&mut self, set: &PolicySet, changes: &SetChanges, compiler: &Compiler) {
+    /// that changed, what the compiler says it touched, and the addresses whose
+    /// endpoint or identity the update changed (`identity_changes`).
+    pub fn update(
+        &mut self,
+        set: &PolicySet,
+        changes: &SetChanges,
+        compiler: &Compiler,
+        identity_changes: &[IpAddr],
+    ) {
+        for address in identity_changes {
+            self.name_local_identity(*address, compiler.state());
+        }
+        if changes.nodes {
+            self.name_nodes(set);
+        }
         for key in &changes.workloads {
             let (namespace, name) = &**key;
             self.name_workload(namespace, name, set.workloads.shared(namespace, name));
@@ -150,8 +182,15 @@ impl EventNames {
         let touched = compiler.touched();
         for id in &touched.rules {
             match compiler.rule_table().get(*id) {
-                Some(rule) => self.rules.insert(*id, rule.clone()),
-                None => self.rules.remove(id),
+                Some(rule) => {
+                    self.rule_matches
+                        .insert(*id, PolicyMatchType::of_rule(set, rule));
+                    self.rules.insert(*id, rule.clone())
+                }
+                None => {
+                    self.rule_matches.remove(id);
+                    self.rules.remove(id)
+                }
             };
         }
         for id in &touched.endpoints {
@@ -167,6 +206,36 @@ impl EventNames {
                 None => self.hit_slots.remove(slot),
             };
         }
+    }
+
+    /// Names the identity of `address` if it is a local endpoint's, else forgets it.
+    fn name_local_identity(&mut self, address: IpAddr, state: &DatapathState) {
+        let identity = state
+            .endpoints
+            .contains_key(&address)
+            .then(|| state.peer_hosts.get(&address).copied())
+            .flatten();
+        match identity {
+            Some(identity) => self.local_identities.insert(address, identity),
+            None => self.local_identities.remove(&address),
+        };
+    }
+
+    fn name_nodes(&mut self, set: &PolicySet) {
+        self.node_labels = Arc::new(
+            set.nodes
+                .iter()
+                .map(|node| {
+                    let mut labels: Vec<String> = node
+                        .labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    labels.sort();
+                    (node.name.clone(), labels)
+                })
+                .collect(),
+        );
     }
 
     fn name_workload(&mut self, namespace: &str, name: &str, workload: Option<&Arc<Workload>>) {
@@ -214,6 +283,9 @@ pub fn event_json(
     if let Some(reason) = event.reason {
         flow["drop_reason_desc"] = json!(reason.name());
     }
+    if let Some(labels) = names.node_labels.get(node_name).filter(|l| !l.is_empty()) {
+        flow["node_labels"] = json!(labels);
+    }
     if let Some(direction) = event.direction {
         flow["traffic_direction"] = json!(direction.name());
     }
@@ -244,12 +316,24 @@ pub fn event_json(
     }
     if event.rule_id != 0 {
         flow["rule_id"] = json!(event.rule_id);
+        // A rule the tables do not know (yet): it named a peer and a port.
+        let kind = names
+            .rule_matches
+            .get(&event.rule_id)
+            .copied()
+            .unwrap_or(PolicyMatchType::L3L4);
+        flow["policy_match_type"] = json!(kind.number());
     }
     flow
 }
 
 fn endpoint_json(names: &EventNames, address: std::net::IpAddr, identity: u32) -> Value {
     let mut endpoint = json!({});
+    // The event carries the peer's identity; a local endpoint's is in the tables.
+    let identity = match identity {
+        0 => names.local_identities.get(&address).copied().unwrap_or(0),
+        known => known,
+    };
     if identity != 0 {
         endpoint["identity"] = json!(identity);
     }
@@ -383,15 +467,12 @@ pub fn compact_line(flow: &Value) -> String {
         Some("FORWARDED") => "ALLOWED",
         _ => "UNKNOWN",
     };
-    let match_kind = if flow["rule_id"].is_null() {
-        "none"
-    } else {
-        "L3-L4"
-    };
+    let match_kind = PolicyMatchType::from_number(flow["policy_match_type"].as_u64().unwrap_or(0));
     format!(
-        "{time}: {} -> {} policy-verdict:{match_kind} {} {verdict}{}",
+        "{time}: {} -> {} policy-verdict:{} {} {verdict}{}",
         side(&flow["source"], &flow["IP"]["source"], sport),
         side(&flow["destination"], &flow["IP"]["destination"], dport),
+        match_kind.name(),
         flow["traffic_direction"].as_str().unwrap_or("-"),
         l4_text,
     )
@@ -508,6 +589,49 @@ mod tests {
     }
 
     #[test]
+    fn both_ends_have_identities_the_local_one_from_the_tables() {
+        use crate::datapath::{events::DecodedEvent, state::DatapathState};
+        use microseg_common::{
+            DropReason, endpoint::EndpointInfo, event::EventVerdict, policy::Direction,
+        };
+        let (client, server) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let mut state = DatapathState::default();
+        state.endpoints.insert(server, EndpointInfo::new(1, 0));
+        state.peer_hosts.insert(server, 301);
+        state.peer_hosts.insert(client, 300);
+        let mut names = super::EventNames::default();
+        for address in [client, server] {
+            names.name_local_identity(address, &state);
+        }
+        // Only local endpoints are kept.
+        assert_eq!(names.local_identities.len(), 1);
+        let event = DecodedEvent {
+            monotonic_ns: 0,
+            ifindex: 7,
+            hook: None,
+            verdict: Some(EventVerdict::Dropped),
+            reason: Some(DropReason::PolicyDenied),
+            direction: Some(Direction::Ingress),
+            source: Some(client),
+            destination: Some(server),
+            protocol: 6,
+            source_port: 40000,
+            destination_port: 81,
+            tcp_flags: 0x02,
+            endpoint_id: 1,
+            peer_identity: 300,
+            rule_id: 0,
+        };
+        let flow = super::event_json(&event, &names, "n", Some("veth1"));
+        assert_eq!(flow["source"]["identity"], 300, "the event's peer");
+        assert_eq!(flow["destination"]["identity"], 301, "the local endpoint");
+        // Gone from the state: forgotten.
+        state.endpoints.remove(&server);
+        names.name_local_identity(server, &state);
+        assert!(names.local_identities.is_empty());
+    }
+
+    #[test]
     fn compact_line_reads_like_hubble_observe() {
         let flow = json!({
             "time": "2026-11-25T10:00:00.123456789Z",
@@ -532,5 +656,14 @@ mod tests {
             "l4": {"UDP": {"source_port": 5353, "destination_port": 53}},
         });
         assert!(compact_line(&world).contains("192.0.2.9:5353 (world) -> default/b:53"));
+        let allowed = json!({
+            "time": "2026-11-25T10:00:00Z", "verdict": "FORWARDED", "traffic_direction": "EGRESS",
+            "rule_id": 4, "policy_match_type": 3,
+            "IP": {"source": "10.0.0.1", "destination": "10.0.0.2"},
+            "source": {"identity": 300, "namespace": "default", "pod_name": "a"},
+            "destination": {"identity": 301, "namespace": "default", "pod_name": "b"},
+            "l4": {"TCP": {"source_port": 43210, "destination_port": 443, "flags": {"SYN": true}}},
+        });
+        assert!(compact_line(&allowed).contains("policy-verdict:L4-Only EGRESS ALLOWED"));
     }
 }

@@ -12,6 +12,7 @@ pub mod flow_history;
 pub mod hubble;
 pub mod objects;
 pub mod policy;
+pub mod policy_match;
 pub mod review;
 pub mod socket;
 pub mod sorted_set;

@@ -9,10 +9,14 @@ use std::{path::PathBuf, time::Duration};
 use microseg::hubble::{
     client::connect_unix,
     proto::{
-        flow::{Flow, FlowFilter, Verdict, layer4::Protocol},
+        flow::{
+            DropReason, EventTypeFilter, Flow, FlowFilter, HttpHeader, NetworkInterface, Verdict,
+            flow_filter::Experimental, layer4::Protocol,
+        },
         observer::{
-            GetFlowsRequest, GetNodesRequest, ServerStatusRequest, ServerStatusResponse,
-            get_flows_response::ResponseTypes, observer_client::ObserverClient,
+            GetFlowsRequest, GetNamespacesRequest, GetNodesRequest, ServerStatusRequest,
+            ServerStatusResponse, get_flows_response::ResponseTypes,
+            observer_client::ObserverClient,
         },
         relay::NodeState,
     },
@@ -20,6 +24,7 @@ use microseg::hubble::{
 use microseg_tests::{
     client_server::{CLIENT, HOSTS, INVENTORY, server_address, server_policy},
     lab::Lab,
+    raw::{send_frame, udp_frame},
     topology::{EchoServers, tcp_exchange, udp_exchange},
 };
 use serde_json::Value;
@@ -98,7 +103,8 @@ fn strings(items: &[&str]) -> Vec<String> {
 /// What must agree between a flow and its event: time, verdict, 5-tuple, policies.
 fn flow_key(flow: &Flow) -> String {
     let time = flow.time.expect("time");
-    let ip = flow.ip.clone().expect("IP");
+    // A packet whose IP header could not be read has no addresses.
+    let ip = flow.ip.clone().unwrap_or_default();
     let (protocol, sport, dport) = match flow.l4.as_ref().and_then(|l4| l4.protocol.as_ref()) {
         Some(Protocol::Tcp(p)) => ("TCP", p.source_port, p.destination_port),
         Some(Protocol::Udp(p)) => ("UDP", p.source_port, p.destination_port),
@@ -596,4 +602,446 @@ fn hubble_serves_a_loopback_tcp_port_and_a_chosen_socket_and_refuses_other_addre
         assert_eq!(status.max_flows, 4096);
         assert_serving(&rt, channel);
     });
+}
+
+/// Cilium's monitor message types: a drop, a policy verdict.
+const DROP: i32 = 1;
+const POLICY_VERDICT: i32 = 5;
+
+/// The node the agent says it is, and that node's labels (a Node object applied).
+const NODE: &str = "lab-node";
+const NODE_OBJECT: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: lab-node, labels: {topology.kubernetes.io/zone: lab-a}}
+status: {addresses: [{type: InternalIP, address: 10.80.0.250}]}
+"#;
+
+/// Which flows of the history a filter must admit.
+type FlowCheck<'a> = Box<dyn Fn(&Flow) -> bool + 'a>;
+
+fn is_echo_request(flow: &Flow) -> bool {
+    matches!(
+        flow.l4.as_ref().and_then(|l4| l4.protocol.as_ref()),
+        Some(Protocol::IcmPv4(icmp)) if icmp.r#type == 8
+    )
+}
+
+#[expect(
+    deprecated,
+    reason = "Summary is deprecated and still what hubble's printer reads"
+)]
+fn summary(flow: &Flow) -> &str {
+    &flow.summary
+}
+
+fn event_type(flow: &Flow) -> (i32, i32) {
+    let event = flow.event_type.expect("an event type");
+    (event.r#type, event.sub_type)
+}
+
+/// The flows of a request that must be accepted.
+fn flows_of(
+    rt: &tokio::runtime::Runtime,
+    observer: &mut ObserverClient<Channel>,
+    whitelist: Vec<FlowFilter>,
+    blacklist: Vec<FlowFilter>,
+    until: prost_types::Timestamp,
+) -> Vec<Flow> {
+    rt.block_on(flows(
+        observer,
+        GetFlowsRequest {
+            until: Some(until),
+            whitelist,
+            blacklist,
+            ..GetFlowsRequest::default()
+        },
+    ))
+}
+
+/// A packet the data path drops before policy, sent by the client from its own
+/// interface: a forged source address, and an IPv4 header whose length field says
+/// 16 bytes (less than the 20 of any IPv4 header).
+fn send_forged_and_malformed(lab: &Lab) {
+    let client = lab.host("app/client");
+    let (client_mac, server_mac) = (lab.mac_of("app/client"), lab.mac_of("app/server"));
+    let forged = udp_frame(
+        client_mac,
+        server_mac,
+        "10.80.0.99".parse().expect("address"),
+        server_address(),
+        (40000, 9999),
+        b"forged",
+    );
+    send_frame(&client.ns, &client.host_if, &forged);
+    let mut malformed = udp_frame(
+        client_mac,
+        server_mac,
+        client.address,
+        server_address(),
+        (40001, 9999),
+        b"malformed",
+    );
+    // Version 4, IHL 4 (the byte after the 14-byte Ethernet header).
+    malformed[14] = 0x44;
+    send_frame(&client.ns, &client.host_if, &malformed);
+}
+
+#[test]
+fn hubble_sends_drops_before_policy_as_drop_events_and_answers_hubble_1_19s_filters() {
+    if !microseg_tests::kernel_available(
+        "hubble_sends_drops_before_policy_as_drop_events_and_answers_hubble_1_19s_filters",
+    ) {
+        return;
+    }
+    let (lab, _servers) = lab_with_traffic(&["--node-name", NODE]);
+    let node = lab.write("node.yaml", NODE_OBJECT);
+    lab.cli_ok(&["apply", "-f", &node.display().to_string()]);
+    let client_ns = &lab.host("app/client").ns;
+    let server = server_address();
+    assert!(tcp_exchange(client_ns, server, 80));
+    assert!(!tcp_exchange(client_ns, server, 81));
+    // An echo request the server's policy denies (TCP 80 only).
+    let ping = client_ns.try_exec(&["ping", "-c1", "-W1", &server.to_string()]);
+    assert!(!ping.status.success(), "the ping is denied");
+    send_forged_and_malformed(&lab);
+    let rt = runtime();
+    let mut observer = rt.block_on(client(hubble_socket(&lab)));
+    let reason_of = |flow: &Flow| DropReason::try_from(flow.drop_reason_desc).ok();
+    eventually(
+        "the forged and the malformed packets' flows never arrived",
+        || {
+            let all = rt.block_on(flows(&mut observer, GetFlowsRequest::default()));
+            [
+                DropReason::InvalidSourceIp,
+                DropReason::InvalidPacketDropped,
+            ]
+            .iter()
+            .all(|reason| all.iter().any(|f| reason_of(f) == Some(*reason)))
+                && all.iter().any(|f| destination_port(f) == Some(81))
+                && all.iter().any(is_echo_request)
+        },
+    );
+    let until = now();
+    let all = flows_of(&rt, &mut observer, vec![], vec![], until);
+
+    // Drops before policy are drop events (type 1, sub-type the reason) with the
+    // reason's name; the policy denial stays a policy verdict.
+    let forged = all
+        .iter()
+        .find(|f| reason_of(f) == Some(DropReason::InvalidSourceIp))
+        .expect("the forged packet");
+    assert_eq!(event_type(forged), (DROP, 132));
+    assert_eq!(forged.verdict, Verdict::Dropped as i32);
+    assert_eq!(forged.ip.as_ref().expect("IP").source, "10.80.0.99");
+    assert_eq!(forged.policy_match_type, 0);
+    let malformed = all
+        .iter()
+        .find(|f| reason_of(f) == Some(DropReason::InvalidPacketDropped))
+        .expect("the malformed packet");
+    assert_eq!(event_type(malformed), (DROP, 134));
+    assert_eq!(malformed.verdict, Verdict::Dropped as i32);
+    let denied = all
+        .iter()
+        .find(|f| destination_port(f) == Some(81))
+        .expect("the denied connection");
+    assert_eq!(event_type(denied), (POLICY_VERDICT, 0));
+    assert_eq!(denied.drop_reason_desc, DropReason::PolicyDenied as i32);
+    assert_eq!(denied.policy_match_type, 0, "none: denied by default");
+    let allowed = all
+        .iter()
+        .find(|f| destination_port(f) == Some(80))
+        .expect("the allowed connection");
+    assert_eq!(event_type(allowed), (POLICY_VERDICT, 0));
+    assert_eq!(
+        allowed.policy_match_type, 2,
+        "L3-L4: the rule names the client and TCP 80"
+    );
+    // Both ends' identities: the client's (the event's peer) and the server's (the
+    // local endpoint's, from the agent's tables).
+    for flow in [denied, allowed] {
+        let (source, destination) = (
+            flow.source.as_ref().expect("source"),
+            flow.destination.as_ref().expect("destination"),
+        );
+        assert!(source.identity >= 256, "{source:?}");
+        assert!(destination.identity >= 256, "{destination:?}");
+        assert_ne!(source.identity, destination.identity);
+        assert_eq!(source.cluster_name, "default");
+        assert_eq!(
+            flow.node_labels,
+            ["topology.kubernetes.io/zone=lab-a"],
+            "the node's labels"
+        );
+    }
+    // ICMP summaries in Cilium's named form.
+    let echo = all.iter().find(|f| is_echo_request(f)).expect("the ping");
+    assert_eq!(summary(echo), "ICMPv4 EchoRequest");
+    assert_eq!(summary(denied), "TCP Flags: SYN");
+    // `--type drop`: only the drops before policy.
+    let drop_events = flows_of(
+        &rt,
+        &mut observer,
+        vec![FlowFilter {
+            event_type: vec![EventTypeFilter {
+                r#type: DROP,
+                match_sub_type: false,
+                sub_type: 0,
+            }],
+            ..FlowFilter::default()
+        }],
+        vec![],
+        until,
+    );
+    assert!(drop_events.len() >= 2);
+    assert!(drop_events.iter().all(|f| event_type(f).0 == DROP));
+
+    // Hubble v1.19's newer filters, each allowed and with `--not` (the blacklist):
+    // the allowed flows and the flows left with `--not` split the history.
+    let interface = denied.interface.clone().expect("an interface");
+    assert!(!interface.name.is_empty());
+    let cases: Vec<(&str, FlowFilter, FlowCheck<'_>)> = vec![
+        (
+            "drop_reason_desc",
+            FlowFilter {
+                drop_reason_desc: vec![DropReason::InvalidSourceIp as i32],
+                ..FlowFilter::default()
+            },
+            Box::new(|f| reason_of(f) == Some(DropReason::InvalidSourceIp)),
+        ),
+        (
+            "interface",
+            FlowFilter {
+                interface: vec![NetworkInterface {
+                    index: 0,
+                    name: interface.name.clone(),
+                }],
+                ..FlowFilter::default()
+            },
+            Box::new({
+                let name = interface.name.clone();
+                move |f| f.interface.as_ref().is_some_and(|i| i.name == name)
+            }),
+        ),
+        (
+            "node_labels",
+            FlowFilter {
+                node_labels: strings(&["topology.kubernetes.io/zone in (lab-a, lab-b)"]),
+                ..FlowFilter::default()
+            },
+            Box::new(|_| true),
+        ),
+        (
+            "source_cluster_name",
+            FlowFilter {
+                source_cluster_name: strings(&["default"]),
+                ..FlowFilter::default()
+            },
+            Box::new(|f| f.source.as_ref().is_some_and(|e| !e.namespace.is_empty())),
+        ),
+        (
+            "destination_cluster_name",
+            FlowFilter {
+                destination_cluster_name: strings(&["prod"]),
+                ..FlowFilter::default()
+            },
+            Box::new(|_| false),
+        ),
+        (
+            "encrypted",
+            FlowFilter {
+                encrypted: vec![false],
+                ..FlowFilter::default()
+            },
+            Box::new(|_| true),
+        ),
+        (
+            "source_pod /client (any namespace)",
+            FlowFilter {
+                source_pod: strings(&["/client"]),
+                ..FlowFilter::default()
+            },
+            Box::new(|f| f.source.as_ref().is_some_and(|e| e.pod_name == "client")),
+        ),
+    ];
+    for (name, filter, expected) in &cases {
+        let allowed = flows_of(&rt, &mut observer, vec![filter.clone()], vec![], until);
+        let negated = flows_of(&rt, &mut observer, vec![], vec![filter.clone()], until);
+        let want: Vec<String> = all.iter().filter(|f| expected(f)).map(flow_key).collect();
+        let want_not: Vec<String> = all.iter().filter(|f| !expected(f)).map(flow_key).collect();
+        assert_eq!(
+            allowed.iter().map(flow_key).collect::<Vec<_>>(),
+            want,
+            "{name}"
+        );
+        assert_eq!(
+            negated.iter().map(flow_key).collect::<Vec<_>>(),
+            want_not,
+            "--not {name}"
+        );
+    }
+    assert!(
+        flows_of(&rt, &mut observer, vec![cases[0].1.clone()], vec![], until).len() == 1,
+        "one forged packet"
+    );
+    // The newer fields microseg cannot answer are refused, naming the field, in
+    // either list.
+    for (filter, field) in [
+        (
+            FlowFilter {
+                http_url: strings(&["/api"]),
+                ..FlowFilter::default()
+            },
+            "http_url",
+        ),
+        (
+            FlowFilter {
+                http_header: vec![HttpHeader {
+                    key: "x-user".into(),
+                    value: "a".into(),
+                }],
+                ..FlowFilter::default()
+            },
+            "http_header",
+        ),
+        (
+            FlowFilter {
+                source_ip_xlated: strings(&["10.80.0.11"]),
+                ..FlowFilter::default()
+            },
+            "source_ip_xlated",
+        ),
+        (
+            FlowFilter {
+                ip_trace_id: vec![42],
+                ..FlowFilter::default()
+            },
+            "ip_trace_id",
+        ),
+        (
+            FlowFilter {
+                experimental: Some(Experimental {
+                    cel_expression: strings(&["_flow.verdict == 2"]),
+                }),
+                ..FlowFilter::default()
+            },
+            "cel_expression",
+        ),
+    ] {
+        for (whitelist, blacklist) in [(vec![filter.clone()], vec![]), (vec![], vec![filter])] {
+            let refused = rt
+                .block_on(observer.get_flows(GetFlowsRequest {
+                    whitelist,
+                    blacklist,
+                    ..GetFlowsRequest::default()
+                }))
+                .expect_err("refused");
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{field}");
+            assert!(refused.message().contains(field), "{}", refused.message());
+        }
+    }
+
+    // GetNamespaces: the namespaces with flows (microseg's cluster: `default`);
+    // ServerStatus' flows rate over the last minute.
+    let namespaces = rt
+        .block_on(observer.get_namespaces(GetNamespacesRequest {}))
+        .expect("GetNamespaces")
+        .into_inner()
+        .namespaces;
+    assert_eq!(
+        namespaces
+            .iter()
+            .map(|n| (n.cluster.as_str(), n.namespace.as_str()))
+            .collect::<Vec<_>>(),
+        [("default", "app")]
+    );
+    let status = rt
+        .block_on(observer.server_status(ServerStatusRequest {}))
+        .expect("ServerStatus")
+        .into_inner();
+    assert!(
+        status.flows_rate > 0.0 && status.flows_rate <= status.num_flows as f64 / 60.0,
+        "{status:?}"
+    );
+}
+
+/// Debian's Python, the one python3-grpcio is installed for (another `python3`
+/// may come first on the PATH).
+const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+/// A gRPC health check of `hubble.server.Observer` by Python's grpcio (gRPC
+/// C-core) over the Unix socket, with `grpc.default_authority` set to
+/// `authority`: `Ok(response bytes in hex)` or `Err(status code and details)`. The
+/// messages are written by hand (field 1, the service name; the answer's field 1,
+/// the status), so no generated code is needed.
+fn python_health_check(socket: &std::path::Path, authority: &str) -> Result<String, String> {
+    const SCRIPT: &str = r#"
+import sys, grpc
+socket, authority = sys.argv[1], sys.argv[2]
+channel = grpc.insecure_channel("unix:" + socket, options=[("grpc.default_authority", authority)])
+check = channel.unary_unary("/grpc.health.v1.Health/Check")
+service = b"hubble.server.Observer"
+try:
+    print("OK " + check(b"\x0a" + bytes([len(service)]) + service, timeout=10).hex())
+except grpc.RpcError as error:
+    print("ERROR " + error.code().name + ": " + str(error.details()))
+"#;
+    let output = std::process::Command::new(DEBIAN_PYTHON)
+        .args(["-c", SCRIPT])
+        .arg(socket)
+        .arg(authority)
+        .output()
+        .expect("running Debian's python3");
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert!(
+        output.status.success(),
+        "python3: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    match stdout.split_once(' ') {
+        Some(("OK", hex)) => Ok(hex.to_owned()),
+        _ => Err(stdout),
+    }
+}
+
+/// gRPC C-core clients (Python, C++, Ruby), Java and .NET send the socket's path
+/// as `:authority`; h2 (under tonic) refuses it as malformed (hyperium/h2#487),
+/// and no option relaxes that. The README's workaround, setting the authority to
+/// `localhost` (`grpc.default_authority`), is what this checks, with the path
+/// (older C-core, Java) and its percent-encoded form (C-core 1.57 and later)
+/// refused as such clients see it.
+#[test]
+fn hubble_answers_grpc_core_clients_that_set_the_authority_to_localhost() {
+    let test = "hubble_answers_grpc_core_clients_that_set_the_authority_to_localhost";
+    if !microseg_tests::kernel_available(test) {
+        return;
+    }
+    let has_grpcio = std::process::Command::new(DEBIAN_PYTHON)
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_grpcio {
+        let reason = "Python's grpcio is not installed (Debian package python3-grpcio; `cargo xtask setup` installs it)";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{test}: {reason}");
+        }
+        microseg_tests::skip(test, reason);
+        return;
+    }
+    let lab = Lab::new(&HOSTS);
+    lab.start_agent(&[]);
+    let socket = hubble_socket(&lab);
+    // Serving (status 1).
+    assert_eq!(python_health_check(&socket, "localhost"), Ok("0801".into()));
+    let path = socket.display().to_string();
+    let encoded = path.replace('/', "%2F");
+    for authority in [path.as_str(), encoded.as_str()] {
+        let refused = python_health_check(&socket, authority).expect_err(authority);
+        // The stream reset with PROTOCOL_ERROR (1), as users report it.
+        assert!(
+            refused.starts_with("ERROR INTERNAL")
+                && refused.contains("RST_STREAM with error code 1"),
+            "{authority}: {refused}"
+        );
+    }
 }

@@ -32,6 +32,9 @@ const TEST_PACKAGES: &[&str] = &[
     // The CNI reference plugins (bridge, host-local under /usr/lib/cni) that
     // e2e_cni chains microseg-cni after, as a runtime would.
     "containernetworking-plugins",
+    // A gRPC C-core client (Python's grpcio), as users' scripts talk to Hubble's
+    // socket: e2e_hubble checks what such clients send as `:authority`.
+    "python3-grpcio",
 ];
 
 /// What a command needs installed.

@@ -233,6 +233,7 @@ impl Enforcer {
         }
         let bindings = self.current_bindings();
         let (revokes, stale_addresses) = (compiled.revokes, compiled.stale_addresses);
+        let changed_identities = identity_changes(&compiled.endpoints, &compiled.peer_hosts);
         let mut diff = StateDiff {
             endpoints: compiled.endpoints,
             peer_hosts: compiled.peer_hosts,
@@ -249,8 +250,12 @@ impl Enforcer {
                 self.bindings = bindings;
                 self.binding_error = None;
                 log_refusals(&refused_before, &self.store.set().refused_policies);
-                self.names
-                    .update(self.store.set(), &set_changes, &self.compiler);
+                self.names.update(
+                    self.store.set(),
+                    &set_changes,
+                    &self.compiler,
+                    &changed_identities,
+                );
                 self.publish(report.generation);
                 Ok(report)
             }
@@ -260,8 +265,9 @@ impl Enforcer {
                 if self.store.apply(&undo, fail_closed).is_ok() {
                     let back = self.store.set();
                     let touched = self.compiler.update(back, &set_changes);
-                    drop(touched);
-                    self.names.update(back, &set_changes, &self.compiler);
+                    let undone = identity_changes(&touched.endpoints, &touched.peer_hosts);
+                    self.names
+                        .update(back, &set_changes, &self.compiler, &undone);
                 }
                 self.diverged = true;
                 Err(refused)
@@ -602,4 +608,17 @@ pub fn objects_of_kind<'a>(
     kind: &'a str,
 ) -> impl Iterator<Item = (&'a ObjectKey, &'a StoredObject)> {
     objects.iter().filter(move |(key, _)| key.kind == kind)
+}
+
+/// The addresses whose endpoint or identity an update changed: where the event
+/// names' local identities may have changed.
+fn identity_changes<E, I>(
+    endpoints: &BTreeMap<std::net::IpAddr, Option<E>>,
+    peer_hosts: &BTreeMap<std::net::IpAddr, Option<I>>,
+) -> Vec<std::net::IpAddr> {
+    let mut addresses: Vec<std::net::IpAddr> =
+        endpoints.keys().chain(peer_hosts.keys()).copied().collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    addresses
 }

@@ -116,6 +116,16 @@ impl EventHub {
         found
     }
 
+    /// The history now, oldest first (the lines are shared, not copied).
+    pub fn history(&self) -> Vec<Arc<str>> {
+        self.history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     /// Flows in the history now.
     pub fn history_len(&self) -> usize {
         self.history

@@ -1,8 +1,12 @@
 //! An event's JSON (`event_view::event_json`, named after Hubble's Flow JSON) as
 //! Hubble's `flow.Flow` message, with the numbers Hubble's printer and UI expect:
-//! policy-verdict events of type L3_L4, Hubble's verdict and drop reason numbers.
+//! policy verdicts (allowed, audited, denied by policy) as policy-verdict events,
+//! every other drop as a drop event whose sub-type is the reason, as Cilium sends
+//! them; Hubble's verdict, drop reason and policy match numbers.
 
 use serde_json::Value;
+
+use super::icmp_names;
 
 use super::proto::flow::{
     CiliumEventType, DropReason, Endpoint, Flow, FlowType, IcmPv4, IcmPv6, Ip, IpVersion, Layer4,
@@ -10,14 +14,15 @@ use super::proto::flow::{
     layer4::Protocol,
 };
 
-/// Cilium's monitor message type of a policy verdict (`MessageTypePolicyVerdict` in
-/// pkg/monitor/api): `hubble observe` prints such flows as `policy-verdict:...`.
+/// Cilium's monitor message types (`MessageType*` in pkg/monitor/api): a drop
+/// (`hubble observe` prints its reason) and a policy verdict (printed as
+/// `policy-verdict:...`).
+pub const MESSAGE_TYPE_DROP: i32 = 1;
 pub const MESSAGE_TYPE_POLICY_VERDICT: i32 = 5;
 
-/// Cilium's policy match types (`PolicyMatch*` in pkg/monitor/api): a rule matched on
-/// addresses and ports ("L3-L4"), or none did (a default deny: "none").
-pub const POLICY_MATCH_NONE: u32 = 0;
-pub const POLICY_MATCH_L3_L4: u32 = 2;
+/// The cluster microseg's workloads are in, for Hubble's cluster names: Cilium's
+/// default cluster name, since microseg knows no other.
+pub const CLUSTER_NAME: &str = "default";
 
 /// The Flow of one event line; `None` for a line that is not an event object.
 pub fn flow_of_line(line: &str) -> Option<Flow> {
@@ -40,6 +45,13 @@ pub fn flow_of_json(event: &Value) -> Flow {
         .and_then(TrafficDirection::from_str_name)
         .unwrap_or(TrafficDirection::Unknown);
     let l4 = layer4_of(&event["l4"]);
+    // Denied by policy, or not denied at all: a policy verdict. Anything else the
+    // program dropped before policy could judge it.
+    let policy_verdict = verdict != Verdict::Dropped
+        || matches!(
+            drop_reason,
+            DropReason::PolicyDenied | DropReason::PolicyDeny
+        );
     let mut flow = Flow {
         time: event["time"].as_str().and_then(timestamp_of),
         verdict: verdict as i32,
@@ -52,19 +64,31 @@ pub fn flow_of_json(event: &Value) -> Flow {
         destination: Some(endpoint_of(&event["destination"])),
         r#type: FlowType::L3L4 as i32,
         node_name: event["node_name"].as_str().unwrap_or("").to_owned(),
-        event_type: Some(CiliumEventType {
-            r#type: MESSAGE_TYPE_POLICY_VERDICT,
-            sub_type: 0,
+        node_labels: strings(&event["node_labels"]),
+        event_type: Some(if policy_verdict {
+            CiliumEventType {
+                r#type: MESSAGE_TYPE_POLICY_VERDICT,
+                sub_type: 0,
+            }
+        } else {
+            CiliumEventType {
+                r#type: MESSAGE_TYPE_DROP,
+                sub_type: drop_reason as i32,
+            }
         }),
         traffic_direction: direction as i32,
-        policy_match_type: if event["rule_id"].is_null() {
-            POLICY_MATCH_NONE
+        policy_match_type: if policy_verdict {
+            event["policy_match_type"]
+                .as_u64()
+                .and_then(|m| u32::try_from(m).ok())
+                .unwrap_or(0)
         } else {
-            POLICY_MATCH_L3_L4
+            0
         },
         // A policy verdict is taken on a connection's first packet, never on a reply
-        // (replies pass by connection tracking).
-        is_reply: Some(false),
+        // (replies pass by connection tracking); a packet dropped before that may
+        // be either.
+        is_reply: policy_verdict.then_some(false),
         interface: event["interface"]
             .as_object()
             .map(|interface| NetworkInterface {
@@ -216,31 +240,45 @@ fn summary_of(l4: Option<&Layer4>) -> String {
         }
         Some(Protocol::Udp(_)) => "UDP".to_owned(),
         Some(Protocol::Sctp(_)) => "SCTP".to_owned(),
-        Some(Protocol::IcmPv4(icmp)) => format!("ICMPv4 type {} code {}", icmp.r#type, icmp.code),
-        Some(Protocol::IcmPv6(icmp)) => format!("ICMPv6 type {} code {}", icmp.r#type, icmp.code),
+        Some(Protocol::IcmPv4(icmp)) => {
+            format!("ICMPv4 {}", icmp_names::v4(icmp.r#type, icmp.code))
+        }
+        Some(Protocol::IcmPv6(icmp)) => {
+            format!("ICMPv6 {}", icmp_names::v6(icmp.r#type, icmp.code))
+        }
         None => String::new(),
     }
 }
 
+fn strings(list: &Value) -> Vec<String> {
+    list.as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn endpoint_of(endpoint: &Value) -> Endpoint {
     let text = |field: &str| endpoint[field].as_str().unwrap_or("").to_owned();
+    let namespace = text("namespace");
     Endpoint {
+        // A workload is in the cluster; an address outside it is in none.
+        cluster_name: if namespace.is_empty() {
+            String::new()
+        } else {
+            CLUSTER_NAME.to_owned()
+        },
         identity: endpoint["identity"]
             .as_u64()
             .and_then(|i| u32::try_from(i).ok())
             .unwrap_or(0),
-        namespace: text("namespace"),
+        namespace,
         pod_name: text("pod_name"),
-        labels: endpoint["labels"]
-            .as_array()
-            .map(|labels| {
-                labels
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        labels: strings(&endpoint["labels"]),
         ..Endpoint::default()
     }
 }
@@ -320,7 +358,7 @@ mod tests {
                 sub_type: 0
             })
         );
-        assert_eq!(flow.policy_match_type, POLICY_MATCH_NONE);
+        assert_eq!(flow.policy_match_type, 0, "none: a default deny");
         assert_eq!(flow.traffic_direction, TrafficDirection::Ingress as i32);
         assert_eq!(flow.is_reply, Some(false));
         assert_eq!(flow.node_name, "node-1");
@@ -367,6 +405,7 @@ mod tests {
         let flow = flow_of_json(&json!({
             "time": "2026-11-25T10:00:00Z", "verdict": "DROPPED",
             "drop_reason_desc": "POLICY_DENY", "traffic_direction": "EGRESS", "rule_id": 9,
+            "policy_match_type": 2,
             "IP": {"source": "fd80::1", "destination": "fd80::2"},
             "l4": {"UDP": {"source_port": 5353, "destination_port": 53}},
             "egress_denied_by": [{"name": "pci", "namespace": "", "kind": "ClusterNetworkPolicy",
@@ -374,7 +413,7 @@ mod tests {
         }));
         assert_eq!(flow.drop_reason_desc, DropReason::PolicyDeny as i32);
         assert_eq!(flow.drop_reason_desc, 181);
-        assert_eq!(flow.policy_match_type, POLICY_MATCH_L3_L4);
+        assert_eq!(flow.policy_match_type, 2, "L3-L4");
         assert_eq!(flow.ip.expect("IP").ip_version, IpVersion::IPv6 as i32);
         assert_eq!(flow.summary, "UDP");
         let policy = &flow.egress_denied_by[0];
@@ -388,6 +427,79 @@ mod tests {
                 "microseg:action=Deny"
             ]
         );
+    }
+
+    /// What Cilium sends for a packet dropped before policy: a drop event (type 1)
+    /// whose sub-type is the reason, not a policy verdict.
+    #[test]
+    fn a_drop_that_is_not_a_policy_denial_becomes_a_drop_event() {
+        for (reason, number) in [
+            ("INVALID_SOURCE_IP", 132),
+            ("INVALID_PACKET_DROPPED", 134),
+            ("FRAGMENT_WITHOUT_HEAD", 175),
+            ("UNSUPPORTED_L3_PROTOCOL", 139),
+            ("FORBIDDEN_ICMPV6", 176),
+        ] {
+            let flow = flow_of_json(&json!({
+                "time": "2026-11-25T10:00:00Z", "verdict": "DROPPED",
+                "drop_reason_desc": reason,
+                "IP": {"source": "10.0.0.9", "destination": "10.0.0.2"},
+                "source": {"namespace": "app", "pod_name": "client"},
+            }));
+            assert_eq!(
+                flow.event_type,
+                Some(CiliumEventType {
+                    r#type: MESSAGE_TYPE_DROP,
+                    sub_type: number
+                }),
+                "{reason}"
+            );
+            assert_eq!(flow.drop_reason_desc, number);
+            assert_eq!(flow.verdict, Verdict::Dropped as i32);
+            assert_eq!(flow.is_reply, None, "unknown for a packet policy never saw");
+            assert_eq!(flow.policy_match_type, 0);
+        }
+        // Policy denials and audits stay policy verdicts.
+        for (verdict, reason) in [
+            ("DROPPED", "POLICY_DENIED"),
+            ("DROPPED", "POLICY_DENY"),
+            ("AUDIT", "POLICY_DENIED"),
+        ] {
+            let flow = flow_of_json(&json!({"verdict": verdict, "drop_reason_desc": reason}));
+            assert_eq!(
+                flow.event_type.expect("event type").r#type,
+                MESSAGE_TYPE_POLICY_VERDICT
+            );
+        }
+    }
+
+    #[test]
+    #[expect(
+        deprecated,
+        reason = "Summary is deprecated and still what the printer reads"
+    )]
+    fn icmp_summaries_name_type_and_code_as_cilium_does() {
+        let summary = |l4: Value| flow_of_json(&json!({"l4": l4})).summary;
+        assert_eq!(
+            summary(json!({"ICMPv4": {"type": 8, "code": 0}})),
+            "ICMPv4 EchoRequest"
+        );
+        assert_eq!(
+            summary(json!({"ICMPv6": {"type": 1, "code": 4}})),
+            "ICMPv6 DestinationUnreachable(PortUnreachable)"
+        );
+    }
+
+    #[test]
+    fn workloads_are_in_the_default_cluster_and_node_labels_carry_over() {
+        let flow = flow_of_json(&json!({
+            "node_labels": ["kubernetes.io/hostname=n1"],
+            "source": {"namespace": "app", "pod_name": "a"},
+            "destination": {"labels": ["reserved:world"]},
+        }));
+        assert_eq!(flow.node_labels, ["kubernetes.io/hostname=n1"]);
+        assert_eq!(flow.source.expect("source").cluster_name, CLUSTER_NAME);
+        assert_eq!(flow.destination.expect("destination").cluster_name, "");
     }
 
     #[test]

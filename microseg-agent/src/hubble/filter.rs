@@ -2,14 +2,16 @@
 //! the fields set in one filter must all match, the entries of one field are
 //! alternatives, a flow passes the whitelist if any of its filters matches (an empty
 //! whitelist passes everything), and any matching blacklist filter excludes it. A
-//! field microseg's flows cannot answer (DNS names, services, L7, ...) is refused with
-//! a message naming it, never silently ignored.
+//! field microseg's flows cannot answer (DNS names, services, L7, CEL, ...) is
+//! refused with a message naming it, never silently ignored.
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::proto::flow::{Endpoint, Flow, FlowFilter, TcpFlags, layer4::Protocol};
+use super::proto::flow::{
+    Endpoint, Flow, FlowFilter, NetworkInterface, TcpFlags, layer4::Protocol,
+};
 
 /// One check of a filter: true if the flow matches.
 type Check = Box<dyn Fn(&Flow) -> bool + Send + Sync>;
@@ -148,6 +150,44 @@ fn compile(filter: &FlowFilter) -> Result<Vec<Check>, String> {
             wanted.iter().any(|w| flags_include(&flags, w))
         }));
     }
+    if !filter.drop_reason_desc.is_empty() {
+        let reasons = filter.drop_reason_desc.clone();
+        checks.push(Box::new(move |f| reasons.contains(&f.drop_reason_desc)));
+    }
+    if !filter.interface.is_empty() {
+        let interfaces = filter.interface.clone();
+        checks.push(Box::new(move |f| {
+            f.interface
+                .as_ref()
+                .is_some_and(|seen| interfaces.iter().any(|i| interface_matches(i, seen)))
+        }));
+    }
+    if !filter.node_labels.is_empty() {
+        let selectors = parse_selectors(&filter.node_labels, "node_labels")?;
+        checks.push(Box::new(move |f| {
+            selectors_match_labels(&selectors, &f.node_labels)
+        }));
+    }
+    if !filter.source_cluster_name.is_empty() {
+        let names = parse_cluster_names(&filter.source_cluster_name, "source_cluster_name")?;
+        checks.push(Box::new(move |f| {
+            cluster_matches(&names, f.source.as_ref())
+        }));
+    }
+    if !filter.destination_cluster_name.is_empty() {
+        let names =
+            parse_cluster_names(&filter.destination_cluster_name, "destination_cluster_name")?;
+        checks.push(Box::new(move |f| {
+            cluster_matches(&names, f.destination.as_ref())
+        }));
+    }
+    if !filter.encrypted.is_empty() {
+        // microseg sees traffic before any encryption: its flows say `false`.
+        let wanted = filter.encrypted.clone();
+        checks.push(Box::new(move |f| {
+            wanted.contains(&f.ip.as_ref().is_some_and(|ip| ip.encrypted))
+        }));
+    }
     if !filter.node_name.is_empty() {
         let patterns = filter
             .node_name
@@ -179,6 +219,18 @@ fn refuse_unanswerable(filter: &FlowFilter) -> Result<(), String> {
         ("http_path", filter.http_path.is_empty()),
         ("dns_query", filter.dns_query.is_empty()),
         ("trace_id", filter.trace_id.is_empty()),
+        ("http_url", filter.http_url.is_empty()),
+        ("http_header", filter.http_header.is_empty()),
+        // microseg translates no addresses: there is no translated source.
+        ("source_ip_xlated", filter.source_ip_xlated.is_empty()),
+        ("ip_trace_id", filter.ip_trace_id.is_empty()),
+        (
+            "experimental.cel_expression",
+            filter
+                .experimental
+                .as_ref()
+                .is_none_or(|e| e.cel_expression.is_empty()),
+        ),
     ];
     let set: Vec<&str> = unanswerable
         .iter()
@@ -189,7 +241,7 @@ fn refuse_unanswerable(filter: &FlowFilter) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "microseg cannot filter on {}: its flows are L3/L4 policy verdicts without DNS names, services, workloads, L7 data, trace ids or uuids",
+            "microseg cannot filter on {}: its flows are L3/L4 verdicts without DNS names, services, workloads, L7 data, translated addresses, trace ids, uuids or CEL",
             set.join(", ")
         ))
     }
@@ -216,10 +268,12 @@ fn ip_matches(nets: &[IpNet], address: Option<IpAddr>) -> bool {
     address.is_some_and(|a| nets.iter().any(|net| net.contains(&a)))
 }
 
-/// `namespace/pod-name-prefix`, `namespace/` (any pod of the namespace), or
-/// `pod-name-prefix` in the `default` namespace, as the hubble CLI means it.
+/// `namespace/pod-name-prefix`, `namespace/` (any pod of the namespace),
+/// `/pod-name-prefix` (in any namespace), or `pod-name-prefix` in the `default`
+/// namespace, as the hubble CLI means it.
 struct PodFilter {
-    namespace: String,
+    /// `None`: any namespace.
+    namespace: Option<String>,
     prefix: String,
 }
 
@@ -227,14 +281,18 @@ fn parse_pods(texts: &[String], field: &str) -> Result<Vec<PodFilter>, String> {
     texts
         .iter()
         .map(|text| {
-            let (namespace, prefix) = text.split_once('/').unwrap_or(("default", text));
-            if namespace.is_empty() || (prefix.is_empty() && !text.contains('/')) {
+            let (namespace, prefix) = match text.split_once('/') {
+                Some(("", prefix)) => (None, prefix),
+                Some((namespace, prefix)) => (Some(namespace), prefix),
+                None => (Some("default"), text.as_str()),
+            };
+            if text.is_empty() || (namespace.is_none() && prefix.is_empty()) {
                 return Err(format!(
-                    "{field}: {text:?} is not [namespace/]pod-name-prefix"
+                    "{field}: {text:?} is not [namespace]/pod-name-prefix, namespace/ or pod-name-prefix"
                 ));
             }
             Ok(PodFilter {
-                namespace: namespace.to_owned(),
+                namespace: namespace.map(str::to_owned),
                 prefix: prefix.to_owned(),
             })
         })
@@ -246,10 +304,31 @@ fn pod_matches(pods: &[PodFilter], endpoint: Option<&Endpoint>) -> bool {
         return false;
     };
     pods.iter().any(|pod| {
-        pod.namespace == endpoint.namespace
+        pod.namespace
+            .as_ref()
+            .map_or(!endpoint.namespace.is_empty(), |n| *n == endpoint.namespace)
             && (pod.prefix.is_empty()
                 || (!endpoint.pod_name.is_empty() && endpoint.pod_name.starts_with(&pod.prefix)))
     })
+}
+
+/// Hubble's interface match: a set index and a set name must both agree; an
+/// entry with neither matches any interface.
+fn interface_matches(wanted: &NetworkInterface, seen: &NetworkInterface) -> bool {
+    (wanted.index == 0 || wanted.index == seen.index)
+        && (wanted.name.is_empty() || wanted.name == seen.name)
+}
+
+fn parse_cluster_names(texts: &[String], field: &str) -> Result<Vec<String>, String> {
+    if texts.iter().any(String::is_empty) {
+        return Err(format!("{field}: a cluster name must not be empty"));
+    }
+    Ok(texts.to_vec())
+}
+
+fn cluster_matches(names: &[String], endpoint: Option<&Endpoint>) -> bool {
+    let cluster = endpoint.map_or("", |e| e.cluster_name.as_str());
+    names.iter().any(|name| name == cluster)
 }
 
 /// A Kubernetes label selector over an endpoint's labels (`source:key=value`, e.g.
@@ -330,7 +409,8 @@ fn split_requirements(text: &str) -> Vec<&str> {
     parts
 }
 
-/// The values of `key` among the labels (`source:key=value`).
+/// The values of `key` among the labels (`[source:]key=value`; the source is
+/// before the `=`, since a value may hold a colon).
 fn label_values<'a>(labels: &'a [String], key: &str) -> Vec<&'a str> {
     let (want_source, want_key) = match key.split_once(':') {
         Some((source, key)) if source != "any" => (Some(source), key),
@@ -340,15 +420,18 @@ fn label_values<'a>(labels: &'a [String], key: &str) -> Vec<&'a str> {
     labels
         .iter()
         .filter_map(|label| {
-            let (source, rest) = label.split_once(':').unwrap_or(("", label));
-            let (k, v) = rest.split_once('=').unwrap_or((rest, ""));
+            let (full_key, v) = label.split_once('=').unwrap_or((label, ""));
+            let (source, k) = full_key.split_once(':').unwrap_or(("", full_key));
             (k == want_key && want_source.is_none_or(|s| s == source)).then_some(v)
         })
         .collect()
 }
 
 fn selectors_match(selectors: &[Selector], endpoint: Option<&Endpoint>) -> bool {
-    let labels = endpoint.map_or(&[][..], |e| &e.labels[..]);
+    selectors_match_labels(selectors, endpoint.map_or(&[][..], |e| &e.labels[..]))
+}
+
+fn selectors_match_labels(selectors: &[Selector], labels: &[String]) -> bool {
     selectors.iter().any(|Selector(requirements)| {
         requirements.iter().all(|r| match r {
             Requirement::Exists(k) => !label_values(labels, k).is_empty(),
@@ -421,8 +504,8 @@ fn flags_include(flags: &TcpFlags, wanted: &TcpFlags) -> bool {
         .all(|(want, has)| !want || has)
 }
 
-/// Hubble's node name pattern: `[cluster/]node` with `*` wildcards. microseg knows
-/// no cluster name, so a cluster part other than `*` or `default` matches nothing.
+/// Hubble's node name pattern: `[cluster/]node` with `*` wildcards. microseg's
+/// cluster is `default` (`convert::CLUSTER_NAME`): another cluster matches nothing.
 struct NodePattern {
     cluster_matches: bool,
     node: String,
@@ -438,7 +521,7 @@ impl NodePattern {
             None => (None, text),
         };
         Ok(Self {
-            cluster_matches: cluster.is_none_or(|c| glob_matches(c, "default")),
+            cluster_matches: cluster.is_none_or(|c| glob_matches(c, super::convert::CLUSTER_NAME)),
             node: if node.is_empty() { "*" } else { node }.to_owned(),
         })
     }
@@ -475,7 +558,10 @@ mod tests {
     use super::*;
     use crate::hubble::{
         convert::flow_of_json,
-        proto::flow::{EventTypeFilter, TrafficDirection, Verdict},
+        proto::flow::{
+            DropReason, EventTypeFilter, HttpHeader, TrafficDirection, Verdict,
+            flow_filter::Experimental,
+        },
     };
     use serde_json::json;
 
@@ -483,6 +569,7 @@ mod tests {
         flow_of_json(&json!({
             "time": "2026-11-25T10:00:00.5Z", "verdict": "DROPPED", "node_name": "node-1",
             "drop_reason_desc": "POLICY_DENIED", "traffic_direction": "INGRESS",
+            "interface": {"index": 7, "name": "veth1"},
             "IP": {"source": "10.80.0.1", "destination": "10.80.0.2", "ipVersion": "IPv4"},
             "source": {"identity": 300, "namespace": "app", "pod_name": "client-1",
                        "labels": ["k8s:app=client", "k8s:tier=front"]},
@@ -661,6 +748,213 @@ mod tests {
             assert!(error.contains(says), "{error}");
             assert!(error.starts_with("blacklist[0]"), "{error}");
         }
+    }
+
+    #[test]
+    fn pods_without_a_namespace_are_in_any_namespace() {
+        let flow = denied_tcp();
+        let admits = |pods: &[&str]| {
+            filters(
+                vec![FlowFilter {
+                    source_pod: strings(pods),
+                    ..FlowFilter::default()
+                }],
+                vec![],
+            )
+            .admits(&flow)
+        };
+        assert!(admits(&["/client"]));
+        assert!(admits(&["/cli"]));
+        assert!(!admits(&["/server"]));
+        assert!(!admits(&["client"]), "`default` namespace");
+        assert!(
+            FlowFilters::new(
+                &[FlowFilter {
+                    source_pod: strings(&["/"]),
+                    ..FlowFilter::default()
+                }],
+                &[]
+            )
+            .is_err()
+        );
+    }
+
+    /// Hubble v1.19's newer fields microseg answers, each allowed (whitelist) and
+    /// negated (`--not`: blacklist).
+    #[test]
+    fn newer_filters_match_as_allowed_and_as_blacklist() {
+        let mut flow = denied_tcp();
+        flow.node_labels = strings(&["kubernetes.io/hostname=node-1", "zone=a:b"]);
+        let matching = [
+            FlowFilter {
+                drop_reason_desc: vec![
+                    DropReason::PolicyDenied as i32,
+                    DropReason::PolicyDeny as i32,
+                ],
+                ..FlowFilter::default()
+            },
+            FlowFilter {
+                interface: vec![NetworkInterface {
+                    index: 0,
+                    name: "veth1".into(),
+                }],
+                ..FlowFilter::default()
+            },
+            FlowFilter {
+                interface: vec![NetworkInterface {
+                    index: 7,
+                    name: String::new(),
+                }],
+                ..FlowFilter::default()
+            },
+            // An interface with neither index nor name: any interface.
+            FlowFilter {
+                interface: vec![NetworkInterface::default()],
+                ..FlowFilter::default()
+            },
+            FlowFilter {
+                node_labels: strings(&["kubernetes.io/hostname=node-1,zone=a:b"]),
+                ..FlowFilter::default()
+            },
+            FlowFilter {
+                source_cluster_name: strings(&["default"]),
+                destination_cluster_name: strings(&["other", "default"]),
+                ..FlowFilter::default()
+            },
+            FlowFilter {
+                encrypted: vec![false],
+                ..FlowFilter::default()
+            },
+        ];
+        let not_matching = [
+            FlowFilter {
+                drop_reason_desc: vec![DropReason::InvalidSourceIp as i32],
+                ..FlowFilter::default()
+            },
+            FlowFilter {
+                interface: vec![NetworkInterface {
+                    index: 7,
+                    name: "eth0".into(),
+                }],
+                ..FlowFilter::default()
+            },
+            FlowFilter {
+                node_labels: strings(&["zone=b"]),
+                ..FlowFilter::default()
+            },
+            FlowFilter {
+                source_cluster_name: strings(&["prod"]),
+                ..FlowFilter::default()
+            },
+            FlowFilter {
+                encrypted: vec![true],
+                ..FlowFilter::default()
+            },
+        ];
+        for filter in matching {
+            assert!(
+                filters(vec![filter.clone()], vec![]).admits(&flow),
+                "{filter:?}"
+            );
+            assert!(
+                !filters(vec![], vec![filter.clone()]).admits(&flow),
+                "--not {filter:?}"
+            );
+        }
+        for filter in not_matching {
+            assert!(
+                !filters(vec![filter.clone()], vec![]).admits(&flow),
+                "{filter:?}"
+            );
+            assert!(
+                filters(vec![], vec![filter.clone()]).admits(&flow),
+                "--not {filter:?}"
+            );
+        }
+        // A flow without an interface matches no interface filter.
+        flow.interface = None;
+        assert!(
+            !filters(
+                vec![FlowFilter {
+                    interface: vec![NetworkInterface::default()],
+                    ..FlowFilter::default()
+                }],
+                vec![]
+            )
+            .admits(&flow)
+        );
+    }
+
+    #[test]
+    fn newer_filters_microseg_cannot_answer_are_refused_by_name() {
+        for (filter, field) in [
+            (
+                FlowFilter {
+                    http_url: strings(&["/api"]),
+                    ..FlowFilter::default()
+                },
+                "http_url",
+            ),
+            (
+                FlowFilter {
+                    http_header: vec![HttpHeader {
+                        key: "x".into(),
+                        value: "y".into(),
+                    }],
+                    ..FlowFilter::default()
+                },
+                "http_header",
+            ),
+            (
+                FlowFilter {
+                    source_ip_xlated: strings(&["10.0.0.1"]),
+                    ..FlowFilter::default()
+                },
+                "source_ip_xlated",
+            ),
+            (
+                FlowFilter {
+                    ip_trace_id: vec![7],
+                    ..FlowFilter::default()
+                },
+                "ip_trace_id",
+            ),
+            (
+                FlowFilter {
+                    experimental: Some(Experimental {
+                        cel_expression: strings(&["_flow.verdict == 2"]),
+                    }),
+                    ..FlowFilter::default()
+                },
+                "experimental.cel_expression",
+            ),
+            (
+                FlowFilter {
+                    destination_cluster_name: strings(&[""]),
+                    ..FlowFilter::default()
+                },
+                "destination_cluster_name",
+            ),
+        ] {
+            for (white, black) in [
+                (vec![filter.clone()], vec![]),
+                (vec![], vec![filter.clone()]),
+            ] {
+                let error = FlowFilters::new(&white, &black).err().expect("refused");
+                assert!(error.contains(field), "{error}");
+            }
+        }
+        // An empty experimental part asks for nothing.
+        assert!(
+            FlowFilters::new(
+                &[FlowFilter {
+                    experimental: Some(Experimental::default()),
+                    ..FlowFilter::default()
+                }],
+                &[]
+            )
+            .is_ok()
+        );
     }
 
     #[test]

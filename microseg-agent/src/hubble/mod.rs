@@ -1,7 +1,7 @@
 //! Hubble's Observer API over gRPC, so that `hubble observe` and Hubble UI work
-//! against microseg: GetFlows (with Hubble's filters, applied here), ServerStatus and
-//! the standard gRPC health service, on a Unix socket and optionally a loopback TCP
-//! port. Flows are converted from the agent's event JSON (`event_view`), the one
+//! against microseg: GetFlows (with Hubble's filters, applied here), GetNodes,
+//! GetNamespaces, ServerStatus and the standard gRPC health service, on a Unix
+//! socket and optionally a loopback TCP port. Flows are converted from the agent's event JSON (`event_view`), the one
 //! source of truth for what an event says.
 
 /// Messages and service code generated from ../proto (build.rs).
@@ -18,10 +18,12 @@ pub mod proto {
     }
 }
 
+pub mod activity;
 pub mod client;
 pub mod config;
 pub mod convert;
 pub mod filter;
+pub mod icmp_names;
 pub mod server;
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::SystemTime};

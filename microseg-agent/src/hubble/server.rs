@@ -12,14 +12,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{
-    convert::flow_of_line,
+    activity,
+    convert::{CLUSTER_NAME, flow_of_line},
     filter::FlowFilters,
     proto::{
         flow::{Flow, LostEvent, LostEventSource},
         observer::{
-            GetFlowsRequest, GetFlowsResponse, GetNodesRequest, GetNodesResponse, Node,
-            ServerStatusRequest, ServerStatusResponse, get_flows_response::ResponseTypes,
-            observer_server::Observer,
+            GetFlowsRequest, GetFlowsResponse, GetNamespacesRequest, GetNamespacesResponse,
+            GetNodesRequest, GetNodesResponse, Namespace, Node, ServerStatusRequest,
+            ServerStatusResponse, get_flows_response::ResponseTypes, observer_server::Observer,
         },
         relay::NodeState,
     },
@@ -58,8 +59,17 @@ impl HubbleObserver {
             num_unavailable_nodes: None,
             unavailable_nodes: Vec::new(),
             version: format!("{}+microseg", env!("CARGO_PKG_VERSION")),
+            flows_rate: activity::flows_rate(&self.hub.history(), now_ns()),
         }
     }
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .and_then(|since| i64::try_from(since.as_nanos()).ok())
+        .unwrap_or(0)
 }
 
 type Stream = ReceiverStream<Result<GetFlowsResponse, Status>>;
@@ -96,6 +106,13 @@ impl Observer for HubbleObserver {
         Ok(Response::new(self.status()))
     }
 
+    async fn get_namespaces(
+        &self,
+        _request: Request<GetNamespacesRequest>,
+    ) -> Result<Response<GetNamespacesResponse>, Status> {
+        Ok(Response::new(namespaces(&self.hub)))
+    }
+
     /// This node, connected: what Hubble UI lists (a node's server knows only itself).
     async fn get_nodes(
         &self,
@@ -115,6 +132,19 @@ impl Observer for HubbleObserver {
                 seen_flows: status.seen_flows,
             }],
         }))
+    }
+}
+
+/// The namespaces with flows in the last hour, in microseg's one cluster.
+fn namespaces(hub: &EventHub) -> GetNamespacesResponse {
+    GetNamespacesResponse {
+        namespaces: activity::namespaces(&hub.history(), now_ns())
+            .into_iter()
+            .map(|namespace| Namespace {
+                cluster: CLUSTER_NAME.to_owned(),
+                namespace,
+            })
+            .collect(),
     }
 }
 

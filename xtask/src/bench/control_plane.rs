@@ -200,9 +200,10 @@ fn objects_for(
                 .unwrap_or_default()
                 .to_owned(),
         );
+        let object = StoredObject::new("microseg-bench.yaml".to_owned(), 1, &value);
         let object = match previous.get(&key) {
-            Some(known) if known.value.is(&value) => known.clone(),
-            _ => StoredObject::new("microseg-bench.yaml".to_owned(), 1, &value),
+            Some(known) if known.value == object.value => known.clone(),
+            _ => object,
         };
         ensure!(objects.insert(key, object).is_none(), "duplicate object");
     }
