@@ -29,7 +29,7 @@ pub struct EventNames {
     /// Endpoint id -> `namespace/name`.
     pub endpoints: imbl::OrdMap<u32, String>,
     /// Rule id -> the rule (NetworkPolicy or ClusterNetworkPolicy).
-    pub rules: imbl::OrdMap<u32, RuleRef>,
+    pub rules: imbl::OrdMap<u32, Arc<RuleRef>>,
     /// Rule id -> what the rule matches on (Hubble's `policy_match_type`).
     pub rule_matches: imbl::OrdMap<u32, PolicyMatchType>,
     /// (endpoint id, direction) -> policies selecting it, for default denies.

@@ -62,7 +62,7 @@ fn check_scenario(scenario: &Scenario, coverage: &mut Coverage) -> Result<(), Te
             }
             if let VerdictReason::DecidedBy(rule) = &verdict.reason {
                 // The maps name the ClusterNetworkPolicy rule that decided.
-                let found = compiled.rules.get(map_verdict.rule_id);
+                let found = compiled.rules.get(map_verdict.rule_id).map(|rule| &**rule);
                 prop_assert_eq!(found, Some(rule), "{}: {}", flow, verdict.explanation);
             }
             if let VerdictReason::AllowedBy(rules) = &verdict.reason {

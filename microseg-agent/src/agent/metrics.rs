@@ -615,7 +615,7 @@ mod tests {
         rule_hit_families(
             &mut out,
             &[
-                record(CountedThing::Rule(rule), 40, 6),
+                record(CountedThing::Rule(rule.into()), 40, 6),
                 record(
                     CountedThing::DefaultDeny {
                         workload: "prod/db".into(),

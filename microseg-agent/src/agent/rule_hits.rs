@@ -32,7 +32,7 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// What a slot counts, by stable names (ids change over an agent restart, names not).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CountedThing {
-    Rule(RuleRef),
+    Rule(Arc<RuleRef>),
     DefaultDeny {
         workload: String,
         direction: Direction,

@@ -78,13 +78,17 @@ use selectors::{PeerSelector, SelectorCache};
 
 /// Rule ids as stored in policy entries. Id 0 is `RULE_ID_DEFAULT_DENY`; a rule keeps
 /// its id from one compile to the next while its policy exists (see [`Numbering`]).
+///
+/// A rule's reference is shared by the numbering, the rule's state, this table, the
+/// events' name tables and the rule hit records: one copy of its names per rule,
+/// not five (about 750 bytes a rule).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleTable {
-    rules: BTreeMap<u32, RuleRef>,
+    rules: BTreeMap<u32, Arc<RuleRef>>,
 }
 
 impl RuleTable {
-    pub fn get(&self, rule_id: u32) -> Option<&RuleRef> {
+    pub fn get(&self, rule_id: u32) -> Option<&Arc<RuleRef>> {
         self.rules.get(&rule_id)
     }
 
@@ -97,7 +101,7 @@ impl RuleTable {
     }
 
     /// (rule id, rule) pairs, by id.
-    pub fn iter(&self) -> impl Iterator<Item = (u32, &RuleRef)> {
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Arc<RuleRef>)> {
         self.rules.iter().map(|(id, rule)| (*id, rule))
     }
 }
@@ -295,8 +299,9 @@ enum PolicyId {
 /// One rule as registered.
 #[derive(Clone, Debug)]
 struct RuleState {
-    rule_ref: RuleRef,
-    policy: PolicyId,
+    rule_ref: Arc<RuleRef>,
+    /// Shared by the policy's rules and its entry in `policies`.
+    policy: Arc<PolicyId>,
     direction: PolicyDirection,
     action: RuleAction,
     /// `None`: every peer.
@@ -389,7 +394,7 @@ pub struct Compiler {
     /// Egress rules without peers that name ports: they resolve on every identity
     /// with named ports.
     any_peer_named_rules: BTreeSet<u32>,
-    policies: HashMap<PolicyId, PolicyState>,
+    policies: HashMap<Arc<PolicyId>, PolicyState>,
     rule_table: RuleTable,
     /// Local workloads (enforced here if a policy selects them), by namespace,
     /// indexed by label.
@@ -719,7 +724,7 @@ impl Compiler {
     fn register_rule(
         &mut self,
         set: &PolicySet,
-        policy: &PolicyId,
+        policy: &Arc<PolicyId>,
         state: &mut PolicyState,
         rule: RuleSpec<'_>,
     ) {
@@ -729,6 +734,7 @@ impl Compiler {
             peers,
             ports,
         } = rule;
+        let rule_ref = Arc::new(rule_ref);
         let direction = rule_ref.direction;
         let rule_id = self.numbering.rule(&rule_ref);
         self.hit_slots.rule(rule_id);
@@ -788,7 +794,10 @@ impl Compiler {
         policy: &Policy,
         dirty: &mut BTreeSet<WorkloadKey>,
     ) {
-        let id = PolicyId::Network(policy.namespace.clone(), policy.name.clone());
+        let id = Arc::new(PolicyId::Network(
+            policy.namespace.clone(),
+            policy.name.clone(),
+        ));
         let mut state = PolicyState::default();
         for direction in DIRECTIONS {
             for (index, rule) in policy
@@ -821,7 +830,7 @@ impl Compiler {
         policy: &ClusterPolicy,
         dirty: &mut BTreeSet<WorkloadKey>,
     ) {
-        let id = PolicyId::Cluster(policy.name.clone());
+        let id = Arc::new(PolicyId::Cluster(policy.name.clone()));
         let mut state = PolicyState::default();
         for direction in DIRECTIONS {
             for (index, rule) in policy.rules(direction).iter().enumerate() {

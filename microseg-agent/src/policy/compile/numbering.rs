@@ -49,7 +49,7 @@ pub struct Numbering {
     cidr_identities: HashMap<Vec<IpBlock>, u32>,
     /// namespace -> name -> endpoint id.
     endpoints: HashMap<String, HashMap<String, u32>>,
-    rules: HashMap<RuleRef, u32>,
+    rules: HashMap<Arc<RuleRef>, u32>,
     next_identity: u32,
     next_endpoint: u32,
     next_rule: u32,
@@ -169,9 +169,16 @@ impl Numbering {
         }
     }
 
-    pub(super) fn rule(&mut self, rule: &RuleRef) -> u32 {
-        if let Some(id) = self.rules.get(rule) {
-            return *id;
+    pub(super) fn rule(&mut self, rule: &Arc<RuleRef>) -> u32 {
+        if let Some((held, id)) = self.rules.get_key_value(&**rule) {
+            let id = *id;
+            // Hold the caller's copy, shared with the rule's state, rather than
+            // one of our own (from saved ids, or a policy registered again).
+            if !Arc::ptr_eq(held, rule) {
+                self.rules.remove(&**rule);
+                self.rules.insert(rule.clone(), id);
+            }
+            return id;
         }
         self.revision += 1;
         let id = allocate(&mut self.next_rule);
@@ -255,7 +262,7 @@ impl Numbering {
                 .iter()
                 .map(|(rule, id)| SavedRule {
                     id: *id,
-                    rule: rule.clone(),
+                    rule: RuleRef::clone(rule),
                 })
                 .collect(),
             next_identity: self.next_identity,
@@ -334,7 +341,7 @@ impl Numbering {
         let mut rules: HashSet<u32> = HashSet::default();
         for SavedRule { id, rule } in saved.rules {
             let fresh = (1..next_rule).contains(&id) && rules.insert(id);
-            if !fresh || numbering.rules.insert(rule, id).is_some() {
+            if !fresh || numbering.rules.insert(Arc::new(rule), id).is_some() {
                 return Err(format!("rule {id} is saved twice or out of range"));
             }
         }
