@@ -74,7 +74,7 @@ pub use numbering::WorkloadIdentityKey;
 pub use output::CompiledChanges;
 use output::Output;
 pub use saved_ids::{IdsRevision, SavedIds, SavedIdsError};
-use selectors::{PeerSelector, SelectorCache};
+use selectors::{PeerSelector, SelectorCache, SharedSelector};
 
 /// Rule ids as stored in policy entries. Id 0 is `RULE_ID_DEFAULT_DENY`; a rule keeps
 /// its id from one compile to the next while its policy exists (see [`Numbering`]).
@@ -305,7 +305,7 @@ struct RuleState {
     direction: PolicyDirection,
     action: RuleAction,
     /// `None`: every peer.
-    peers: Option<Vec<PeerSelector>>,
+    peers: Option<Vec<SharedSelector>>,
     ports: Option<Vec<PortRule>>,
     /// The reduction, while it is current.
     reduced: Option<Arc<CompiledRule>>,
@@ -390,7 +390,7 @@ pub struct Compiler {
     identities: IdentityLayer,
     selectors: SelectorCache,
     rules: HashMap<u32, RuleState>,
-    rules_by_selector: HashMap<PeerSelector, BTreeSet<u32>>,
+    rules_by_selector: HashMap<SharedSelector, BTreeSet<u32>>,
     /// Egress rules without peers that name ports: they resolve on every identity
     /// with named ports.
     any_peer_named_rules: BTreeSet<u32>,
@@ -740,8 +740,6 @@ impl Compiler {
         self.hit_slots.rule(rule_id);
         self.touched.rules.insert(rule_id);
         self.rule_table.rules.insert(rule_id, rule_ref.clone());
-        let selectors: Option<Vec<PeerSelector>> =
-            peers.map(|peers| peers.iter().map(PeerSelector::of).collect());
         for peer in peers.into_iter().flatten() {
             match peer {
                 Peer::IpBlock(block) => {
@@ -755,13 +753,22 @@ impl Compiler {
                 Peer::Workloads { .. } => {}
             }
         }
-        for selector in selectors.iter().flatten() {
-            self.selectors.add_use(selector, set, &self.identities);
-            self.rules_by_selector
-                .entry(selector.clone())
-                .or_default()
-                .insert(rule_id);
-        }
+        // After the blocks are in use: a block selector selects their identities.
+        let selectors: Option<Vec<SharedSelector>> = peers.map(|peers| {
+            peers
+                .iter()
+                .map(|peer| {
+                    let selector =
+                        self.selectors
+                            .add_use(PeerSelector::of(peer), set, &self.identities);
+                    self.rules_by_selector
+                        .entry(selector.clone())
+                        .or_default()
+                        .insert(rule_id);
+                    selector
+                })
+                .collect()
+        });
         if direction == PolicyDirection::Egress {
             for port in ports.into_iter().flatten() {
                 if let PortSpec::Named(name) = &port.port {

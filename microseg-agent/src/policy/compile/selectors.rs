@@ -26,6 +26,11 @@ pub(super) enum PeerSelector {
     Nodes(LabelSelector),
 }
 
+/// A selector as the cache holds it: one allocation per distinct selector, shared by
+/// the cache's indexes, the identities holding it and the rules using it (each held
+/// a copy: about 1 KiB per rule of a cluster's policies).
+pub(super) type SharedSelector = Arc<PeerSelector>;
+
 impl PeerSelector {
     pub fn of(peer: &Peer) -> Self {
         match peer {
@@ -44,28 +49,25 @@ struct Selected {
     identities: BTreeSet<u32>,
     /// Rule peers using the selector.
     uses: usize,
-    /// The selector, as the identities it holds refer to it.
-    shared: Arc<PeerSelector>,
 }
 
-/// The pod selectors holding one identity, shared with the cache, not copied: most
-/// identities are held by a few.
-type HeldBy = SortedVecSet<Arc<PeerSelector>>;
+/// The pod selectors holding one identity: most identities are held by a few.
+type HeldBy = SortedVecSet<SharedSelector>;
 
 #[derive(Clone, Debug, Default)]
 pub(super) struct SelectorCache {
-    selectors: HashMap<PeerSelector, Selected>,
+    selectors: HashMap<SharedSelector, Selected>,
     /// Pod selectors scoped to one namespace, by namespace.
-    by_namespace: BTreeMap<String, BTreeSet<PeerSelector>>,
+    by_namespace: BTreeMap<String, BTreeSet<SharedSelector>>,
     /// Pod selectors choosing namespaces by label.
-    choosing_namespaces: BTreeSet<PeerSelector>,
+    choosing_namespaces: BTreeSet<SharedSelector>,
     /// ipBlock selectors, by block.
-    by_block: BTreeMap<IpBlock, PeerSelector>,
-    nodes: BTreeSet<PeerSelector>,
+    by_block: BTreeMap<IpBlock, SharedSelector>,
+    nodes: BTreeSet<SharedSelector>,
     /// identity -> pod selectors holding it (to leave them when it goes).
     holding: HashMap<u32, HeldBy>,
     /// Selectors whose identities changed in this update.
-    changed: BTreeSet<PeerSelector>,
+    changed: BTreeSet<SharedSelector>,
 }
 
 impl SelectorCache {
@@ -77,13 +79,21 @@ impl SelectorCache {
             .flat_map(|s| s.identities.iter().copied())
     }
 
-    /// A rule peer starts using `selector`; a new one is worked out now.
-    pub fn add_use(&mut self, selector: &PeerSelector, set: &PolicySet, layer: &IdentityLayer) {
-        if let Some(known) = self.selectors.get_mut(selector) {
+    /// A rule peer starts using `selector`; a new one is worked out now. Returns
+    /// the selector as the cache holds it, for the rule to hold.
+    pub fn add_use(
+        &mut self,
+        selector: PeerSelector,
+        set: &PolicySet,
+        layer: &IdentityLayer,
+    ) -> SharedSelector {
+        if let Some(known) = self.selectors.get_mut(&selector) {
             known.uses += 1;
-            return;
+            let (shared, _) = self.selectors.get_key_value(&selector).expect("just found");
+            return shared.clone();
         }
-        match selector {
+        let shared = Arc::new(selector);
+        match &*shared {
             PeerSelector::Pods {
                 namespaces: NamespaceScope::Named(namespace),
                 ..
@@ -91,33 +101,32 @@ impl SelectorCache {
                 self.by_namespace
                     .entry(namespace.clone())
                     .or_default()
-                    .insert(selector.clone());
+                    .insert(shared.clone());
             }
             PeerSelector::Pods { .. } => {
-                self.choosing_namespaces.insert(selector.clone());
+                self.choosing_namespaces.insert(shared.clone());
             }
             PeerSelector::Block(block) => {
-                self.by_block.insert(block.clone(), selector.clone());
+                self.by_block.insert(block.clone(), shared.clone());
             }
             PeerSelector::Nodes(_) => {
-                self.nodes.insert(selector.clone());
+                self.nodes.insert(shared.clone());
             }
         }
-        let identities = Self::select(selector, set, layer);
-        let shared = Arc::new(selector.clone());
-        if matches!(selector, PeerSelector::Pods { .. }) {
+        let identities = Self::select(&shared, set, layer);
+        if matches!(*shared, PeerSelector::Pods { .. }) {
             for id in &identities {
                 self.holding.entry(*id).or_default().insert(shared.clone());
             }
         }
         self.selectors.insert(
-            selector.clone(),
+            shared.clone(),
             Selected {
                 identities,
                 uses: 1,
-                shared,
             },
         );
+        shared
     }
 
     /// A rule peer stops using `selector`.
@@ -200,9 +209,9 @@ impl SelectorCache {
     }
 
     /// Works out again `selector`'s identities, recording a change.
-    fn refresh(&mut self, selector: &PeerSelector, set: &PolicySet, layer: &IdentityLayer) {
+    fn refresh(&mut self, selector: &SharedSelector, set: &PolicySet, layer: &IdentityLayer) {
         let identities = Self::select(selector, set, layer);
-        let Some(known) = self.selectors.get_mut(selector) else {
+        let Some(known) = self.selectors.get_mut(&**selector) else {
             return;
         };
         if known.identities != identities {
@@ -226,7 +235,7 @@ impl SelectorCache {
             for selector in self.holding.remove(id).unwrap_or_default() {
                 if let Some(known) = self.selectors.get_mut(&*selector) {
                     known.identities.remove(id);
-                    self.changed.insert(Arc::unwrap_or_clone(selector));
+                    self.changed.insert(selector);
                 }
             }
         }
@@ -239,7 +248,7 @@ impl SelectorCache {
             let labels = &identity.key.labels;
             // Every selector that could match is read; only those that do are
             // copied (a cluster has thousands of namespace-choosing selectors).
-            let matching: Vec<Arc<PeerSelector>> = self
+            let matching: Vec<SharedSelector> = self
                 .by_namespace
                 .get(namespace)
                 .into_iter()
@@ -249,7 +258,7 @@ impl SelectorCache {
                     let PeerSelector::Pods {
                         namespaces: scope,
                         pods,
-                    } = selector
+                    } = &***selector
                     else {
                         return false;
                     };
@@ -261,7 +270,7 @@ impl SelectorCache {
                     };
                     in_scope && pods.matches(labels)
                 })
-                .filter_map(|selector| Some(self.selectors.get(selector)?.shared.clone()))
+                .cloned()
                 .collect();
             for selector in matching {
                 let Some(known) = self.selectors.get_mut(&*selector) else {
@@ -272,21 +281,18 @@ impl SelectorCache {
                     .entry(*id)
                     .or_default()
                     .insert(selector.clone());
-                // Copied once per update, not once per identity it gained.
-                if !self.changed.contains(&*selector) {
-                    self.changed.insert(Arc::unwrap_or_clone(selector));
-                }
+                self.changed.insert(selector);
             }
         }
         // Relabelled namespaces: the selectors choosing namespaces read again the
         // identities of those namespaces.
         if !namespaces.is_empty() {
-            let choosing: Vec<PeerSelector> = self.choosing_namespaces.iter().cloned().collect();
+            let choosing: Vec<SharedSelector> = self.choosing_namespaces.iter().cloned().collect();
             for selector in choosing {
                 let PeerSelector::Pods {
                     namespaces: NamespaceScope::Selected(chosen),
                     pods,
-                } = &selector
+                } = &*selector
                 else {
                     continue;
                 };
@@ -301,7 +307,7 @@ impl SelectorCache {
                                 .workload_identities
                                 .get(&id)
                                 .is_some_and(|identity| pods.matches(&identity.key.labels));
-                        let Some(known) = self.selectors.get_mut(&selector) else {
+                        let Some(known) = self.selectors.get_mut(&*selector) else {
                             continue;
                         };
                         if selects == known.identities.contains(&id) {
@@ -309,14 +315,11 @@ impl SelectorCache {
                         }
                         if selects {
                             known.identities.insert(id);
-                            self.holding
-                                .entry(id)
-                                .or_default()
-                                .insert(known.shared.clone());
+                            self.holding.entry(id).or_default().insert(selector.clone());
                         } else {
                             known.identities.remove(&id);
                             if let Some(held) = self.holding.get_mut(&id) {
-                                held.remove(&selector);
+                                held.remove(&*selector);
                             }
                         }
                         self.changed.insert(selector.clone());
@@ -331,7 +334,7 @@ impl SelectorCache {
             }
         }
         if nodes_changed || !changes.blocks_changed.is_empty() {
-            let nodes: Vec<PeerSelector> = self.nodes.iter().cloned().collect();
+            let nodes: Vec<SharedSelector> = self.nodes.iter().cloned().collect();
             for selector in nodes {
                 self.refresh(&selector, set, layer);
             }
@@ -339,7 +342,7 @@ impl SelectorCache {
     }
 
     /// The selectors whose identities changed since the last call.
-    pub fn take_changed(&mut self) -> BTreeSet<PeerSelector> {
+    pub fn take_changed(&mut self) -> BTreeSet<SharedSelector> {
         std::mem::take(&mut self.changed)
     }
 }
