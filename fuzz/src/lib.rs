@@ -103,7 +103,7 @@ pub fn check_agent_objects(data: &[u8]) {
         }
     };
     for (key, object) in &objects {
-        assert_eq!(object.file, name, "object {key} names another file");
+        assert_eq!(&*object.file, name, "object {key} names another file");
         assert!(
             (1..=last).contains(&object.document),
             "object {key} is in document {} of {last}",

@@ -82,15 +82,18 @@ impl std::fmt::Display for ObjectKey {
 /// allocation ([`ConversionCache`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoredObject {
-    pub file: String,
+    /// Shared: the agent keeps every object of the cluster in the watches' view,
+    /// in what is enforced and in the converted store; a copy of the name is a
+    /// reference count.
+    pub file: Arc<str>,
     pub document: usize,
     pub value: Arc<ObjectJson>,
 }
 
 impl StoredObject {
-    pub fn new(file: String, document: usize, value: &serde_json::Value) -> Self {
+    pub fn new(file: impl Into<Arc<str>>, document: usize, value: &serde_json::Value) -> Self {
         Self {
-            file,
+            file: file.into(),
             document,
             value: Arc::new(ObjectJson::new(value)),
         }
@@ -149,6 +152,7 @@ pub type ObjectMap = BTreeMap<ObjectKey, StoredObject>;
 pub fn parse_objects(file: &str, text: &str) -> Result<ObjectMap, Vec<String>> {
     let mut objects = ObjectMap::new();
     let mut errors = Vec::new();
+    let shared_file: Arc<str> = Arc::from(file);
     let (found, error) = documents(Path::new(file), text);
     for (source, value) in found {
         let number = source.document;
@@ -163,7 +167,7 @@ pub fn parse_objects(file: &str, text: &str) -> Result<ObjectMap, Vec<String>> {
         for item in items {
             match key_of(&item) {
                 Ok(key) => {
-                    objects.insert(key, StoredObject::new(file.to_owned(), number, &item));
+                    objects.insert(key, StoredObject::new(shared_file.clone(), number, &item));
                 }
                 Err(reason) => errors.push(format!("{source}: {reason}")),
             }
@@ -264,7 +268,7 @@ pub struct ConversionCache {
 struct CachedConversion {
     /// Held, so that the allocation cannot be reused for another value.
     value: Arc<ObjectJson>,
-    file: String,
+    file: Arc<str>,
     document: usize,
     fail_closed: bool,
     converted: ConvertedDocument,
@@ -302,7 +306,7 @@ pub fn build_policy_set_cached<'a>(
             document: object.document,
             fail_closed: lenient,
             converted: PolicySetBuilder::convert_document_with(
-                &Source::new(&object.file, object.document),
+                &Source::new(&*object.file, object.document),
                 &object.value.parse(),
                 from_api_server(object),
                 lenient,
@@ -321,7 +325,7 @@ pub fn build_policy_set_cached<'a>(
 pub struct ObjectStore {
     store: PolicyStore<ObjectKey>,
     /// The value each object was converted from, and with what leniency.
-    sources: foldhash::HashMap<ObjectKey, (Arc<ObjectJson>, String, usize, bool)>,
+    sources: foldhash::HashMap<ObjectKey, (Arc<ObjectJson>, Arc<str>, usize, bool)>,
 }
 
 /// One object changed: its new value, or `None` when it went.
@@ -392,7 +396,7 @@ impl ObjectStore {
             let document = match (unchanged, self.store.document(key)) {
                 (true, Some(document)) => document.clone(),
                 _ => PolicySetBuilder::convert_document_with(
-                    &Source::new(&object.file, object.document),
+                    &Source::new(&*object.file, object.document),
                     &object.value.parse(),
                     from_api_server(object),
                     lenient,
@@ -518,7 +522,7 @@ mod tests {
         assert_eq!(json, ObjectJson::new(&value));
         assert_ne!(json, ObjectJson::new(&serde_json::json!({"kind": "Pod"})));
         // Read back from a pretty-printed file (the saved state): the same text.
-        let object = StoredObject::new("f".into(), 1, &value);
+        let object = StoredObject::new("f", 1, &value);
         let pretty = serde_json::to_string_pretty(&object).unwrap();
         let read: StoredObject = serde_json::from_str(&pretty).unwrap();
         assert_eq!(read, object);
