@@ -61,6 +61,9 @@ fn shown_commands(file: &str, text: &str) -> Result<Vec<Shown>, String> {
     let mut block: Option<String> = None;
     let mut pending = String::new();
     let mut pending_line = 0;
+    // A comment line of its own saying `needs:` or `tested:` holds for the
+    // block's commands below it.
+    let mut block_marker = String::new();
     for (number, line) in text.lines().enumerate() {
         let number = number + 1;
         if let Some(fence) = line.trim_start().strip_prefix("```") {
@@ -68,6 +71,7 @@ fn shown_commands(file: &str, text: &str) -> Result<Vec<Shown>, String> {
                 None => Some(fence.trim().to_owned()),
                 Some(_) => None,
             };
+            block_marker.clear();
             continue;
         }
         let Some(language) = &block else { continue };
@@ -98,6 +102,12 @@ fn shown_commands(file: &str, text: &str) -> Result<Vec<Shown>, String> {
             }
         } else {
             let trimmed = line.trim_start();
+            if let Some(comment) = trimmed.strip_prefix('#')
+                && pending.is_empty()
+                && (marker(comment, "needs").is_some() || marker(comment, "tested").is_some())
+            {
+                block_marker = comment.trim().to_owned();
+            }
             (!trimmed.is_empty() && (!trimmed.starts_with('#') || !pending.is_empty()))
                 .then_some(line)
         };
@@ -114,7 +124,10 @@ fn shown_commands(file: &str, text: &str) -> Result<Vec<Shown>, String> {
             }
             None => {
                 pending.push_str(command_text);
-                let (command, comment) = split_comment(&pending);
+                let (command, mut comment) = split_comment(&pending);
+                if marker(&comment, "needs").is_none() && marker(&comment, "tested").is_none() {
+                    comment = format!("{comment}; {block_marker}");
+                }
                 found.push(Shown {
                     place: format!("{file}:{pending_line}"),
                     command,
@@ -411,6 +424,11 @@ fn commands_are_read_from_shell_blocks_with_their_comments_and_output() {
         Some("e2e_agent")
     );
     assert!(shown_commands("t.md", "```\n$ microseg status\n```\n").is_err());
+    // A marker line of its own holds for the commands below it in its block only.
+    let text = "```sh\n# needs: the hubble CLI\nhubble observe\nhubble status\n```\n```sh\nhubble observe\n```\n";
+    let shown = shown_commands("t.md", text).unwrap();
+    assert_eq!(marker(&shown[1].comment, "needs"), Some("the hubble CLI"));
+    assert_eq!(marker(&shown[2].comment, "needs"), None);
 }
 
 /// GitHub's anchor for a heading: lower case, punctuation dropped, spaces to `-`.
