@@ -16,7 +16,9 @@ use crate::{
         Workload,
     },
 };
-use microseg_common::{event::EventVerdict, identity::IDENTITY_WORLD, policy::Direction};
+use microseg_common::{
+    drop_reason::DropReason, event::EventVerdict, identity::IDENTITY_WORLD, policy::Direction,
+};
 
 /// Lookup tables that turn the numbers in events into names. Persistent maps: the
 /// event reader holds a snapshot (a clone costs a reference count) while each
@@ -467,11 +469,23 @@ pub fn compact_line(flow: &Value) -> String {
         Some("FORWARDED") => "ALLOWED",
         _ => "UNKNOWN",
     };
+    let source = side(&flow["source"], &flow["IP"]["source"], sport);
+    let destination = side(&flow["destination"], &flow["IP"]["destination"], dport);
+    // A packet dropped before policy could judge it is a drop event, printed as
+    // hubble prints one: the reason, then DROPPED.
+    let dropped_before_policy = flow["drop_reason_desc"]
+        .as_str()
+        .and_then(DropReason::from_name)
+        .filter(|reason| flow["verdict"] == "DROPPED" && !reason.by_policy());
+    if let Some(reason) = dropped_before_policy {
+        return format!(
+            "{time}: {source} -> {destination} {} DROPPED{l4_text}",
+            reason.hubble_text()
+        );
+    }
     let match_kind = PolicyMatchType::from_number(flow["policy_match_type"].as_u64().unwrap_or(0));
     format!(
-        "{time}: {} -> {} policy-verdict:{} {} {verdict}{}",
-        side(&flow["source"], &flow["IP"]["source"], sport),
-        side(&flow["destination"], &flow["IP"]["destination"], dport),
+        "{time}: {source} -> {destination} policy-verdict:{} {} {verdict}{}",
         match_kind.name(),
         flow["traffic_direction"].as_str().unwrap_or("-"),
         l4_text,
@@ -648,6 +662,17 @@ mod tests {
             rest,
             "default/a:43210 (ID:1234) -> default/b:80 policy-verdict:none INGRESS DENIED (TCP Flags: SYN)"
         );
+        // Dropped before policy: a drop event, with its reason as hubble prints it.
+        let mut forged = flow.clone();
+        forged["drop_reason_desc"] = json!("INVALID_SOURCE_IP");
+        let line = compact_line(&forged);
+        let (_, rest) = line.split_once(": ").unwrap();
+        assert_eq!(
+            rest,
+            "default/a:43210 (ID:1234) -> default/b:80 Invalid source ip DROPPED (TCP Flags: SYN)"
+        );
+        forged["drop_reason_desc"] = json!("POLICY_DENY");
+        assert!(compact_line(&forged).contains("policy-verdict:none INGRESS DENIED"));
         let world = json!({
             "time": "2026-11-25T10:00:00Z", "verdict": "DROPPED", "traffic_direction": "INGRESS",
             "IP": {"source": "192.0.2.9", "destination": "10.0.0.2"},

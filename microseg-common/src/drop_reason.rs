@@ -74,6 +74,37 @@ impl DropReason {
         }
     }
 
+    /// What the hubble CLI prints for the Cilium reason this one is sent as
+    /// (Cilium's `pkg/monitor/api/drop.go`), so that `microseg events` reads like
+    /// `hubble observe`.
+    pub const fn hubble_text(self) -> &'static str {
+        match self {
+            Self::PolicyDenied => "Policy denied",
+            Self::PolicyDeny => "Policy denied by denylist",
+            Self::MalformedIp => "Invalid packet",
+            Self::MalformedL4 => "CT: Truncated or invalid header",
+            Self::FragmentWithoutHead => "First logical datagram fragment not found",
+            Self::Ipv6HeaderChainTooLong => "Invalid IPv6 extension header",
+            Self::InvalidSourceIp => "Invalid source ip",
+            Self::ForbiddenIcmpv6 => "Forbidden ICMPv6 message",
+            Self::UnsupportedL3Protocol => "Unsupported L3 protocol",
+            Self::NoPolicyYet | Self::ScratchUnavailable => {
+                "No configuration available to perform policy decision"
+            }
+        }
+    }
+
+    /// Whether policy decided the drop (a policy verdict), rather than the packet
+    /// being dropped before policy could judge it (a drop event).
+    pub const fn by_policy(self) -> bool {
+        matches!(self, Self::PolicyDenied | Self::PolicyDeny)
+    }
+
+    /// The reason named `name` (see [`DropReason::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| reason.name() == name)
+    }
+
     pub const ALL: [DropReason; 11] = [
         Self::PolicyDenied,
         Self::PolicyDeny,

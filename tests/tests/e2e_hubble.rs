@@ -741,6 +741,19 @@ fn hubble_sends_drops_before_policy_as_drop_events_and_answers_hubble_1_19s_filt
         .expect("the malformed packet");
     assert_eq!(event_type(malformed), (DROP, 134));
     assert_eq!(malformed.verdict, Verdict::Dropped as i32);
+    // `microseg events` prints them as hubble prints drop events: the reason, then
+    // DROPPED; the policy denial as a policy verdict.
+    let compact = lab.cli_ok(&["events", "--last", "100"]);
+    assert!(
+        compact.contains("Invalid source ip DROPPED") && compact.contains("Invalid packet DROPPED"),
+        "{compact}"
+    );
+    assert!(
+        compact.lines().any(
+            |line| line.contains(":81 ") && line.contains("policy-verdict:none INGRESS DENIED")
+        ),
+        "{compact}"
+    );
     let denied = all
         .iter()
         .find(|f| destination_port(f) == Some(81))
