@@ -87,7 +87,7 @@ impl Workloads {
             let old = self.slots[slot].replace(workload);
             return (slot, old);
         }
-        let (namespace, name) = (workload.namespace.clone(), workload.name.clone());
+        let name = workload.name.clone();
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot] = Some(workload);
@@ -98,7 +98,17 @@ impl Workloads {
                 self.slots.len() - 1
             }
         };
-        self.by_key.entry(namespace).or_default().insert(name, slot);
+        // The namespace is copied only for a namespace's first workload.
+        let namespace = &self.slots[slot].as_ref().expect("just filled").namespace;
+        match self.by_key.get_mut(namespace) {
+            Some(names) => {
+                names.insert(name, slot);
+            }
+            None => {
+                self.by_key
+                    .insert(namespace.clone(), BTreeMap::from([(name, slot)]));
+            }
+        }
         self.len += 1;
         (slot, None)
     }
