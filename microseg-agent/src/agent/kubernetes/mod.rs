@@ -144,6 +144,8 @@ pub async fn run(agent: Arc<Agent>) {
         let mut core = agent.core.lock().await;
         (core.kube_objects.clone(), core.kube_cache.take())
     };
+    // The writer `restore` made is taken by the first run; a run restarted by the
+    // task supervisor finds none and starts one from the cache on disk.
     let writer = writer
         .unwrap_or_else(|| CacheWriter::new(&config.state_dir, &cache::read(&config.state_dir)));
     let cache = cache::start_writer(agent.clone(), writer);
