@@ -58,8 +58,8 @@ struct WorkloadNameTable {
     /// The set's own workloads (shared: nothing is copied per pod).
     by_address: foldhash::HashMap<IpAddr, Arc<Workload>>,
     /// The workloads named, found by their (namespace, name): the addresses to
-    /// forget are the named workload's own. No key is held beside it (a copy of
-    /// the names and of the addresses cost about 170 bytes per pod).
+    /// forget are the named workload's own. No key is held beside it (there
+    /// was one per pod: a copy of its names and of its addresses).
     named: hashbrown::HashTable<Arc<Workload>>,
     hasher: foldhash::fast::RandomState,
 }
